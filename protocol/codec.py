@@ -1,0 +1,93 @@
+"""The one codec: pydantic message <-> msgpack bytes.
+
+Arrays (token ids, log-probs) travel as msgpack extension type 1 holding
+`[dtype, shape, little-endian bytes]`, so 32k tokens cost 128 KiB and decode with one
+`np.frombuffer`, never as a list of Python numbers.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import msgpack
+import numpy as np
+from pydantic import BaseModel, ValidationError
+
+from protocol.messages import MESSAGES, SCHEMA
+
+ARRAY_EXT = 1
+_DTYPES = {"int32": "<i4", "float32": "<f4", "int64": "<i8", "float64": "<f8", "uint8": "u1"}
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a valid message of the expected type; the text says what is wrong."""
+
+    def __init__(self, expected: str, reason: str):
+        self.expected = expected
+        self.reason = reason
+        super().__init__(f"not a valid {expected}: {reason}")
+
+
+def _pack_default(obj):
+    if isinstance(obj, np.ndarray):
+        name = obj.dtype.name
+        if name not in _DTYPES:
+            raise TypeError(f"cannot send arrays of dtype {name}")
+        data = np.ascontiguousarray(obj, dtype=_DTYPES[name]).tobytes()
+        return msgpack.ExtType(ARRAY_EXT, msgpack.packb([name, list(obj.shape), data]))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+def _unpack_ext(code: int, data: bytes):
+    if code != ARRAY_EXT:
+        raise ValueError(f"unknown msgpack extension type {code}")
+    name, shape, raw = msgpack.unpackb(data)
+    if name not in _DTYPES:
+        raise ValueError(f"unknown array dtype {name!r}")
+    array = np.frombuffer(raw, dtype=_DTYPES[name])
+    return array.reshape(shape).astype(name, copy=False)
+
+
+def encode(message: BaseModel) -> bytes:
+    """Serialize a message (or any pydantic model of plain fields and arrays) to msgpack."""
+    return msgpack.packb(
+        message.model_dump(mode="python", by_alias=True), default=_pack_default, use_bin_type=True
+    )
+
+
+def decode(data: bytes, cls: type[M]) -> M:
+    """Parse bytes as a `cls`; raise `DecodeError` naming the problem if they are not one."""
+    name = cls.__name__
+    try:
+        obj = msgpack.unpackb(data, ext_hook=_unpack_ext, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types for bad input
+        raise DecodeError(name, f"not msgpack ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict):
+        raise DecodeError(name, f"expected a msgpack map, got {type(obj).__name__}")
+    schema = obj.get("schema", SCHEMA)
+    if schema != SCHEMA and name in MESSAGES:
+        raise DecodeError(name, f"schema {schema!r} is not supported (this build reads {SCHEMA})")
+    try:
+        return cls.model_validate(obj)
+    except ValidationError as e:
+        raise DecodeError(name, _describe(e)) from e
+
+
+def decode_named(data: bytes, message: str) -> BaseModel:
+    """`decode` by class name, as `Stage.message` gives it."""
+    return decode(data, MESSAGES[message])
+
+
+def _describe(error: ValidationError, limit: int = 5) -> str:
+    parts = []
+    for item in error.errors()[:limit]:
+        where = ".".join(str(p) for p in item["loc"]) or "<message>"
+        parts.append(f"{where}: {item['msg']}")
+    more = error.error_count() - limit
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)

@@ -1,0 +1,316 @@
+"""The messages of the loop (DESIGN.md, "Messages").
+
+learner --Task--> actors --Rollout--> rewarders --ScoredRollout--> learner, and the
+learner's WeightManifest back to the actors through the KV bucket. Each class says who
+produces and who consumes it. Token ids and log-probs are numpy arrays in memory
+(`int32`, `float32`) and packed little-endian bytes on the wire (see `codec.py`).
+
+`schema` is bumped on a breaking change; a consumer refuses a version it does not know
+rather than misreading it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    model_validator,
+)
+
+SCHEMA = 1
+"""Current wire schema of every message below."""
+
+
+def _as_array(dtype: str):
+    def coerce(value: Any) -> np.ndarray:
+        if value is None:
+            raise ValueError("expected an array, got null")
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            value = np.frombuffer(value, dtype=np.dtype(dtype).newbyteorder("<"))
+        array = np.asarray(value)
+        if array.ndim != 1:
+            raise ValueError(f"expected a 1-D array, got shape {array.shape}")
+        if array.size and dtype == "int32" and not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"token ids must be integers, got {array.dtype}")
+        return array.astype(dtype, copy=False)
+
+    return coerce
+
+
+def _json_list(dtype: str) -> dict:
+    return {"type": "array", "items": {"type": "integer" if dtype == "int32" else "number"}}
+
+
+TokenIds = Annotated[
+    np.ndarray,
+    BeforeValidator(_as_array("int32")),
+    PlainSerializer(lambda a: a, when_used="python"),
+    PlainSerializer(lambda a: a.tolist(), when_used="json"),
+    WithJsonSchema(_json_list("int32")),
+]
+"""1-D `int32` token ids; accepts lists, arrays or little-endian bytes."""
+
+LogProbs = Annotated[
+    np.ndarray,
+    BeforeValidator(_as_array("float32")),
+    PlainSerializer(lambda a: a, when_used="python"),
+    PlainSerializer(lambda a: a.tolist(), when_used="json"),
+    WithJsonSchema(_json_list("float32")),
+]
+"""1-D `float32` log-probabilities, one per sampled token."""
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, arbitrary_types_allowed=True, populate_by_name=True
+    )
+
+    schema_: int = Field(SCHEMA, alias="schema")
+    """Wire schema version; a consumer rejects versions it does not know."""
+
+    @model_validator(mode="after")
+    def _known_schema(self):
+        if self.schema_ != SCHEMA:
+            raise ValueError(f"schema {self.schema_} is not supported (this build reads {SCHEMA})")
+        return self
+
+
+class Sampling(BaseModel):
+    """How an actor samples a task's completions (mirrors vLLM's SamplingParams)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = Field(1.0, ge=0.0)
+    """Softmax temperature; the log-probs sent back are those of this tempered distribution."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass. Anything below 1 makes μ differ from the learner's π: keep 1 for RL."""
+    top_k: int = -1
+    """Keep only the k most likely tokens; -1 disables it."""
+    max_tokens: int = Field(256, ge=1)
+    """Longest completion, in tokens."""
+    stop: list[str] = Field(default_factory=list)
+    """Strings that end a completion (kept out of the returned text)."""
+    seed: int | None = None
+    """Per-task sampling seed, for reproducible rollouts."""
+
+
+class Task(_Message):
+    """One prompt to sample a group of completions for.
+
+    Producer: the learner's dispatcher. Consumer: actors (via `aha.tasks`). Rewarders and the
+    learner see it again inside the `Rollout`.
+    """
+
+    task_id: str = Field(min_length=1)
+    """Unique per issue of a prompt; also the deduplication id of every message it causes."""
+    prompt_id: str
+    """Stable id of the dataset row, shared by every task issued for it."""
+    prompt: str
+    """Rendered prompt text (chat template or R1-Zero template applied)."""
+    prompt_token_ids: TokenIds | None = None
+    """The prompt already tokenized by the learner; actors use it instead of the text when set."""
+    reference: Any = None
+    """What the rewards compare with: an answer string, or an object (code tests)."""
+    rewards: dict[str, float] = Field(min_length=1)
+    """Reward function name -> weight; the total reward is the weighted sum."""
+    group_size: int = Field(ge=1)
+    """G: completions to sample for this prompt."""
+    sampling: Sampling = Field(default_factory=Sampling)
+    """Sampling parameters for all G completions."""
+    issued_version: int = Field(ge=0)
+    """Policy version of the learner when it issued the task."""
+    issued_at: float = Field(default_factory=time.time)
+    """Unix time the task was published (queue wait = pickup time - this)."""
+    meta: dict[str, Any] = Field(default_factory=dict)
+    """Free-form task context for rewards, e.g. `{"language": "en"}`."""
+
+    @property
+    def msg_id(self) -> str:
+        return self.task_id
+
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class Sample(BaseModel):
+    """One sampled completion of a rollout."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    token_ids: TokenIds
+    """Completion token ids (prompt excluded)."""
+    logprobs: LogProbs
+    """Behaviour log-prob log μ(token) of each sampled token, temperature applied."""
+    text: str
+    """Detokenized completion."""
+    finish_reason: FinishReason
+    """`stop`: EOS or a stop string; `length`: hit max_tokens; `abort`: cut short."""
+
+    @model_validator(mode="after")
+    def _aligned(self):
+        if len(self.token_ids) != len(self.logprobs):
+            raise ValueError(
+                f"{len(self.token_ids)} token ids but {len(self.logprobs)} log-probs"
+            )
+        return self
+
+
+class Timings(BaseModel):
+    """Where a rollout's time went, for the queue-wait and throughput metrics."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    queued_seconds: float = 0.0
+    """From the task's `issued_at` until an actor picked it up."""
+    generation_seconds: float = 0.0
+    """Time the engine spent on this group."""
+    finished_at: float = Field(default_factory=time.time)
+    """Unix time the rollout was published."""
+
+
+class Rollout(_Message):
+    """G completions of one task, tagged with the policy version that sampled them.
+
+    Producer: an actor. Consumer: rewarders (via `aha.rollouts`); the learner reads it again
+    inside the `ScoredRollout`.
+    """
+
+    task: Task
+    """The task this answers (rewarders need its reference and rewards)."""
+    policy_version: int = Field(ge=0)
+    """Version of the weights that produced every sample (the behaviour policy μ)."""
+    actor_id: str
+    """Which actor produced it."""
+    prompt_token_ids: TokenIds
+    """The prompt tokens the engine conditioned on."""
+    samples: list[Sample]
+    """One entry per completion, `task.group_size` of them."""
+    timings: Timings = Field(default_factory=Timings)
+    """Queue wait and generation time."""
+
+    @property
+    def task_id(self) -> str:
+        return self.task.task_id
+
+    @property
+    def msg_id(self) -> str:
+        return f"{self.task.task_id}.rollout"
+
+    @model_validator(mode="after")
+    def _one_per_completion(self):
+        if len(self.samples) != self.task.group_size:
+            raise ValueError(
+                f"{len(self.samples)} samples for a task of group_size {self.task.group_size}"
+            )
+        return self
+
+
+class Score(BaseModel):
+    """The reward of one completion, or why there is none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reward: float | None
+    """Weighted sum of the components; None when a verifier could not decide."""
+    components: dict[str, float | None] = Field(default_factory=dict)
+    """Each named reward's value before weighting (None where that verifier failed)."""
+    error: str | None = None
+    """Why `reward` is None (verifier error or timeout); None otherwise."""
+
+    @model_validator(mode="after")
+    def _reward_or_reason(self):
+        if (self.reward is None) != (self.error is not None):
+            raise ValueError("a score has either a reward or an error, not both or neither")
+        return self
+
+
+class ScoredRollout(_Message):
+    """A rollout with one score per completion.
+
+    Producer: a rewarder. Consumer: the learner (via `aha.scored`).
+    """
+
+    rollout: Rollout
+    """The rollout as the actor sent it."""
+    scores: list[Score]
+    """One per sample, in the same order."""
+    rewarder_id: str = ""
+    """Which rewarder scored it."""
+    scoring_seconds: float = 0.0
+    """Wall time spent scoring the group."""
+
+    @property
+    def task_id(self) -> str:
+        return self.rollout.task.task_id
+
+    @property
+    def msg_id(self) -> str:
+        return f"{self.rollout.task.task_id}.scored"
+
+    @model_validator(mode="after")
+    def _one_per_sample(self):
+        if len(self.scores) != len(self.rollout.samples):
+            raise ValueError(
+                f"{len(self.scores)} scores for {len(self.rollout.samples)} samples"
+            )
+        return self
+
+
+class Shard(BaseModel):
+    """One safetensors file of a weight version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    """File name, e.g. `model-00001-of-00002.safetensors`; the object is `v{version}/{name}`."""
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """Hex digest of the file's bytes; actors reject a shard that does not match."""
+    bytes: int = Field(ge=0)
+    """File size."""
+    tensors: list[str]
+    """Parameter names stored in this shard."""
+    path: str | None = None
+    """Absolute path on a shared volume, when learner and actors share one."""
+
+
+class WeightManifest(_Message):
+    """A complete, published weight version.
+
+    Producer: the learner, written to KV `aha-policy` key `latest` only after every shard is
+    in the object store. Consumer: actors, which load it between generation batches.
+    """
+
+    version: int = Field(ge=0)
+    """Policy version; rollouts sampled with these weights carry it."""
+    step: int = Field(ge=0)
+    """Learner optimizer step that produced it."""
+    shards: list[Shard] = Field(min_length=1)
+    """All shards of the state dict."""
+    dtype: str
+    """Serving dtype of every tensor (`float32`, `bfloat16`, `float16`)."""
+    index_name: str = "model.safetensors.index.json"
+    """HF-style index object stored next to the shards."""
+    created_at: float = Field(default_factory=time.time)
+    """Unix time the manifest was written."""
+
+    @property
+    def prefix(self) -> str:
+        return f"v{self.version}/"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+
+MESSAGES: dict[str, type[_Message]] = {
+    cls.__name__: cls for cls in (Task, Rollout, ScoredRollout, WeightManifest)
+}
+"""Top-level message classes by name (the `Stage.message` field)."""

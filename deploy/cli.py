@@ -1,0 +1,99 @@
+"""`aha`: one command, a subcommand per process or tool.
+
+Parsing stays import-light (argparse, no torch/vLLM/DeepSpeed, no nats) so `aha --help` is
+instant; each subcommand imports what it needs only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+Command = Callable[[argparse.ArgumentParser], None]
+COMMANDS: list[tuple[str, str, Command]] = []
+
+
+def command(name: str, help: str):
+    """Register `add_arguments(parser)` for subcommand `name`; it must set `func`."""
+
+    def register(add_arguments: Command) -> Command:
+        COMMANDS.append((name, help, add_arguments))
+        return add_arguments
+
+    return register
+
+
+def _add_bus_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="config file (TOML or YAML) with a [bus] section")
+    p.add_argument("--nats-url", help="NATS server URL (default: $NATS_URL)")
+
+
+def _bus_config(args: argparse.Namespace):
+    from protocol.config import BusConfig, load_config
+
+    overrides = {"url": args.nats_url} if args.nats_url else {}
+    return load_config(BusConfig, args.config, section="bus", overrides=overrides)
+
+
+@command("nats", "run an embedded NATS server with aha's streams, in the foreground")
+def _nats(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", help="JetStream storage directory (default: a temporary one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=-1, help="client port (default: a free one)")
+    p.add_argument("--http-port", type=int, default=-1, help="monitoring port (default: free)")
+    p.add_argument("--config", help="config file with a [bus] section (stream settings)")
+    p.add_argument("--server-config", help="nats-server config file (users, TLS)")
+
+    def run(args):
+        from deploy.nats import main
+
+        args.nats_url = None
+        return main(args, _bus_config(args))
+
+    p.set_defaults(func=run)
+
+
+@command("top", "queue depth per stage: live table, one JSON line, or Prometheus gauges")
+def _top(p: argparse.ArgumentParser) -> None:
+    _add_bus_args(p)
+    p.add_argument("--once", action="store_true", help="print once and exit")
+    p.add_argument("--json", action="store_true", help="print a JSON object keyed by stage")
+    p.add_argument("--interval", type=float, default=1.0, help="refresh seconds")
+    p.add_argument(
+        "--prometheus", type=int, metavar="PORT", help="serve the numbers as Prometheus gauges"
+    )
+
+    def run(args):
+        from deploy.top import main
+
+        return main(args, _bus_config(args))
+
+    p.set_defaults(func=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aha", description="R1-style reasoning RL as an async actor-learner system on NATS"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help, add_arguments in COMMANDS:
+        add_arguments(sub.add_parser(name, help=help, description=help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from protocol.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"aha {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

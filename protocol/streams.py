@@ -1,0 +1,150 @@
+"""Connect to NATS and create (or update) aha's streams, consumers and buckets.
+
+`ensure_streams` is idempotent: every process may call it at start, and a changed setting
+(ack wait, max deliver, limits) is applied to the existing stream or consumer in place.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+import nats
+import structlog
+from nats.aio.client import Client
+from nats.js import JetStreamContext, api
+from nats.js.errors import BadRequestError, NotFoundError
+
+from protocol.config import BusConfig
+from protocol.names import (
+    KV_POLICY,
+    OBJECT_STORE_WEIGHTS,
+    STAGES,
+    STREAM_DEAD,
+    SUBJECT_DEAD_ALL,
+)
+
+log = structlog.get_logger("protocol.streams")
+
+
+def _tls_context(config: BusConfig) -> ssl.SSLContext | None:
+    if not (config.tls_ca_file or config.tls_cert_file):
+        return None
+    context = ssl.create_default_context(cafile=config.tls_ca_file)
+    if config.tls_cert_file:
+        context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    return context
+
+
+async def connect(config: BusConfig, *, name: str = "aha", url: str | None = None) -> Client:
+    """Open the process's one NATS connection (auth and TLS from `config`).
+
+    Reconnects forever: a restarted server (same address) is picked up again, and JetStream
+    keeps every message that was acknowledged to a publisher.
+    """
+    servers = url or config.resolved_url
+    if not servers:
+        raise ValueError("no NATS server: set bus.url, NATS_URL, or start an embedded one")
+
+    async def on_error(e: Exception) -> None:
+        log.warning("nats error", error=repr(e))
+
+    options: dict = dict(
+        servers=[s.strip() for s in servers.split(",")],
+        name=name,
+        connect_timeout=config.connect_timeout_s,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        error_cb=on_error,
+        tls=_tls_context(config),
+        user=config.user,
+        password=config.password,
+        token=config.token,
+        user_credentials=config.creds_file,
+    )
+    if config.nkey_seed_file:
+        options["nkeys_seed"] = config.nkey_seed_file
+    return await nats.connect(**options)
+
+
+def _stream_config(name: str, subject: str, config: BusConfig, **limits) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=name,
+        subjects=[subject],
+        storage=api.StorageType.FILE if config.storage == "file" else api.StorageType.MEMORY,
+        num_replicas=config.replicas,
+        duplicate_window=config.duplicate_window_s,
+        **limits,
+    )
+
+
+async def _put_stream(js: JetStreamContext, stream: api.StreamConfig) -> None:
+    try:
+        await js.stream_info(stream.name)
+    except NotFoundError:
+        await js.add_stream(stream)
+        log.debug("stream created", stream=stream.name)
+        return
+    await js.update_stream(stream)
+
+
+async def ensure_streams(js: JetStreamContext, config: BusConfig) -> None:
+    """Create or update the work-queue streams with their durable consumers, the dead-letter
+    stream, the policy KV bucket and the weights object store."""
+    for stage in STAGES.values():
+        settings = config.stage(stage.name)
+        await _put_stream(
+            js,
+            _stream_config(
+                stage.stream,
+                stage.subject,
+                config,
+                retention=api.RetentionPolicy.WORK_QUEUE,
+                max_age=settings.max_age_s,
+                max_bytes=settings.max_bytes,
+                discard=api.DiscardPolicy.NEW,  # a full queue refuses work instead of losing it
+            ),
+        )
+        consumer = api.ConsumerConfig(
+            name=stage.durable,
+            durable_name=stage.durable,
+            description=f"aha {stage.name}: shared by every {stage.durable} replica",
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=settings.ack_wait_s,
+            max_deliver=settings.max_deliver,
+            max_ack_pending=settings.max_ack_pending,
+            filter_subject=stage.subject,
+        )
+        # CONSUMER.CREATE with an existing name updates the mutable fields in place.
+        await js.add_consumer(stage.stream, consumer)
+    await _put_stream(
+        js,
+        _stream_config(
+            STREAM_DEAD,
+            SUBJECT_DEAD_ALL,
+            config,
+            retention=api.RetentionPolicy.LIMITS,
+            max_age=config.dead_max_age_s,
+        ),
+    )
+    kv = api.KeyValueConfig(
+        bucket=KV_POLICY,
+        history=config.weights_history,
+        replicas=config.replicas,
+        storage=api.StorageType.FILE if config.storage == "file" else api.StorageType.MEMORY,
+    )
+    try:
+        await js.create_key_value(kv)
+    except BadRequestError:  # exists with another config (e.g. history): update its stream
+        info = await js.stream_info(f"KV_{KV_POLICY}")
+        info.config.max_msgs_per_subject = config.weights_history
+        await js.update_stream(info.config)
+    try:
+        await js.object_store(OBJECT_STORE_WEIGHTS)
+    except Exception:
+        # nats-py: the bucket name must be positional (config= fails, see issue 2 facts).
+        await js.create_object_store(
+            OBJECT_STORE_WEIGHTS,
+            replicas=config.replicas,
+            storage=api.StorageType.FILE if config.storage == "file" else api.StorageType.MEMORY,
+        )

@@ -1,0 +1,130 @@
+"""`LearnerConfig`: the `[learner]` section of the aha config (torch-free, so `--help` is instant)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from protocol.config import BusConfig
+
+_FROZEN = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(BaseModel):
+    """Where the policy's initial weights come from: an HF folder, or a fresh Qwen2 from a config."""
+
+    model_config = _FROZEN
+
+    path: str | None = None
+    """HF causal-LM folder (config.json + safetensors + tokenizer), loaded with `from_pretrained`."""
+    qwen2: dict[str, Any] | None = None
+    """`transformers.Qwen2Config` arguments for a randomly initialised model (tests, demos)."""
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.qwen2 is None):
+            raise ValueError("set exactly one of model.path and model.qwen2")
+        return self
+
+
+class OptimConfig(BaseModel):
+    """AdamW (torch's, not DeepSpeed's JIT-compiled FusedAdam/CPUAdam) and its LR schedule."""
+
+    model_config = _FROZEN
+
+    lr: float = Field(1e-6, gt=0)
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """Adam β1, β2."""
+    eps: float = Field(1e-8, gt=0)
+    """Adam ε, added to the root of the second moment."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Decoupled (AdamW) weight decay, applied to every parameter."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """LR after warmup: constant, or cosine decay to `min_lr_ratio · lr` at `total_steps`."""
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warmup from `lr / warmup_steps` to `lr`."""
+    total_steps: int | None = Field(None, ge=1)
+    """Length of the cosine schedule in optimizer steps (warmup included); needed for `cosine`."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Where the cosine ends, as a fraction of `lr`."""
+
+    @model_validator(mode="after")
+    def _cosine_needs_length(self):
+        if self.schedule == "cosine" and self.total_steps is None:
+            raise ValueError("schedule 'cosine' needs total_steps")
+        return self
+
+
+class DeepSpeedSettings(BaseModel):
+    """How DeepSpeed runs the policy: ZeRO stage, precision, micro-batches, clipping."""
+
+    model_config = _FROZEN
+
+    zero_stage: int = Field(0, ge=0, le=3)
+    """ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 + gradients, 3 + parameters."""
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Compute dtype (master weights stay fp32). Use fp32 on CPUs without native bf16."""
+    micro_batch: int = Field(4, ge=1)
+    """Completions per forward/backward on one rank; an update accumulates as many as the batch needs."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+
+class GRPOSettings(BaseModel):
+    """The loss (DESIGN.md "GRPO" and "The off-policy bound")."""
+
+    model_config = _FROZEN
+
+    eps_low: float = Field(0.2, ge=0, lt=1)
+    """Lower PPO clip: the ratio π_θ/π_old is kept above 1 − eps_low."""
+    eps_high: float = Field(0.2, ge=0)
+    """Upper PPO clip: the ratio is kept below 1 + eps_high (DAPO's clip-higher uses 0.28)."""
+    beta: float = Field(0.04, ge=0)
+    """Weight of the k3 KL penalty to the frozen reference; 0 loads no reference model."""
+    is_cap: float | None = Field(2.0, gt=0)
+    """C in the truncated importance weight min(π_old/μ, C); None disables the weight."""
+    mode: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = (
+        "seq-mean-token-mean"
+    )
+    """How per-token losses are averaged: GRPO, DAPO (token-mean) or Dr. GRPO."""
+    scale: Literal["std", "none"] = "std"
+    """Advantage scale: divide by the group's std (GRPO) or not (Dr. GRPO)."""
+    ppo_epochs: int = Field(1, ge=1)
+    """Optimizer steps taken on each batch (GRPO's μ), all against the same π_old."""
+
+
+class LearnerConfig(BaseModel):
+    """Everything the learner process needs; `load_config(LearnerConfig, path, section="learner")`."""
+
+    model_config = _FROZEN
+
+    model: ModelConfig
+    """The policy (and the reference model's initial weights)."""
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+    """DeepSpeed engine settings."""
+    grpo: GRPOSettings = Field(default_factory=GRPOSettings)
+    """Loss settings."""
+    batch: int = Field(32, ge=1)
+    """Scored groups per optimizer update."""
+    max_staleness: int = Field(2, ge=0)
+    """η: drop groups sampled more than this many policy versions ago."""
+    publish_every: int = Field(1, ge=1)
+    """Publish the weights every this many updates."""
+    shard_mb: float = Field(1024.0, gt=0)
+    """Largest weight shard, in MiB of tensor data (one tensor larger than this gets a shard of its own)."""
+    keep_versions: int = Field(2, ge=1)
+    """Published weight versions kept in the object store (and the shared volume); older ones are deleted."""
+    serving_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Dtype of the published weights."""
+    checkpoint_dir: str = "checkpoints"
+    """Directory for DeepSpeed checkpoints."""
+    weights_dir: str | None = None
+    """Shared volume that actors can read: shards are written under `v{version}/` there and the manifest carries their paths."""
+    seed: int = 0
+    """Seed for model initialisation (from `model.qwen2`) and the training RNGs."""
+    bus: BusConfig = Field(default_factory=BusConfig)
+    """NATS connection and stream settings (the file's `[bus]` section)."""

@@ -1,0 +1,327 @@
+"""The policy on DeepSpeed, and one GRPO update on it.
+
+The same code runs on CPU (gloo) and GPU (nccl), as one process or several under `torchrun`.
+Every rank is handed the same full batch; each trains on its own share of the micro-batches
+and DeepSpeed averages the gradients, so the update equals the full-batch loss of
+`learner.grpo.grpo_loss` (see `aggregate_share`) whatever the micro-batch size and world size.
+
+Facts behind some choices (issue 4, measured with deepspeed 0.19.8):
+- `deepspeed.init_distributed()` JIT-builds a shared-memory all-reduce op used only for
+  inference (~2 min of g++). `init_distributed` here replaces its builder with a no-op; this
+  touches a private function, hence the `deepspeed==0.19.8` pin.
+- The optimizer is torch's AdamW (`torch_adam`): FusedAdam and CPUAdam compile for minutes.
+- Gradient accumulation is unmanaged (`managed_gradient_accumulation: false`): an update has
+  as many micro-batches as its batch needs, and `engine.step()` ends it.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import os
+import socket
+from dataclasses import dataclass, fields
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from learner.config import DeepSpeedSettings, LearnerConfig, ModelConfig, OptimConfig
+from learner.grpo import aggregate_share, grpo_loss
+from learner.logprobs import completion_logprobs
+
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Join the process group `torchrun` describes (or make a world of one) without DeepSpeed's JIT op build."""
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    if os.environ["WORLD_SIZE"] == "1":
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if "OMP_NUM_THREADS" not in os.environ:
+        # Several ranks on one CPU fight over threads: steps were 5-35x slower here without a limit.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    comm_torch = importlib.import_module("deepspeed.comm.torch")  # the module, not the package attr
+    comm_torch.build_shm_op = lambda: None
+    import deepspeed
+
+    deepspeed.init_distributed()
+
+
+def load_policy(model: ModelConfig, seed: int) -> torch.nn.Module:
+    """The HF causal LM in fp32: `from_pretrained(model.path)`, or a fresh Qwen2 from `model.qwen2`."""
+    import transformers
+
+    if model.path is not None:
+        return transformers.AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32)
+    torch.manual_seed(seed)
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**model.qwen2))
+
+
+def lr_factor(step: int, optim: OptimConfig) -> float:
+    """Multiplier of `optim.lr` for optimizer step `step` (0-based): linear warmup, then constant or cosine."""
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    span = max(1, optim.total_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cosine
+
+
+def _precision_section(precision: str) -> dict[str, Any]:
+    if precision == "bf16":
+        return {"bf16": {"enabled": True}}
+    if precision == "fp16":
+        return {"fp16": {"enabled": True, "initial_scale_power": 16}}
+    return {}
+
+
+def deepspeed_config(config: LearnerConfig) -> dict[str, Any]:
+    """The DeepSpeed config dict for the policy engine."""
+    ds: DeepSpeedSettings = config.deepspeed
+    optim = config.optim
+    return {
+        "train_micro_batch_size_per_gpu": ds.micro_batch,
+        "gradient_accumulation_steps": 1,  # unmanaged: each engine.step() is one update
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": ds.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": optim.lr,
+                "betas": list(optim.betas),
+                "eps": optim.eps,
+                "weight_decay": optim.weight_decay,
+                "torch_adam": True,
+                "adam_w_mode": True,
+            },
+        },
+        "zero_optimization": {
+            "stage": ds.zero_stage,
+            # unmanaged accumulation allows overlap_comm only where gradients are partitioned
+            "overlap_comm": ds.zero_stage >= 2,
+        },
+        **_precision_section(ds.precision),
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _reference_config(config: LearnerConfig) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": config.deepspeed.micro_batch,
+        "zero_optimization": {"stage": 3},
+        **_precision_section(config.deepspeed.precision),
+        "steps_per_print": 1 << 30,
+    }
+
+
+@dataclass
+class PolicyEngine:
+    """The DeepSpeed engine of the policy, the frozen reference (None when β = 0) and the config."""
+
+    engine: Any
+    ref: torch.nn.Module | None
+    config: LearnerConfig
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The HF model inside the engine (its parameters are partitioned under ZeRO-3)."""
+        return self.engine.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def rank(self) -> int:
+        return self.engine.global_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.engine.dp_world_size
+
+
+def setup_engine(config: LearnerConfig) -> PolicyEngine:
+    """`deepspeed.initialize` the policy (and a frozen reference when `grpo.beta > 0`)."""
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        init_distributed()
+    model = load_policy(config.model, config.seed)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if config.grpo.beta > 0 else None
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(config),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, partial(lr_factor, optim=config.optim)
+        ),
+    )
+    if ref is not None:
+        if config.deepspeed.zero_stage == 3:
+            ref, *_ = deepspeed.initialize(model=ref, config=_reference_config(config))
+        else:
+            ref = ref.to(engine.device, COMPUTE_DTYPES[config.deepspeed.precision])
+    return PolicyEngine(engine=engine, ref=ref, config=config)
+
+
+@dataclass
+class PolicyBatch:
+    """One update's completions as tensors; every rank passes the same full batch.
+
+    Prompts are left-padded, completions right-padded (`learner.logprobs.pad_batch`).
+    """
+
+    prompt_ids: torch.Tensor
+    """[N, P] int."""
+    prompt_mask: torch.Tensor
+    """[N, P], 1 on real prompt tokens."""
+    completion_ids: torch.Tensor
+    """[N, T] int."""
+    completion_mask: torch.Tensor
+    """[N, T], 1 on completion tokens that are trained on."""
+    adv: torch.Tensor
+    """[N] advantage of each completion (`learner.grpo.group_advantages`)."""
+    logp_behaviour: torch.Tensor
+    """[N, T] log μ the actor reported for each sampled token."""
+    temperature: float = 1.0
+    """The sampling temperature the actors used (log-probs are of the tempered distribution)."""
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def rows(self, index: slice) -> "PolicyBatch":
+        return PolicyBatch(
+            **{
+                f.name: getattr(self, f.name)[index] if f.name != "temperature" else self.temperature
+                for f in fields(self)
+            }
+        )
+
+    def to(self, device: torch.device) -> "PolicyBatch":
+        return PolicyBatch(
+            **{
+                f.name: getattr(self, f.name).to(device) if f.name != "temperature" else self.temperature
+                for f in fields(self)
+            }
+        )
+
+
+def rank_micro_batches(n: int, micro_batch: int, rank: int, world_size: int) -> list[slice | None]:
+    """Row slices of the micro-batches rank `rank` trains on; None pads so all ranks get as many.
+
+    Micro-batch k (rows `k·micro_batch …`) goes to rank `k mod world_size`. Every rank must run
+    the same number of forward/backward passes (ZeRO-3 gathers parameters in each).
+    """
+    chunks = [slice(s, min(s + micro_batch, n)) for s in range(0, n, micro_batch)]
+    mine = chunks[rank::world_size]
+    per_rank = math.ceil(len(chunks) / world_size)
+    return mine + [None] * (per_rank - len(mine))
+
+
+def _logprobs(model: torch.nn.Module, mb: PolicyBatch) -> torch.Tensor:
+    return completion_logprobs(
+        model, mb.prompt_ids, mb.completion_ids, mb.temperature, mb.prompt_mask, mb.completion_mask
+    )  # [n, T]
+
+
+def train_step(pe: PolicyEngine, batch: PolicyBatch) -> dict[str, float]:
+    """One GRPO update: π_old (and π_ref) recomputed once, then `ppo_epochs` optimizer steps.
+
+    Returns metrics over the whole batch and all epochs: `loss`, `kl`, `clip_fraction`,
+    `ratio`, `is_weight`, `lr`, `tokens`, and `grad_norm` (before clipping, last step) where
+    DeepSpeed reports it (not ZeRO-0 in fp32).
+    """
+    if len(batch) == 0:
+        raise ValueError("empty batch")
+    grpo = pe.config.grpo
+    batch = batch.to(pe.device)
+    own = rank_micro_batches(len(batch), pe.config.deepspeed.micro_batch, pe.rank, pe.world_size)
+    # A rank with fewer micro-batches repeats its first one (or the batch's) with weight 0.
+    filler = next((s for s in own if s is not None), slice(0, min(len(batch), pe.config.deepspeed.micro_batch)))
+    micro = [(batch.rows(s or filler), s is not None) for s in own]
+
+    pe.engine.train()
+    with torch.no_grad():
+        logp_old = [_logprobs(pe.engine, mb) for mb, _ in micro]  # proximal π_old, once per update
+        logp_ref = [_logprobs(pe.ref, mb) if pe.ref is not None else None for mb, _ in micro]
+
+    # Sums over tokens (metrics) and over the loss shares; all-reduced at the end.
+    totals = torch.zeros(6, dtype=torch.float64, device=pe.device)
+    for _ in range(grpo.ppo_epochs):
+        for k, (mb, real) in enumerate(micro):
+            logp = _logprobs(pe.engine, mb)  # [n, T]
+            loss, metrics = grpo_loss(
+                logp,
+                logp_old[k],
+                mb.logp_behaviour,
+                logp_ref[k],
+                mb.adv,
+                mb.completion_mask,
+                eps_low=grpo.eps_low,
+                eps_high=grpo.eps_high,
+                beta=grpo.beta,
+                is_cap=grpo.is_cap,
+                mode=grpo.mode,
+            )
+            share = aggregate_share(mb.completion_mask, batch.completion_mask, grpo.mode) if real else 0.0
+            # DeepSpeed averages gradients over ranks; × world_size turns that into the sum of shares.
+            pe.engine.backward(loss * (share * pe.world_size), scale_wrt_gas=False)
+            tokens = mb.completion_mask.sum().float() * float(real)  # filler micro-batches count nothing
+            totals += torch.stack(
+                [
+                    share * loss.detach(),
+                    tokens,
+                    tokens * metrics["kl"],
+                    tokens * metrics["clip_fraction"],
+                    tokens * metrics["ratio"],
+                    tokens * metrics["is_weight"],
+                ]
+            ).double()
+        pe.engine.step()
+
+    if torch.distributed.is_initialized() and pe.world_size > 1:
+        torch.distributed.all_reduce(totals)
+    loss_sum, tokens, kl, clip, ratio, is_weight = totals.tolist()
+    metrics = {
+        "loss": loss_sum / grpo.ppo_epochs,
+        "kl": kl / max(tokens, 1),
+        "clip_fraction": clip / max(tokens, 1),
+        "ratio": ratio / max(tokens, 1),
+        "is_weight": is_weight / max(tokens, 1),
+        "lr": float(pe.engine.get_lr()[0]),
+        "tokens": tokens / grpo.ppo_epochs,
+    }
+    grad_norm = pe.engine.get_global_grad_norm()  # None with ZeRO-0 in fp32 (DeepSpeed drops it)
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
+    return metrics
+
+
+def save_checkpoint(
+    pe: PolicyEngine, directory: str | Path, tag: str, client_state: dict[str, Any]
+) -> None:
+    """A DeepSpeed checkpoint (weights, optimizer, scheduler) plus `client_state`; every rank calls it."""
+    pe.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+
+
+def load_checkpoint(
+    pe: PolicyEngine, directory: str | Path, tag: str | None = None
+) -> dict[str, Any] | None:
+    """Restore the checkpoint `tag` (default: the latest); returns its client state, None if there is none."""
+    path, client_state = pe.engine.load_checkpoint(str(directory), tag=tag)
+    return None if path is None else client_state

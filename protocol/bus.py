@@ -62,6 +62,7 @@ class Bus:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.config = config
+        self._pull_subs: list = []
 
     @classmethod
     async def connect(
@@ -160,10 +161,26 @@ class Bus:
             seq += 1
         return out
 
+    def track(self, sub) -> None:
+        """Remember a pull subscription so `close` can end it first."""
+        self._pull_subs.append(sub)
+
+    async def untrack(self, sub) -> None:
+        self._pull_subs.remove(sub)
+        if not self.nc.is_closed:
+            await sub.unsubscribe()
+
     async def close(self) -> None:
-        """Drain: finish in-flight publishes and acks, then close."""
+        """Drain: finish in-flight publishes and acks, then close.
+
+        Pull subscriptions are unsubscribed first: a fetch that timed out leaves the server's
+        408 status message in the subscription's queue, and nats-py's drain would wait for it
+        until its drain timeout (the bug nats.java fixed in nats-io/nats.java#1009).
+        """
         if self.nc.is_closed:
             return
+        for sub in list(self._pull_subs):
+            await self.untrack(sub)
         try:
             await self.nc.drain()
         except ConnectionClosedError:

@@ -103,6 +103,7 @@ class StageConsumer(Generic[M]):
             self._sub = await self.bus.js.pull_subscribe_bind(
                 durable=self.stage.durable, stream=self.stage.stream
             )
+            self.bus.track(self._sub)
         try:
             msgs = await self._sub.fetch(batch, timeout=timeout)
         except asyncio.TimeoutError:  # nats-py raises asyncio's, not nats.errors'
@@ -114,6 +115,12 @@ class StageConsumer(Generic[M]):
             except DecodeError as e:
                 await self._bury(msg, str(e))
         return deliveries
+
+    async def close(self) -> None:
+        """Stop pulling. Leased messages stay leased until acked, nak-ed or expired."""
+        if self._sub is not None:
+            await self.bus.untrack(self._sub)
+            self._sub = None
 
     async def _bury(self, msg: Msg, reason: str) -> None:
         meta = msg.metadata
@@ -256,6 +263,7 @@ async def run_stage(
                 MESSAGES_TOTAL.labels(stage.name, "released").inc()
         if pending:
             await asyncio.wait(pending)
+    await consumer.close()
     return stats
 
 

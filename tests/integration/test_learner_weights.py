@@ -1,0 +1,101 @@
+"""Weight broadcast through a real NATS server: objects first, then the manifest; pruning."""
+
+import asyncio
+
+import pytest
+import torch
+from nats.js.errors import NotFoundError
+
+from learner.weights import prune_dirs, publish_weights, write_shards
+from protocol.codec import decode
+from protocol.config import BusConfig
+from protocol.messages import WeightManifest
+from protocol.names import KEY_LATEST, KV_POLICY, OBJECT_STORE_WEIGHTS
+from protocol.server import NatsServer
+from protocol.streams import connect, ensure_streams
+from protocol.weights import (
+    INDEX_NAME,
+    download_weights,
+    iter_tensors,
+    local_shards,
+    object_name,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def tiny_model():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tests.unit.learner.conftest import TINY_QWEN2
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(**TINY_QWEN2))
+
+
+@pytest.fixture
+async def js(tmp_path):
+    with NatsServer(tmp_path / "nats") as server:
+        nc = await connect(BusConfig(url=server.url))
+        js = nc.jetstream()
+        await ensure_streams(js, BusConfig(url=server.url))
+        yield js
+        await nc.close()
+
+
+async def test_manifest_appears_only_after_its_objects(js, tmp_path):
+    model = tiny_model()
+    shards = write_shards(model, tmp_path / "v1", "float32", shard_mb=20 / 1024)
+    assert len(shards) > 3
+    store = await js.object_store(OBJECT_STORE_WEIGHTS)
+    kv = await js.key_value(KV_POLICY)
+    watcher = await kv.watch(KEY_LATEST)
+
+    async def first_manifest_sighting():
+        # The moment the manifest is visible, every object it names must already be stored.
+        while True:
+            entry = await watcher.updates(timeout=30)
+            if entry is not None and entry.value:
+                manifest = decode(entry.value, WeightManifest)
+                infos = [await store.get_info(object_name(1, s.name)) for s in manifest.shards]
+                await store.get_info(object_name(1, INDEX_NAME))
+                return manifest, infos
+
+    sighting = asyncio.create_task(first_manifest_sighting())
+    published = await publish_weights(
+        js, tmp_path / "v1", shards, version=1, step=10, dtype="float32", keep_versions=2
+    )
+    manifest, infos = await sighting
+    await watcher.stop()
+    assert manifest.version == 1 and manifest.step == 10
+    assert [i.size for i in infos] == [s.bytes for s in published.shards]
+
+    # An actor's view: download, verify the sha256s, load: the weights equal the learner's.
+    paths = await download_weights(js, manifest, tmp_path / "actor")
+    state = dict(iter_tensors(paths))
+    for name, p in model.named_parameters():
+        assert torch.equal(state[name], p.detach()), name
+
+
+async def test_keep_versions_prunes_older_objects_and_dirs(js, tmp_path):
+    model = tiny_model()
+    weights_dir = tmp_path / "shared"
+    for version in (1, 2, 3):
+        shards = write_shards(model, weights_dir / f"v{version}", "bfloat16", 1.0, shared=True)
+        manifest = await publish_weights(
+            js, weights_dir / f"v{version}", shards, version=version, step=version,
+            dtype="bfloat16", keep_versions=2,
+        )  # fmt: skip
+        assert prune_dirs(weights_dir, keep_versions=2) == ([1] if version == 3 else [])
+    store = await js.object_store(OBJECT_STORE_WEIGHTS)
+    names = {i.name for i in await store.list(ignore_deletes=True)}
+    assert {n.split("/")[0] for n in names} == {"v2", "v3"}
+    with pytest.raises(NotFoundError):
+        await store.get_info(object_name(1, shards[0].name))
+    assert sorted(p.name for p in weights_dir.iterdir()) == ["v2", "v3"]
+
+    kv = await js.key_value(KV_POLICY)
+    latest = decode((await kv.get(KEY_LATEST)).value, WeightManifest)
+    assert latest.version == 3 and latest == manifest
+    # shared volume: the manifest carries paths the actor can read directly, verified
+    assert local_shards(latest) == [weights_dir / "v3" / s.name for s in latest.shards]

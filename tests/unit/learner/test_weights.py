@@ -1,0 +1,88 @@
+"""Weight shards: exact reload, size limit, checksums."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from learner.weights import export_model, write_shards
+from protocol.weights import (
+    ShardError,
+    iter_tensors,
+    plan_shards,
+    read_index,
+    verify_shard,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+def test_plan_shards_by_hand():
+    # limit 8 bytes: a(4) + b(4) = 8 fits; c(10) is over the limit alone -> its own shard; d(1)
+    sizes = [("a", 4), ("b", 4), ("c", 10), ("d", 1)]
+    assert plan_shards(sizes, 8) == [["a", "b"], ["c"], ["d"]]
+    assert plan_shards(sizes, 100) == [["a", "b", "c", "d"]]
+
+
+def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    return max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa)
+
+
+def test_export_reloads_with_from_pretrained_exactly(tiny_qwen2, tmp_path):
+    # 20 KiB shards: the 48x64 fp32 embedding (12 KiB) and 64x128 MLP weights (32 KiB, alone)
+    export_model(tiny_qwen2, tmp_path, "float32", shard_mb=20 / 1024)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert _max_diff(tiny_qwen2, reloaded) == 0.0
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(files) > 3 and files[0].startswith("model-00001-of-")
+    assert set(read_index(tmp_path).values()) == set(files)
+
+
+def test_shards_respect_size_limit_and_reload_in_serving_dtype(tiny_qwen2, tmp_path):
+    limit = 20 * 1024
+    shards = write_shards(tiny_qwen2, tmp_path, "bfloat16", shard_mb=limit / 2**20)
+    for shard in shards:
+        with safe_open(str(tmp_path / shard.name), framework="pt") as f:
+            sizes = [f.get_tensor(n).nbytes for n in f.keys()]
+            assert sorted(f.keys()) == sorted(shard.tensors)
+        assert sum(sizes) <= limit or len(sizes) == 1, shard.name
+        verify_shard(tmp_path / shard.name, shard)
+    # a fresh model loaded from the shards equals the original cast to bf16, exactly
+    fresh = type(tiny_qwen2)(tiny_qwen2.config).to(torch.bfloat16)
+    state = dict(iter_tensors([tmp_path / s.name for s in shards]))
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding
+    assert _max_diff(tiny_qwen2.to(torch.bfloat16), fresh) == 0.0
+
+
+def test_corrupted_shard_fails_its_sha256(tiny_qwen2, tmp_path):
+    shard = write_shards(tiny_qwen2, tmp_path, "float32", shard_mb=1.0)[0]
+    path = tmp_path / shard.name
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # flip the last byte of the last tensor: same size, different bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="sha256 mismatch"):
+        verify_shard(path, shard)
+    path.write_bytes(bytes(data[:-1]))
+    with pytest.raises(ShardError, match=f"{len(data) - 1} bytes, the manifest says {len(data)}"):
+        verify_shard(path, shard)
+    with pytest.raises(ShardError, match="does not exist"):
+        verify_shard(tmp_path / "nope.safetensors", shard)
+
+
+def test_zero3_shards_equal_the_gathered_parameters(tmp_path):
+    from learner.engine import load_policy, setup_engine, train_step
+
+    from .test_engine import full_params, make_batch, make_config
+
+    config = make_config(3, beta=0.0)
+    pe = setup_engine(config)
+    train_step(pe, make_batch(load_policy(config.model, config.seed)))
+    shards = write_shards(pe.module, tmp_path, "float32", shard_mb=20 / 1024)
+    state = dict(iter_tensors([tmp_path / s.name for s in shards]))
+    expected = full_params(pe)
+    assert state.keys() == expected.keys()
+    for name, p in expected.items():
+        assert torch.equal(state[name], p), name

@@ -72,6 +72,21 @@ def _top(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+@command("score", "score completions offline with aha's rewards (JSONL in, JSONL out)")
+def _score(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help='JSONL: {"completion", "reference", "rewards": {name: weight}}')
+    p.add_argument("-o", "--output", required=True, help="JSONL out: each line plus reward, components, error")
+    p.add_argument("--workers", type=int, default=2, help="verifier processes")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per completion before it gets no reward")
+
+    def run(args):
+        from rewarder.score import main
+
+        return main(args)
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aha", description="R1-style reasoning RL as an async actor-learner system on NATS"

@@ -1,0 +1,229 @@
+"""Verification in worker processes, each call under a hard timeout.
+
+Verifiers must never hang the rewarder and never lie. Math-Verify times out with
+`signal.alarm`, which only works in a process's main thread (Math-Verify#55; verl once
+scored all of MATH 0 because of it), and sympy or a sandboxed program can take any time. So
+every completion is scored in the main thread of a worker process, and the parent holds a
+deadline per call: a worker past it is SIGKILLed (its sandbox dies with it, see
+`rewarder.sandbox`) and replaced. A completion whose verifier raised, timed out or crashed
+gets `Score(reward=None, error=<why>)`, and the pool counts it.
+
+Workers start through `forkserver` (never forked from a parent that may run threads: the
+event loop's executor, NATS client threads); the server preloads the reward modules once, so
+a replacement worker starts in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from protocol.messages import Score
+from rewarder.sandbox import SandboxLimits
+
+PRELOAD = ["rewarder.rewards", "math_verify", "protocol.messages"]
+"""Modules the forkserver imports once, so that workers start without importing sympy."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One completion to score."""
+
+    completion: str
+    reference: Any
+    rewards: dict[str, float]
+    """Reward name -> weight, as in `Task.rewards`."""
+    task: Any = None
+    """The `protocol.messages.Task`, or None for offline scoring."""
+
+
+@dataclass
+class PoolStats:
+    """What the pool has done since it started (the rewarder's metrics read these)."""
+
+    scored: int = 0
+    """Completions with a reward."""
+    errors: int = 0
+    """Completions whose verifier raised (`VerifierError` or a bug)."""
+    timeouts: int = 0
+    """Calls killed at the per-call timeout."""
+    crashes: int = 0
+    """Workers that died by themselves during a call."""
+    restarts: int = 0
+    """Workers started to replace a killed or crashed one."""
+    by_error: dict[str, int] = field(default_factory=dict)
+    """Failed completions per reward name (`timeout` / `crash` for whole calls)."""
+
+
+def _serve(conn: Connection, sandbox: SandboxLimits) -> None:
+    """A worker: score jobs from `conn` in this process's main thread until told to stop."""
+    from rewarder.rewards import configure_sandbox, score_completion
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    configure_sandbox(sandbox)
+    while True:
+        try:
+            item = conn.recv()
+        except EOFError:
+            return
+        if item is None:
+            return
+        key, job = item
+        conn.send((key, score_completion(job.completion, job.reference, job.rewards, job.task)))
+
+
+class _Worker:
+    def __init__(self, ctx, sandbox: SandboxLimits):
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child, sandbox), daemon=True)
+        self.process.start()
+        child.close()
+        self.key: int | None = None
+        self.deadline = 0.0
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join()
+        self.conn.close()
+
+
+class VerifierPool:
+    """`workers` processes scoring `Job`s, each call killed after `timeout_s`.
+
+    Worker i runs sandboxed programs as uid `sandbox.uid - i`: RLIMIT_NPROC counts per uid,
+    so a fork bomb in one worker's sandbox cannot starve another's. Use one pool from one
+    thread at a time (`score_async` runs it in a thread for asyncio callers).
+    """
+
+    def __init__(
+        self,
+        workers: int = 2,
+        timeout_s: float = 30.0,
+        sandbox: SandboxLimits = SandboxLimits(),
+        start_method: str = "forkserver",
+    ):
+        if workers < 1:
+            raise ValueError("a pool needs at least one worker")
+        self.timeout_s = timeout_s
+        self.stats = PoolStats()
+        self._ctx = mp.get_context(start_method)
+        if start_method == "forkserver":
+            self._ctx.set_forkserver_preload(PRELOAD)
+        self._sandboxes = [sandbox.model_copy(update={"uid": sandbox.uid - i}) for i in range(workers)]
+        self._workers = [_Worker(self._ctx, s) for s in self._sandboxes]
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return len(self._workers)
+
+    def scores(self, jobs: Sequence[Job]) -> Iterator[tuple[int, Score]]:
+        """Yield `(index, Score)` for every job as it finishes (not in order)."""
+        with self._lock:
+            pending = deque(enumerate(jobs))
+            busy: dict[int, _Worker] = {}  # key -> worker
+            try:
+                yield from self._run(pending, busy)
+            finally:
+                # abandoned half-way: a late answer must not reach the next call
+                for worker in busy.values():
+                    self._replace(self._workers.index(worker))
+
+    def _run(self, pending: deque, busy: dict[int, _Worker]) -> Iterator[tuple[int, Score]]:
+        while pending or busy:
+            for slot, worker in enumerate(self._workers):
+                if worker.key is None and pending:
+                    key, job = pending.popleft()
+                    try:
+                        worker.conn.send((key, job))
+                    except (BrokenPipeError, OSError):
+                        worker = self._replace(slot)
+                        worker.conn.send((key, job))
+                    worker.key, worker.deadline = key, time.monotonic() + self.timeout_s
+                    busy[key] = worker
+            timeout = max(0.0, min(w.deadline for w in busy.values()) - time.monotonic())
+            ready = wait([w.conn for w in busy.values()], timeout=timeout)
+            for worker in list(busy.values()):
+                if worker.conn in ready:
+                    yield self._collect(worker, busy)
+                elif time.monotonic() >= worker.deadline:
+                    yield self._expire(worker, busy)
+
+    def map(self, jobs: Sequence[Job], on_score: Callable[[int, Score], None] | None = None) -> list[Score]:
+        """Scores of `jobs`, in order; `on_score(index, score)` is called as each finishes."""
+        out: list[Score | None] = [None] * len(jobs)
+        for i, score in self.scores(jobs):
+            out[i] = score
+            if on_score is not None:
+                on_score(i, score)
+        return out  # type: ignore[return-value]
+
+    async def score_async(self, jobs: Sequence[Job]) -> list[Score]:
+        """`map` off the event loop."""
+        return await asyncio.to_thread(self.map, jobs)
+
+    def _collect(self, worker: _Worker, busy: dict[int, _Worker]) -> tuple[int, Score]:
+        key = worker.key
+        assert key is not None
+        del busy[key]
+        worker.key = None
+        try:
+            _, (reward, components, error) = worker.conn.recv()
+        except (EOFError, OSError):
+            worker.process.join(timeout=1)
+            code = worker.process.exitcode
+            self.stats.crashes += 1
+            self._count_failure("crash")
+            self._replace(self._workers.index(worker))
+            return key, Score(reward=None, error=f"verifier worker died (exit code {code})")
+        if error is None:
+            self.stats.scored += 1
+        else:
+            self.stats.errors += 1
+            for name, value in components.items():
+                if value is None:
+                    self._count_failure(name)
+        return key, Score(reward=reward, components=components, error=error)
+
+    def _expire(self, worker: _Worker, busy: dict[int, _Worker]) -> tuple[int, Score]:
+        key = worker.key
+        assert key is not None
+        del busy[key]
+        self.stats.timeouts += 1
+        self._count_failure("timeout")
+        self._replace(self._workers.index(worker))
+        return key, Score(reward=None, error=f"timeout: verifier still running after {self.timeout_s:g}s")
+
+    def _count_failure(self, name: str) -> None:
+        self.stats.by_error[name] = self.stats.by_error.get(name, 0) + 1
+
+    def _replace(self, slot: int) -> _Worker:
+        self._workers[slot].kill()
+        self._workers[slot] = _Worker(self._ctx, self._sandboxes[slot])
+        self.stats.restarts += 1
+        return self._workers[slot]
+
+    def close(self) -> None:
+        for worker in self._workers:
+            try:
+                worker.conn.send(None)
+            except OSError:
+                pass
+        for worker in self._workers:
+            worker.process.join(timeout=2)
+            if worker.process.is_alive():
+                worker.kill()
+
+    def __enter__(self) -> VerifierPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

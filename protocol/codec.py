@@ -30,6 +30,10 @@ class DecodeError(ValueError):
         super().__init__(f"not a valid {expected}: {reason}")
 
 
+class EncodeError(ValueError):
+    """A message holding something msgpack cannot carry (an int beyond 64 bits, an object)."""
+
+
 def _pack_default(obj):
     if isinstance(obj, np.ndarray):
         name = obj.dtype.name
@@ -54,9 +58,14 @@ def _unpack_ext(code: int, data: bytes):
 
 def encode(message: BaseModel) -> bytes:
     """Serialize a message (or any pydantic model of plain fields and arrays) to msgpack."""
-    return msgpack.packb(
-        message.model_dump(mode="python", by_alias=True), default=_pack_default, use_bin_type=True
-    )
+    try:
+        return msgpack.packb(
+            message.model_dump(mode="python", by_alias=True),
+            default=_pack_default,
+            use_bin_type=True,
+        )
+    except (TypeError, OverflowError) as e:
+        raise EncodeError(f"cannot encode {type(message).__name__}: {e}") from e
 
 
 def decode(data: bytes, cls: type[M]) -> M:
@@ -82,7 +91,7 @@ def decode_named(data: bytes, message: str) -> BaseModel:
     return decode(data, MESSAGES[message])
 
 
-def _describe(error: ValidationError, limit: int = 5) -> str:
+def _describe(error: ValidationError, limit: int = 8) -> str:
     parts = []
     for item in error.errors()[:limit]:
         where = ".".join(str(p) for p in item["loc"]) or "<message>"

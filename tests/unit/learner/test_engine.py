@@ -28,7 +28,10 @@ from learner.logprobs import completion_logprobs
 
 from .conftest import TINY_QWEN2
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
 
 
 def make_config(stage: int, **grpo) -> LearnerConfig:

@@ -14,7 +14,10 @@ from protocol.weights import (
     verify_shard,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
 
 
 def test_plan_shards_by_hand():

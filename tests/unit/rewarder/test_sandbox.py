@@ -1,0 +1,221 @@
+"""Hostile programs in the sandbox: each must end inside the limits, score 0, and be contained.
+
+Containment is asserted on the host, not taken from the program's word: the file it wrote
+outside its work dir does not exist, the listener on 127.0.0.1 got no connection, the secret
+is not in anything it printed, and no process of a sandbox uid is left.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from rewarder.rewards import code_tests, configure_sandbox
+from rewarder.sandbox import SandboxLimits, isolation, run_python
+
+needs_namespaces = pytest.mark.skipif(
+    isolation() != "namespaces", reason="needs root and network/PID/mount namespaces (unshare)"
+)
+LIMITS = SandboxLimits(wall_seconds=2.0, cpu_seconds=2, memory_mb=512, processes=16)
+SANDBOX_UIDS = range(65534 - 7, 65535)  # 65534 and the pool's per-worker uids below it
+# A program passes this only if it prints "ok" and exits cleanly.
+PRINT_OK = {"inputs": [""], "outputs": ["ok"]}
+
+
+@pytest.fixture(autouse=True)
+def short_limits():
+    configure_sandbox(LIMITS)
+    yield
+    configure_sandbox(SandboxLimits())
+
+
+def sandbox_processes() -> list[str]:
+    """`pid uid state name` of every process (zombies included) owned by a sandbox uid."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = dict(
+                line.split(":\t", 1) for line in (entry / "status").read_text().splitlines() if ":\t" in line
+            )
+        except OSError:
+            continue
+        uid = int(status["Uid"].split()[0])
+        if uid in SANDBOX_UIDS:
+            found.append(f"{entry.name} uid={uid} {status['State']} {status['Name']}")
+    return found
+
+
+def assert_nothing_left(within: float = 2.0) -> None:
+    deadline = time.monotonic() + within
+    while (left := sandbox_processes()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left == []
+
+
+def test_a_normal_program_runs_as_nobody_in_a_fresh_dir():
+    result = run_python(
+        "import os; print(os.getuid(), os.getgid(), os.getcwd(), sorted(os.listdir('.')), input())",
+        stdin="hello\n",
+        limits=LIMITS,
+    )
+    assert result.ok, result.stderr
+    cwd = "/tmp/work" if result.isolation == "namespaces" else os.getcwd()
+    uid, gid, where, files, echoed = result.stdout.split(" ", 4)
+    assert (uid, gid, echoed.strip()) == ("65534", "65534", "hello")
+    assert files == "['main.py']"
+    assert where == cwd or result.isolation == "process"
+    assert_nothing_left()
+
+
+@needs_namespaces
+def test_fork_bomb_ends_at_the_wall_time_and_leaves_nothing():
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    start = time.monotonic()
+    result = run_python(bomb, limits=LIMITS)
+    assert result.timed_out and not result.ok
+    assert time.monotonic() - start < LIMITS.wall_seconds + 3
+    assert_nothing_left()
+    assert code_tests(bomb, PRINT_OK) == 0.0
+    assert_nothing_left()
+
+
+@needs_namespaces
+def test_the_process_limit_holds_although_we_are_root():
+    # 16 processes for the uid: the sandbox's own python is one, so at most 15 forks succeed
+    program = (
+        "import os, time\nn = 0\nfor _ in range(100):\n    try:\n        if os.fork() == 0:\n"
+        "            time.sleep(5)\n            os._exit(0)\n        n += 1\n    except OSError:\n"
+        "        break\nprint(n, flush=True)\nos._exit(0)\n"
+    )
+    result = run_python(program, limits=LIMITS)
+    assert result.ok, result.stderr
+    assert 0 < int(result.stdout) < LIMITS.processes
+    assert_nothing_left()  # the sleeping children died with the namespace
+
+
+@needs_namespaces
+def test_memory_bomb_fails_fast():
+    bomb = "x = bytearray(8 * 1024**3)\nprint('ok')\n"
+    result = run_python(bomb, limits=LIMITS)
+    assert not result.ok and "MemoryError" in result.stderr
+    assert not result.timed_out  # the address-space limit stopped it, not the clock
+    assert code_tests(bomb, PRINT_OK) == 0.0
+    assert_nothing_left()
+
+
+@needs_namespaces
+@pytest.mark.parametrize("program", ["while True:\n    pass\n", "import time\ntime.sleep(3600)\nprint('ok')\n"])
+def test_infinite_loop_and_sleep_end_at_the_wall_time(program):
+    start = time.monotonic()
+    result = run_python(program, limits=LIMITS)
+    assert result.timed_out and result.returncode is None
+    assert LIMITS.wall_seconds <= time.monotonic() - start < LIMITS.wall_seconds + 3
+    assert code_tests(program, PRINT_OK) == 0.0
+    assert_nothing_left()
+
+
+@needs_namespaces
+def test_no_network_not_even_localhost():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    program = (
+        "import socket\ns = socket.socket()\ns.settimeout(1)\n"
+        f"try:\n    s.connect(('127.0.0.1', {port}))\n    print('ok')\n"
+        "except OSError as e:\n    print('refused', e.errno)\n"
+    )
+    try:
+        result = run_python(program, limits=LIMITS)
+        assert result.stdout.startswith("refused"), result.stdout  # ENETUNREACH: lo is down
+        assert code_tests(program, PRINT_OK) == 0.0
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody ever connected
+    finally:
+        listener.close()
+    assert_nothing_left()
+
+
+@needs_namespaces
+def test_writes_outside_the_work_dir_do_not_land(tmp_path):
+    token = secrets.token_hex(8)
+    targets = [f"/tmp/aha-escape-{token}", f"/var/tmp/aha-escape-{token}", f"/dev/shm/aha-escape-{token}",
+               f"{tmp_path}/aha-escape-{token}", f"/work/aha-escape-{token}", f"../aha-escape-{token}"]
+    os.chmod(tmp_path, 0o777)  # even a world-writable host dir is out of reach
+    program = "import sys\nfor path in sys.argv[1:] or %r:\n" % (targets,) + (
+        "    try:\n        open(path, 'w').write('x')\n        print('wrote', path)\n"
+        "    except OSError as e:\n        print('failed', path, e.errno)\n"
+    )
+    result = run_python(program, limits=LIMITS)
+    assert result.ok, result.stderr
+    for target in targets:
+        assert not Path(target).exists(), target
+        assert not Path("/tmp", Path(target).name).exists()
+    # the private /tmp took the write and vanished with the mount namespace; the others failed
+    assert f"wrote /tmp/aha-escape-{token}" in result.stdout
+    assert f"failed {tmp_path}/aha-escape-{token}" in result.stdout
+    assert_nothing_left()
+
+
+@needs_namespaces
+def test_the_parents_environment_is_not_visible(monkeypatch):
+    secret = secrets.token_hex(16)
+    monkeypatch.setenv("AHA_TEST_SECRET", secret)
+    program = (
+        "import os\nprint(dict(os.environ))\n"
+        "for pid in os.listdir('/proc'):\n    if pid.isdigit():\n        try:\n"
+        "            print(pid, open(f'/proc/{pid}/environ', 'rb').read())\n"
+        "        except OSError as e:\n            print(pid, 'denied', e.errno)\n"
+        f"print('ok' if {secret!r} in str(dict(os.environ)) else 'no')\n"
+    )
+    result = run_python(program, limits=LIMITS)
+    assert secret not in result.stdout and secret not in result.stderr
+    assert "AHA_TEST_SECRET" not in result.stdout
+    assert code_tests(program, PRINT_OK) == 0.0
+    assert_nothing_left()
+
+
+@needs_namespaces
+def test_a_double_forking_daemon_does_not_outlive_the_run():
+    daemon = (
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+        "        time.sleep(3600)\n    os._exit(0)\nos.wait()\nprint('ok')\n"
+    )
+    result = run_python(daemon, limits=LIMITS)
+    assert result.ok and result.stdout == "ok\n"
+    assert result.seconds < LIMITS.wall_seconds  # returned when the parent did
+    assert_nothing_left()  # the grandchild died with the PID namespace
+
+
+@needs_namespaces
+def test_output_is_capped_and_the_file_limit_holds():
+    limits = LIMITS.model_copy(update={"file_mb": 1, "output_bytes": 1000})
+    result = run_python("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n", limits=limits)
+    assert not result.ok and not result.timed_out  # SIGXFSZ at 1 MiB, long before the clock
+    assert len(result.stdout) == 1000
+    assert_nothing_left()
+
+
+def test_process_isolation_fallback_still_drops_root_and_cleans_up():
+    """What holds without namespaces: uid, env, rlimits, the process group killed as a whole."""
+    if os.geteuid() != 0:
+        pytest.skip("dropping to the sandbox uid needs root")
+    limits = LIMITS.model_copy(update={"isolation": "process"})
+    result = run_python("import os; print(os.getuid(), sorted(os.environ))", limits=limits)
+    assert result.isolation == "process" and result.ok
+    assert result.stdout.split(" ", 1)[0] == "65534"
+    assert "AHA" not in result.stdout and "VIRTUAL_ENV" not in result.stdout
+    # a forked child (no setsid) sleeping past the run is killed with its process group
+    result = run_python("import os, time\nif os.fork() == 0:\n    time.sleep(3600)\nprint('ok')\n", limits=limits)
+    assert result.ok
+    result = run_python("while True:\n    pass\n", limits=limits)
+    assert result.timed_out
+    assert_nothing_left(within=5.0)  # killed processes are reaped by init, maybe a moment later

@@ -1,0 +1,75 @@
+"""The verifier pool: scores in order, hard timeouts, failures as reward=None with a reason."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from protocol.messages import Score
+from rewarder.pool import Job, VerifierPool
+from rewarder.sandbox import SandboxLimits, isolation
+from tests.unit.rewarder.test_sandbox import assert_nothing_left
+
+MATH = {"accuracy_math": 1.0, "format_think": 0.1}
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with VerifierPool(workers=2, timeout_s=20.0) as pool:
+        yield pool
+
+
+def test_scores_come_back_in_input_order(pool):
+    jobs = [Job(rf"<think>x</think> \boxed{{{i}}}", "3", MATH) for i in range(6)]
+    scores = pool.map(jobs)
+    # only i=3 is right: 1.0*1 + 0.1*1 = 1.1; the others 0.1 for the format alone
+    assert [s.reward for s in scores] == pytest.approx([0.1, 0.1, 0.1, 1.1, 0.1, 0.1])
+    assert scores[3].components == {"accuracy_math": 1.0, "format_think": 1.0}
+    assert all(isinstance(s, Score) and s.error is None for s in scores)
+
+
+def test_a_verifier_error_is_counted_and_never_a_silent_zero(pool):
+    before = pool.stats.errors
+    [score] = pool.map([Job(r"\boxed{1}", "", MATH)])  # the reference does not parse
+    assert score.reward is None and score.error.startswith("accuracy_math: could not parse")
+    assert score.components == {"accuracy_math": None, "format_think": 0.0}
+    assert pool.stats.errors == before + 1 and pool.stats.by_error["accuracy_math"] >= 1
+
+
+def test_math_verify_times_out_in_worker_main_threads_not_in_ours():
+    """The pool runs Math-Verify in each worker's main thread, so a caller thread works
+    (Math-Verify#55: signal.alarm raises ValueError outside the main thread)."""
+    out = {}
+
+    def score():
+        with VerifierPool(workers=1, timeout_s=20.0) as pool:
+            out["scores"] = pool.map([Job(r"\boxed{\frac12}", "0.5", {"accuracy_math": 1.0})])
+
+    thread = threading.Thread(target=score)
+    thread.start()
+    thread.join()
+    assert out["scores"][0].reward == 1.0
+
+
+@pytest.mark.skipif(isolation() != "namespaces", reason="checks sandbox cleanup after a kill")
+def test_a_stuck_worker_is_killed_and_replaced_and_its_sandbox_dies_with_it():
+    # the program would run 60 s (its sandbox allows it); the pool's 1 s timeout kills the worker
+    slow = SandboxLimits(wall_seconds=60, cpu_seconds=60)
+    stuck = Job("import time\ntime.sleep(60)\n", {"inputs": [""], "outputs": [""]}, {"code_tests": 1.0})
+    with VerifierPool(workers=2, timeout_s=1.0, sandbox=slow) as pool:
+        start = time.monotonic()
+        scores = pool.map([stuck, Job(r"\boxed{2}", "2", {"accuracy_math": 1.0}), stuck])
+        assert time.monotonic() - start < 10
+        assert [s.reward for s in scores] == [None, 1.0, None]
+        assert scores[0].error == "timeout: verifier still running after 1s"
+        assert (pool.stats.timeouts, pool.stats.restarts) == (2, 2)
+        assert_nothing_left()  # setpriv --pdeathsig took the sandbox down with the worker
+        # the replacements work
+        assert pool.map([Job(r"\boxed{2}", "2", {"accuracy_math": 1.0})])[0].reward == 1.0
+
+
+async def test_score_async_keeps_the_event_loop_free(pool):
+    scores = await pool.score_async([Job("<think>a</think> 5", None, {"format_think": 1.0})])
+    assert scores[0].reward == 1.0

@@ -90,10 +90,12 @@ def _score(p: argparse.ArgumentParser) -> None:
 @command("export", "write a learner checkpoint as an HF folder that from_pretrained loads")
 def _export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="config file with a [learner] section")
-    p.add_argument("--out", required=True, help="folder to write (config, shards, index, tokenizer)")
-    p.add_argument("--checkpoint", help="DeepSpeed checkpoint folder (default: learner.checkpoint_dir)")
+    p.add_argument("--out", required=True, help="folder to write (config, shards, tokenizer)")
+    p.add_argument("--checkpoint", help="checkpoint folder (default: learner.checkpoint_dir)")
     p.add_argument("--tag", help="checkpoint tag (default: the latest)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: learner.serving_dtype")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: learner.serving_dtype"
+    )
 
     def run(args):
         from learner.commands import export
@@ -106,7 +108,7 @@ def _export(p: argparse.ArgumentParser) -> None:
 @command("sft", "supervised fine-tuning on prompt/response pairs (loss on the response only)")
 def _sft(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="config file with a [learner] section")
-    p.add_argument("--data", required=True, help="JSONL file, one {prompt, response} object a line")
+    p.add_argument("--data", required=True, help="JSONL file of {prompt, response} objects")
     p.add_argument("--out", required=True, help="HF folder to write the fine-tuned model to")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps")
     p.add_argument("--batch", type=int, help="examples per step (default: learner.batch)")

@@ -60,9 +60,8 @@ def sft(args: argparse.Namespace) -> int:
     config = config.model_copy(update={"grpo": config.grpo.model_copy(update={"beta": 0.0})})
     pe = setup_engine(config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_sft(
-        pe, examples, steps=args.steps, batch=args.batch or config.batch, pad_id=pad_id, seed=config.seed
-    )
+    batch = args.batch or config.batch
+    train_sft(pe, examples, steps=args.steps, batch=batch, pad_id=pad_id, seed=config.seed)
     export_model(
         pe.module,
         args.out,

@@ -21,7 +21,7 @@ import importlib
 import math
 import os
 import socket
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -205,20 +205,14 @@ class PolicyBatch:
         return self.completion_ids.shape[0]
 
     def rows(self, index: slice) -> "PolicyBatch":
-        return PolicyBatch(
-            **{
-                f.name: getattr(self, f.name)[index] if f.name != "temperature" else self.temperature
-                for f in fields(self)
-            }
-        )
+        return self._map(lambda t: t[index])
 
     def to(self, device: torch.device) -> "PolicyBatch":
-        return PolicyBatch(
-            **{
-                f.name: getattr(self, f.name).to(device) if f.name != "temperature" else self.temperature
-                for f in fields(self)
-            }
-        )
+        return self._map(lambda t: t.to(device))
+
+    def _map(self, fn) -> "PolicyBatch":
+        names = [f.name for f in fields(self) if f.name != "temperature"]
+        return replace(self, **{name: fn(getattr(self, name)) for name in names})
 
 
 def rank_micro_batches(n: int, micro_batch: int, rank: int, world_size: int) -> list[slice | None]:
@@ -252,7 +246,7 @@ def train_step(pe: PolicyEngine, batch: PolicyBatch) -> dict[str, float]:
     batch = batch.to(pe.device)
     own = rank_micro_batches(len(batch), pe.config.deepspeed.micro_batch, pe.rank, pe.world_size)
     # A rank with fewer micro-batches repeats its first one (or the batch's) with weight 0.
-    filler = next((s for s in own if s is not None), slice(0, min(len(batch), pe.config.deepspeed.micro_batch)))
+    filler = next((s for s in own if s is not None), slice(0, pe.config.deepspeed.micro_batch))
     micro = [(batch.rows(s or filler), s is not None) for s in own]
 
     pe.engine.train()
@@ -278,10 +272,11 @@ def train_step(pe: PolicyEngine, batch: PolicyBatch) -> dict[str, float]:
                 is_cap=grpo.is_cap,
                 mode=grpo.mode,
             )
-            share = aggregate_share(mb.completion_mask, batch.completion_mask, grpo.mode) if real else 0.0
-            # DeepSpeed averages gradients over ranks; × world_size turns that into the sum of shares.
+            share = aggregate_share(mb.completion_mask, batch.completion_mask, grpo.mode)
+            share = share if real else 0.0
+            # DeepSpeed averages gradients over ranks; × world_size makes that the sum of shares.
             pe.engine.backward(loss * (share * pe.world_size), scale_wrt_gas=False)
-            tokens = mb.completion_mask.sum().float() * float(real)  # filler micro-batches count nothing
+            tokens = mb.completion_mask.sum().float() * float(real)  # fillers count nothing
             totals += torch.stack(
                 [
                     share * loss.detach(),

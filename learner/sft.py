@@ -67,9 +67,8 @@ def tokenize_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[Example]
 
 def sft_step(pe: PolicyEngine, examples: Sequence[Example], pad_id: int = 0) -> dict[str, float]:
     """One optimizer step on `examples` (every rank passes the same list); returns loss and tokens."""
-    prompt_ids, prompt_mask, completion_ids, completion_mask = (
-        t.to(pe.device) for t in pad_batch([p for p, _ in examples], [r for _, r in examples], pad_id)
-    )
+    padded = pad_batch([p for p, _ in examples], [r for _, r in examples], pad_id)
+    prompt_ids, prompt_mask, completion_ids, completion_mask = (t.to(pe.device) for t in padded)
     micro_batch = pe.config.deepspeed.micro_batch
     own = rank_micro_batches(len(examples), micro_batch, pe.rank, pe.world_size)
     filler = next((s for s in own if s is not None), slice(0, micro_batch))

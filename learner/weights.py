@@ -47,7 +47,9 @@ def _numel(t: torch.Tensor) -> int:
     return getattr(t, "ds_numel", t.numel())  # ZeRO-3 parameters are empty until gathered
 
 
-def _gathered(tensors: list[tuple[str, torch.Tensor]], dtype: torch.dtype, keep: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def _gathered(
+    tensors: list[tuple[str, torch.Tensor]], dtype: torch.dtype, keep: bool
+) -> Iterator[tuple[str, torch.Tensor | None]]:
     """Each tensor in full on CPU in `dtype`, one parameter gathered at a time (ZeRO-3)."""
     for name, t in tensors:
         if hasattr(t, "ds_id"):
@@ -90,7 +92,8 @@ def write_shards(
         if rank != 0:
             continue
         path = directory / shard_name(i, len(plan))
-        save_file({n: t.contiguous() for n, t in full.items()}, str(path), metadata={"format": "pt"})
+        tensors = {n: t.contiguous() for n, t in full.items()}
+        save_file(tensors, str(path), metadata={"format": "pt"})
         shards.append(describe_shard(path, names, shared=shared))
     if rank == 0:
         write_index(directory, shards, sum(nbytes for _, nbytes in sizes))

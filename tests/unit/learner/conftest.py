@@ -29,3 +29,20 @@ def tiny_qwen2():
 
     torch.manual_seed(0)
     return Qwen2ForCausalLM(Qwen2Config(**TINY_QWEN2)).eval()
+
+
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _leave_no_process_group():
+    """The engine tests join a one-process gloo group; tear it down for the packages after us."""
+    saved = {key: os.environ.get(key) for key in _DIST_ENV}
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

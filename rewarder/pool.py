@@ -29,8 +29,8 @@ from typing import Any
 from protocol.messages import Score
 from rewarder.sandbox import SandboxLimits
 
-PRELOAD = ["rewarder.rewards", "math_verify", "protocol.messages"]
-"""Modules the forkserver imports once, so that workers start without importing sympy."""
+PRELOAD = ["rewarder._preload", "protocol.messages"]
+"""Modules the forkserver imports once, so that workers start warm (see `_preload`)."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,11 @@ class VerifierPool:
     @property
     def size(self) -> int:
         return len(self._workers)
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the current workers (for CPU accounting)."""
+        return [w.process.pid for w in self._workers]
 
     def scores(self, jobs: Sequence[Job]) -> Iterator[tuple[int, Score]]:
         """Yield `(index, Score)` for every job as it finishes (not in order)."""

@@ -72,6 +72,20 @@ def _top(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+@command("rewarder", "score rollouts from the bus with the rule-based rewards (a verifier pool per process)")
+def _rewarder(p: argparse.ArgumentParser) -> None:
+    _add_bus_args(p)
+    p.add_argument("--workers", type=int, help="verifier processes (default: rewarder.workers)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+
+    def run(args):
+        from rewarder.service import main
+
+        return main(args)
+
+    p.set_defaults(func=run)
+
+
 @command("score", "score completions offline with aha's rewards (JSONL in, JSONL out)")
 def _score(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help='JSONL: {"completion", "reference", "rewards": {name: weight}}')

@@ -1,0 +1,125 @@
+"""`aha rewarder`: consume rollouts, score every completion, publish the scored rollout.
+
+    AHA_ROLLOUTS ──▶ run_stage ──▶ score_rollout (G completions on N verifier workers) ──▶ AHA_SCORED
+
+Every rewarder replica pulls from the one durable consumer, so adding rewarders adds
+throughput; a rewarder that dies leaves its leased rollouts to be redelivered to the others.
+The stage loop acks a rollout only after its `ScoredRollout` is published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+
+import structlog
+from prometheus_client import Counter, Histogram
+
+from protocol.messages import Rollout, ScoredRollout
+from rewarder.config import RewarderConfig
+from rewarder.pool import Job, VerifierPool
+
+log = structlog.get_logger("rewarder")
+
+COMPLETIONS = Counter("aha_rewarder_completions_total", "Completions scored (rate = completions/s)")
+REWARD = Histogram(
+    "aha_rewarder_reward_component",
+    "Each reward component's value per completion (mean = _sum / _count)",
+    ["component"],
+    buckets=(0.0, 0.25, 0.5, 0.75, 1.0),
+)
+VERIFIER_FAILURES = Counter(
+    "aha_rewarder_verifier_failures_total",
+    "Completions left without reward, by kind (error, timeout, crash)",
+    ["kind"],
+)
+QUEUE_WAIT = Histogram(
+    "aha_rewarder_queue_wait_seconds",
+    "From the rollout's publication to its pickup by a rewarder",
+    buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
+)
+SCORING = Histogram("aha_rewarder_group_seconds", "Wall time to score one rollout's group")
+
+
+async def score_rollout(pool: VerifierPool, rollout: Rollout, rewarder_id: str = "") -> ScoredRollout:
+    """Score all of a rollout's completions in parallel on the pool."""
+    task = rollout.task
+    queue_wait = max(0.0, time.time() - rollout.timings.finished_at)
+    QUEUE_WAIT.observe(queue_wait)
+    start = time.monotonic()
+    jobs = [Job(sample.text, task.reference, task.rewards, task) for sample in rollout.samples]
+    timeouts, crashes = pool.stats.timeouts, pool.stats.crashes
+    scores = await pool.score_async(jobs)
+    seconds = time.monotonic() - start
+
+    failed = [s for s in scores if s.reward is None]
+    new_timeouts = pool.stats.timeouts - timeouts
+    new_crashes = pool.stats.crashes - crashes
+    VERIFIER_FAILURES.labels("timeout").inc(new_timeouts)
+    VERIFIER_FAILURES.labels("crash").inc(new_crashes)
+    VERIFIER_FAILURES.labels("error").inc(len(failed) - new_timeouts - new_crashes)
+    COMPLETIONS.inc(len(scores))
+    SCORING.observe(seconds)
+    components = defaultdict(list)
+    for score in scores:
+        for name, value in score.components.items():
+            if value is not None:
+                REWARD.labels(name).observe(value)
+                components[name].append(value)
+    rewards = [s.reward for s in scores if s.reward is not None]
+    log.info(
+        "scored group",
+        task_id=task.task_id,
+        policy_version=rollout.policy_version,
+        completions=len(scores),
+        reward_mean=round(sum(rewards) / len(rewards), 4) if rewards else None,
+        components={k: round(sum(v) / len(v), 4) for k, v in components.items()},
+        no_reward=len(failed),
+        errors=sorted({s.error for s in failed})[:3],
+        seconds=round(seconds, 3),
+        queue_wait_s=round(queue_wait, 3),
+    )
+    return ScoredRollout(rollout=rollout, scores=scores, rewarder_id=rewarder_id, scoring_seconds=seconds)
+
+
+async def run(config: RewarderConfig, stop: asyncio.Event | None = None, max_messages: int | None = None) -> int:
+    """Connect, start the verifier pool, score rollouts until `stop` (SIGTERM/SIGINT), drain."""
+    from protocol.bus import Bus
+    from protocol.names import ROLLOUTS, SCORED
+    from protocol.stage import run_stage, stop_on_signals
+
+    if config.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(config.metrics_port)
+    stop = stop_on_signals(stop)
+    pool = VerifierPool(config.workers, config.timeout_s, config.sandbox)
+    bus = await Bus.connect(config.bus, name=f"aha-rewarder-{config.rewarder_id}")
+    try:
+
+        async def handle(rollout: Rollout) -> ScoredRollout:
+            return await score_rollout(pool, rollout, config.rewarder_id)
+
+        stats = await run_stage(
+            bus, ROLLOUTS, handle, output=SCORED, stop=stop, concurrency=config.concurrency,
+            max_messages=max_messages,
+        )
+        log.info("rewarder stopped", handled=stats.handled, failed=stats.failed, released=stats.released)
+    finally:
+        await bus.close()
+        pool.close()
+    return 0
+
+
+def main(args) -> int:
+    """The `aha rewarder` command: logging, config, then the loop."""
+    from protocol.config import load_config
+    from protocol.log import setup_logging
+
+    overrides = {k: v for k, v in {"workers": args.workers, "metrics_port": args.metrics_port}.items() if v is not None}
+    if args.nats_url:
+        overrides["bus"] = {"url": args.nats_url}
+    config = load_config(RewarderConfig, args.config, section="rewarder", overrides=overrides)
+    setup_logging("rewarder", rewarder_id=config.rewarder_id)
+    return asyncio.run(run(config))

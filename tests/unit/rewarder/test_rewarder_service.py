@@ -1,0 +1,58 @@
+"""`aha rewarder` against a real nats-server: a rollout in, its scored rollout out."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from protocol.bus import Bus
+from protocol.config import BusConfig
+from protocol.depth import queue_depth
+from protocol.names import ROLLOUTS, SCORED
+from protocol.server import NatsServer
+from protocol.stage import StageConsumer
+from rewarder.config import RewarderConfig
+from rewarder.pool import VerifierPool
+from rewarder.service import run, score_rollout
+from tests.helpers import make_rollout, make_task
+
+
+def rollout_with(texts: list[str], reference="2", rewards=None):
+    task = make_task(1, group_size=len(texts))
+    task = task.model_copy(update={"reference": reference, "rewards": rewards or {"accuracy_math": 1.0, "format_think": 0.1}})
+    rollout = make_rollout(task)
+    samples = [s.model_copy(update={"text": t}) for s, t in zip(rollout.samples, texts)]
+    return rollout.model_copy(update={"samples": samples})
+
+
+async def test_score_rollout_scores_every_completion_of_the_group():
+    rollout = rollout_with([r"<think>1+1</think> \boxed{2}", r"<think>1+1</think> \boxed{3}", r"\boxed{2}", "<think>1+1"])
+    with VerifierPool(workers=2, timeout_s=20) as pool:
+        scored = await score_rollout(pool, rollout, "r-test")
+    # 1.0*acc + 0.1*format: right+format 1.1, wrong+format 0.1, right w/o format 1.0, unclosed 0
+    assert [s.reward for s in scored.scores] == pytest.approx([1.1, 0.1, 1.0, 0.0])
+    assert scored.rewarder_id == "r-test" and scored.rollout.task_id == rollout.task_id
+
+
+async def test_the_rewarder_process_consumes_rollouts_and_publishes_scores(tmp_path):
+    with NatsServer(tmp_path / "nats") as server:
+        config = RewarderConfig(workers=2, bus=BusConfig(url=server.url), rewarder_id="r-1")
+        bus = await Bus.connect(config.bus, name="test")
+        try:
+            rollout = rollout_with([r"<think>a</think> \boxed{2}", r"\boxed{5}"], reference="")
+            await bus.publish(ROLLOUTS, rollout)
+            assert await asyncio.wait_for(run(config, asyncio.Event(), max_messages=1), 60) == 0
+
+            [delivery] = await StageConsumer(bus, SCORED).fetch(1, timeout=5)
+            scored = delivery.message
+            # the reference "" does not parse: no reward for either, with the reason, never 0
+            assert [s.reward for s in scored.scores] == [None, None]
+            assert scored.scores[0].components == {"accuracy_math": None, "format_think": 1.0}
+            assert "could not parse the reference" in scored.scores[1].error
+            assert scored.rewarder_id == "r-1"
+            await delivery.ack_sync()
+            depth = await queue_depth(bus.js)
+            assert depth["rollouts"].messages == 0  # acked after the scored rollout was published
+        finally:
+            await bus.close()

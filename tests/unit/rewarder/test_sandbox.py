@@ -17,12 +17,12 @@ import pytest
 
 from rewarder.rewards import code_tests, configure_sandbox
 from rewarder.sandbox import SandboxLimits, isolation, run_python
+from tests.unit.rewarder.leftovers import assert_nothing_left
 
 needs_namespaces = pytest.mark.skipif(
     isolation() != "namespaces", reason="needs root and network/PID/mount namespaces (unshare)"
 )
 LIMITS = SandboxLimits(wall_seconds=2.0, cpu_seconds=2, memory_mb=512, processes=16)
-SANDBOX_UIDS = range(65534 - 7, 65535)  # 65534 and the pool's per-worker uids below it
 # A program passes this only if it prints "ok" and exits cleanly.
 PRINT_OK = {"inputs": [""], "outputs": ["ok"]}
 
@@ -32,31 +32,6 @@ def short_limits():
     configure_sandbox(LIMITS)
     yield
     configure_sandbox(SandboxLimits())
-
-
-def sandbox_processes() -> list[str]:
-    """`pid uid state name` of every process (zombies included) owned by a sandbox uid."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = dict(
-                line.split(":\t", 1) for line in (entry / "status").read_text().splitlines() if ":\t" in line
-            )
-        except OSError:
-            continue
-        uid = int(status["Uid"].split()[0])
-        if uid in SANDBOX_UIDS:
-            found.append(f"{entry.name} uid={uid} {status['State']} {status['Name']}")
-    return found
-
-
-def assert_nothing_left(within: float = 2.0) -> None:
-    deadline = time.monotonic() + within
-    while (left := sandbox_processes()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert left == []
 
 
 def test_a_normal_program_runs_as_nobody_in_a_fresh_dir():

@@ -10,7 +10,7 @@ import pytest
 from protocol.messages import Score
 from rewarder.pool import Job, VerifierPool
 from rewarder.sandbox import SandboxLimits, isolation
-from tests.unit.rewarder.test_sandbox import assert_nothing_left
+from tests.unit.rewarder.leftovers import assert_nothing_left
 
 MATH = {"accuracy_math": 1.0, "format_think": 0.1}
 

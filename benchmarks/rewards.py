@@ -52,20 +52,32 @@ def rate(pool: VerifierPool, jobs: list[Job]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--math", type=int, default=400, help="MATH-500 solutions to verify (<= 480)")
+    parser.add_argument(
+        "--math", type=int, default=400, help="MATH-500 solutions to verify (<= 480)"
+    )
     parser.add_argument("--code", type=int, default=100, help="HumanEval solutions to run (<= 154)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
 
     math500, humaneval = load("math500_test.jsonl"), load("humaneval.jsonl")
-    math_jobs = [Job(r["solution"], r["answer"], {"accuracy_math": 1.0}) for r in math500[: args.math]]
-    math_jobs_warm = [Job(r["solution"], r["answer"], {"accuracy_math": 1.0}) for r in math500[-20:]]
+    math_jobs = [
+        Job(r["solution"], r["answer"], {"accuracy_math": 1.0}) for r in math500[: args.math]
+    ]
+    math_jobs_warm = [
+        Job(r["solution"], r["answer"], {"accuracy_math": 1.0}) for r in math500[-20:]
+    ]
     code = [
-        Job(r["prompt"] + r["canonical_solution"], {"entry_point": r["entry_point"], "test": r["test"]}, {"code_tests": 1.0})
+        Job(
+            r["prompt"] + r["canonical_solution"],
+            {"entry_point": r["entry_point"], "test": r["test"]},
+            {"code_tests": 1.0},
+        )
         for r in humaneval
     ]
     code_jobs, code_jobs_warm = code[: args.code], code[-10:]
-    print(f"cpus={os.cpu_count()} sandbox isolation={isolation()} loadavg={os.getloadavg()[0]:.2f} at start")
+    print(
+        f"cpus={os.cpu_count()} sandbox isolation={isolation()} loadavg={os.getloadavg()[0]:.2f} at start"
+    )
     results = {}
     for n in args.workers:
         with VerifierPool(workers=n, timeout_s=60.0) as pool:

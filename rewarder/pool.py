@@ -117,7 +117,9 @@ class VerifierPool:
         self._ctx = mp.get_context(start_method)
         if start_method == "forkserver":
             self._ctx.set_forkserver_preload(PRELOAD)
-        self._sandboxes = [sandbox.model_copy(update={"uid": sandbox.uid - i}) for i in range(workers)]
+        self._sandboxes = [
+            sandbox.model_copy(update={"uid": sandbox.uid - i}) for i in range(workers)
+        ]
         self._workers = [_Worker(self._ctx, s) for s in self._sandboxes]
         self._lock = threading.Lock()
 
@@ -162,7 +164,9 @@ class VerifierPool:
                 elif time.monotonic() >= worker.deadline:
                     yield self._expire(worker, busy)
 
-    def map(self, jobs: Sequence[Job], on_score: Callable[[int, Score], None] | None = None) -> list[Score]:
+    def map(
+        self, jobs: Sequence[Job], on_score: Callable[[int, Score], None] | None = None
+    ) -> list[Score]:
         """Scores of `jobs`, in order; `on_score(index, score)` is called as each finishes."""
         out: list[Score | None] = [None] * len(jobs)
         for i, score in self.scores(jobs):
@@ -205,7 +209,9 @@ class VerifierPool:
         self.stats.timeouts += 1
         self._count_failure("timeout")
         self._replace(self._workers.index(worker))
-        return key, Score(reward=None, error=f"timeout: verifier still running after {self.timeout_s:g}s")
+        return key, Score(
+            reward=None, error=f"timeout: verifier still running after {self.timeout_s:g}s"
+        )
 
     def _count_failure(self, name: str) -> None:
         self.stats.by_error[name] = self.stats.by_error.get(name, 0) + 1

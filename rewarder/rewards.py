@@ -277,7 +277,10 @@ def format_think(completion: str, reference: Any = None, task: Any = None) -> fl
 # --- language_consistency ------------------------------------------------------------------
 
 LANGUAGE_SCRIPTS: dict[str, frozenset[str]] = {
-    **{lang: frozenset({"LATIN"}) for lang in "en fr de es it pt nl sv da no fi pl cs tr id vi".split()},
+    **{
+        lang: frozenset({"LATIN"})
+        for lang in "en fr de es it pt nl sv da no fi pl cs tr id vi".split()
+    },
     **{lang: frozenset({"CYRILLIC"}) for lang in "ru uk bg sr be kk".split()},
     "zh": frozenset({"CJK"}),
     "ja": frozenset({"CJK", "HIRAGANA", "KATAKANA"}),
@@ -360,7 +363,11 @@ def configure_sandbox(limits: SandboxLimits) -> None:
 def extract_program(completion: str) -> str:
     """The last ```python (or untagged) block of the answer part, else the whole answer part."""
     _, answer = split_think(completion)
-    blocks = [code for lang, code in CODE_BLOCK.findall(answer) if lang.lower() in ("", "python", "py", "python3")]
+    blocks = [
+        code
+        for lang, code in CODE_BLOCK.findall(answer)
+        if lang.lower() in ("", "python", "py", "python3")
+    ]
     return blocks[-1] if blocks else answer
 
 
@@ -368,7 +375,7 @@ def extract_program(completion: str) -> str:
 # returned: exit(0) or os._exit(0) before the tests ran do not pass. Builtins are restored
 # before the tests, and every result must be plain data (an object whose __eq__ is always
 # True must not pass `assert candidate(x) == y`).
-HARNESS = r'''
+HARNESS = r"""
 import builtins, sys
 _builtins = dict(builtins.__dict__)
 _PLAIN = (int, float, complex, str, bytes, bool, type(None))
@@ -416,7 +423,7 @@ def _main():
 
 
 _main()
-'''
+"""
 
 
 def _run_humaneval(program: str, test: str, entry_point: str) -> bool:
@@ -438,6 +445,7 @@ def _run(files: dict[str, str], stdin: str):
 
 def _same_output(got: str, expected: str) -> bool:
     """Equal up to trailing whitespace on each line and trailing blank lines."""
+
     def lines(s):
         return [line.rstrip() for line in s.rstrip().splitlines()]
 
@@ -456,13 +464,22 @@ def code_tests(completion: str, reference: Any, task: Any = None) -> float:
         except json.JSONDecodeError as e:
             raise VerifierError(f"code_tests needs a JSON object as reference: {e}") from e
     if not isinstance(reference, dict):
-        raise VerifierError(f"code_tests needs an object as reference, got {type(reference).__name__}")
+        raise VerifierError(
+            f"code_tests needs an object as reference, got {type(reference).__name__}"
+        )
     program = extract_program(completion)
     if "test" in reference and "entry_point" in reference:
         return 1.0 if _run_humaneval(program, reference["test"], reference["entry_point"]) else 0.0
     inputs, outputs = reference.get("inputs"), reference.get("outputs")
-    if not inputs or not isinstance(inputs, list) or not isinstance(outputs, list) or len(inputs) != len(outputs):
-        raise VerifierError("code_tests needs {entry_point, test} or equally long non-empty {inputs, outputs}")
+    if (
+        not inputs
+        or not isinstance(inputs, list)
+        or not isinstance(outputs, list)
+        or len(inputs) != len(outputs)
+    ):
+        raise VerifierError(
+            "code_tests needs {entry_point, test} or equally long non-empty {inputs, outputs}"
+        )
     passed = 0
     for stdin, expected in zip(inputs, outputs):
         result = run_python(program, stdin, _sandbox_limits)

@@ -49,7 +49,8 @@ def read_jobs(path: Path) -> tuple[list[dict[str, Any]], list[Job]]:
                     raise ValueError('"completion" must be a string')
                 rewards = row.get("rewards")
                 if not isinstance(rewards, dict) or not all(
-                    isinstance(w, (int, float)) and not isinstance(w, bool) for w in rewards.values()
+                    isinstance(w, (int, float)) and not isinstance(w, bool)
+                    for w in rewards.values()
                 ):
                     raise ValueError('"rewards" must be an object of name -> weight')
                 check_rewards(rewards)
@@ -97,7 +98,12 @@ def score_file(
     tmp = out_path.with_name(out_path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for row, score in zip(rows, scores):
-            out = {**row, "reward": score.reward, "components": score.components, "error": score.error}
+            out = {
+                **row,
+                "reward": score.reward,
+                "components": score.components,
+                "error": score.error,
+            }
             f.write(json.dumps(out, ensure_ascii=False) + "\n")
     os.replace(tmp, out_path)  # never a half-written output
     rewards = [s.reward for s in scores if s.reward is not None]

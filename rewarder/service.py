@@ -42,7 +42,9 @@ QUEUE_WAIT = Histogram(
 SCORING = Histogram("aha_rewarder_group_seconds", "Wall time to score one rollout's group")
 
 
-async def score_rollout(pool: VerifierPool, rollout: Rollout, rewarder_id: str = "") -> ScoredRollout:
+async def score_rollout(
+    pool: VerifierPool, rollout: Rollout, rewarder_id: str = ""
+) -> ScoredRollout:
     """Score all of a rollout's completions in parallel on the pool."""
     task = rollout.task
     queue_wait = max(0.0, time.time() - rollout.timings.finished_at)
@@ -80,10 +82,14 @@ async def score_rollout(pool: VerifierPool, rollout: Rollout, rewarder_id: str =
         seconds=round(seconds, 3),
         queue_wait_s=round(queue_wait, 3),
     )
-    return ScoredRollout(rollout=rollout, scores=scores, rewarder_id=rewarder_id, scoring_seconds=seconds)
+    return ScoredRollout(
+        rollout=rollout, scores=scores, rewarder_id=rewarder_id, scoring_seconds=seconds
+    )
 
 
-async def run(config: RewarderConfig, stop: asyncio.Event | None = None, max_messages: int | None = None) -> int:
+async def run(
+    config: RewarderConfig, stop: asyncio.Event | None = None, max_messages: int | None = None
+) -> int:
     """Connect, start the verifier pool, score rollouts until `stop` (SIGTERM/SIGINT), drain."""
     from protocol.bus import Bus
     from protocol.names import ROLLOUTS, SCORED
@@ -102,10 +108,17 @@ async def run(config: RewarderConfig, stop: asyncio.Event | None = None, max_mes
             return await score_rollout(pool, rollout, config.rewarder_id)
 
         stats = await run_stage(
-            bus, ROLLOUTS, handle, output=SCORED, stop=stop, concurrency=config.concurrency,
+            bus,
+            ROLLOUTS,
+            handle,
+            output=SCORED,
+            stop=stop,
+            concurrency=config.concurrency,
             max_messages=max_messages,
         )
-        log.info("rewarder stopped", handled=stats.handled, failed=stats.failed, released=stats.released)
+        log.info(
+            "rewarder stopped", handled=stats.handled, failed=stats.failed, released=stats.released
+        )
     finally:
         await bus.close()
         pool.close()
@@ -117,7 +130,11 @@ def main(args) -> int:
     from protocol.config import load_config
     from protocol.log import setup_logging
 
-    overrides = {k: v for k, v in {"workers": args.workers, "metrics_port": args.metrics_port}.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {"workers": args.workers, "metrics_port": args.metrics_port}.items()
+        if v is not None
+    }
     if args.nats_url:
         overrides["bus"] = {"url": args.nats_url}
     config = load_config(RewarderConfig, args.config, section="rewarder", overrides=overrides)

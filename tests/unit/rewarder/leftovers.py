@@ -17,7 +17,9 @@ def sandbox_processes() -> list[str]:
             continue
         try:
             status = dict(
-                line.split(":\t", 1) for line in (entry / "status").read_text().splitlines() if ":\t" in line
+                line.split(":\t", 1)
+                for line in (entry / "status").read_text().splitlines()
+                if ":\t" in line
             )
         except OSError:
             continue

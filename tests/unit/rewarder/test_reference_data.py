@@ -31,7 +31,11 @@ def test_every_math500_solution_matches_its_own_answer(pool):
     math500 = rows("math500_test.jsonl")
     assert len(math500) == 500
     scores = pool.map([Job(r["solution"], r["answer"], {"accuracy_math": 1.0}) for r in math500])
-    misses = [(r["unique_id"], r["answer"], s.reward, s.error) for r, s in zip(math500, scores) if s.reward != 1.0]
+    misses = [
+        (r["unique_id"], r["answer"], s.reward, s.error)
+        for r, s in zip(math500, scores)
+        if s.reward != 1.0
+    ]
     print(f"MATH-500: {500 - len(misses)}/500 solutions verified; misses:")
     for miss in misses:
         print("  ", *miss)
@@ -42,9 +46,16 @@ def test_every_math500_solution_matches_its_own_answer(pool):
 def test_math500_solutions_do_not_match_other_problems_answers(pool):
     """The verifier is not trivially true: row i's solution against row i+1's answer."""
     math500 = rows("math500_test.jsonl")
-    shifted = [Job(a["solution"], b["answer"], {"accuracy_math": 1.0}) for a, b in zip(math500, math500[1:])]
+    shifted = [
+        Job(a["solution"], b["answer"], {"accuracy_math": 1.0})
+        for a, b in zip(math500, math500[1:])
+    ]
     scores = pool.map(shifted)
-    hits = [(a["unique_id"], b["answer"]) for a, b, s in zip(math500, math500[1:], scores) if s.reward == 1.0]
+    hits = [
+        (a["unique_id"], b["answer"])
+        for a, b, s in zip(math500, math500[1:], scores)
+        if s.reward == 1.0
+    ]
     print(f"MATH-500 shifted: {len(hits)}/499 coincidental matches: {hits}")
     assert len(hits) <= 5  # neighbouring problems can share an answer (2 and 2), not more
 
@@ -56,21 +67,35 @@ def test_every_gsm8k_answer_text_matches_its_own_final_number():
     assert misses == []
     # and the text without its "#### 72" line still ends in the right number: the last number
     # of the worked solution is the result of its last calculation
-    wrong = [r for r in gsm8k[:50] if accuracy_gsm8k(r["answer"].rsplit("####", 1)[0], r["answer"]) != 1.0]
+    wrong = [
+        r
+        for r in gsm8k[:50]
+        if accuracy_gsm8k(r["answer"].rsplit("####", 1)[0], r["answer"]) != 1.0
+    ]
     assert len(wrong) <= 5
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(isolation() != "namespaces", reason="runs model-style code: wants the full sandbox")
+@pytest.mark.skipif(
+    isolation() != "namespaces", reason="runs model-style code: wants the full sandbox"
+)
 def test_humaneval_canonical_solutions_pass_and_broken_bodies_fail(pool):
     humaneval = rows("humaneval.jsonl")
     assert len(humaneval) == 164
     good = [
-        Job(f"```python\n{r['prompt']}{r['canonical_solution']}```", {"entry_point": r["entry_point"], "test": r["test"]}, {"code_tests": 1.0})
+        Job(
+            f"```python\n{r['prompt']}{r['canonical_solution']}```",
+            {"entry_point": r["entry_point"], "test": r["test"]},
+            {"code_tests": 1.0},
+        )
         for r in humaneval
     ]
     broken = [
-        Job(f"{r['prompt']}    return None\n", {"entry_point": r["entry_point"], "test": r["test"]}, {"code_tests": 1.0})
+        Job(
+            f"{r['prompt']}    return None\n",
+            {"entry_point": r["entry_point"], "test": r["test"]},
+            {"code_tests": 1.0},
+        )
         for r in humaneval
     ]
     scores = pool.map(good + broken)

@@ -20,14 +20,26 @@ from tests.helpers import make_rollout, make_task
 
 def rollout_with(texts: list[str], reference="2", rewards=None):
     task = make_task(1, group_size=len(texts))
-    task = task.model_copy(update={"reference": reference, "rewards": rewards or {"accuracy_math": 1.0, "format_think": 0.1}})
+    task = task.model_copy(
+        update={
+            "reference": reference,
+            "rewards": rewards or {"accuracy_math": 1.0, "format_think": 0.1},
+        }
+    )
     rollout = make_rollout(task)
     samples = [s.model_copy(update={"text": t}) for s, t in zip(rollout.samples, texts)]
     return rollout.model_copy(update={"samples": samples})
 
 
 async def test_score_rollout_scores_every_completion_of_the_group():
-    rollout = rollout_with([r"<think>1+1</think> \boxed{2}", r"<think>1+1</think> \boxed{3}", r"\boxed{2}", "<think>1+1"])
+    rollout = rollout_with(
+        [
+            r"<think>1+1</think> \boxed{2}",
+            r"<think>1+1</think> \boxed{3}",
+            r"\boxed{2}",
+            "<think>1+1",
+        ]
+    )
     with VerifierPool(workers=2, timeout_s=20) as pool:
         scored = await score_rollout(pool, rollout, "r-test")
     # 1.0*acc + 0.1*format: right+format 1.1, wrong+format 0.1, right w/o format 1.0, unclosed 0

@@ -214,7 +214,9 @@ def test_language_consistency_is_the_share_of_target_script_words():
     # words: "Let"(L) "x"(L) "be"(L) 二(CJK) 三(CJK) -> 3 of 5 Latin
     assert language_consistency("<think>Let x be 二三</think> 5") == pytest.approx(3 / 5)
     # the same thought graded for Chinese: 2 of 5
-    assert language_consistency("<think>Let x be 二三</think>", None, task_with(language="zh")) == pytest.approx(2 / 5)
+    assert language_consistency(
+        "<think>Let x be 二三</think>", None, task_with(language="zh")
+    ) == pytest.approx(2 / 5)
     # only the chain of thought counts, not the answer after it
     assert language_consistency("<think>two plus three</think> 五") == 1.0
     # no think tags: the whole completion
@@ -225,9 +227,13 @@ def test_language_consistency_ignores_math():
     # \frac and \pi are LaTeX, π a math symbol, 1/2 no word: words are "half"(L) "of"(L)
     assert language_consistency(r"<think>half of \frac{1}{2} \pi π 3</think>") == 1.0
     # Japanese: kana and kanji are all the target; "ok" is not: 3 of 4 (日, 本, ご, ok)
-    assert language_consistency("<think>日本ご ok</think>", None, task_with(language="ja")) == pytest.approx(3 / 4)
+    assert language_consistency(
+        "<think>日本ご ok</think>", None, task_with(language="ja")
+    ) == pytest.approx(3 / 4)
     # Russian: Cyrillic words, "x" is Latin: 2 of 3
-    assert language_consistency("<think>пусть x равно</think>", None, task_with(language="ru")) == pytest.approx(2 / 3)
+    assert language_consistency(
+        "<think>пусть x равно</think>", None, task_with(language="ru")
+    ) == pytest.approx(2 / 3)
 
 
 def test_language_consistency_edge_cases():
@@ -259,16 +265,30 @@ def test_code_tests_humaneval_style():
 
 def test_code_tests_hacking_attempts():
     # exiting cleanly before the tests run is not passing them
-    for exit_early in ["import sys; sys.exit(0)", "import os; os._exit(0)", "exit()", "raise SystemExit"]:
-        assert code_tests(f"def add(a, b):\n    return 0\n{exit_early}\n", ADD_TEST) == 0.0, exit_early
+    for exit_early in [
+        "import sys; sys.exit(0)",
+        "import os; os._exit(0)",
+        "exit()",
+        "raise SystemExit",
+    ]:
+        assert code_tests(f"def add(a, b):\n    return 0\n{exit_early}\n", ADD_TEST) == 0.0, (
+            exit_early
+        )
     # an object equal to everything does not pass `assert candidate(x) == y`
-    always_equal = "class E:\n    def __eq__(self, o): return True\ndef add(a, b):\n    return E()\n"
+    always_equal = (
+        "class E:\n    def __eq__(self, o): return True\ndef add(a, b):\n    return E()\n"
+    )
     assert code_tests(always_equal, ADD_TEST) == 0.0
     # nor an int subclass that does the same
-    int_equal = "class I(int):\n    def __eq__(self, o): return True\ndef add(a, b):\n    return I(0)\n"
+    int_equal = (
+        "class I(int):\n    def __eq__(self, o): return True\ndef add(a, b):\n    return I(0)\n"
+    )
     assert code_tests(int_equal, ADD_TEST) == 0.0
     # patching builtins while defining the function is undone before the tests
-    near = {"entry_point": "half", "test": "def check(candidate):\n    assert abs(candidate(3) - 1.5) < 1e-6\n"}
+    near = {
+        "entry_point": "half",
+        "test": "def check(candidate):\n    assert abs(candidate(3) - 1.5) < 1e-6\n",
+    }
     assert code_tests("def half(x):\n    return x / 2\n", near) == 1.0
     patch = "import builtins\nbuiltins.abs = lambda x: 0\ndef half(x):\n    return 0.0\n"
     assert code_tests(patch, near) == 0.0
@@ -292,7 +312,13 @@ def test_code_tests_stdin_stdout_cases():
 
 
 def test_registry_names_every_reward():
-    assert set(REWARDS) == {"accuracy_math", "accuracy_gsm8k", "format_think", "language_consistency", "code_tests"}
+    assert set(REWARDS) == {
+        "accuracy_math",
+        "accuracy_gsm8k",
+        "format_think",
+        "language_consistency",
+        "code_tests",
+    }
 
 
 def test_weighted_total_keeps_every_component():
@@ -304,12 +330,19 @@ def test_weighted_total_keeps_every_component():
         None,
     )
     # wrong answer, right format: 1.0*0 + 0.1*1 = 0.1
-    reward, components, error = score_completion(r"<think>x</think> \boxed{3}", "2", {"accuracy_math": 1.0, "format_think": 0.1})
-    assert reward == pytest.approx(0.1) and components == {"accuracy_math": 0.0, "format_think": 1.0}
+    reward, components, error = score_completion(
+        r"<think>x</think> \boxed{3}", "2", {"accuracy_math": 1.0, "format_think": 0.1}
+    )
+    assert reward == pytest.approx(0.1) and components == {
+        "accuracy_math": 0.0,
+        "format_think": 1.0,
+    }
 
 
 def test_a_verifier_error_is_no_reward_with_the_reason_never_zero():
-    reward, components, error = score_completion(r"<think>x</think> \boxed{3}", "", {"accuracy_math": 1.0, "format_think": 0.1})
+    reward, components, error = score_completion(
+        r"<think>x</think> \boxed{3}", "", {"accuracy_math": 1.0, "format_think": 0.1}
+    )
     assert reward is None
     assert components == {"accuracy_math": None, "format_think": 1.0}  # the others are kept
     assert error.startswith("accuracy_math: could not parse the reference")

@@ -51,7 +51,9 @@ def test_a_normal_program_runs_as_nobody_in_a_fresh_dir():
 
 @needs_namespaces
 def test_fork_bomb_ends_at_the_wall_time_and_leaves_nothing():
-    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    bomb = (
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    )
     start = time.monotonic()
     result = run_python(bomb, limits=LIMITS)
     assert result.timed_out and not result.ok
@@ -86,7 +88,9 @@ def test_memory_bomb_fails_fast():
 
 
 @needs_namespaces
-@pytest.mark.parametrize("program", ["while True:\n    pass\n", "import time\ntime.sleep(3600)\nprint('ok')\n"])
+@pytest.mark.parametrize(
+    "program", ["while True:\n    pass\n", "import time\ntime.sleep(3600)\nprint('ok')\n"]
+)
 def test_infinite_loop_and_sleep_end_at_the_wall_time(program):
     start = time.monotonic()
     result = run_python(program, limits=LIMITS)
@@ -122,10 +126,16 @@ def test_no_network_not_even_localhost():
 @needs_namespaces
 def test_writes_outside_the_work_dir_do_not_land(tmp_path):
     token = secrets.token_hex(8)
-    targets = [f"/tmp/aha-escape-{token}", f"/var/tmp/aha-escape-{token}", f"/dev/shm/aha-escape-{token}",
-               f"{tmp_path}/aha-escape-{token}", f"/work/aha-escape-{token}", f"../aha-escape-{token}"]
+    targets = [
+        f"/tmp/aha-escape-{token}",
+        f"/var/tmp/aha-escape-{token}",
+        f"/dev/shm/aha-escape-{token}",
+        f"{tmp_path}/aha-escape-{token}",
+        f"/work/aha-escape-{token}",
+        f"../aha-escape-{token}",
+    ]
     os.chmod(tmp_path, 0o777)  # even a world-writable host dir is out of reach
-    program = "import sys\nfor path in sys.argv[1:] or %r:\n" % (targets,) + (
+    program = f"for path in {targets!r}:\n" + (
         "    try:\n        open(path, 'w').write('x')\n        print('wrote', path)\n"
         "    except OSError as e:\n        print('failed', path, e.errno)\n"
     )
@@ -173,7 +183,9 @@ def test_a_double_forking_daemon_does_not_outlive_the_run():
 @needs_namespaces
 def test_output_is_capped_and_the_file_limit_holds():
     limits = LIMITS.model_copy(update={"file_mb": 1, "output_bytes": 1000})
-    result = run_python("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n", limits=limits)
+    result = run_python(
+        "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n", limits=limits
+    )
     assert not result.ok and not result.timed_out  # SIGXFSZ at 1 MiB, long before the clock
     assert len(result.stdout) == 1000
     assert_nothing_left()
@@ -189,7 +201,9 @@ def test_process_isolation_fallback_still_drops_root_and_cleans_up():
     assert result.stdout.split(" ", 1)[0] == "65534"
     assert "AHA" not in result.stdout and "VIRTUAL_ENV" not in result.stdout
     # a forked child (no setsid) sleeping past the run is killed with its process group
-    result = run_python("import os, time\nif os.fork() == 0:\n    time.sleep(3600)\nprint('ok')\n", limits=limits)
+    result = run_python(
+        "import os, time\nif os.fork() == 0:\n    time.sleep(3600)\nprint('ok')\n", limits=limits
+    )
     assert result.ok
     result = run_python("while True:\n    pass\n", limits=limits)
     assert result.timed_out

@@ -57,7 +57,9 @@ def test_math_verify_times_out_in_worker_main_threads_not_in_ours():
 def test_a_stuck_worker_is_killed_and_replaced_and_its_sandbox_dies_with_it():
     # the program would run 60 s (its sandbox allows it); the pool's 1 s timeout kills the worker
     slow = SandboxLimits(wall_seconds=60, cpu_seconds=60)
-    stuck = Job("import time\ntime.sleep(60)\n", {"inputs": [""], "outputs": [""]}, {"code_tests": 1.0})
+    stuck = Job(
+        "import time\ntime.sleep(60)\n", {"inputs": [""], "outputs": [""]}, {"code_tests": 1.0}
+    )
     with VerifierPool(workers=2, timeout_s=1.0, sandbox=slow) as pool:
         start = time.monotonic()
         scores = pool.map([stuck, Job(r"\boxed{2}", "2", {"accuracy_math": 1.0}), stuck])

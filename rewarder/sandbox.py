@@ -50,6 +50,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -116,14 +117,41 @@ class RunResult:
 @functools.cache
 def isolation() -> str:
     """`"namespaces"` where this process may create network, PID and mount namespaces, else `"process"`."""
-    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("setpriv")):
-        return "process"
+    if os.geteuid() != 0:
+        reason = "not root"
+    elif not (shutil.which("unshare") and shutil.which("setpriv")):
+        reason = "util-linux unshare/setpriv not found"
+    else:
+        probe = subprocess.run(
+            ["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child", "--", "true"],
+            capture_output=True,
+            timeout=10,
+        )
+        if probe.returncode == 0:
+            return "namespaces"
+        reason = probe.stderr.decode(errors="replace").strip()
+    warnings.warn(
+        f"rewarder sandbox: no namespaces here ({reason}); untrusted code runs with 'process'"
+        " isolation: network reachable, setsid daemons can outlive a run",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return "process"
     probe = subprocess.run(
         ["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child", "--", "true"],
         capture_output=True,
         timeout=10,
     )
-    return "namespaces" if probe.returncode == 0 else "process"
+    if probe.returncode == 0:
+        return "namespaces"
+    warnings.warn(
+        "rewarder sandbox: cannot create namespaces here"
+        f" ({probe.stderr.decode(errors='replace').strip()}); untrusted code runs with"
+        " 'process' isolation: network reachable, setsid daemons can outlive a run",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return "process"
 
 
 def _ulimits(limits: SandboxLimits) -> str:

@@ -11,7 +11,8 @@ which is what the learner's importance ratio needs (`learner/logprobs.py`).
 
 Weights are swapped in place, without a restart: `reload_weights` on every worker (vLLM
 reads the folder's safetensors and repacks them for its kernels; `model.load_weights`
-directly fails on CPU fp32, where weights are repacked for oneDNN), then
+directly fails on CPU fp32, where weights are repacked for oneDNN), plus a repack of a tied
+LM head on CPU that reload misses (`actors/vllm_worker.py`), then
 `reset_prefix_cache()` — required: without it a prompt longer than one KV block reuses cache
 computed with the old weights.
 """
@@ -120,6 +121,7 @@ class VllmEngine:
             seed=seed,
             gpu_memory_utilization=gpu_memory_utilization,
             logprobs_mode=LOGPROBS_MODE,
+            worker_extension_cls="actors.vllm_worker.WeightReloadExtension",
             disable_log_stats=True,
             **engine_args,
         )
@@ -165,7 +167,9 @@ class VllmEngine:
             self._admitting.clear()
             try:
                 await self._idle.wait()
-                await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+                await self._llm.collective_rpc(
+                    "aha_reload_weights", kwargs={"weights_path": str(folder)}
+                )
                 await self._llm.reset_prefix_cache()
                 self._version = version
             finally:

@@ -102,6 +102,36 @@ def weights_folder(weights: str | Path | Sequence[str | Path], scratch: Path) ->
     return folder
 
 
+def tensor_shapes(files: Sequence[str | Path]) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the safetensors `files`, read from their headers."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                shapes[name] = tuple(st.get_slice(name).get_shape())
+    return shapes
+
+
+def check_fits(folder: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """Raise `ValueError` unless the shards in `folder` hold exactly the model's tensors.
+
+    Checked before anything is loaded, so weights of another model are refused and the
+    engine keeps serving what it had. A tied `lm_head.weight` may be absent or present.
+    """
+    found = tensor_shapes(sorted(folder.glob("*.safetensors")))
+    optional = {"lm_head.weight"}
+    missing = set(expected) - set(found) - optional
+    unexpected = set(found) - set(expected) - optional
+    wrong = {n: (found[n], expected[n]) for n in set(found) & set(expected) if found[n] != expected[n]}
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"weights in {folder} do not fit the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}, shape (got, expected) {dict(sorted(wrong.items())[:5])}"
+        )
+
+
 async def setup_engine(backend: Backend, model: str | Path, **kwargs) -> Engine:
     """Start the `backend` engine on the HF folder `model` (keyword arguments go to its class)."""
     if backend == "vllm":

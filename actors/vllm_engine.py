@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.engine import Generation, weights_folder
+from actors.engine import Generation, check_fits, tensor_shapes, weights_folder
 from protocol.messages import Sample, Sampling
 
 LOGPROBS_MODE = "processed_logprobs"
@@ -79,8 +79,9 @@ def _sample(output) -> Sample:
 class VllmEngine:
     """`AsyncLLM` serving one model folder; create with `await VllmEngine.start(model)`."""
 
-    def __init__(self, llm, version: int, scratch: Path):
+    def __init__(self, llm, version: int, scratch: Path, shapes: dict[str, tuple[int, ...]]):
         self._llm = llm
+        self._shapes = shapes  # tensor name -> shape of the served model, to vet new weights
         self._version = version
         self._scratch = scratch
         self._request_ids = itertools.count()
@@ -125,8 +126,9 @@ class VllmEngine:
             disable_log_stats=True,
             **engine_args,
         )
+        shapes = tensor_shapes(sorted(Path(model).glob("*.safetensors")))
         llm = AsyncLLM.from_engine_args(args)
-        return cls(llm, version, Path(tempfile.mkdtemp(prefix="aha-vllm-")))
+        return cls(llm, version, Path(tempfile.mkdtemp(prefix="aha-vllm-")), shapes)
 
     @property
     def version(self) -> int:
@@ -163,6 +165,7 @@ class VllmEngine:
 
     async def load_weights(self, weights: str | Path | Sequence[str | Path], version: int) -> None:
         folder = weights_folder(weights, self._scratch)
+        check_fits(folder, self._shapes)
         async with self._swap:
             self._admitting.clear()
             try:

@@ -1,0 +1,144 @@
+"""Loading a published weight version through a real nats-server: store, shared volume, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from actors.hf_engine import HfEngine
+from actors.weights import WeightsRejected, load_manifest
+from deploy.tiny_model import TinySpec, save_tiny_model
+from learner.weights import publish_weights, write_shards
+from protocol.config import BusConfig
+from protocol.messages import Sampling
+from protocol.names import OBJECT_STORE_WEIGHTS
+from protocol.server import NatsServer
+from protocol.streams import connect, ensure_streams
+from protocol.weights import object_name
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+PROMPT = "Q:123+456="
+
+
+@pytest.fixture
+async def js(tmp_path):
+    with NatsServer(tmp_path / "nats") as server:
+        config = BusConfig(url=server.url)
+        nc = await connect(config)
+        js = nc.jetstream()
+        await ensure_streams(js, config)
+        yield js
+        await nc.close()
+
+
+@pytest.fixture(scope="module")
+def new_model(tmp_path_factory):
+    """The "trained" weights: a tiny model with the same shapes and another seed."""
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny_model(tmp_path_factory.mktemp("tiny-seed1"), TinySpec(seed=1))
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+async def _publish(js, model, directory, version, *, shared=False):
+    # ~40 KiB per shard: the tiny model's 650 KB become many shards, fetched in parallel.
+    shards = write_shards(model, directory, "float32", shard_mb=0.04, shared=shared)
+    assert len(shards) > 5
+    return await publish_weights(
+        js, directory, shards, version=version, step=version, dtype="float32", keep_versions=3
+    )
+
+
+def _weights(engine):
+    return {n: p.detach().clone() for n, p in engine.model.state_dict().items()}
+
+
+async def test_store_path_loads_the_new_version(js, tiny_model_dir, new_model, tmp_path):
+    engine = HfEngine(tiny_model_dir)
+    manifest = await _publish(js, new_model, tmp_path / "learner" / "v1", version=1)
+
+    report = await load_manifest(engine, js, manifest, tmp_path / "actor")
+
+    assert report["source"] == "store" and report["version"] == 1
+    assert engine.version == 1
+    for name, tensor in new_model.state_dict().items():
+        assert torch.equal(engine.model.state_dict()[name], tensor), name
+    assert not (tmp_path / "actor" / "v1").exists()  # downloads are removed once loaded
+    group = await engine.generate(engine.tokenizer(PROMPT).input_ids, Sampling(max_tokens=8), 2)
+    assert group.policy_version == 1
+
+
+async def test_shared_volume_path_is_used_when_it_verifies(js, tiny_model_dir, new_model, tmp_path):
+    engine = HfEngine(tiny_model_dir)
+    manifest = await _publish(js, new_model, tmp_path / "shared" / "v2", version=2, shared=True)
+
+    report = await load_manifest(engine, js, manifest, tmp_path / "actor")
+
+    assert report["source"] == "shared" and engine.version == 2
+
+
+async def test_corrupt_shared_file_falls_back_to_the_store(js, tiny_model_dir, new_model, tmp_path):
+    engine = HfEngine(tiny_model_dir)
+    manifest = await _publish(js, new_model, tmp_path / "shared" / "v3", version=3, shared=True)
+    path = manifest.shards[0].path
+    data = bytearray(open(path, "rb").read())
+    data[-1] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+    report = await load_manifest(engine, js, manifest, tmp_path / "actor")
+
+    assert report["source"] == "store" and engine.version == 3
+
+
+async def test_corrupt_shard_in_the_store_is_rejected(js, tiny_model_dir, new_model, tmp_path):
+    engine = HfEngine(tiny_model_dir)
+    before = _weights(engine)
+    manifest = await _publish(js, new_model, tmp_path / "learner" / "v4", version=4)
+    # Same name and size, one byte flipped: only our sha256 check can tell.
+    store = await js.object_store(OBJECT_STORE_WEIGHTS)
+    name = object_name(4, manifest.shards[-1].name)
+    data = bytearray((await store.get(name)).data)
+    data[-1] ^= 0xFF
+    await store.put(name, bytes(data))
+
+    with pytest.raises(WeightsRejected, match="sha256 mismatch"):
+        await load_manifest(engine, js, manifest, tmp_path / "actor")
+
+    assert engine.version == 0
+    after = _weights(engine)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+async def test_missing_shard_is_rejected(js, tiny_model_dir, new_model, tmp_path):
+    engine = HfEngine(tiny_model_dir)
+    prompt = engine.tokenizer(PROMPT).input_ids
+    sampling = Sampling(max_tokens=8, seed=0)
+    served = await engine.generate(prompt, sampling, 2)
+    manifest = await _publish(js, new_model, tmp_path / "learner" / "v5", version=5)
+    store = await js.object_store(OBJECT_STORE_WEIGHTS)
+    await store.delete(object_name(5, manifest.shards[2].name))
+
+    with pytest.raises(WeightsRejected, match="not in the store"):
+        await load_manifest(engine, js, manifest, tmp_path / "actor")
+
+    still = await engine.generate(prompt, sampling, 2)
+    assert engine.version == still.policy_version == 0
+    for a, b in zip(served.samples, still.samples):
+        np.testing.assert_array_equal(a.logprobs, b.logprobs)
+
+
+async def test_weights_of_another_model_are_rejected(js, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    engine = HfEngine(tiny_model_dir)
+    wider = AutoModelForCausalLM.from_pretrained(
+        save_tiny_model(tmp_path / "wider", TinySpec(hidden_size=128))
+    )
+    manifest = await _publish(js, wider, tmp_path / "learner" / "v6", version=6)
+
+    with pytest.raises(WeightsRejected, match="shape"):
+        await load_manifest(engine, js, manifest, tmp_path / "actor")
+
+    assert engine.version == 0

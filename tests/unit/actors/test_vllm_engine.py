@@ -174,3 +174,19 @@ async def test_reload_waits_for_generations_in_flight(engine, hf, other_weights,
     assert old.policy_version == version
     assert new.policy_version == version + 1
     await engine.load_weights(tiny_model_dir, version=version + 2)
+
+
+async def test_weights_that_do_not_fit_are_refused(engine, hf, tmp_path):
+    wider = save_tiny_model(tmp_path / "wider", TinySpec(hidden_size=128))
+    prompt = hf.tokenizer(PROMPT).input_ids
+    sampling = Sampling(max_tokens=8, seed=4)
+    served = await engine.generate(prompt, sampling, 2)
+    version = engine.version
+
+    with pytest.raises(ValueError, match="do not fit"):
+        await engine.load_weights(wider, version=version + 1)
+
+    still = await engine.generate(prompt, sampling, 2)
+    assert engine.version == still.policy_version == version
+    for a, b in zip(served.samples, still.samples):
+        np.testing.assert_array_equal(a.logprobs, b.logprobs)

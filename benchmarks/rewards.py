@@ -53,7 +53,7 @@ def rate(pool: VerifierPool, jobs: list[Job]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--math", type=int, default=400, help="MATH-500 solutions to verify (<= 480)"
+        "--math", type=int, default=400, help="MATH-500 solutions to verify (<= 420)"
     )
     parser.add_argument("--code", type=int, default=100, help="HumanEval solutions to run (<= 154)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -78,23 +78,28 @@ def main() -> None:
     print(
         f"cpus={os.cpu_count()} sandbox isolation={isolation()} loadavg={os.getloadavg()[0]:.2f} at start"
     )
-    results = {}
+    runs: list[tuple[int, float, float]] = []  # (workers, math/s, code/s), in run order
     for n in args.workers:
         with VerifierPool(workers=n, timeout_s=60.0) as pool:
             # warm up on rows that are not measured (sympy caches what it has seen)
-            pool.map(math_jobs_warm[: 4 * n] + code_jobs_warm[: 2 * n])
+            pool.map(math_jobs_warm + code_jobs_warm[: 2 * n])
             (math_rate, math_cores), (code_rate, _) = rate(pool, math_jobs), rate(pool, code_jobs)
-            results[n] = (math_rate, code_rate)
+        runs.append((n, math_rate, code_rate))
         print(
-            f"workers={n}: math {math_rate:7.1f} verifications/s ({math_rate / n:6.1f} per worker, "
-            f"workers on {math_cores:.2f} cores)   code {code_rate:6.1f} runs/s ({code_rate / n:5.1f} per worker)"
+            f"workers={n}: math {math_rate:7.1f} verifications/s ({math_rate / n:6.1f} per worker,"
+            f" workers got {math_cores:.2f} cores)   code {code_rate:6.1f} runs/s"
+            f" ({code_rate / n:5.1f} per worker)"
         )
+    # each run against the latest earlier run with the first worker count
     base = args.workers[0]
-    for n in args.workers[1:]:
-        print(
-            f"speed-up {base} -> {n} workers: math x{results[n][0] / results[base][0]:.2f}, "
-            f"code x{results[n][1] / results[base][1]:.2f} (ideal x{n / base:.0f})"
-        )
+    for i, (n, math_rate, code_rate) in enumerate(runs):
+        before = [r for r in runs[:i] if r[0] == base]
+        if n != base and before:
+            _, math_base, code_base = before[-1]
+            print(
+                f"speed-up {base} -> {n} workers: math x{math_rate / math_base:.2f},"
+                f" code x{code_rate / code_base:.2f} (ideal x{n / base:.0f})"
+            )
     print(f"loadavg={os.getloadavg()[0]:.2f} at end")
 
 

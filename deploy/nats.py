@@ -17,10 +17,11 @@ from protocol.stage import stop_on_signals
 
 
 async def run(server: NatsServer, config: BusConfig) -> None:
+    stop = stop_on_signals()  # before the URL line: whoever reads it may signal at once
     bus = await Bus.connect(config, name="aha-nats", url=server.url)
     await bus.close()
     print(f"NATS_URL={server.url}", flush=True)
-    await stop_on_signals().wait()
+    await stop.wait()
 
 
 def main(args: argparse.Namespace, config: BusConfig) -> int:

@@ -182,3 +182,6 @@ class VllmEngine:
         llm, self._llm = self._llm, None
         if llm is not None:
             llm.shutdown()
+            # vLLM keeps the AsyncLLM alive until interpreter exit, where its __del__ runs
+            # shutdown again with module globals already gone and prints a TypeError.
+            llm.shutdown = lambda timeout=None: None

@@ -137,6 +137,29 @@ def _sft(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+@command("up", "the whole loop on one machine: embedded NATS, learner, actors, rewarders, demo")
+def _up(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="config file; its [up] section sets the options below")
+    p.add_argument("--model", help="HF causal-LM folder to train (default: the demo's tiny model)")
+    p.add_argument("--dataset", help="prompt JSONL: GSM8K or MATH-500 format (default: the demo)")
+    p.add_argument("--actors", type=int, help="actor processes (default 1)")
+    p.add_argument("--rewarders", type=int, help="rewarder processes (default 1)")
+    p.add_argument("--max-steps", type=int, help="GRPO steps (default 60)")
+    p.add_argument("--max-staleness", type=int, help="off-policy bound in versions (default 2)")
+    p.add_argument("--engine", choices=["vllm", "hf"], help="actors' engine (default: vllm if installed)")
+    p.add_argument("--cold-start-steps", type=int, help="demo cold-start SFT steps (default 1400)")
+    p.add_argument("--name", help="run name: runs/<name>/ (default: the start time)")
+    p.add_argument("--seed", type=int, help="seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print the summary as the last line of stdout")
+
+    def run(args):
+        from deploy.up import main
+
+        return main(args)
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aha", description="R1-style reasoning RL as an async actor-learner system on NATS"

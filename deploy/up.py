@@ -1,0 +1,509 @@
+"""`aha up`: the whole loop on one machine, as separate processes talking through NATS.
+
+With no arguments it runs the built-in demo (`deploy/demo.py`): a 160k-parameter Qwen2
+built from a config, a cold start on imperfect chains of thought, then GRPO through the
+asynchronous loop — embedded NATS, one learner, N actors, M rewarders — with a live table,
+and held-out accuracy before and after. Everything lands in `runs/<name>/`:
+
+    aha.toml           the config every part was started with (reusable by hand)
+    logs/<part>.log    one log per process
+    metrics.jsonl      the learner's step lines
+    summary.json       accuracy before/after, steps, wall time, task accounting
+    curves.png         reward, accuracy, response length and KL over the steps
+    final/             the trained model as an HF folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field
+
+from deploy.supervisor import Part, Supervisor
+from protocol.config import load_config
+
+log = structlog.get_logger("deploy.up")
+
+_FROZEN = ConfigDict(extra="forbid", frozen=True)
+
+
+def _default_engine() -> str:
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") else "hf"
+
+
+class UpConfig(BaseModel):
+    """The `[up]` section: what `aha up` starts and how long it runs."""
+
+    model_config = _FROZEN
+
+    name: str | None = None
+    """Run name (folder under `runs_dir`); default: the start time."""
+    runs_dir: str = "runs"
+    """Where runs are written."""
+    model: str | None = None
+    """An HF causal-LM folder to train; None = the demo's tiny model with its cold start."""
+    dataset: str | None = None
+    """Prompt JSONL (GSM8K and MATH-500 formats work as they are); None = the demo task."""
+    actors: int = Field(1, ge=1)
+    """Actor processes."""
+    rewarders: int = Field(1, ge=1)
+    """Rewarder processes."""
+    rewarder_workers: int = Field(1, ge=1)
+    """Verifier processes per rewarder."""
+    engine: Literal["vllm", "hf"] = Field(default_factory=_default_engine)
+    """Actors' sampling engine: vLLM when installed, else the HF reference."""
+    max_steps: int = Field(60, ge=1)
+    """GRPO steps."""
+    max_staleness: int = Field(2, ge=0)
+    """η: the off-policy bound, in policy versions."""
+    prompts_per_step: int = Field(16, ge=1)
+    """Groups per GRPO step."""
+    group_size: int = Field(8, ge=2)
+    """G: completions per prompt."""
+    lr: float = Field(1e-4, gt=0)
+    """GRPO learning rate (DEMO.md: 2e-4 was faster but oscillated)."""
+    beta: float = Field(0.01, ge=0)
+    """k3 KL weight."""
+    max_tokens: int = Field(64, ge=1)
+    """Longest completion."""
+    cold_start_steps: int = Field(1400, ge=0)
+    """SFT steps of the demo's cold start (0 skips it)."""
+    cold_start_recipe: Literal["think-or-guess", "buggy-carries"] = "think-or-guess"
+    """DEMO.md recipe B (40 % chains, 60 % direct answers) or A (chains dropping 80 % of carries)."""
+    eval_problems: int = Field(500, ge=1)
+    """Held-out problems for accuracy before and after."""
+    eval_samples: int = Field(4, ge=0)
+    """Samples per problem at temperature 1 for pass@1 (0 skips it)."""
+    seed: int = 0
+    """Seed of the data, the model and the run."""
+    restart: bool = True
+    """Restart actors and rewarders that die (the learner ending or dying ends the run)."""
+
+
+def _json_default(o: Any):
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+# -- steps of the run ------------------------------------------------------------------------
+
+
+def prepare_demo(up: UpConfig, run_dir: Path, python: str) -> tuple[Path, Path, list[dict]]:
+    """Tiny model, cold start, RL prompts, held-out set. Returns (model, dataset, held_out)."""
+    from deploy import demo
+    from deploy.tiny_model import TinySpec, save_tiny_model
+
+    evaluation = demo.held_out(up.eval_problems)
+    exclude = {r["prompt"] for r in evaluation}
+    dataset = demo.write_jsonl(
+        demo.rl_prompts(max(4 * up.max_steps * up.prompts_per_step, 2000), seed=up.seed + 1, exclude=exclude),
+        run_dir / "data" / "rl.jsonl",
+    )
+    base = save_tiny_model(run_dir / "base", TinySpec(seed=up.seed))
+    if up.cold_start_steps == 0:
+        return base, dataset, evaluation
+    recipe = (
+        dict(chain_share=0.4, drop_carry=0.0)
+        if up.cold_start_recipe == "think-or-guess"
+        else dict(chain_share=1.0, drop_carry=0.8)
+    )
+    pairs = demo.write_jsonl(
+        demo.cold_start(up.cold_start_steps * 64, seed=up.seed + 2, exclude=exclude, **recipe),
+        run_dir / "data" / "cold_start.jsonl",
+    )
+    config = run_dir / "sft.toml"
+    config.write_text(
+        _toml(
+            {
+                "learner": {
+                    "model": {"path": str(base)},
+                    "batch": 64,
+                    "serving_dtype": "float32",
+                    "checkpoint_dir": str(run_dir / "sft-checkpoints"),
+                    "seed": up.seed,
+                    "optim": {"lr": 2e-3, "schedule": "cosine", "total_steps": up.cold_start_steps},
+                    "deepspeed": {"precision": "fp32", "micro_batch": 64},
+                    "grpo": {"beta": 0.0},
+                }
+            }
+        )
+    )
+    out = run_dir / "cold-start"
+    log.info("cold start", steps=up.cold_start_steps, recipe=up.cold_start_recipe)
+    with open(run_dir / "logs" / "cold-start.log", "wb") as f:
+        subprocess.run(
+            [python, "-m", "deploy.cli", "sft", "--config", str(config), "--data", str(pairs),
+             "--out", str(out), "--steps", str(up.cold_start_steps)],
+            stdout=f, stderr=subprocess.STDOUT, check=True, env=_part_env(),
+        )  # fmt: skip
+    return out, dataset, evaluation
+
+
+def dataset_settings(up: UpConfig, dataset: Path) -> dict[str, Any]:
+    """Field mapping, template and rewards for the dataset (demo, GSM8K or MATH-500)."""
+    if up.dataset is None:
+        return {
+            "path": str(dataset),
+            "prompt_field": "prompt",
+            "answer_field": "answer",
+            "template": "none",
+            "rewards": {"accuracy_gsm8k": 1.0, "format_think": 0.1},
+            "meta": {"answer_tag": True},
+        }
+    with open(dataset) as f:
+        first = json.loads(f.readline())
+    if "question" in first:  # GSM8K: {"question", "answer": "... #### 72"}
+        return {
+            "path": str(dataset),
+            "prompt_field": "question",
+            "answer_field": "answer",
+            "template": "r1-zero",
+            "rewards": {"accuracy_gsm8k": 1.0, "format_think": 0.1},
+            "meta": {"answer_tag": True},
+        }
+    return {  # MATH-500 and friends: {"problem", "answer"}
+        "path": str(dataset),
+        "prompt_field": "problem",
+        "answer_field": "answer",
+        "template": "r1-zero",
+        "rewards": {"accuracy_math": 1.0, "format_think": 0.1},
+        "meta": {"answer_tag": True},
+    }
+
+
+def write_run_config(up: UpConfig, run_dir: Path, model: Path, dataset: Path, nats_url: str) -> Path:
+    """The one config file every part reads (also usable to start the parts by hand)."""
+    config = {
+        "bus": {"url": nats_url},
+        "learner": {
+            "model": {"path": str(model)},
+            "batch": up.prompts_per_step,
+            "max_staleness": up.max_staleness,
+            "max_steps": up.max_steps,
+            "serving_dtype": "float32",
+            "shard_mb": 64,
+            "checkpoint_dir": str(run_dir / "checkpoints"),
+            "weights_dir": str(run_dir / "weights"),
+            "metrics_file": str(run_dir / "metrics.jsonl"),
+            "final_model_dir": str(run_dir / "final"),
+            "seed": up.seed,
+            "optim": {"lr": up.lr},
+            "deepspeed": {"precision": "fp32", "micro_batch": 32},
+            "grpo": {"beta": up.beta, "mode": "token-mean", "ppo_epochs": 2},
+            "dataset": {
+                **dataset_settings(up, dataset),
+                "group_size": up.group_size,
+                "max_tokens": up.max_tokens,
+                "temperature": 1.0,
+                "seed": up.seed,
+            },
+        },
+        "actor": {"model": str(model), "backend": up.engine},
+        "rewarder": {"workers": up.rewarder_workers},
+    }
+    path = run_dir / "aha.toml"
+    path.write_text(_toml(config))
+    return path
+
+
+def _toml(data: dict, prefix: str = "") -> str:
+    """TOML for our nested dicts of scalars and lists (None values are left out)."""
+    scalars = {k: v for k, v in data.items() if not isinstance(v, dict) and v is not None}
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    out = f"[{prefix}]\n" if prefix and (scalars or not tables) else ""
+    out += "".join(f"{_key(k)} = {json.dumps(v, default=_json_default)}\n" for k, v in scalars.items())
+    out += "\n" if out else ""
+    for key, value in tables.items():
+        out += _toml(value, f"{prefix}.{_key(key)}" if prefix else _key(key))
+    return out
+
+
+def _key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
+
+
+def _part_env() -> dict[str, str]:
+    # One torch thread per process: two were 2-5x slower here while anything else ran.
+    return {
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def start_parts(up: UpConfig, sup: Supervisor, config: Path, python: str) -> None:
+    aha = [python, "-m", "deploy.cli"]
+    env = _part_env()
+    sup.start(Part("learner", [*aha, "learner", "--config", str(config)], env, stop_order=0))
+    for i in range(up.actors):
+        sup.start(
+            Part(f"actor-{i}", [*aha, "actor", "--config", str(config), "--actor-id", f"actor-{i}"],
+                 env, restart=up.restart, stop_order=1)
+        )  # fmt: skip
+    for i in range(up.rewarders):
+        sup.start(
+            Part(f"rewarder-{i}", [*aha, "rewarder", "--config", str(config)], env,
+                 restart=up.restart, stop_order=2)
+        )  # fmt: skip
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line being written
+    return rows
+
+
+def render(up: UpConfig, steps: list[dict], depth: dict | None, elapsed: float):
+    from rich.table import Table
+
+    table = Table(title=f"aha up — {elapsed:.0f}s", title_justify="left")
+    for col in ("step", "version", "reward", "accuracy", "length", "staleness", "kl", "tok/s"):
+        table.add_column(col, justify="right")
+    for row in steps[-12:]:
+        table.add_row(
+            f"{row['step']}/{up.max_steps}",
+            str(row.get("version", "")),
+            f"{row.get('reward', 0):.3f}",
+            f"{row.get('accuracy', 0):.3f}",
+            f"{row.get('response_length', 0):.1f}",
+            f"{row.get('staleness_mean', 0):.2f}",
+            f"{row.get('kl', 0):.4f}",
+            f"{row.get('tokens_per_s', 0):.0f}",
+        )
+    if depth:
+        queues = "  ".join(
+            f"{stage}: {d['pending']} pending / {d['ack_pending']} leased"
+            for stage, d in depth.items()
+            if stage != "dead"
+        )
+        table.caption = f"{queues}  dead: {depth['dead']['messages']}"
+    return table
+
+
+async def _depth(url: str) -> dict | None:
+    from protocol.bus import Bus
+    from protocol.config import BusConfig
+    from protocol.depth import queue_depth
+
+    try:
+        bus = await Bus.connect(BusConfig(url=url, connect_timeout_s=2), name="aha-up", setup=False)
+    except Exception:
+        return None
+    try:
+        return {k: v.as_dict() for k, v in (await queue_depth(bus.js)).items()}
+    finally:
+        await bus.close()
+
+
+def watch(up: UpConfig, sup: Supervisor, run_dir: Path, url: str, started: float) -> str:
+    """Live table until the learner exits (or Ctrl-C). Returns why the run ended."""
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console(stderr=True)
+    live = Live(console=console, auto_refresh=False) if console.is_terminal else None
+    if live:
+        live.start()
+    reported = 0
+    try:
+        while True:
+            for ex in sup.poll():
+                console.print(
+                    f"[red]{ex.name} exited with {ex.returncode}"
+                    f"{' (restarting)' if ex.restarted else ''}[/]\n{ex.log_tail}"
+                )
+                if ex.name == "learner":
+                    return "finished" if ex.returncode == 0 else f"learner exited with {ex.returncode}"
+            steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "step"]
+            depth = asyncio.run(_depth(url))
+            if live:
+                live.update(render(up, steps, depth, time.monotonic() - started), refresh=True)
+            else:
+                for row in steps[reported:]:
+                    log.info("step", **{k: row[k] for k in ("step", "version", "reward", "accuracy") if k in row})
+                reported = len(steps)
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        return "interrupted"
+    finally:
+        if live:
+            live.stop()
+
+
+def plot(steps: list[dict], path: Path) -> Path | None:
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["step"] for r in steps]
+    panels = [
+        ("reward", "reward (mean)"),
+        ("accuracy", "accuracy (train samples)"),
+        ("response_length", "response length (tokens)"),
+        ("kl", "KL to reference (k3)"),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    for ax, (key, title) in zip(axes.flat, panels):
+        ax.plot(x, [r.get(key, float("nan")) for r in steps], marker=".", linewidth=1)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("GRPO step")
+    fig.suptitle("aha up: GRPO through the asynchronous loop")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def in_flight(url: str) -> int | None:
+    """Tasks still somewhere in the loop: messages left in the three work queues."""
+    depth = asyncio.run(_depth(url))
+    if depth is None:
+        return None
+    return sum(depth[s]["messages"] for s in ("tasks", "rollouts", "scored"))
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def run(up: UpConfig, *, json_out: bool) -> dict:
+    from protocol.log import setup_logging
+    from protocol.server import NatsServer
+
+    setup_logging("up")
+    started = time.monotonic()
+    name = up.name or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(up.runs_dir).resolve() / name
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    python = sys.executable
+
+    server = None
+    url = os.environ.get("NATS_URL")
+    if not url:
+        server = NatsServer(run_dir / "nats").start()
+        url = server.url
+    log.info("run", dir=str(run_dir), nats=url)
+
+    held_out: list[dict] = []
+    if up.model is None:
+        model, dataset, held_out = prepare_demo(up, run_dir, python)
+    else:
+        model = Path(up.model)
+        dataset = Path(up.dataset) if up.dataset else prepare_demo(up, run_dir, python)[1]
+    if up.dataset:
+        dataset = Path(up.dataset)
+
+    before = None
+    if held_out:
+        from deploy.evaluate import evaluate
+
+        before = evaluate(model, held_out, max_tokens=up.max_tokens, samples=up.eval_samples)
+        log.info("accuracy before", **before.as_dict())
+
+    config = write_run_config(up, run_dir, model, dataset, url)
+    sup = Supervisor(run_dir / "logs")
+    rl_started = time.monotonic()
+    try:
+        start_parts(up, sup, config, python)
+        ended = watch(up, sup, run_dir, url, started)
+    finally:
+        codes = sup.stop()
+    rl_seconds = time.monotonic() - rl_started
+    remaining = in_flight(url)
+    if server is not None:
+        server.stop()
+
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    steps = [r for r in metrics if r.get("event") == "step"]
+    done = next((r for r in reversed(metrics) if r.get("event") == "done"), {})
+    after = None
+    final = run_dir / "final"
+    if held_out and (final / "config.json").exists():
+        from deploy.evaluate import evaluate
+
+        after = evaluate(final, held_out, max_tokens=up.max_tokens, samples=up.eval_samples)
+        log.info("accuracy after", **after.as_dict())
+    summary = {
+        "name": name,
+        "ended": ended,
+        "exit_codes": codes,
+        "accuracy_before": before.accuracy if before else None,
+        "accuracy_after": after.accuracy if after else None,
+        "pass_at_1_before": before.pass_at_1 if before else None,
+        "pass_at_1_after": after.pass_at_1 if after else None,
+        "length_before": before.mean_length if before else None,
+        "length_after": after.mean_length if after else None,
+        "thinking_share_before": before.thinking_share if before else None,
+        "thinking_share_after": after.thinking_share if after else None,
+        "steps": len(steps),
+        "wall_seconds": round(time.monotonic() - started, 1),
+        "rl_seconds": round(rl_seconds, 1),
+        "tasks_issued": done.get("tasks_issued"),
+        "groups_trained": done.get("groups_trained"),
+        "groups_dropped_stale": done.get("groups_dropped_stale"),
+        "groups_dropped_zero_variance": done.get("groups_dropped_zero_variance"),
+        "groups_in_flight_at_stop": remaining,
+        "policy_versions_trained_on": sorted(
+            {v for r in steps for v in r.get("policy_versions", [])}
+        ),
+        "max_staleness_trained": max((r.get("staleness_max", 0) for r in steps), default=None),
+        "max_staleness_bound": up.max_staleness,
+        "final_model": str(final) if (final / "config.json").exists() else None,
+        "plot": str(plot(steps, run_dir / "curves.png") or ""),
+        "run_dir": str(run_dir),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if json_out:
+        print(json.dumps(summary), flush=True)
+    else:
+        from rich.console import Console
+
+        Console().print_json(json.dumps(summary))
+    return summary
+
+
+def main(args: argparse.Namespace) -> int:
+    overrides = {
+        k: v
+        for k, v in {
+            "model": args.model,
+            "dataset": args.dataset,
+            "actors": args.actors,
+            "rewarders": args.rewarders,
+            "max_steps": args.max_steps,
+            "max_staleness": args.max_staleness,
+            "name": args.name,
+            "seed": args.seed,
+            "engine": args.engine,
+            "cold_start_steps": args.cold_start_steps,
+        }.items()
+        if v is not None
+    }
+    up = load_config(UpConfig, args.config, section="up", overrides=overrides)
+    summary = run(up, json_out=args.json)
+    return 0 if summary["ended"] == "finished" else 1

@@ -70,6 +70,8 @@ class Engine(Protocol):
 
         Waits for the generations in flight, loads, then admits new ones; until it returns,
         the old version is served. The shards must already be verified (`actors.weights`).
+        Raises `ValueError` before loading anything if the tensors' names or shapes do not
+        fit the model.
         """
         ...
 

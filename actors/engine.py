@@ -126,11 +126,14 @@ def check_fits(folder: Path, expected: dict[str, tuple[int, ...]]) -> None:
     optional = {"lm_head.weight"}
     missing = set(expected) - set(found) - optional
     unexpected = set(found) - set(expected) - optional
-    wrong = {n: (found[n], expected[n]) for n in set(found) & set(expected) if found[n] != expected[n]}
+    wrong = {
+        n: (found[n], expected[n]) for n in set(found) & set(expected) if found[n] != expected[n]
+    }
     if missing or unexpected or wrong:
+        shapes = dict(sorted(wrong.items())[:5])
         raise ValueError(
             f"weights in {folder} do not fit the model: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}, shape (got, expected) {dict(sorted(wrong.items())[:5])}"
+            f"unexpected {sorted(unexpected)[:5]}, shape (got, expected) {shapes}"
         )
 
 

@@ -135,7 +135,9 @@ class HfEngine:
         from safetensors.torch import load_file
 
         if isinstance(weights, (str, Path)):
-            files = sorted(weights_folder(weights, Path(tempfile.gettempdir())).glob("*.safetensors"))
+            files = sorted(
+                weights_folder(weights, Path(tempfile.gettempdir())).glob("*.safetensors")
+            )
         else:
             files = [Path(f) for f in weights]
         async with self._lock:
@@ -159,7 +161,9 @@ class HfEngine:
         params = self.model.state_dict()
         for name, tensor in state.items():
             if tensor.shape != params[name].shape:
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)} != {tuple(params[name].shape)}")
+                raise ValueError(
+                    f"{name}: shape {tuple(tensor.shape)} != {tuple(params[name].shape)}"
+                )
         self.model.load_state_dict(state, strict=False)
 
     async def close(self) -> None:

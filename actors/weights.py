@@ -56,7 +56,9 @@ async def download_shards(js, manifest: WeightManifest, directory: str | Path) -
     return list(await asyncio.gather(*(fetch(s) for s in manifest.shards)))
 
 
-async def fetch_shards(js, manifest: WeightManifest, directory: str | Path) -> tuple[list[Path], str]:
+async def fetch_shards(
+    js, manifest: WeightManifest, directory: str | Path
+) -> tuple[list[Path], str]:
     """The verified shard files of `manifest` and where they came from (`shared` or `store`)."""
     shared = await asyncio.to_thread(local_shards, manifest)
     if shared is not None:

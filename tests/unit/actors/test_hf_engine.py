@@ -96,7 +96,9 @@ async def test_stop_string_cuts_text_and_tokens(engine):
 async def test_logprobs_match_the_learner(engine, temperature):
     prompt = engine.tokenizer(PROMPT).input_ids
 
-    group = await engine.generate(prompt, Sampling(temperature=temperature, max_tokens=24, seed=2), n=4)
+    group = await engine.generate(
+        prompt, Sampling(temperature=temperature, max_tokens=24, seed=2), n=4
+    )
 
     expected = _learner_logprobs(engine.model, prompt, group.samples, temperature)
     for s, logp in zip(group.samples, expected):
@@ -113,9 +115,13 @@ async def test_load_weights_changes_outputs_and_version(tiny_model_dir, other_we
     after = await engine.generate(prompt, sampling, n=4)
 
     assert engine.version == after.policy_version == 5
-    assert [s.logprobs.tolist() for s in before.samples] != [s.logprobs.tolist() for s in after.samples]
+    assert [s.logprobs.tolist() for s in before.samples] != [
+        s.logprobs.tolist() for s in after.samples
+    ]
     reference = HfEngine(other_weights)
-    for s, logp in zip(after.samples, _learner_logprobs(reference.model, prompt, after.samples, 1.0)):
+    for s, logp in zip(
+        after.samples, _learner_logprobs(reference.model, prompt, after.samples, 1.0)
+    ):
         np.testing.assert_allclose(s.logprobs, logp, atol=1e-4, rtol=0)
 
 

@@ -90,7 +90,9 @@ async def test_seeded_groups_repeat_and_samples_differ(engine, hf):
     prompt = hf.tokenizer(PROMPT).input_ids
     sampling = Sampling(max_tokens=16, seed=11)
 
-    a, b = await asyncio.gather(engine.generate(prompt, sampling, 4), engine.generate(prompt, sampling, 4))
+    a, b = await asyncio.gather(
+        engine.generate(prompt, sampling, 4), engine.generate(prompt, sampling, 4)
+    )
 
     tokens = [s.token_ids.tolist() for s in a.samples]
     assert tokens == [s.token_ids.tolist() for s in b.samples]
@@ -113,7 +115,9 @@ async def test_logprobs_parity_vllm_hf_learner(engine, hf, temperature):
     # Temperature is applied: at 0.7 these are not the untempered log-probs.
     if temperature != 1.0:
         untempered = _learner_logprobs(hf.model, prompt, from_vllm.samples, 1.0)
-        assert max(np.abs(s.logprobs - u).max() for s, u in zip(from_vllm.samples, untempered)) > 1e-2
+        assert (
+            max(np.abs(s.logprobs - u).max() for s, u in zip(from_vllm.samples, untempered)) > 1e-2
+        )
 
 
 async def test_concurrent_requests_are_batched(engine, hf):
@@ -147,7 +151,9 @@ async def test_reload_changes_outputs_and_matches_hf_on_new_weights(
     after = await engine.generate(prompt, sampling, n=4)
 
     assert after.policy_version == engine.version == old_version + 1
-    assert [s.logprobs.tolist() for s in before.samples] != [s.logprobs.tolist() for s in after.samples]
+    assert [s.logprobs.tolist() for s in before.samples] != [
+        s.logprobs.tolist() for s in after.samples
+    ]
     for s, logp in zip(after.samples, _learner_logprobs(hf_new.model, prompt, after.samples, 1.0)):
         np.testing.assert_allclose(s.logprobs, logp, atol=1e-4, rtol=0)
 

@@ -137,6 +137,20 @@ def _sft(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+@command("actor", "generate rollouts for tasks from the bus, serving the latest published weights")
+def _actor(p: argparse.ArgumentParser) -> None:
+    _add_bus_args(p)
+    p.add_argument("--actor-id", help="name in rollouts and logs (default: host-pid)")
+    p.add_argument("--model", help="HF folder (default: actor.model)")
+
+    def run(args):
+        from actors.service import main
+
+        return main(args)
+
+    p.set_defaults(func=run)
+
+
 @command("up", "the whole loop on one machine: embedded NATS, learner, actors, rewarders, demo")
 def _up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="config file; its [up] section sets the options below")

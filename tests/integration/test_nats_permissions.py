@@ -1,0 +1,266 @@
+"""The locked-down NATS of the deployments, against aha's real code paths.
+
+A real nats-server runs `deploy/nats/nats.conf` (the file compose mounts; the Helm chart
+renders the same users and permissions, checked in tests/unit/deploy/test_helm.py). Each role
+connects with the environment its compose service gets and does its real work; a role that
+steps outside its permissions is refused, and the server says so in its log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import APIError
+
+from actors.weights import download_shards
+from protocol.bus import Bus
+from protocol.codec import decode
+from protocol.config import BusConfig, StageSettings, load_config
+from protocol.depth import queue_depth
+from protocol.messages import WeightManifest
+from protocol.names import (
+    KEY_LATEST,
+    KV_POLICY,
+    OBJECT_STORE_WEIGHTS,
+    ROLLOUTS,
+    SCORED,
+    STREAM_DEAD,
+    TASKS,
+)
+from protocol.server import NatsServer
+from protocol.stage import StageConsumer, run_stage, watch_max_deliveries
+from protocol.weights import describe_shard, object_name
+from tests.helpers import make_rollout, make_task
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+ROLES = {"learner": "learner", "actor": "actor", "rewarder": "rewarder", "exporter": "exporter"}
+"""compose service -> NATS user."""
+
+KV_POLICY_STREAM = f"KV_{KV_POLICY}"
+"""The stream behind the KV bucket (nats-py's naming)."""
+FAST = StageSettings(ack_wait_s=2.0, max_deliver=2, backoff_s=[0.05])
+
+
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    # ${NAME}, ${NAME:-default}, ${NAME:?message}: what compose does with deploy/.env.
+    def sub(m: re.Match) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        if name in env:
+            return env[name]
+        if op == ":-":
+            return arg
+        raise KeyError(f"{name} is not set ({arg})")
+
+    return re.sub(r"\$\{(\w+)(?:(:[-?])([^}]*))?\}", sub, value)
+
+
+def service_environment(service: str, env: dict[str, str]) -> dict[str, str]:
+    """The environment compose gives `service` (deploy/compose.yaml), with `env` as deploy/.env."""
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    raw = compose["services"][service]["environment"]
+    return {k: _interpolate(str(v), env) for k, v in raw.items()}
+
+
+@pytest.fixture
+def passwords(monkeypatch) -> dict[str, str]:
+    """deploy/.env: one password per role, also in the server's environment."""
+    env = {f"AHA_NATS_{role.upper()}_PASSWORD": f"{role}-pw-0123" for role in ROLES.values()}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+@pytest.fixture
+def server(tmp_path, passwords):
+    with NatsServer(tmp_path / "nats", config_file=DEPLOY / "nats" / "nats.conf") as server:
+        yield server
+
+
+def role_config(server: NatsServer, service: str, passwords: dict[str, str]) -> BusConfig:
+    """The service's BusConfig, loaded as `aha` loads it: compose environment over the file."""
+    environ = service_environment(service, passwords)
+    assert environ.pop("NATS_URL") == "nats://nats:4222"  # read from os.environ at connect
+    config = load_config(BusConfig, DEPLOY / "aha.toml", section="bus", environ=environ)
+    fast = {"tasks": FAST, "rollouts": FAST, "scored": FAST}
+    return config.model_copy(update={"url": server.url, **fast})
+
+
+def violations(server: NatsServer) -> set[tuple[str, str, str]]:
+    """(user, Publish | Subscription, subject) for every permissions violation the server logged."""
+    pattern = r'"\$G/user:(\w+)" - (Publish|Subscription) Violation - Subject "([^"]+)"'
+    return set(re.findall(pattern, server.log_file.read_text(errors="replace")))
+
+
+async def publish_weights_as_learner(bus: Bus, directory: Path) -> WeightManifest:
+    """Shards to the object store, then the manifest to KV (learner/weights.py's order)."""
+    from protocol.codec import encode
+
+    path = directory / "model-00001-of-00001.safetensors"
+    path.write_bytes(np.arange(4096, dtype=np.float32).tobytes())
+    shard = describe_shard(path, ["w"])
+    store = await bus.js.object_store(OBJECT_STORE_WEIGHTS)
+    with open(path, "rb") as f:
+        await store.put(object_name(1, shard.name), f)
+    manifest = WeightManifest(version=1, step=1, shards=[shard], dtype="float32")
+    kv = await bus.js.key_value(KV_POLICY)
+    await kv.put(KEY_LATEST, encode(manifest))
+    return manifest
+
+
+async def test_every_role_does_its_work_within_its_permissions(server, passwords, tmp_path):
+    cfg = {svc: role_config(server, svc, passwords) for svc in ROLES}
+    assert cfg["learner"].setup_streams and not any(
+        cfg[s].setup_streams for s in ("actor", "rewarder", "exporter")
+    )
+    learner = await Bus.connect(cfg["learner"], name="learner")  # creates the streams
+    actor = await Bus.connect(cfg["actor"], name="actor")
+    rewarder = await Bus.connect(cfg["rewarder"], name="rewarder")
+    exporter = await Bus.connect(cfg["exporter"], name="exporter")
+    try:
+        learner_advisories = await watch_max_deliveries(learner, SCORED)
+        actor_advisories = await watch_max_deliveries(actor, TASKS)
+        rewarder_advisories = await watch_max_deliveries(rewarder, ROLLOUTS)
+
+        # Learner: weights and two tasks.
+        (tmp_path / "out").mkdir()
+        manifest = await publish_weights_as_learner(learner, tmp_path / "out")
+        for i in range(2):
+            await learner.publish(TASKS, make_task(i))
+
+        # Exporter: queue depth, read-only.
+        depth = await queue_depth(exporter.js)
+        assert depth["tasks"].pending == 2
+
+        # Actor: the manifest (get and watch), the shards from the object store.
+        kv = await actor.js.key_value(KV_POLICY)
+        entry = await kv.get(KEY_LATEST)
+        assert decode(entry.value, WeightManifest) == manifest
+        watcher = await kv.watch(KEY_LATEST)
+        seen = await watcher.updates(timeout=5)
+        assert decode(seen.value, WeightManifest).version == 1
+        await watcher.stop()
+        paths = await download_shards(actor.js, manifest, tmp_path / "actor")
+        assert paths[0].read_bytes() == (tmp_path / "out" / manifest.shards[0].name).read_bytes()
+
+        # Actor: one task through the stage loop, tasks -> rollouts.
+        async def generate(task):
+            return make_rollout(task, version=manifest.version)
+
+        stop = asyncio.Event()
+        stats = await run_stage(
+            actor, TASKS, generate, output=ROLLOUTS, stop=stop, max_messages=1
+        )
+        assert stats.handled == 1
+
+        # Actor: the other task is abandoned until the server gives up; the max-deliveries
+        # advisory makes the actor read it, dead-letter it and delete it from the stream.
+        tasks = StageConsumer(actor, TASKS)
+        for _ in range(FAST.max_deliver):
+            (delivery,) = await tasks.fetch(1, timeout=5)
+            await delivery.nak()
+        await tasks.fetch(1, timeout=0.5)  # the server notices the exhausted message
+        await tasks.close()
+        for _ in range(100):
+            if (await learner.js.stream_info(STREAM_DEAD)).state.messages:
+                break
+            await asyncio.sleep(0.05)
+        (dead,) = await learner.dead_letters()
+        assert dead.stage == TASKS.name
+        assert (await learner.js.stream_info(TASKS.stream)).state.messages == 0
+
+        # Rewarder: the real `aha rewarder` loop (verifier pool included), rollouts -> scored.
+        from rewarder.config import RewarderConfig
+        from rewarder.service import run as run_rewarder
+
+        rewarder_config = RewarderConfig(workers=1, concurrency=1, bus=cfg["rewarder"])
+        assert await run_rewarder(rewarder_config, asyncio.Event(), max_messages=1) == 0
+
+        # Learner: the scored group, acknowledged once "checkpointed".
+        scored = StageConsumer(learner, SCORED)
+        (group,) = await scored.fetch(1, timeout=5)
+        assert group.message.rollout.task.task_id == "task-0"
+        assert [s.reward for s in group.message.scores] == [pytest.approx(1.1)] * 2
+        await group.ack_sync()
+        await scored.close()
+
+        depth = await queue_depth(exporter.js)
+        assert [depth[s].messages for s in ("tasks", "rollouts", "scored", "dead")] == [0, 0, 0, 1]
+        for sub in (learner_advisories, actor_advisories, rewarder_advisories):
+            await sub.unsubscribe()
+    finally:
+        for bus in (learner, actor, rewarder, exporter):
+            await bus.close()
+    assert violations(server) == set()
+
+
+async def _refused(bus: Bus, subject: str) -> None:
+    with pytest.raises((NatsTimeoutError, asyncio.TimeoutError)):
+        await bus.js.publish(subject, b"x", timeout=0.5)
+
+
+async def test_roles_are_refused_outside_their_permissions(server, passwords):
+    cfg = {svc: role_config(server, svc, passwords) for svc in ROLES}
+    learner = await Bus.connect(cfg["learner"], name="learner")
+    actor = await Bus.connect(cfg["actor"], name="actor")
+    rewarder = await Bus.connect(cfg["rewarder"], name="rewarder")
+    exporter = await Bus.connect(cfg["exporter"], name="exporter")
+    try:
+        # Publishing into a stage that is not yours: refused, nothing reaches the stream.
+        await _refused(actor, SCORED.subject)
+        await _refused(actor, TASKS.subject)
+        await _refused(rewarder, TASKS.subject)
+        await _refused(rewarder, ROLLOUTS.subject)
+        await _refused(exporter, TASKS.subject)
+        for stage in (TASKS, SCORED):
+            assert (await learner.js.stream_info(stage.stream)).state.messages == 0
+
+        # Only the learner manages JetStream or writes weights.
+        for bus in (actor, rewarder, exporter):
+            with pytest.raises((NatsTimeoutError, asyncio.TimeoutError, APIError)):
+                await bus.nc.jetstream(timeout=0.5).delete_stream(TASKS.stream)
+        await _refused(actor, f"$KV.{KV_POLICY}.{KEY_LATEST}")
+        with pytest.raises((NatsTimeoutError, asyncio.TimeoutError)):
+            await rewarder.nc.jetstream(timeout=0.5).key_value(KV_POLICY)
+
+        # A locked-down role that tries to set up streams cannot even start.
+        with pytest.raises((NatsTimeoutError, asyncio.TimeoutError, APIError)):
+            await Bus.connect(
+                cfg["rewarder"].model_copy(update={"setup_streams": True, "connect_timeout_s": 1}),
+                name="rewarder-setup",
+            )
+
+        # Reading another stage's queue is refused too.
+        received = []
+
+        async def receive(msg):
+            received.append(msg)
+
+        sub = await rewarder.nc.subscribe(TASKS.subject, cb=receive)
+        await learner.publish(TASKS, make_task(7))
+        await asyncio.sleep(0.2)
+        assert received == []
+        await sub.unsubscribe()
+    finally:
+        for bus in (learner, actor, rewarder, exporter):
+            await bus.close()
+    stream_delete = f"$JS.API.STREAM.DELETE.{TASKS.stream}"
+    assert violations(server) >= {
+        ("actor", "Publish", SCORED.subject),
+        ("actor", "Publish", TASKS.subject),
+        ("rewarder", "Publish", TASKS.subject),
+        ("rewarder", "Publish", ROLLOUTS.subject),
+        ("exporter", "Publish", TASKS.subject),
+        ("actor", "Publish", stream_delete),
+        ("rewarder", "Publish", stream_delete),
+        ("exporter", "Publish", stream_delete),
+        ("actor", "Publish", f"$KV.{KV_POLICY}.{KEY_LATEST}"),
+        ("rewarder", "Publish", f"$JS.API.STREAM.INFO.{KV_POLICY_STREAM}"),
+        ("rewarder", "Publish", f"$JS.API.STREAM.INFO.{TASKS.stream}"),
+        ("rewarder", "Subscription", TASKS.subject),
+    }

@@ -151,6 +151,21 @@ def _actor(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+@command("learner", "the GRPO learner: issue tasks, train on scored groups, publish weights")
+def _learner(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="config file with [learner] and [bus] sections")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint (required to exist); without it, one found is resumed too")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (default: learner.max_steps)")
+    p.add_argument("--nats-url", help="NATS server URL (default: bus.url or $NATS_URL)")
+
+    def run(args):
+        from learner.commands import learner
+
+        return learner(args)
+
+    p.set_defaults(func=run)
+
+
 @command("up", "the whole loop on one machine: embedded NATS, learner, actors, rewarders, demo")
 def _up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="config file; its [up] section sets the options below")

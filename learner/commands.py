@@ -73,3 +73,26 @@ def sft(args: argparse.Namespace) -> int:
     if pe.rank == 0:
         print(f"wrote {Path(args.out).resolve()}")
     return 0
+
+
+def learner(args: argparse.Namespace) -> int:
+    """`aha learner`: the GRPO learner process (single rank)."""
+    import asyncio
+    import os
+
+    overrides = {"max_steps": args.max_steps} if args.max_steps is not None else {}
+    if args.nats_url:
+        overrides["bus"] = {"url": args.nats_url}
+    config = _learner_config(args, **overrides)
+    from protocol.log import setup_logging
+
+    setup_logging("learner")
+    # One torch thread per process on CPU: more were 2-35x slower here (DEMO.md, issue 4).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    from learner.loop import run
+
+    return asyncio.run(run(config, resume=args.resume))

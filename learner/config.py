@@ -95,6 +95,40 @@ class GRPOSettings(BaseModel):
     """Optimizer steps taken on each batch (GRPO's μ), all against the same π_old."""
 
 
+TEMPLATES = ("r1-zero", "chat", "none")
+
+
+class DatasetConfig(BaseModel):
+    """The prompt dataset the dispatcher issues tasks from, and how each task is sampled and scored."""
+
+    model_config = _FROZEN
+
+    path: str
+    """JSONL file, one problem per line (GSM8K `question`/`answer`, MATH-500 `problem`/`answer`, ...)."""
+    prompt_field: str = "question"
+    """JSON field holding the problem text."""
+    answer_field: str = "answer"
+    """JSON field holding the reference the rewards compare with (passed on as it is)."""
+    template: Literal["r1-zero", "chat", "none"] = "r1-zero"
+    """How the problem becomes a prompt: the R1-Zero template, the model's chat template, or as it is."""
+    rewards: dict[str, float] = Field(
+        default_factory=lambda: {"accuracy_gsm8k": 1.0, "format_think": 0.1}, min_length=1
+    )
+    """Reward function name -> weight, copied into every task (rewarders compute the weighted sum)."""
+    meta: dict[str, Any] = Field(default_factory=dict)
+    """Task context copied into every task for the rewards, e.g. `{"answer_tag": true}`."""
+    group_size: int = Field(8, ge=2)
+    """G: completions sampled per prompt (GRPO needs at least 2 to compare)."""
+    max_tokens: int = Field(256, ge=1)
+    """Longest completion, in tokens."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; the learner scores tokens under the same tempered distribution."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass; below 1 the behaviour policy differs from π (the IS weight corrects it)."""
+    seed: int = 0
+    """Seed of the shuffled prompt order (one fresh permutation per pass over the data)."""
+
+
 class LearnerConfig(BaseModel):
     """Everything the learner process needs; `load_config(LearnerConfig, path, section="learner")`."""
 
@@ -126,5 +160,24 @@ class LearnerConfig(BaseModel):
     """Shared volume that actors can read: shards are written under `v{version}/` there and the manifest carries their paths."""
     seed: int = 0
     """Seed for model initialisation (from `model.qwen2`) and the training RNGs."""
+    dataset: DatasetConfig | None = None
+    """Where prompts come from (needed by `aha learner`; `aha sft` and `aha export` ignore it)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many GRPO steps (checkpoint, publish, export, exit 0); None runs until stopped."""
+    checkpoint_every: int = Field(1, ge=1)
+    """Checkpoint every this many steps; scored groups are acknowledged only once checkpointed."""
+    drop_zero_variance: bool = False
+    """Drop groups whose rewards are all equal (zero advantage, as DAPO's dynamic sampling) instead of training on them."""
+    metrics_file: str | None = None
+    """Append one JSON line per step (and a final `done` line) to this file (`aha up` reads it)."""
+    final_model_dir: str | None = None
+    """At `max_steps`, write the policy here as an HF folder (weights + config + tokenizer)."""
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    """Serve the `aha_learner_*` Prometheus gauges on this port."""
     bus: BusConfig = Field(default_factory=BusConfig)
     """NATS connection and stream settings (the file's `[bus]` section)."""
+
+    @property
+    def in_flight_limit(self) -> int:
+        """Most groups issued and not yet consumed: `(max_staleness + 1) × batch`."""
+        return (self.max_staleness + 1) * self.batch

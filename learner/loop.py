@@ -1,0 +1,413 @@
+"""`aha learner`: issue tasks, collect scored groups, take GRPO steps, publish weights.
+
+    dispatcher ──Task──▶ (actors, rewarders) ──ScoredRollout──▶ collect ──▶ train_step
+        ▲   at most (max_staleness + 1) × batch in flight                       │
+        └────────────── checkpoint, then ack ◀── publish weights every k steps ◀┘
+
+Exactly once: a scored group is acknowledged only after a checkpoint that contains its
+effect (trained, or counted as dropped) is saved; until then `in_progress` keeps it leased.
+The checkpoint also holds the dispatcher's `Ledger`, so after a crash the groups held by
+the dead process come back (redelivered) and are trained, and a group whose checkpoint was
+saved but whose ack was lost is recognised as consumed and only acked.
+
+Single rank only for now: `run` refuses a world size above 1 (rank 0 would have to do the
+bus work and broadcast each batch to the other ranks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+
+from learner.config import LearnerConfig
+from learner.dispatcher import Dispatcher, Ledger, load_problems, run_key, top_up
+from learner.engine import PolicyEngine, load_checkpoint, save_checkpoint, setup_engine, train_step
+from learner.metrics import STEP_KEYS, append_line, export_gauges
+from learner.step import Group, build_batch, judge, sample_stats, staleness_stats
+from learner.weights import export_model, prune_dirs, publish_weights, version_dir, write_shards
+from protocol.bus import Bus
+from protocol.config import ConfigError
+from protocol.names import SCORED
+from protocol.stage import Delivery, StageConsumer, stop_on_signals
+
+log = structlog.get_logger("learner")
+
+KEEP_CHECKPOINTS = 2
+"""Checkpoint tags kept on disk (the newest is the one a restart loads)."""
+
+
+# -- state that a checkpoint carries ------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Counts and position of the run; saved in every checkpoint."""
+
+    step: int = 0
+    version: int = 0
+    """Policy version of the weights being trained (one per update)."""
+    groups_trained: int = 0
+    groups_dropped_stale: int = 0
+    groups_dropped_zero_variance: int = 0
+    groups_dropped_no_reward: int = 0
+    groups_duplicates: int = 0
+    """Deliveries of groups already consumed by a checkpointed step (acked, not trained)."""
+    published_version: int = -1
+    """Last policy version whose weights were published."""
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+# -- fault injection (tests) --------------------------------------------------------------
+
+
+def fault_point(name: str, step: int) -> None:
+    """SIGKILL this process at `name` on step `step` when `AHA_FAULT=name:step` (tests only)."""
+    if os.environ.get("AHA_FAULT") == f"{name}:{step}":
+        log.warning("fault injected: killing the learner", fault=name, step=step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- leases on the scored groups held until the next checkpoint ----------------------------
+
+
+@dataclass
+class Leases:
+    """Scored groups held by steps not yet checkpointed, kept leased with `in_progress`."""
+
+    ack_wait_s: float
+    held: dict[int, Delivery] = field(default_factory=dict)
+
+    async def keep_alive(self) -> None:
+        """Every third of the ack wait, tell the server we still work on every held group."""
+        while True:
+            await asyncio.sleep(self.ack_wait_s / 3)
+            for delivery in list(self.held.values()):
+                try:
+                    await delivery.in_progress()
+                except Exception as e:  # a lost lease only means a redelivery, deduplicated
+                    log.warning("in_progress failed", error=repr(e))
+
+    async def ack_all(self) -> None:
+        """After a checkpoint: acknowledge (and forget) every held group."""
+        held, self.held = self.held, {}
+        for delivery in held.values():
+            try:
+                await delivery.ack_sync()
+            except Exception as e:  # it comes back and is recognised as a duplicate
+                log.warning("ack failed", task_id=delivery.message.task_id, error=repr(e))
+
+    async def release(self, positions: list[int]) -> None:
+        """Hand groups back untrained (`nak`): another delivery comes at once."""
+        for p in positions:
+            delivery = self.held.pop(p, None)
+            if delivery is not None:
+                await delivery.nak()
+
+
+# -- the process ---------------------------------------------------------------------------
+
+
+@dataclass
+class Learner:
+    """What the step functions share (plain data, no behaviour)."""
+
+    config: LearnerConfig
+    pe: PolicyEngine
+    bus: Bus
+    consumer: StageConsumer
+    dispatcher: Dispatcher
+    ledger: Ledger
+    leases: Leases
+    progress: Progress
+    uncommitted_steps: int = 0
+
+
+async def run(config: LearnerConfig, *, resume: bool = False, stop: asyncio.Event | None = None) -> int:
+    """Train until `max_steps` or SIGTERM/SIGINT; returns the exit status."""
+    stop = stop_on_signals(stop)
+    require_single_rank()
+    serve_metrics(config)
+    problems = load_problems(config.dataset, load_tokenizer(config))
+    pe = setup_engine(config)
+    progress, ledger = restore(pe, config, resume)
+    bus = await Bus.connect(config.bus, name="aha-learner")
+    leases = Leases(config.bus.scored.ack_wait_s)
+    keep_alive = asyncio.create_task(leases.keep_alive())
+    key = run_key(Path(config.checkpoint_dir).resolve(), config.dataset.path, config.dataset.seed)
+    lr = Learner(config, pe, bus, StageConsumer(bus, SCORED), Dispatcher(config.dataset, problems, key), ledger, leases, progress)
+    try:
+        await publish(lr)  # the current version, for actors that start (or restart) late
+        while not finished(lr) and not stop.is_set():
+            if not await step(lr, stop):
+                break
+        await checkpoint(lr)  # whatever was trained since the last checkpoint
+        if finished(lr):
+            await finish(lr)
+        log.info("learner stopped", step=progress.step, in_flight=ledger.in_flight)
+    finally:
+        keep_alive.cancel()
+        await bus.close()
+    return 0
+
+
+def require_single_rank() -> None:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        raise ConfigError(
+            f"aha learner runs as one process for now (WORLD_SIZE={world_size}): "
+            "start it without torchrun"
+        )
+
+
+def serve_metrics(config: LearnerConfig) -> None:
+    if config.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(config.metrics_port)
+
+
+def load_tokenizer(config: LearnerConfig):
+    """The policy folder's tokenizer (prompts are sent tokenized); None for a `model.qwen2` policy."""
+    if config.dataset is None:
+        raise ConfigError("learner.dataset: aha learner needs a prompt dataset")
+    if config.model.path is None:
+        if config.dataset.template == "chat":
+            raise ConfigError("learner.dataset.template: 'chat' needs model.path (its tokenizer)")
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(config.model.path)
+
+
+def restore(pe: PolicyEngine, config: LearnerConfig, resume: bool) -> tuple[Progress, Ledger]:
+    """Continue from the latest checkpoint when there is one (`resume` demands one)."""
+    has_checkpoint = (Path(config.checkpoint_dir) / "latest").exists()
+    if not has_checkpoint:
+        if resume:
+            raise ConfigError(f"--resume: no checkpoint in {config.checkpoint_dir}")
+        return Progress(), Ledger()
+    state = load_checkpoint(pe, config.checkpoint_dir)
+    set_rng_state(state["rng"])
+    progress = Progress(**state["progress"])
+    log.info("resumed", checkpoint_dir=config.checkpoint_dir, **asdict(progress))
+    return progress, Ledger.from_state(state["ledger"])
+
+
+def finished(lr: Learner) -> bool:
+    return lr.config.max_steps is not None and lr.progress.step >= lr.config.max_steps
+
+
+async def step(lr: Learner, stop: asyncio.Event) -> bool:
+    """Collect a batch, train on it, report, checkpoint and publish when due.
+
+    Returns False when `stop` came while collecting (the partial batch is handed back).
+    """
+    started = time.perf_counter()
+    collected = await collect(lr, stop)
+    if collected is None:
+        return False
+    waited = time.perf_counter() - started
+    trained = [g for g, verdict in collected if verdict == "train"]
+    batch = build_batch(trained, lr.config.grpo.scale)
+    train_started = time.perf_counter()
+    metrics = await asyncio.to_thread(train_step, lr.pe, batch)
+    train_seconds = time.perf_counter() - train_started
+    version = lr.progress.version
+    count(lr.progress, collected)
+    lr.progress.step += 1
+    lr.progress.version += 1
+    lr.uncommitted_steps += 1
+    if lr.progress.step % lr.config.checkpoint_every == 0:
+        await checkpoint(lr)
+    if lr.progress.step % lr.config.publish_every == 0:
+        await publish(lr)
+    record = step_record(lr, collected, version, metrics, train_seconds)
+    record.update(step_seconds=time.perf_counter() - started)
+    record.update(wait_share=waited / record["step_seconds"])
+    report(lr, record)
+    return True
+
+
+async def collect(lr: Learner, stop: asyncio.Event) -> list[tuple[Group, str]] | None:
+    """Pull scored groups until `batch` of them are trainable, issuing tasks as room frees.
+
+    Dropped groups (stale, no reward, zero variance) are kept in the list with their verdict:
+    they are acknowledged with the step's checkpoint, like trained ones.
+    """
+    config, ledger = lr.config, lr.ledger
+    collected: list[tuple[Group, str]] = []
+    while sum(verdict == "train" for _, verdict in collected) < config.batch:
+        if stop.is_set():
+            positions = [g.position for g, _ in collected]
+            for p in positions:
+                ledger.release(p)
+            await lr.leases.release(positions)
+            return None
+        await top_up(lr.bus, lr.dispatcher, ledger, config.in_flight_limit, lr.progress.version)
+        wanted = config.batch - sum(verdict == "train" for _, verdict in collected)
+        for delivery in await lr.consumer.fetch(wanted, timeout=1.0):
+            group = await admit(lr, delivery)
+            if group is not None:
+                verdict = judge(group, lr.progress.version, config.max_staleness, config.drop_zero_variance)
+                collected.append((group, verdict))
+    return collected
+
+
+async def admit(lr: Learner, delivery: Delivery) -> Group | None:
+    """Hold a new scored group; ack one already consumed (or another run's) at once."""
+    p = lr.dispatcher.position(delivery.message.task_id)
+    outcome = lr.ledger.receive(p) if p is not None else "foreign"
+    if outcome == "new":
+        lr.leases.held[p] = delivery
+        return Group.of(delivery.message, p)
+    if outcome == "held":  # redelivered while we hold it (lease lost): keep the newest handle
+        lr.leases.held[p] = delivery
+        return None
+    log.warning("duplicate scored group acked untrained", task_id=delivery.message.task_id, why=outcome)
+    lr.progress.groups_duplicates += 1
+    await delivery.ack_sync()
+    return None
+
+
+def count(progress: Progress, collected: list[tuple[Group, str]]) -> None:
+    verdicts = [verdict for _, verdict in collected]
+    progress.groups_trained += verdicts.count("train")
+    progress.groups_dropped_stale += verdicts.count("stale")
+    progress.groups_dropped_zero_variance += verdicts.count("zero_variance")
+    progress.groups_dropped_no_reward += verdicts.count("no_reward")
+
+
+async def checkpoint(lr: Learner) -> None:
+    """Save a checkpoint containing every held group's effect, then acknowledge them."""
+    if lr.uncommitted_steps == 0:
+        return
+    lr.ledger.commit()
+    state = {"progress": asdict(lr.progress), "ledger": lr.ledger.state(), "rng": rng_state()}
+    fault_point("crash_before_checkpoint", lr.progress.step)
+    tag = f"step{lr.progress.step}"
+    await asyncio.to_thread(save_checkpoint, lr.pe, lr.config.checkpoint_dir, tag, state)
+    lr.uncommitted_steps = 0
+    fault_point("crash_before_ack", lr.progress.step)
+    await lr.leases.ack_all()
+    prune_checkpoints(lr.config.checkpoint_dir, KEEP_CHECKPOINTS)
+
+
+def prune_checkpoints(directory: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` `step{n}` checkpoint folders."""
+    tags = sorted(
+        (int(p.name[4:]), p) for p in Path(directory).glob("step*") if p.is_dir() and p.name[4:].isdigit()
+    )
+    for _, path in tags[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+async def publish(lr: Learner) -> None:
+    """Write the weights as shards (on the shared volume when set) and point `latest` at them."""
+    config, progress = lr.config, lr.progress
+    directory, shared = version_dir(config.weights_dir, progress.version)
+    shards = await asyncio.to_thread(
+        write_shards, lr.pe.module, directory, config.serving_dtype, config.shard_mb, rank=lr.pe.rank, shared=shared
+    )
+    try:
+        await publish_weights(
+            lr.bus.js, directory, shards, version=progress.version, step=progress.step,
+            dtype=config.serving_dtype, keep_versions=config.keep_versions,
+        )  # fmt: skip
+    finally:
+        if not shared:
+            shutil.rmtree(directory, ignore_errors=True)
+    if shared:
+        prune_dirs(config.weights_dir, config.keep_versions)
+    progress.published_version = progress.version
+
+
+def step_record(
+    lr: Learner, collected: list[tuple[Group, str]], version: int, metrics: dict, train_seconds: float
+) -> dict[str, Any]:
+    """The step's canonical record: the metrics-file line (STEP_KEYS and more)."""
+    progress = lr.progress
+    fresh = [g for g, verdict in collected if verdict != "stale"]
+    trained = [g for g, verdict in collected if verdict == "train"]
+    samples = sample_stats(fresh)
+    return {
+        "event": "step",
+        "step": progress.step,
+        "version": progress.version,
+        "reward": samples["reward"],
+        "reward_std": samples["reward_std"],
+        "rewards": {name: mean for name, (mean, _) in samples["components"].items()},
+        "rewards_std": {name: std for name, (_, std) in samples["components"].items()},
+        "accuracy": samples["accuracy"],
+        "response_length": samples["response_length"],
+        **{k: metrics[k] for k in ("loss", "kl", "clip_fraction", "ratio", "is_weight", "lr")},
+        **staleness_stats(trained, version),
+        "groups_trained": progress.groups_trained,
+        "groups_dropped_stale": progress.groups_dropped_stale,
+        "groups_dropped_zero_variance": progress.groups_dropped_zero_variance,
+        "groups_dropped_no_reward": progress.groups_dropped_no_reward,
+        "groups_duplicates": progress.groups_duplicates,
+        "groups_in_flight": lr.ledger.in_flight,
+        "tasks_issued": lr.ledger.issued,
+        "task_ids": [g.task_id for g in trained],
+        "tokens": metrics["tokens"],
+        "tokens_per_s": metrics["tokens"] / max(train_seconds, 1e-9),
+        "train_seconds": train_seconds,
+        "time": time.time(),
+    }
+
+
+def report(lr: Learner, record: dict[str, Any]) -> None:
+    """One log line, the gauges, one metrics-file line."""
+    export_gauges(record, lr.ledger.in_flight)
+    append_line(lr.config.metrics_file, record)
+    brief = {k: record[k] for k in STEP_KEYS if k not in ("event", "time")}
+    log.info("step", **{k: round(v, 4) if isinstance(v, float) else v for k, v in brief.items()}, loss=round(record["loss"], 6))
+
+
+async def finish(lr: Learner) -> None:
+    """At `max_steps`: final weights published, HF folder exported, the `done` line."""
+    config, progress = lr.config, lr.progress
+    if progress.published_version != progress.version:
+        await publish(lr)
+    final = None
+    if config.final_model_dir:
+        final = await asyncio.to_thread(
+            export_model, lr.pe.module, config.final_model_dir, config.serving_dtype, config.shard_mb,
+            rank=lr.pe.rank, tokenizer_from=config.model.path,
+        )  # fmt: skip
+    append_line(
+        config.metrics_file,
+        {
+            "event": "done",
+            "steps": progress.step,
+            "tasks_issued": lr.ledger.issued,
+            "groups_trained": progress.groups_trained,
+            "groups_dropped_stale": progress.groups_dropped_stale,
+            "groups_dropped_zero_variance": progress.groups_dropped_zero_variance,
+            "groups_dropped_no_reward": progress.groups_dropped_no_reward,
+            "groups_in_flight_at_stop": lr.ledger.in_flight,
+            "final_model": str(final) if final else None,
+            "time": time.time(),
+        },
+    )
+    log.info("done", steps=progress.step, final_model=str(final) if final else None)

@@ -1,0 +1,160 @@
+"""The learner's step loop against a real nats-server, with the test playing actor and rewarder.
+
+The "actor" is the real HF engine on the tiny demo model, loading every weight version the
+learner publishes; the "rewarder" scores with the real reward functions. Tasks flow, versions
+advance, a manifest appears in KV and staleness stays within the bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from learner.config import DatasetConfig, DeepSpeedSettings, GRPOSettings, LearnerConfig, ModelConfig, OptimConfig
+from protocol.codec import decode
+from protocol.config import BusConfig, StageSettings
+from protocol.messages import Rollout, Score, ScoredRollout, WeightManifest
+from protocol.names import KEY_LATEST, KV_POLICY, SCORED, TASKS
+from protocol.stage import StageConsumer
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+REWARDS = {"accuracy_gsm8k": 1.0, "format_think": 0.1}
+
+
+def learner_bus(url: str) -> BusConfig:
+    """Leases long enough for a step on 2 busy cores, short enough to see a redelivery."""
+    settings = StageSettings(ack_wait_s=4.0, max_deliver=20, backoff_s=[0.1])
+    return BusConfig(url=url, tasks=settings, rollouts=settings, scored=settings, duplicate_window_s=600)
+
+
+def write_dataset(path: Path, n: int = 24) -> Path:
+    from deploy.demo import rl_prompts, write_jsonl
+
+    return write_jsonl(rl_prompts(n, seed=7, exclude=set()), path)
+
+
+def learner_config(tmp_path: Path, model_dir: Path, url: str, **overrides) -> LearnerConfig:
+    values = dict(
+        model=ModelConfig(path=str(model_dir)),
+        optim=OptimConfig(lr=1e-3),
+        deepspeed=DeepSpeedSettings(precision="fp32", micro_batch=8),
+        grpo=GRPOSettings(beta=0.0, mode="token-mean"),
+        batch=2,
+        max_staleness=1,
+        max_steps=3,
+        serving_dtype="float32",
+        shard_mb=1,
+        checkpoint_dir=str(tmp_path / "checkpoints"),
+        weights_dir=str(tmp_path / "weights"),
+        metrics_file=str(tmp_path / "metrics.jsonl"),
+        final_model_dir=str(tmp_path / "final"),
+        dataset=DatasetConfig(
+            path=str(write_dataset(tmp_path / "rl.jsonl")),
+            prompt_field="prompt",
+            answer_field="answer",
+            template="none",
+            rewards=REWARDS,
+            meta={"answer_tag": True},
+            group_size=2,
+            max_tokens=12,
+        ),
+        bus=learner_bus(url),
+    )
+    return LearnerConfig(**{**values, **overrides})
+
+
+async def play_actor_and_rewarder(bus, model_dir: Path, scratch: Path, stop: asyncio.Event, log: list):
+    """Take tasks, sample with the newest published weights, score, publish scored groups.
+
+    Appends `(task_id, policy_version, learner_version_at_issue)` per group to `log`.
+    """
+    from actors.hf_engine import HfEngine
+    from actors.weights import load_manifest
+    from rewarder.rewards import score_completion
+
+    engine = HfEngine(model_dir)
+    tasks = StageConsumer(bus, TASKS)
+    kv = await bus.js.key_value(KV_POLICY)
+    while not stop.is_set():
+        try:
+            manifest = decode((await kv.get(KEY_LATEST)).value, WeightManifest)
+            if manifest.version > engine.version:
+                await load_manifest(engine, bus.js, manifest, scratch)
+        except Exception:  # no manifest yet
+            pass
+        deliveries = await tasks.fetch(4, timeout=0.5)
+        if not deliveries:
+            continue
+        first = deliveries[0].message
+        generations = await engine.generate_batch(
+            [d.message.prompt_token_ids for d in deliveries], first.sampling, first.group_size
+        )
+        for delivery, generation in zip(deliveries, generations):
+            task = delivery.message
+            rollout = Rollout(
+                task=task,
+                policy_version=generation.policy_version,
+                actor_id="test-actor",
+                prompt_token_ids=task.prompt_token_ids,
+                samples=generation.samples,
+            )
+            scores = []
+            for sample in generation.samples:
+                reward, components, error = score_completion(sample.text, task.reference, task.rewards, task)
+                scores.append(Score(reward=reward, components=components, error=error))
+            await bus.publish(SCORED, ScoredRollout(rollout=rollout, scores=scores))
+            await delivery.ack()
+            log.append((task.task_id, generation.policy_version, task.issued_version))
+    await tasks.close()
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+async def test_learner_steps_publish_weights_and_stop_at_max_steps(nats_server, bus, tmp_path, tiny_model_dir):
+    from learner.loop import run
+    from learner.metrics import STEP_KEYS
+
+    config = learner_config(tmp_path, tiny_model_dir, nats_server.url)
+    stop, played = asyncio.Event(), []
+    actor = asyncio.create_task(play_actor_and_rewarder(bus, tiny_model_dir, tmp_path / "dl", stop, played))
+    try:
+        assert await asyncio.wait_for(run(config), timeout=240) == 0
+    finally:
+        stop.set()
+        await actor
+
+    lines = read_lines(tmp_path / "metrics.jsonl")
+    steps = [r for r in lines if r["event"] == "step"]
+    done = lines[-1]
+    assert [r["step"] for r in steps] == [1, 2, 3] and [r["version"] for r in steps] == [1, 2, 3]
+    assert all(set(STEP_KEYS) <= set(r) for r in steps)
+    assert all(r["staleness_max"] <= config.max_staleness for r in steps)
+    assert all(len(r["task_ids"]) == config.batch for r in steps)
+    trained = [t for r in steps for t in r["task_ids"]]
+    assert len(set(trained)) == len(trained) == 6
+    assert done["event"] == "done" and done["steps"] == 3 and done["groups_trained"] == 6
+    # Every task issued was consumed (trained or dropped) or is still in flight, within the bound.
+    consumed = done["groups_trained"] + done["groups_dropped_stale"] + done["groups_dropped_zero_variance"]
+    assert done["tasks_issued"] == consumed + done["groups_in_flight_at_stop"]
+    assert done["groups_in_flight_at_stop"] <= config.in_flight_limit
+    assert all(r["groups_in_flight"] <= config.in_flight_limit for r in steps)
+    # The actor served the learner's versions: later groups were sampled by newer weights.
+    assert max(v for _, v, _ in played) >= 1
+    kv = await bus.js.key_value(KV_POLICY)
+    manifest = decode((await kv.get(KEY_LATEST)).value, WeightManifest)
+    assert manifest.version == 3 and manifest.step == 3
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["v2", "v3"]  # keep_versions=2
+    assert (Path(done["final_model"]) / "config.json").exists()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(done["final_model"])
+    AutoTokenizer.from_pretrained(done["final_model"])

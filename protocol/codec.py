@@ -21,6 +21,9 @@ ARRAY_EXT = 1
 _DTYPES = {"int32": "<i4", "float32": "<f4", "int64": "<i8", "float64": "<f8", "uint8": "u1"}
 _CODES = {name: code for code, name in enumerate(_DTYPES, start=1)}
 _NAMES = {code: name for name, code in _CODES.items()}
+_CODE_OF = {np.dtype(le): _CODES[name] for name, le in _DTYPES.items()}
+_LE_OF = {code: np.dtype(_DTYPES[name]) for code, name in _NAMES.items()}
+_HEADER_1D = struct.Struct("<BBI")  # the common case: dtype code, ndim = 1, length
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -40,12 +43,17 @@ class EncodeError(ValueError):
 
 def _pack_default(obj):
     if isinstance(obj, np.ndarray):
-        name = obj.dtype.name
-        if name not in _DTYPES:
-            raise TypeError(f"cannot send arrays of dtype {name}")
-        header = struct.pack(f"<BB{obj.ndim}I", _CODES[name], obj.ndim, *obj.shape)
-        data = np.ascontiguousarray(obj, dtype=_DTYPES[name]).tobytes()
-        return msgpack.ExtType(ARRAY_EXT, header + data)
+        code = _CODE_OF.get(obj.dtype)  # little-endian int32/float32/...: no conversion
+        if code is None:
+            name = obj.dtype.name
+            if name not in _DTYPES:
+                raise TypeError(f"cannot send arrays of dtype {name}")
+            code, obj = _CODES[name], obj.astype(_DTYPES[name])
+        if obj.ndim == 1:
+            header = _HEADER_1D.pack(code, 1, obj.shape[0])
+        else:
+            header = struct.pack(f"<BB{obj.ndim}I", code, obj.ndim, *obj.shape)
+        return msgpack.ExtType(ARRAY_EXT, header + obj.tobytes())
     if isinstance(obj, np.generic):
         return obj.item()
     raise TypeError(f"cannot encode {type(obj).__name__}")
@@ -54,12 +62,14 @@ def _pack_default(obj):
 def _unpack_ext(code: int, data: bytes):
     if code != ARRAY_EXT:
         raise ValueError(f"unknown msgpack extension type {code}")
-    code, ndim = struct.unpack_from("<BB", data)
-    if code not in _NAMES:
-        raise ValueError(f"unknown array dtype code {code}")
+    dtype_code, ndim = data[0], data[1]
+    if dtype_code not in _LE_OF:
+        raise ValueError(f"unknown array dtype code {dtype_code}")
     shape = struct.unpack_from(f"<{ndim}I", data, 2)
-    array = np.frombuffer(data, dtype=_DTYPES[_NAMES[code]], offset=2 + 4 * ndim)
-    return array.reshape(shape).astype(_NAMES[code], copy=False)
+    array = np.frombuffer(data, dtype=_LE_OF[dtype_code], offset=2 + 4 * ndim)
+    if ndim == 1 and array.shape != shape:
+        raise ValueError(f"array header says {shape[0]} elements, the data holds {array.size}")
+    return array if ndim == 1 else array.reshape(shape)
 
 
 def _keys(cls: type[BaseModel]) -> dict[str, str]:

@@ -165,6 +165,9 @@ def test_weight_manifest_round_trip():
         ),
         (msgpack.packb({"task_id": "t", "surprise": 1}), "surprise: Extra inputs are not permitted"),
         (msgpack.packb({"task_id": msgpack.ExtType(9, b"")}), "not msgpack"),
+        # an array whose header promises 3 int32 but carries 2
+        (msgpack.packb({"x": msgpack.ExtType(1, bytes([1, 1, 3, 0, 0, 0]) + bytes(8))}),
+         "header says 3 elements, the data holds 2"),
     ],
 )  # fmt: skip
 def test_bytes_that_are_not_a_task_raise_one_typed_error(data, reason):

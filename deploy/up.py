@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deploy.supervisor import Part, Supervisor
 from protocol.config import load_config
@@ -90,6 +90,13 @@ class UpConfig(BaseModel):
     restart: bool = True
     """Restart actors and rewarders that die (the learner ending or dying ends the run)."""
 
+    @model_validator(mode="after")
+    def _dataset_needs_model(self):
+        if self.dataset is not None and self.model is None:
+            raise ValueError("dataset: a real dataset needs a real model (--model PATH); "
+                             "the demo's tiny model only knows digits")
+        return self
+
 
 def _json_default(o: Any):
     if isinstance(o, Path):
@@ -100,25 +107,31 @@ def _json_default(o: Any):
 # -- steps of the run ------------------------------------------------------------------------
 
 
-def prepare_demo(up: UpConfig, run_dir: Path, python: str) -> tuple[Path, Path, list[dict]]:
-    """Tiny model, cold start, RL prompts, held-out set. Returns (model, dataset, held_out)."""
+def demo_data(up: UpConfig, run_dir: Path) -> tuple[Path, list[dict]]:
+    """The demo's RL prompts (a file) and its held-out set, which never meet."""
     from deploy import demo
-    from deploy.tiny_model import TinySpec, save_tiny_model
 
     evaluation = demo.held_out(up.eval_problems)
     exclude = {r["prompt"] for r in evaluation}
-    dataset = demo.write_jsonl(
-        demo.rl_prompts(max(4 * up.max_steps * up.prompts_per_step, 2000), seed=up.seed + 1, exclude=exclude),
-        run_dir / "data" / "rl.jsonl",
-    )
+    n = max(4 * up.max_steps * up.prompts_per_step, 2000)
+    rows = demo.rl_prompts(n, seed=up.seed + 1, exclude=exclude)
+    return demo.write_jsonl(rows, run_dir / "data" / "rl.jsonl"), evaluation
+
+
+def cold_start_model(up: UpConfig, run_dir: Path, held_out: list[dict], python: str) -> Path:
+    """The tiny model from a config, then `aha sft` on imperfect chains (DEMO.md recipes)."""
+    from deploy import demo
+    from deploy.tiny_model import TinySpec, save_tiny_model
+
     base = save_tiny_model(run_dir / "base", TinySpec(seed=up.seed))
     if up.cold_start_steps == 0:
-        return base, dataset, evaluation
+        return base
     recipe = (
         dict(chain_share=0.4, drop_carry=0.0)
         if up.cold_start_recipe == "think-or-guess"
         else dict(chain_share=1.0, drop_carry=0.8)
     )
+    exclude = {r["prompt"] for r in held_out}
     pairs = demo.write_jsonl(
         demo.cold_start(up.cold_start_steps * 64, seed=up.seed + 2, exclude=exclude, **recipe),
         run_dir / "data" / "cold_start.jsonl",
@@ -146,9 +159,9 @@ def prepare_demo(up: UpConfig, run_dir: Path, python: str) -> tuple[Path, Path, 
         subprocess.run(
             [python, "-m", "deploy.cli", "sft", "--config", str(config), "--data", str(pairs),
              "--out", str(out), "--steps", str(up.cold_start_steps)],
-            stdout=f, stderr=subprocess.STDOUT, check=True, env=_part_env(),
+            stdout=f, stderr=subprocess.STDOUT, check=True, env={**os.environ, **_part_env()},
         )  # fmt: skip
-    return out, dataset, evaluation
+    return out
 
 
 def dataset_settings(up: UpConfig, dataset: Path) -> dict[str, Any]:
@@ -410,13 +423,14 @@ def run(up: UpConfig, *, json_out: bool) -> dict:
     log.info("run", dir=str(run_dir), nats=url)
 
     held_out: list[dict] = []
+    if up.dataset is None:
+        dataset, held_out = demo_data(up, run_dir)
+    else:
+        dataset = Path(up.dataset)
     if up.model is None:
-        model, dataset, held_out = prepare_demo(up, run_dir, python)
+        model = cold_start_model(up, run_dir, held_out, python)
     else:
         model = Path(up.model)
-        dataset = Path(up.dataset) if up.dataset else prepare_demo(up, run_dir, python)[1]
-    if up.dataset:
-        dataset = Path(up.dataset)
 
     before = None
     if held_out:

@@ -17,6 +17,7 @@ bus work and broadcast each batch to the other ranks).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import shutil
@@ -139,7 +140,9 @@ class Learner:
     ledger: Ledger
     leases: Leases
     progress: Progress
-    uncommitted_steps: int = 0
+    uncommitted: list[dict] = field(default_factory=list)
+    """Step records of the steps trained since the last checkpoint."""
+    last_step_end: float = field(default_factory=time.perf_counter)
 
 
 async def run(config: LearnerConfig, *, resume: bool = False, stop: asyncio.Event | None = None) -> int:
@@ -157,6 +160,7 @@ async def run(config: LearnerConfig, *, resume: bool = False, stop: asyncio.Even
     lr = Learner(config, pe, bus, StageConsumer(bus, SCORED), Dispatcher(config.dataset, problems, key), ledger, leases, progress)
     try:
         await publish(lr)  # the current version, for actors that start (or restart) late
+        lr.last_step_end = time.perf_counter()
         while not finished(lr) and not stop.is_set():
             if not await step(lr, stop):
                 break
@@ -208,6 +212,7 @@ def restore(pe: PolicyEngine, config: LearnerConfig, resume: bool) -> tuple[Prog
         return Progress(), Ledger()
     state = load_checkpoint(pe, config.checkpoint_dir)
     set_rng_state(state["rng"])
+    write_records(config.metrics_file, state["records"])  # lines a crash kept from the file
     progress = Progress(**state["progress"])
     log.info("resumed", checkpoint_dir=config.checkpoint_dir, **asdict(progress))
     return progress, Ledger.from_state(state["ledger"])
@@ -236,15 +241,17 @@ async def step(lr: Learner, stop: asyncio.Event) -> bool:
     count(lr.progress, collected)
     lr.progress.step += 1
     lr.progress.version += 1
-    lr.uncommitted_steps += 1
+    # Wall time since the previous step ended: its checkpoint and publish count here.
+    now = time.perf_counter()
+    seconds, lr.last_step_end = now - lr.last_step_end, now
+    record = step_record(lr, collected, version, metrics, train_seconds)
+    record.update(step_seconds=seconds, wait_share=waited / seconds)
+    report(lr, record)
+    lr.uncommitted.append(record)
     if lr.progress.step % lr.config.checkpoint_every == 0:
         await checkpoint(lr)
     if lr.progress.step % lr.config.publish_every == 0:
         await publish(lr)
-    record = step_record(lr, collected, version, metrics, train_seconds)
-    record.update(step_seconds=time.perf_counter() - started)
-    record.update(wait_share=waited / record["step_seconds"])
-    report(lr, record)
     return True
 
 
@@ -298,18 +305,46 @@ def count(progress: Progress, collected: list[tuple[Group, str]]) -> None:
 
 
 async def checkpoint(lr: Learner) -> None:
-    """Save a checkpoint containing every held group's effect, then acknowledge them."""
-    if lr.uncommitted_steps == 0:
+    """Save a checkpoint containing every held group's effect, then acknowledge them.
+
+    The steps' metrics lines are written once their checkpoint is saved (and kept in it, so
+    a restart writes any a crash cut off): the metrics file holds exactly the committed steps.
+    """
+    if not lr.uncommitted:
         return
     lr.ledger.commit()
-    state = {"progress": asdict(lr.progress), "ledger": lr.ledger.state(), "rng": rng_state()}
+    state = {
+        "progress": asdict(lr.progress),
+        "ledger": lr.ledger.state(),
+        "rng": rng_state(),
+        "records": lr.uncommitted,
+    }
     fault_point("crash_before_checkpoint", lr.progress.step)
     tag = f"step{lr.progress.step}"
     await asyncio.to_thread(save_checkpoint, lr.pe, lr.config.checkpoint_dir, tag, state)
-    lr.uncommitted_steps = 0
     fault_point("crash_before_ack", lr.progress.step)
+    write_records(lr.config.metrics_file, lr.uncommitted)
+    lr.uncommitted = []
     await lr.leases.ack_all()
     prune_checkpoints(lr.config.checkpoint_dir, KEEP_CHECKPOINTS)
+
+
+def write_records(path: str | None, records: list[dict]) -> None:
+    """Append the step lines the metrics file does not have yet (by step number)."""
+    if path is None:
+        return
+    last = 0
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut by a crash
+                continue
+            if row.get("event") == "step":
+                last = max(last, row["step"])
+    for record in records:
+        if record["step"] > last:
+            append_line(path, record)
 
 
 def prune_checkpoints(directory: str | Path, keep: int) -> None:
@@ -369,6 +404,7 @@ def step_record(
         "groups_in_flight": lr.ledger.in_flight,
         "tasks_issued": lr.ledger.issued,
         "task_ids": [g.task_id for g in trained],
+        "task_ids_dropped": [g.task_id for g, verdict in collected if verdict != "train"],
         "tokens": metrics["tokens"],
         "tokens_per_s": metrics["tokens"] / max(train_seconds, 1e-9),
         "train_seconds": train_seconds,
@@ -377,9 +413,8 @@ def step_record(
 
 
 def report(lr: Learner, record: dict[str, Any]) -> None:
-    """One log line, the gauges, one metrics-file line."""
+    """The canonical log line and the gauges (the metrics-file line waits for the checkpoint)."""
     export_gauges(record, lr.ledger.in_flight)
-    append_line(lr.config.metrics_file, record)
     brief = {k: record[k] for k in STEP_KEYS if k not in ("event", "time")}
     log.info("step", **{k: round(v, 4) if isinstance(v, float) else v for k, v in brief.items()}, loss=round(record["loss"], 6))
 

@@ -39,6 +39,9 @@ class ActorConfig(BaseModel):
     temporary folder)."""
     seed: int = 0
     """Engine sampling seed (tasks may carry their own)."""
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    """On SIGTERM, how long tasks in flight may run to completion; the rest are released
+    (nak) for another actor at once. Keep it under the orchestrator's kill timeout."""
     metrics_port: int | None = None
     """Serve Prometheus metrics on this port; None = do not serve."""
     bus: BusConfig = Field(default_factory=BusConfig)

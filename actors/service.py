@@ -5,7 +5,7 @@
       2. load the published `latest` weights, if any, before taking a task
       3. watch `latest`: each new version is fetched, verified and loaded between generations
       4. the stage loop: each task -> G completions -> one Rollout tagged with the version
-      5. on SIGTERM: finish or release what is held, drain
+      5. on SIGTERM: finish what is held within `shutdown_grace_s`, release the rest, drain
 
 Many actors share the `actors` durable consumer; a task an actor dies holding comes back to
 another after the ack wait.
@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import tempfile
 import time
 
 import structlog
-from prometheus_client import Counter, Gauge
+from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily
 
 from actors.config import ActorConfig
 from protocol.bus import Bus
@@ -28,50 +30,97 @@ from protocol.config import load_config
 from protocol.log import setup_logging
 from protocol.messages import Rollout, Task, Timings, WeightManifest
 from protocol.names import KEY_LATEST, KV_POLICY, ROLLOUTS, TASKS
-from protocol.stage import run_stage, stop_on_signals, watch_max_deliveries
+from protocol.stage import StageStats, run_stage, stop_on_signals, watch_max_deliveries
 
 log = structlog.get_logger("actors.service")
 
 TOKENS = Counter("aha_actor_tokens_total", "Completion tokens generated", ["actor"])
 PROMPTS = Counter("aha_actor_prompts_total", "Tasks turned into rollouts", ["actor"])
 VERSION = Gauge("aha_actor_policy_version", "Policy version served", ["actor"])
-LOAD_SECONDS = Gauge("aha_actor_weight_load_seconds", "Fetch + load time of the last weight version", ["actor"])
-IDLE = Counter("aha_actor_idle_seconds_total", "Time with no task to generate", ["actor"])
-REJECTED = Counter("aha_actor_weights_rejected_total", "Weight versions refused (corrupt or missing shards)", ["actor"])
+LOAD_SECONDS = Gauge(
+    "aha_actor_weight_load_seconds", "Fetch + load time of the last weight version", ["actor"]
+)
+REJECTED = Counter(
+    "aha_actor_weights_rejected_total", "Weight versions refused (corrupt or missing shards)", ["actor"]
+)
+
+
+class IdleClock:
+    """Seconds during which no task was in the engine: the actor starved of tasks.
+
+    Read when Prometheus scrapes (`aha_actor_idle_seconds_total`), so a stretch without
+    tasks shows while it lasts, not only once the next task arrives.
+    """
+
+    def __init__(self) -> None:
+        self.busy = 0
+        self._idle = 0.0
+        self._since = time.monotonic()
+
+    def start(self) -> None:
+        if self.busy == 0:
+            self._idle += time.monotonic() - self._since
+        self.busy += 1
+
+    def end(self) -> None:
+        self.busy -= 1
+        if self.busy == 0:
+            self._since = time.monotonic()
+
+    @property
+    def seconds(self) -> float:
+        return self._idle + (time.monotonic() - self._since if self.busy == 0 else 0.0)
+
+
+class _IdleCollector:
+    def __init__(self, actor_id: str, clock: IdleClock):
+        self.actor_id = actor_id
+        self.clock = clock
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "aha_actor_idle_seconds", "Time with no task in the engine", labels=["actor"]
+        )
+        family.add_metric([self.actor_id], self.clock.seconds)
+        yield family
 
 
 class Actor:
-    """The engine, the tokenizer and the bookkeeping one actor process needs."""
+    """The engine, the tokenizer and the bookkeeping one actor needs (in a process or a test)."""
 
     def __init__(self, config: ActorConfig, engine, tokenizer, bus: Bus):
         self.config = config
         self.engine = engine
         self.tokenizer = tokenizer
         self.bus = bus
+        self._own_download_dir = config.download_dir is None
         self.download_dir = config.download_dir or tempfile.mkdtemp(prefix="aha-actor-")
-        self.busy = 0
-        self.idle_since: float | None = time.monotonic()
+        self.idle = IdleClock()
+        self.rejected: set[int] = set()
+        """Versions refused once: a later notification does not fetch them again."""
 
     async def rollout(self, task: Task) -> Rollout:
         """G completions of one task with the weights served now."""
         picked = time.time()
-        self._start_work()
+        prompt_ids = (
+            task.prompt_token_ids.tolist()
+            if task.prompt_token_ids is not None
+            else self.tokenizer(task.prompt)["input_ids"]
+        )
+        self.idle.start()
         try:
-            prompt_ids = (
-                task.prompt_token_ids.tolist()
-                if task.prompt_token_ids is not None
-                else self.tokenizer(task.prompt)["input_ids"]
-            )
             gen = await self.engine.generate(prompt_ids, task.sampling, task.group_size)
         finally:
-            self._end_work()
+            self.idle.end()
         rollout = Rollout(
             task=task,
             policy_version=gen.policy_version,
             actor_id=self.config.actor_id,
             prompt_token_ids=prompt_ids,
             samples=gen.samples,
-            timings=Timings(queued_seconds=max(0.0, picked - task.issued_at), generation_seconds=gen.seconds),
+            timings=Timings(
+                queued_seconds=max(0.0, picked - task.issued_at), generation_seconds=gen.seconds
+            ),
         )
         TOKENS.labels(self.config.actor_id).inc(gen.num_tokens)
         PROMPTS.labels(self.config.actor_id).inc()
@@ -85,26 +134,20 @@ class Actor:
         )
         return rollout
 
-    def _start_work(self) -> None:
-        if self.busy == 0 and self.idle_since is not None:
-            IDLE.labels(self.config.actor_id).inc(time.monotonic() - self.idle_since)
-            self.idle_since = None
-        self.busy += 1
-
-    def _end_work(self) -> None:
-        self.busy -= 1
-        if self.busy == 0:
-            self.idle_since = time.monotonic()
-
     async def serve(self, manifest: WeightManifest) -> bool:
-        """Fetch, verify and load `manifest` if it is newer than what is served."""
+        """Fetch, verify and load `manifest` if it is newer than what is served.
+
+        Returns whether it is now served. A refused version is logged, counted and remembered;
+        the engine keeps serving what it had.
+        """
         from actors.weights import WeightsRejected, load_manifest
 
-        if manifest.version <= self.engine.version:
+        if manifest.version <= self.engine.version or manifest.version in self.rejected:
             return False
         try:
             cost = await load_manifest(self.engine, self.bus.js, manifest, self.download_dir)
         except WeightsRejected as e:
+            self.rejected.add(manifest.version)
             REJECTED.labels(self.config.actor_id).inc()
             log.error("weights rejected: still serving the old version", version=manifest.version,
                       serving=self.engine.version, reason=e.reason)  # fmt: skip
@@ -115,42 +158,83 @@ class Actor:
         return True
 
     async def follow_weights(self, kv) -> None:
-        """Serve each new `latest` manifest as it is published (the newest one first)."""
-        watcher = await kv.watch(KEY_LATEST)
+        """Serve each new `latest` manifest as it is published.
+
+        A watcher entry only says that `latest` changed; the current value is read when the
+        entry is handled, so versions published during a slow load are skipped for the newest
+        (the entries they left behind then find nothing newer to do).
+        """
+        watcher = await kv.watch(KEY_LATEST, ignore_deletes=True)
         try:
-            while True:
-                entry = await watcher._updates.get()  # None marks "no more initial values"
-                while not watcher._updates.empty():  # several published while loading: newest
-                    entry = watcher._updates.get_nowait() or entry
-                if entry is None or entry.value is None:
+            async for entry in watcher:
+                if entry is None:  # the end of the initial values
                     continue
-                try:
-                    manifest = decode(entry.value, WeightManifest)
-                except DecodeError as e:
-                    log.error("bad manifest in KV: ignored", error=str(e))
-                    continue
-                await self.serve(manifest)
+                manifest = await latest_manifest(kv)
+                if manifest is not None:
+                    await self.serve(manifest)
         finally:
             await watcher.stop()
 
+    async def run(self, stop: asyncio.Event, *, max_messages: int | None = None) -> StageStats:
+        """Catch up with `latest`, then turn tasks into rollouts until `stop`; follow weights."""
+        kv = await self.bus.js.key_value(KV_POLICY)
+        manifest = await latest_manifest(kv)
+        if manifest is not None:  # started mid-run: serve the current policy from the first task
+            await self.serve(manifest)
+        VERSION.labels(self.config.actor_id).set(self.engine.version)
+        follower = asyncio.create_task(self.follow_weights(kv))
+        advisories = await watch_max_deliveries(self.bus, TASKS)
+        collector = _IdleCollector(self.config.actor_id, self.idle)
+        REGISTRY.register(collector)
+        log.info("actor ready", backend=self.config.backend, policy_version=self.engine.version)
+        try:
+            stage = asyncio.create_task(
+                run_stage(self.bus, TASKS, self.rollout, output=ROLLOUTS, stop=stop,
+                          concurrency=self.config.concurrency,
+                          grace_s=self.config.shutdown_grace_s, max_messages=max_messages)
+            )  # fmt: skip
+            # Following weights must not die quietly: an actor serving a frozen version
+            # would look healthy. Its failure stops the loop and propagates.
+            await asyncio.wait({stage, follower}, return_when=asyncio.FIRST_COMPLETED)
+            if follower.done():
+                stop.set()
+                stats = await stage
+                follower.result()  # raises what stopped it
+                raise RuntimeError("the weight watcher ended")
+            stats = stage.result()
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+            REGISTRY.unregister(collector)
+            await advisories.unsubscribe()
+        log.info("actor stopped", handled=stats.handled, released=stats.released,
+                 failed=stats.failed, policy_version=self.engine.version)  # fmt: skip
+        return stats
+
+    def close(self) -> None:
+        if self._own_download_dir:
+            shutil.rmtree(self.download_dir, ignore_errors=True)
+
 
 async def latest_manifest(kv) -> WeightManifest | None:
+    """The manifest under `latest`, None if there is none or it does not decode (logged)."""
     from nats.js.errors import KeyNotFoundError
 
     try:
         entry = await kv.get(KEY_LATEST)
     except KeyNotFoundError:
         return None
-    return decode(entry.value, WeightManifest)
+    try:
+        return decode(entry.value, WeightManifest)
+    except DecodeError as e:
+        log.error("bad manifest under latest: ignored", revision=entry.revision, error=str(e))
+        return None
 
 
-async def run(config: ActorConfig) -> int:
-    from transformers import AutoTokenizer
-
+async def setup_actor_engine(config: ActorConfig):
+    """The engine `config` asks for, serving `config.model` as version 0."""
     from actors.engine import setup_engine
 
-    bus = await Bus.connect(config.bus, name=f"aha-actor-{config.actor_id}")
-    stop = stop_on_signals()
     kwargs = {"dtype": config.dtype}
     if config.backend == "vllm":
         kwargs.update(
@@ -159,27 +243,24 @@ async def run(config: ActorConfig) -> int:
             seed=config.seed,
             gpu_memory_utilization=config.gpu_memory_utilization,
         )
-    engine = await setup_engine(config.backend, config.model, **kwargs)
-    actor = Actor(config, engine, AutoTokenizer.from_pretrained(config.model), bus)
+    return await setup_engine(config.backend, config.model, **kwargs)
+
+
+async def run(config: ActorConfig, stop: asyncio.Event | None = None) -> int:
+    from transformers import AutoTokenizer
+
+    stop = stop_on_signals(stop)  # first: a SIGTERM while the engine starts ends it cleanly
+    bus = await Bus.connect(config.bus, name=f"aha-actor-{config.actor_id}")
     structlog.contextvars.bind_contextvars(actor_id=config.actor_id)
     try:
-        kv = await bus.js.key_value(KV_POLICY)
-        manifest = await latest_manifest(kv)
-        if manifest is not None:  # started mid-run: catch up before the first task
-            await actor.serve(manifest)
-        VERSION.labels(config.actor_id).set(engine.version)
-        follower = asyncio.create_task(actor.follow_weights(kv))
-        advisories = await watch_max_deliveries(bus, TASKS)
-        log.info("actor ready", backend=config.backend, policy_version=engine.version)
-        stats = await run_stage(
-            bus, TASKS, actor.rollout, output=ROLLOUTS, stop=stop, concurrency=config.concurrency
-        )
-        log.info("actor stopped", handled=stats.handled, released=stats.released, failed=stats.failed)
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
-        await advisories.unsubscribe()
+        engine = await setup_actor_engine(config)
+        actor = Actor(config, engine, AutoTokenizer.from_pretrained(config.model), bus)
+        try:
+            await actor.run(stop)
+        finally:
+            actor.close()
+            await engine.close()
     finally:
-        await engine.close()
         await bus.close()
     return 0
 
@@ -190,9 +271,6 @@ def main(args: argparse.Namespace) -> int:
         overrides["bus"] = {"url": args.nats_url}
     config = load_config(ActorConfig, args.config, section="actor", overrides=overrides)
     setup_logging("actor", actor_id=config.actor_id)
-    import torch
-
-    torch.set_num_threads(1)
     if config.metrics_port:
         from prometheus_client import start_http_server
 

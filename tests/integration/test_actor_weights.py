@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,6 @@ from learner.weights import publish_weights, write_shards
 from protocol.config import BusConfig
 from protocol.messages import Sampling
 from protocol.names import OBJECT_STORE_WEIGHTS
-from protocol.server import NatsServer
 from protocol.streams import connect, ensure_streams
 from protocol.weights import object_name
 
@@ -23,14 +24,13 @@ PROMPT = "Q:123+456="
 
 
 @pytest.fixture
-async def js(tmp_path):
-    with NatsServer(tmp_path / "nats") as server:
-        config = BusConfig(url=server.url)
-        nc = await connect(config)
-        js = nc.jetstream()
-        await ensure_streams(js, config)
-        yield js
-        await nc.close()
+async def js(nats_server):
+    config = BusConfig(url=nats_server.url)
+    nc = await connect(config)
+    js = nc.jetstream()
+    await ensure_streams(js, config)
+    yield js
+    await nc.close()
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +82,10 @@ async def test_shared_volume_path_is_used_when_it_verifies(js, tiny_model_dir, n
 async def test_corrupt_shared_file_falls_back_to_the_store(js, tiny_model_dir, new_model, tmp_path):
     engine = HfEngine(tiny_model_dir)
     manifest = await _publish(js, new_model, tmp_path / "shared" / "v3", version=3, shared=True)
-    path = manifest.shards[0].path
-    data = bytearray(open(path, "rb").read())
+    path = Path(manifest.shards[0].path)
+    data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
-    open(path, "wb").write(bytes(data))
+    path.write_bytes(bytes(data))
 
     report = await load_manifest(engine, js, manifest, tmp_path / "actor")
 

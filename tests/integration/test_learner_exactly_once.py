@@ -15,10 +15,7 @@ import sys
 
 import pytest
 
-from protocol.names import SCORED
-from protocol.stage import StageConsumer
-
-from .test_learner_loop import learner_config, play_actor_and_rewarder, read_lines
+from .test_learner_loop import learner_config, left_in_stream, play_actor_and_rewarder, read_lines
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -35,15 +32,6 @@ async def learner_process(config_path, fault: str | None = None) -> int:
         sys.executable, "-m", "deploy.cli", "learner", "--config", str(config_path), env=env
     )
     return await asyncio.wait_for(proc.wait(), timeout=240)
-
-
-async def left_in_stream(bus) -> list[str]:
-    """Task ids of the scored groups nobody acknowledged (fetched and left unacked)."""
-    consumer, ids = StageConsumer(bus, SCORED), []
-    while deliveries := await consumer.fetch(16, timeout=1.0):
-        ids += [d.message.task_id for d in deliveries]
-    await consumer.close()
-    return ids
 
 
 @pytest.mark.parametrize("fault", ["crash_before_checkpoint:2", "crash_before_ack:2"])

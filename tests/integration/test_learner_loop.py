@@ -115,15 +115,33 @@ async def play_actor_and_rewarder(bus, model_dir: Path, scratch: Path, stop: asy
     await tasks.close()
 
 
+async def left_in_stream(bus, timeout: float = 1.0) -> list[str]:
+    """Task ids of the scored groups nobody acknowledged (fetched and left unacked)."""
+    consumer, ids = StageConsumer(bus, SCORED), []
+    while deliveries := await consumer.fetch(16, timeout=timeout):
+        ids += [d.message.task_id for d in deliveries]
+    await consumer.close()
+    return ids
+
+
 def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 async def test_learner_steps_publish_weights_and_stop_at_max_steps(nats_server, bus, tmp_path, tiny_model_dir):
     from learner.loop import run
     from learner.metrics import STEP_KEYS
 
-    config = learner_config(tmp_path, tiny_model_dir, nats_server.url)
+    port = free_port()
+    config = learner_config(tmp_path, tiny_model_dir, nats_server.url, metrics_port=port)
     stop, played = asyncio.Event(), []
     actor = asyncio.create_task(play_actor_and_rewarder(bus, tiny_model_dir, tmp_path / "dl", stop, played))
     try:
@@ -158,3 +176,48 @@ async def test_learner_steps_publish_weights_and_stop_at_max_steps(nats_server, 
 
     AutoModelForCausalLM.from_pretrained(done["final_model"])
     AutoTokenizer.from_pretrained(done["final_model"])
+
+    import urllib.request
+
+    scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    for name in ("aha_learner_loss", "aha_learner_wait_share", "aha_learner_staleness_bucket",
+                 'aha_learner_reward_mean{component="accuracy_gsm8k"}', 'aha_learner_groups{outcome="trained"} 6.0'):
+        assert name in scraped, name
+
+
+async def test_stop_hands_back_the_partial_batch_and_checkpoints_trained_steps(
+    nats_server, bus, tmp_path, tiny_model_dir
+):
+    """SIGTERM/SIGINT (the `stop` event): steps trained since the last checkpoint are
+    checkpointed and acked, the groups of the unfinished step are handed back (nak)."""
+    from learner.loop import run
+
+    from learner.metrics import STEP
+
+    STEP.set(0)  # a module-global gauge: an earlier test in this process may have set it
+    # checkpoint_every=100: nothing is checkpointed (nor acked) before the stop.
+    config = learner_config(tmp_path, tiny_model_dir, nats_server.url, max_steps=None, checkpoint_every=100, batch=3)
+    stop, halt_actor, played = asyncio.Event(), asyncio.Event(), []
+    actor = asyncio.create_task(play_actor_and_rewarder(bus, tiny_model_dir, tmp_path / "dl", halt_actor, played))
+    learner = asyncio.create_task(run(config, stop=stop))
+    while STEP._value.get() < 2:  # two steps trained
+        await asyncio.sleep(0.05)
+    assert not (tmp_path / "metrics.jsonl").exists()  # step lines wait for their checkpoint
+    halt_actor.set()
+    await actor
+    await asyncio.sleep(1.5)  # the learner holds the partial batch of step 3 (or trained it)
+    stop.set()
+    assert await asyncio.wait_for(learner, timeout=60) == 0
+
+    steps = [r for r in read_lines(tmp_path / "metrics.jsonl") if r["event"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, len(steps) + 1)) and len(steps) >= 2
+    # Every trained step is checkpointed at the stop, between two checkpoint_every.
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step{len(steps)}"
+    consumed = {t for r in steps for t in r["task_ids"] + r["task_ids_dropped"]}
+    scored = {t for t, _, _ in played}
+    assert consumed <= scored
+    # The rest was handed back (nak): deliverable at once, not only after the 4 s ack wait.
+    started = asyncio.get_running_loop().time()
+    left = await left_in_stream(bus, timeout=0.5)
+    assert set(left) == scored - consumed and len(left) == len(set(left))
+    assert asyncio.get_running_loop().time() - started < 2.5

@@ -325,11 +325,24 @@ async def _depth(url: str) -> dict | None:
         return None
     try:
         return {k: v.as_dict() for k, v in (await queue_depth(bus.js)).items()}
+    except Exception as e:  # a view must not end the run
+        log.warning("queue depth unavailable", error=repr(e))
+        return None
     finally:
         await bus.close()
 
 
-def watch(up: UpConfig, sup: Supervisor, run_dir: Path, url: str, started: float) -> str:
+async def _setup_streams(url: str) -> None:
+    from protocol.bus import Bus
+    from protocol.config import BusConfig
+
+    bus = await Bus.connect(BusConfig(url=url), name="aha-up")
+    await bus.close()
+
+
+def watch(
+    up: UpConfig, sup: Supervisor, run_dir: Path, url: str, started: float, learner_code: list
+) -> str:
     """Live table until the learner exits (or Ctrl-C). Returns why the run ended."""
     from rich.console import Console
     from rich.live import Live
@@ -347,6 +360,7 @@ def watch(up: UpConfig, sup: Supervisor, run_dir: Path, url: str, started: float
                     f"{' (restarting)' if ex.restarted else ''}[/]\n{ex.log_tail}"
                 )
                 if ex.name == "learner":
+                    learner_code.append(ex.returncode)
                     return "finished" if ex.returncode == 0 else f"learner exited with {ex.returncode}"
             steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "step"]
             depth = asyncio.run(_depth(url))
@@ -420,6 +434,7 @@ def run(up: UpConfig, *, json_out: bool) -> dict:
     if not url:
         server = NatsServer(run_dir / "nats").start()
         url = server.url
+    asyncio.run(_setup_streams(url))
     log.info("run", dir=str(run_dir), nats=url)
 
     held_out: list[dict] = []
@@ -444,9 +459,11 @@ def run(up: UpConfig, *, json_out: bool) -> dict:
     rl_started = time.monotonic()
     try:
         start_parts(up, sup, config, python)
-        ended = watch(up, sup, run_dir, url, started)
+        learner_code: list[int] = []
+        ended = watch(up, sup, run_dir, url, started, learner_code)
     finally:
         codes = sup.stop()
+    codes.update({"learner": learner_code[0]} if learner_code else {})
     rl_seconds = time.monotonic() - rl_started
     remaining = in_flight(url)
     if server is not None:

@@ -9,7 +9,14 @@ steps outside its permissions is refused, and the server says so in its log.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -78,8 +85,36 @@ def passwords(monkeypatch) -> dict[str, str]:
 
 @pytest.fixture
 def server(tmp_path, passwords):
+    """nats-server with compose's deploy/nats/nats.conf."""
     with NatsServer(tmp_path / "nats", config_file=DEPLOY / "nats" / "nats.conf") as server:
         yield server
+
+
+def helm_auth_conf(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """The Helm chart's rendered auth.conf in a server config, and its generated passwords."""
+    helm = pytest.importorskip("helm_python", reason="pip install helm-python-sdk (the dev extra)")
+    with helm.Chart.load(DEPLOY / "helm" / "aha") as chart:
+        rendered = chart.render({}, name="aha", namespace="rl")
+    secret = yaml.safe_load(rendered["aha/templates/secret-nats-auth.yaml"])["stringData"]
+    (tmp_path / "auth.conf").write_text(secret["auth.conf"])
+    conf = tmp_path / "server.conf"
+    conf.write_text('jetstream: enabled\ninclude "auth.conf"\n')  # the NATS chart's $include
+    env = {f"AHA_NATS_{r.upper()}_PASSWORD": secret[f"{r}-password"] for r in ROLES.values()}
+    return conf, env
+
+
+@pytest.fixture(params=["compose", "helm"])
+def deployment(request, tmp_path, monkeypatch):
+    """(server, passwords) for the compose config or the Helm chart's rendered users."""
+    if request.param == "compose":
+        conf = DEPLOY / "nats" / "nats.conf"
+        env = {f"AHA_NATS_{role.upper()}_PASSWORD": f"{role}-pw-0123" for role in ROLES.values()}
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+    else:
+        conf, env = helm_auth_conf(tmp_path)
+    with NatsServer(tmp_path / "nats", config_file=conf) as server:
+        yield server, env
 
 
 def role_config(server: NatsServer, service: str, passwords: dict[str, str]) -> BusConfig:
@@ -113,7 +148,8 @@ async def publish_weights_as_learner(bus: Bus, directory: Path) -> WeightManifes
     return manifest
 
 
-async def test_every_role_does_its_work_within_its_permissions(server, passwords, tmp_path):
+async def test_every_role_does_its_work_within_its_permissions(deployment, tmp_path):
+    server, passwords = deployment
     cfg = {svc: role_config(server, svc, passwords) for svc in ROLES}
     assert cfg["learner"].setup_streams and not any(
         cfg[s].setup_streams for s in ("actor", "rewarder", "exporter")
@@ -264,3 +300,96 @@ async def test_roles_are_refused_outside_their_permissions(server, passwords):
         ("rewarder", "Publish", f"$JS.API.STREAM.INFO.{TASKS.stream}"),
         ("rewarder", "Subscription", TASKS.subject),
     }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metrics(port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            return r.read().decode()
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
+async def test_compose_services_run_as_local_processes(server, passwords):
+    """nats-setup, rewarder and exporter run their compose command with their compose
+    environment (NATS URL, metrics ports and worker count adapted to this machine).
+
+    The learner and actor parts of the loop are played here by the test with those roles'
+    credentials: `aha learner` and `aha actor` did not exist when this was written. With
+    them, the same harness runs the whole compose file (see deploy/README.md).
+    """
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    aha = [sys.executable, "-m", "deploy.cli"]
+
+    def command(service: str, port: int | None = None) -> list[str]:
+        args = [a.replace("/etc/aha/aha.toml", str(DEPLOY / "aha.toml")) for a in services[service]["command"]]
+        if port is not None:  # the metrics port is the command's numeric argument
+            args = [str(port) if a.isdigit() else a for a in args]
+        return aha + args
+
+    def environment(service: str, **extra: str) -> dict[str, str]:
+        env = {**os.environ, **service_environment(service, passwords), **extra}
+        return {**env, "NATS_URL": server.url, "PYTHONUNBUFFERED": "1"}
+
+    setup = subprocess.run(
+        command("nats-setup"), env=environment("nats-setup"), capture_output=True, text=True, timeout=120
+    )
+    assert setup.returncode == 0, setup.stderr
+    assert set(json.loads(setup.stdout.splitlines()[-1])) == {"tasks", "rollouts", "scored", "dead"}
+
+    rewarder_port, exporter_port = _free_port(), _free_port()
+    procs = [
+        subprocess.Popen(
+            command("rewarder", rewarder_port),
+            env=environment("rewarder", AHA_REWARDER__WORKERS="1"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            command("exporter", exporter_port),
+            env=environment("exporter"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+    ]
+    actor = await Bus.connect(role_config(server, "actor", passwords), name="actor")
+    learner = await Bus.connect(role_config(server, "learner", passwords).model_copy(update={"setup_streams": False}), name="learner")
+    try:
+        await actor.publish(ROLLOUTS, make_rollout(make_task(0)))
+        scored = StageConsumer(learner, SCORED)
+        deliveries = []
+        for _ in range(60):  # the rewarder process starts its verifier pool first
+            deliveries = await scored.fetch(1, timeout=1)
+            if deliveries:
+                break
+        (group,) = deliveries
+        assert group.message.rollout.task.task_id == "task-0"
+        for _ in range(100):
+            if 'aha_queue_ack_pending{stage="scored"} 1.0' in _metrics(exporter_port):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the exporter never reported the scored group in flight")
+        assert "aha_rewarder_completions_total 2.0" in _metrics(rewarder_port)
+        await group.ack_sync()
+        await scored.close()
+    finally:
+        await actor.close()
+        await learner.close()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0]
+    assert violations(server) == set()

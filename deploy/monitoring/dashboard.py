@@ -52,7 +52,14 @@ def _target(expr: str, legend: str, ref: str) -> dict:
     }
 
 
-def panel(title: str, targets: list[tuple[str, str]], *, unit: str = "short", kind: str = "timeseries", description: str = "") -> dict:
+def panel(
+    title: str,
+    targets: list[tuple[str, str]],
+    *,
+    unit: str = "short",
+    kind: str = "timeseries",
+    description: str = "",
+) -> dict:
     return {
         "type": kind,
         "title": title,
@@ -84,48 +91,161 @@ ROWS: list[tuple[str, list[dict]]] = [
     (
         "Queues (aha top)",
         [
-            panel("Pending per stage", [("aha_queue_pending", "{{stage}}")], description="Messages not yet delivered: the work waiting in front of each stage. tasks growing = add actors; rollouts growing = add rewarders; scored growing = the learner is the bottleneck."),
-            panel("Ack pending per stage", [("aha_queue_ack_pending", "{{stage}}")], description="Delivered, not yet acknowledged: work in progress (the learner holds scored groups until its next checkpoint)."),
-            panel("Redelivered and waiting", [("aha_queue_redelivered", "redelivered {{stage}}"), ("aha_queue_waiting", "waiting {{stage}}")], description="waiting > 0 with pending = 0: that stage is starved."),
-            panel("Dead letters", [('aha_queue_messages{stage="dead"}', "dead letters")], description="Messages an operator must look at (aha.dead.<stage>)."),
-            panel("Stage throughput", [("sum by (stage, outcome) (rate(aha_stage_messages_total[1m]))", "{{stage}} {{outcome}}")], unit="ops"),
+            panel(
+                "Pending per stage",
+                [("aha_queue_pending", "{{stage}}")],
+                description="Messages not yet delivered: the work waiting in front of each stage. tasks growing = add actors; rollouts growing = add rewarders; scored growing = the learner is the bottleneck.",
+            ),
+            panel(
+                "Ack pending per stage",
+                [("aha_queue_ack_pending", "{{stage}}")],
+                description="Delivered, not yet acknowledged: work in progress (the learner holds scored groups until its next checkpoint).",
+            ),
+            panel(
+                "Redelivered and waiting",
+                [
+                    ("aha_queue_redelivered", "redelivered {{stage}}"),
+                    ("aha_queue_waiting", "waiting {{stage}}"),
+                ],
+                description="waiting > 0 with pending = 0: that stage is starved.",
+            ),
+            panel(
+                "Dead letters",
+                [('aha_queue_messages{stage="dead"}', "dead letters")],
+                description="Messages an operator must look at (aha.dead.<stage>).",
+            ),
+            panel(
+                "Stage throughput",
+                [
+                    (
+                        "sum by (stage, outcome) (rate(aha_stage_messages_total[1m]))",
+                        "{{stage}} {{outcome}}",
+                    )
+                ],
+                unit="ops",
+            ),
         ],
     ),
     (
         "Learner",
         [
-            panel("Reward and accuracy", [("aha_learner_reward_mean", "reward mean"), ("aha_learner_accuracy", "accuracy")]),
-            heatmap("Staleness (policy versions)", "sum by (le) (increase(aha_learner_staleness_bucket[$__rate_interval]))", "How many versions behind the learner each trained group was sampled."),
-            panel("Dropped groups", [("rate(aha_learner_dropped_stale_total[5m])", "stale"), ("rate(aha_learner_zero_variance_total[5m])", "zero variance")], unit="ops"),
-            panel("Response length", [(_quantile(0.5, "aha_learner_response_length_tokens"), "p50"), (_quantile(0.9, "aha_learner_response_length_tokens"), "p90"), (_mean("aha_learner_response_length_tokens"), "mean")]),
-            panel("Loss, KL, clip fraction", [("aha_learner_loss", "loss"), ("aha_learner_kl", "KL"), ("aha_learner_clip_fraction", "clip fraction")]),
-            panel("Step time", [(_quantile(0.5, "aha_learner_step_seconds"), "p50"), (_quantile(0.95, "aha_learner_step_seconds"), "p95")], unit="s"),
-            panel("Idle share (waiting for data)", [("rate(aha_learner_data_wait_seconds_total[5m])", "learner idle")], unit="percentunit"),
+            panel(
+                "Reward and accuracy",
+                [("aha_learner_reward_mean", "reward mean"), ("aha_learner_accuracy", "accuracy")],
+            ),
+            heatmap(
+                "Staleness (policy versions)",
+                "sum by (le) (increase(aha_learner_staleness_bucket[$__rate_interval]))",
+                "How many versions behind the learner each trained group was sampled.",
+            ),
+            panel(
+                "Dropped groups",
+                [
+                    ("rate(aha_learner_dropped_stale_total[5m])", "stale"),
+                    ("rate(aha_learner_zero_variance_total[5m])", "zero variance"),
+                ],
+                unit="ops",
+            ),
+            panel(
+                "Response length",
+                [
+                    (_quantile(0.5, "aha_learner_response_length_tokens"), "p50"),
+                    (_quantile(0.9, "aha_learner_response_length_tokens"), "p90"),
+                    (_mean("aha_learner_response_length_tokens"), "mean"),
+                ],
+            ),
+            panel(
+                "Loss, KL, clip fraction",
+                [
+                    ("aha_learner_loss", "loss"),
+                    ("aha_learner_kl", "KL"),
+                    ("aha_learner_clip_fraction", "clip fraction"),
+                ],
+            ),
+            panel(
+                "Step time",
+                [
+                    (_quantile(0.5, "aha_learner_step_seconds"), "p50"),
+                    (_quantile(0.95, "aha_learner_step_seconds"), "p95"),
+                ],
+                unit="s",
+            ),
+            panel(
+                "Idle share (waiting for data)",
+                [("rate(aha_learner_data_wait_seconds_total[5m])", "learner idle")],
+                unit="percentunit",
+            ),
             panel("Learner tokens/s", [("rate(aha_learner_tokens_total[1m])", "tokens/s")]),
         ],
     ),
     (
         "Weights",
         [
-            panel("Weight publish and load time", [(_mean("aha_learner_weight_publish_seconds"), "publish (learner)"), (_mean("aha_actor_weight_load_seconds", "instance"), "load {{instance}}")], unit="s"),
-            panel("Policy version", [("aha_learner_policy_version", "learner"), ("aha_actor_policy_version", "{{instance}}")]),
+            panel(
+                "Weight publish and load time",
+                [
+                    (_mean("aha_learner_weight_publish_seconds"), "publish (learner)"),
+                    (_mean("aha_actor_weight_load_seconds", "instance"), "load {{instance}}"),
+                ],
+                unit="s",
+            ),
+            panel(
+                "Policy version",
+                [
+                    ("aha_learner_policy_version", "learner"),
+                    ("aha_actor_policy_version", "{{instance}}"),
+                ],
+            ),
         ],
     ),
     (
         "Actors",
         [
-            panel("Tokens/s per actor", [("sum by (instance) (rate(aha_actor_generated_tokens_total[1m]))", "{{instance}}")]),
-            panel("Prompts/s", [("sum(rate(aha_actor_prompts_total[1m]))", "all actors")], unit="ops"),
-            panel("Actor idle share", [("rate(aha_actor_idle_seconds_total[5m])", "{{instance}}")], unit="percentunit"),
+            panel(
+                "Tokens/s per actor",
+                [
+                    (
+                        "sum by (instance) (rate(aha_actor_generated_tokens_total[1m]))",
+                        "{{instance}}",
+                    )
+                ],
+            ),
+            panel(
+                "Prompts/s", [("sum(rate(aha_actor_prompts_total[1m]))", "all actors")], unit="ops"
+            ),
+            panel(
+                "Actor idle share",
+                [("rate(aha_actor_idle_seconds_total[5m])", "{{instance}}")],
+                unit="percentunit",
+            ),
         ],
     ),
     (
         "Rewarders",
         [
-            panel("Completions scored/s", [("sum(rate(aha_rewarder_completions_total[1m]))", "completions/s")], unit="ops"),
-            panel("Reward components (mean)", [(_mean("aha_rewarder_reward_component", "component"), "{{component}}")]),
-            panel("Verifier errors", [("sum by (kind) (rate(aha_rewarder_verifier_failures_total[5m]))", "{{kind}}")], unit="ops", description="Completions left without reward (error, timeout, crash): never silently 0."),
-            panel("Scoring time and queue wait", [(_quantile(0.95, "aha_rewarder_group_seconds"), "group p95"), (_quantile(0.95, "aha_rewarder_queue_wait_seconds"), "queue wait p95")], unit="s"),
+            panel(
+                "Completions scored/s",
+                [("sum(rate(aha_rewarder_completions_total[1m]))", "completions/s")],
+                unit="ops",
+            ),
+            panel(
+                "Reward components (mean)",
+                [(_mean("aha_rewarder_reward_component", "component"), "{{component}}")],
+            ),
+            panel(
+                "Verifier errors",
+                [("sum by (kind) (rate(aha_rewarder_verifier_failures_total[5m]))", "{{kind}}")],
+                unit="ops",
+                description="Completions left without reward (error, timeout, crash): never silently 0.",
+            ),
+            panel(
+                "Scoring time and queue wait",
+                [
+                    (_quantile(0.95, "aha_rewarder_group_seconds"), "group p95"),
+                    (_quantile(0.95, "aha_rewarder_queue_wait_seconds"), "queue wait p95"),
+                ],
+                unit="s",
+            ),
         ],
     ),
 ]
@@ -136,11 +256,24 @@ def build() -> dict:
     y = 0
     next_id = 1
     for title, row in ROWS:
-        panels.append({"type": "row", "title": title, "id": next_id, "collapsed": False, "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "panels": []})
+        panels.append(
+            {
+                "type": "row",
+                "title": title,
+                "id": next_id,
+                "collapsed": False,
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+                "panels": [],
+            }
+        )
         next_id += 1
         y += 1
         for i, p in enumerate(row):
-            p = {**p, "id": next_id, "gridPos": {"h": 8, "w": 8, "x": (i % 3) * 8, "y": y + (i // 3) * 8}}
+            p = {
+                **p,
+                "id": next_id,
+                "gridPos": {"h": 8, "w": 8, "x": (i % 3) * 8, "y": y + (i // 3) * 8},
+            }
             panels.append(p)
             next_id += 1
         y += 8 * ((len(row) + 2) // 3)
@@ -156,7 +289,13 @@ def build() -> dict:
         "time": {"from": "now-1h", "to": "now"},
         "templating": {
             "list": [
-                {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus", "current": {}},
+                {
+                    "name": "datasource",
+                    "label": "Prometheus",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "current": {},
+                },
             ]
         },
         "panels": panels,

@@ -189,9 +189,7 @@ async def test_every_role_does_its_work_within_its_permissions(deployment, tmp_p
             return make_rollout(task, version=manifest.version)
 
         stop = asyncio.Event()
-        stats = await run_stage(
-            actor, TASKS, generate, output=ROLLOUTS, stop=stop, max_messages=1
-        )
+        stats = await run_stage(actor, TASKS, generate, output=ROLLOUTS, stop=stop, max_messages=1)
         assert stats.handled == 1
 
         # Actor: the other task is abandoned until the server gives up; the max-deliveries
@@ -329,7 +327,10 @@ async def test_compose_services_run_as_local_processes(server, passwords):
     aha = [sys.executable, "-m", "deploy.cli"]
 
     def command(service: str, port: int | None = None) -> list[str]:
-        args = [a.replace("/etc/aha/aha.toml", str(DEPLOY / "aha.toml")) for a in services[service]["command"]]
+        args = [
+            a.replace("/etc/aha/aha.toml", str(DEPLOY / "aha.toml"))
+            for a in services[service]["command"]
+        ]
         if port is not None:  # the metrics port is the command's numeric argument
             args = [str(port) if a.isdigit() else a for a in args]
         return aha + args
@@ -338,8 +339,14 @@ async def test_compose_services_run_as_local_processes(server, passwords):
         env = {**os.environ, **service_environment(service, passwords), **extra}
         return {**env, "NATS_URL": server.url, "PYTHONUNBUFFERED": "1"}
 
-    setup = subprocess.run(
-        command("nats-setup"), env=environment("nats-setup"), capture_output=True, text=True, timeout=120
+    setup = await asyncio.to_thread(
+        subprocess.run,
+        command("nats-setup"),
+        env=environment("nats-setup"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert setup.returncode == 0, setup.stderr
     assert set(json.loads(setup.stdout.splitlines()[-1])) == {"tasks", "rollouts", "scored", "dead"}
@@ -360,7 +367,10 @@ async def test_compose_services_run_as_local_processes(server, passwords):
         ),
     ]
     actor = await Bus.connect(role_config(server, "actor", passwords), name="actor")
-    learner = await Bus.connect(role_config(server, "learner", passwords).model_copy(update={"setup_streams": False}), name="learner")
+    learner = await Bus.connect(
+        role_config(server, "learner", passwords).model_copy(update={"setup_streams": False}),
+        name="learner",
+    )
     try:
         await actor.publish(ROLLOUTS, make_rollout(make_task(0)))
         scored = StageConsumer(learner, SCORED)

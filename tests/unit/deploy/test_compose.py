@@ -27,7 +27,13 @@ ENV = {
     "AHA_NATS_EXPORTER_PASSWORD": "e",
     "GRAFANA_ADMIN_PASSWORD": "g",
 }
-ROLES = {"learner": "learner", "nats-setup": "learner", "actor": "actor", "rewarder": "rewarder", "exporter": "exporter"}
+ROLES = {
+    "learner": "learner",
+    "nats-setup": "learner",
+    "actor": "actor",
+    "rewarder": "rewarder",
+    "exporter": "exporter",
+}
 """aha services -> NATS user."""
 
 
@@ -48,7 +54,12 @@ def compose_config(*files: str, profiles: tuple[str, ...] = ()) -> dict:
         cmd += ["--profile", p]
     env = {"PATH": "/usr/bin:/bin", "HOME": str(ROOT), **ENV}
     out = subprocess.run(
-        cmd + ["config", "--format", "json"], capture_output=True, text=True, env=env, timeout=60
+        cmd + ["config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -60,7 +71,9 @@ def compose() -> dict:
 
 
 def gpus(service: dict) -> list:
-    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    devices = (
+        service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    )
     return [d for d in devices if "gpu" in d.get("capabilities", [])]
 
 
@@ -72,19 +85,32 @@ def test_compose_refuses_to_start_without_the_passwords():
         text=True,
         env={"PATH": "/usr/bin:/bin", "HOME": str(ROOT)},
         timeout=60,
+        check=False,
     )
     assert out.returncode != 0
     assert "AHA_NATS_" in out.stderr and "deploy/.env" in out.stderr
     example = (DEPLOY / ".env.example").read_text()
     for name in ENV:
-        assert re.search(rf"^{name}=$", example, re.M), name
+        assert re.search(rf"^{name}=$", example, re.MULTILINE), name
 
 
 def test_services_and_profiles(compose):
     services = compose["services"]
-    assert set(services) == {"nats", "nats-setup", "learner", "actor", "rewarder", "exporter", "prometheus", "grafana"}
+    assert set(services) == {
+        "nats",
+        "nats-setup",
+        "learner",
+        "actor",
+        "rewarder",
+        "exporter",
+        "prometheus",
+        "grafana",
+    }
     assert {n for n, s in services.items() if s.get("profiles")} == {"prometheus", "grafana"}
-    assert set(compose_config("compose.yaml")["services"]) == set(services) - {"prometheus", "grafana"}
+    assert set(compose_config("compose.yaml")["services"]) == set(services) - {
+        "prometheus",
+        "grafana",
+    }
 
 
 def test_nats_runs_the_locked_down_config_with_jetstream_on_a_volume(compose):
@@ -92,10 +118,14 @@ def test_nats_runs_the_locked_down_config_with_jetstream_on_a_volume(compose):
     assert re.fullmatch(r"nats:2\.\d+\.\d+-alpine", nats["image"])
     assert nats["command"] == ["-c", "/etc/nats/nats.conf"]
     mounts = {v["target"]: v for v in nats["volumes"]}
-    assert mounts["/etc/nats"]["source"] == str(DEPLOY / "nats") and mounts["/etc/nats"]["read_only"]
+    assert (
+        mounts["/etc/nats"]["source"] == str(DEPLOY / "nats") and mounts["/etc/nats"]["read_only"]
+    )
     assert mounts["/data"]["type"] == "volume"
     assert '"jetstream": "enabled"' in (DEPLOY / "nats" / "nats.conf").read_text()
-    assert set(nats["environment"]) == {f"AHA_NATS_{r.upper()}_PASSWORD" for r in ("learner", "actor", "rewarder", "exporter")}
+    assert set(nats["environment"]) == {
+        f"AHA_NATS_{r.upper()}_PASSWORD" for r in ("learner", "actor", "rewarder", "exporter")
+    }
     # Published to the host's loopback only.
     assert {p["host_ip"] for p in nats["ports"]} == {"127.0.0.1"}
 
@@ -117,7 +147,13 @@ def test_every_aha_service_has_one_config_file_and_its_own_nats_user(compose):
             assert s["depends_on"]["nats-setup"]["condition"] == "service_completed_successfully"
     assert services["nats-setup"]["depends_on"]["nats"]["condition"] == "service_healthy"
     commands = {n: services[n]["command"][0] for n in ROLES}
-    assert commands == {"learner": "learner", "nats-setup": "top", "actor": "actor", "rewarder": "rewarder", "exporter": "top"}
+    assert commands == {
+        "learner": "learner",
+        "nats-setup": "top",
+        "actor": "actor",
+        "rewarder": "rewarder",
+        "exporter": "top",
+    }
     # The config file loads (only the sections aha knows).
     from protocol.config import BusConfig, load_config
     from rewarder.config import RewarderConfig
@@ -135,7 +171,9 @@ def test_actors_and_rewarders_scale_and_only_learner_and_actors_get_gpus(compose
         assert not services[name].get("ports")
     cpu = compose_config("compose.yaml", "compose.cpu.yaml")["services"]
     assert {n for n, s in cpu.items() if gpus(s)} == set()
-    assert cpu["learner"]["image"].startswith("aha/aha-cpu") and cpu["actor"]["image"].startswith("aha/aha-cpu")
+    assert cpu["learner"]["image"].startswith("aha/aha-cpu") and cpu["actor"]["image"].startswith(
+        "aha/aha-cpu"
+    )
 
 
 def test_shared_volume_holds_checkpoints_and_weights(compose):
@@ -190,7 +228,7 @@ def test_dashboard_uses_the_metrics_aha_exports():
     """Every aha_queue_/aha_stage_/aha_rewarder_ series on the dashboard exists in the code."""
     import prometheus_client
 
-    import protocol.depth  # noqa: F401  (registers aha_queue_*)
+    import protocol.depth
     import protocol.stage  # noqa: F401  (aha_stage_messages_total)
     import rewarder.service  # noqa: F401  (aha_rewarder_*)
     from deploy.monitoring.dashboard import ACTOR_METRICS, LEARNER_METRICS, build
@@ -218,11 +256,17 @@ DOCKERFILES = sorted(DOCKER.glob("Dockerfile.*[!e]"))  # not the .dockerignore f
 
 
 def test_dockerfiles_are_pinned_non_root_and_run_aha():
-    assert [p.name for p in DOCKERFILES] == ["Dockerfile.cpu", "Dockerfile.gpu", "Dockerfile.rewarder"]
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert [p.name for p in DOCKERFILES] == [
+        "Dockerfile.cpu",
+        "Dockerfile.gpu",
+        "Dockerfile.rewarder",
+    ]
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
     for path in DOCKERFILES:
         text = path.read_text()
-        (base,) = re.findall(r"^FROM (\S+)", text, re.M)
+        (base,) = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
         assert re.search(r":\d+\.\d+(\.\d+)?[-\w.]*$", base), f"{path.name}: unpinned base {base}"
         for args in re.findall(r"pip install ([^\n&\\]+)", text):
             for arg in args.split():
@@ -232,7 +276,7 @@ def test_dockerfiles_are_pinned_non_root_and_run_aha():
         for extra in re.findall(r"\.\[([\w,-]+)\]", text):
             for name in extra.split(","):
                 assert name in extras, f"{path.name}: extra [{name}] is not in pyproject.toml"
-        users = re.findall(r"^USER (\S+)", text, re.M)
+        users = re.findall(r"^USER (\S+)", text, re.MULTILINE)
         assert users and users[-1] not in ("root", "0"), path.name
         assert 'ENTRYPOINT ["aha"]' in text
         assert (DOCKER / f"{path.name}.dockerignore").is_file()
@@ -245,13 +289,18 @@ def test_rewarder_image_needs_no_torch():
     the rewarder, exporter and set-up code import nothing heavy."""
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     names = {re.split(r"[<>=!~\[ ]", d)[0].lower().replace("_", "-") for d in deps}
-    reqs = [l.split("#")[0].strip() for l in (DOCKER / "requirements-rewarder.txt").read_text().splitlines()]
+    reqs = [
+        l.split("#")[0].strip()
+        for l in (DOCKER / "requirements-rewarder.txt").read_text().splitlines()
+    ]
     reqs = [r for r in reqs if r]
     for req in reqs:
         name, _, version = req.partition("==")
         assert version, f"{req} is not pinned"
         assert name.lower() in names, f"{name} is not a dependency of aha"
-    assert not {"torch", "deepspeed", "transformers", "safetensors", "vllm"} & {r.split("==")[0] for r in reqs}
+    assert not {"torch", "deepspeed", "transformers", "safetensors", "vllm"} & {
+        r.split("==")[0] for r in reqs
+    }
     probe = (
         "import sys\n"
         "import deploy.cli, deploy.top, rewarder.service, rewarder.pool, rewarder.rewards, rewarder._preload\n"
@@ -259,5 +308,12 @@ def test_rewarder_image_needs_no_torch():
         "heavy = {'torch', 'transformers', 'deepspeed', 'safetensors', 'vllm'} & {m.split('.')[0] for m in sys.modules}\n"
         "assert not heavy, heavy\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr

@@ -38,16 +38,27 @@ CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
 """Custom resources: no schema in kubernetes-validate; checked field by field below."""
 
 EXTERNAL_NATS = {
-    "nats": {"enabled": False, "url": "tls://nats.infra:4222", "monitoringEndpoint": "nats.infra:8222"},
+    "nats": {
+        "enabled": False,
+        "url": "tls://nats.infra:4222",
+        "monitoringEndpoint": "nats.infra:8222",
+    },
     "networkPolicy": {"externalNatsPeers": [{"ipBlock": {"cidr": "10.20.0.0/16"}}]},
     "tls": {"enabled": True, "caSecret": "nats-ca", "clientSecret": "aha-client-tls"},
 }
 VALUES = {
     "default": {},
     "scaled": {"actor": {"replicas": 7}, "rewarder": {"replicas": 3, "workers": 8}},
-    "autoscaled": {"autoscaling": {"enabled": True}, "monitoring": {"podMonitor": {"enabled": True}}},
+    "autoscaled": {
+        "autoscaling": {"enabled": True},
+        "monitoring": {"podMonitor": {"enabled": True}},
+    },
     "external-nats-tls-shared-weights": {**EXTERNAL_NATS, "sharedWeights": {"enabled": True}},
-    "cpu-only": {"learner": {"engine": "cpu"}, "actor": {"engine": "cpu"}, "rewarder": {"namespaceSandbox": False}},
+    "cpu-only": {
+        "learner": {"engine": "cpu"},
+        "actor": {"engine": "cpu"},
+        "rewarder": {"namespaceSandbox": False},
+    },
 }
 
 
@@ -156,7 +167,11 @@ def users_of(conf: dict) -> dict[str, dict[str, list[str]]]:
 
 def compose_nats_conf() -> dict:
     """deploy/nats/nats.conf as data: JSON once comments go and $VARIABLES are quoted."""
-    lines = [l for l in (DEPLOY / "nats" / "nats.conf").read_text().splitlines() if not l.lstrip().startswith("#")]
+    lines = [
+        l
+        for l in (DEPLOY / "nats" / "nats.conf").read_text().splitlines()
+        if not l.lstrip().startswith("#")
+    ]
     return json.loads(re.sub(r"(?<![\"\w])(\$[A-Z_]+)", r'"\1"', "\n".join(lines)))
 
 
@@ -174,7 +189,9 @@ def test_chart_lints_with_only_the_missing_nats_dependency_as_a_warning():
         report = helm.lint(CHART, values)
         assert report["errors"] == []
         problems = [m for m in report["messages"] if m["severity"] >= 2]
-        assert [m["error"] for m in problems] == ["chart directory is missing these dependencies: nats"]
+        assert [m["error"] for m in problems] == [
+            "chart directory is missing these dependencies: nats"
+        ]
     with helm.Chart.load(CHART) as chart:
         (dep,) = chart.metadata["dependencies"]
         assert dep["name"] == "nats" and dep["condition"] == "nats.enabled"
@@ -227,7 +244,10 @@ def test_keda_scales_actors_and_rewarders_on_their_consumers_lag():
         assert "replicas" not in target["spec"]  # KEDA owns the count
     external = render({**EXTERNAL_NATS, "autoscaling": {"enabled": True}})
     for so in of_kind(external, "ScaledObject").values():
-        assert so["spec"]["triggers"][0]["metadata"]["natsServerMonitoringEndpoint"] == "nats.infra:8222"
+        assert (
+            so["spec"]["triggers"][0]["metadata"]["natsServerMonitoringEndpoint"]
+            == "nats.infra:8222"
+        )
 
 
 def test_nats_permissions_name_exactly_the_protocol_names():
@@ -253,7 +273,18 @@ def test_nats_permissions_name_exactly_the_protocol_names():
     for role in ("actor", "rewarder", "exporter"):
         publish = expected[role]["publish"]
         assert "$JS.API.>" not in publish
-        assert not any(p.startswith(("$JS.API.STREAM.CREATE", "$JS.API.STREAM.UPDATE", "$JS.API.STREAM.DELETE", "$KV.", "$O.")) for p in publish)
+        assert not any(
+            p.startswith(
+                (
+                    "$JS.API.STREAM.CREATE",
+                    "$JS.API.STREAM.UPDATE",
+                    "$JS.API.STREAM.DELETE",
+                    "$KV.",
+                    "$O.",
+                )
+            )
+            for p in publish
+        )
         assert len(stage_subjects & set(publish)) <= 1
 
 
@@ -280,18 +311,33 @@ def test_only_learner_and_actor_pods_request_gpus():
 def test_replica_counts_are_independent():
     def counts(values):
         docs = render(values)
-        out = {component(d): d["spec"].get("replicas") for d in docs if d["kind"] in ("Deployment", "StatefulSet")}
+        out = {
+            component(d): d["spec"].get("replicas")
+            for d in docs
+            if d["kind"] in ("Deployment", "StatefulSet")
+        }
         return out
 
     assert counts({}) == {"learner": 1, "actor": 2, "rewarder": 2, "exporter": 1}
     assert counts(VALUES["scaled"]) == {"learner": 1, "actor": 7, "rewarder": 3, "exporter": 1}
-    assert counts({"actor": {"replicas": 0}}) == {"learner": 1, "actor": 0, "rewarder": 2, "exporter": 1}
+    assert counts({"actor": {"replicas": 0}}) == {
+        "learner": 1,
+        "actor": 0,
+        "rewarder": 2,
+        "exporter": 1,
+    }
     assert counts({"rewarder": {"replicas": 12}})["actor"] == 2
 
 
 def test_each_pod_connects_as_its_own_user_and_only_the_learner_sets_up_streams():
     docs = render(VALUES["external-nats-tls-shared-weights"])
-    roles = {"learner": "learner", "setup": "learner", "actor": "actor", "rewarder": "rewarder", "exporter": "exporter"}
+    roles = {
+        "learner": "learner",
+        "setup": "learner",
+        "actor": "actor",
+        "rewarder": "rewarder",
+        "exporter": "exporter",
+    }
     specs = pod_specs(docs)
     assert set(specs) == set(roles)
     for comp, user in roles.items():
@@ -306,7 +352,9 @@ def test_each_pod_connects_as_its_own_user_and_only_the_learner_sets_up_streams(
     assert specs["setup"]["containers"][0]["args"][:2] == ["top", "--once"]
     assert env_of(specs["learner"])["AHA_LEARNER__WEIGHTS_DIR"]["value"] == "/shared/weights"
     assert list(of_kind(docs, "Secret")) == ["aha-nats-auth"]  # unless auth.existingSecret
-    existing = render({**VALUES["external-nats-tls-shared-weights"], "auth": {"existingSecret": "mine"}})
+    existing = render(
+        {**VALUES["external-nats-tls-shared-weights"], "auth": {"existingSecret": "mine"}}
+    )
     assert of_kind(existing, "Secret") == {}
     ref = env_of(pod_specs(existing)["actor"])["AHA_BUS__PASSWORD"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "mine", "key": "actor-password"}
@@ -314,7 +362,18 @@ def test_each_pod_connects_as_its_own_user_and_only_the_learner_sets_up_streams(
 
 def test_rewarders_reach_only_nats_and_dns():
     for values in (VALUES["default"], VALUES["external-nats-tls-shared-weights"]):
-        docs = render({**values, "networkPolicy": {**values.get("networkPolicy", {}), "extraEgress": {"learner": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}], "actor": []}}})
+        docs = render(
+            {
+                **values,
+                "networkPolicy": {
+                    **values.get("networkPolicy", {}),
+                    "extraEgress": {
+                        "learner": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}],
+                        "actor": [],
+                    },
+                },
+            }
+        )
         policies = {component(d): d["spec"] for d in of_kind(docs, "NetworkPolicy").values()}
         assert set(policies) == {"learner", "actor", "rewarder", "exporter", "setup"}
         rewarder = policies["rewarder"]
@@ -325,8 +384,14 @@ def test_rewarders_reach_only_nats_and_dns():
         assert rewarder["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}]
         assert len(policies["learner"]["egress"]) == 3  # + the extra rule asked for
     nats_peer = render({})
-    (peer,) = [p for p in of_kind(nats_peer, "NetworkPolicy").values() if component(p) == "rewarder"][0]["spec"]["egress"][0]["to"]
-    assert peer == {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "nats", "app.kubernetes.io/instance": "aha"}}}
+    (peer,) = next(
+        p for p in of_kind(nats_peer, "NetworkPolicy").values() if component(p) == "rewarder"
+    )["spec"]["egress"][0]["to"]
+    assert peer == {
+        "podSelector": {
+            "matchLabels": {"app.kubernetes.io/name": "nats", "app.kubernetes.io/instance": "aha"}
+        }
+    }
 
 
 def test_rewarder_gets_what_the_sandbox_needs_and_nothing_more():
@@ -350,11 +415,17 @@ def test_learner_is_a_statefulset_with_a_checkpoint_volume_and_pdbs_cover_actors
     docs = render({})
     (learner,) = of_kind(docs, "StatefulSet").values()
     (claim,) = learner["spec"]["volumeClaimTemplates"]
-    mounts = {m["name"]: m["mountPath"] for m in learner["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    mounts = {
+        m["name"]: m["mountPath"]
+        for m in learner["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    }
     assert mounts[claim["metadata"]["name"]] == "/checkpoints"
     config = of_kind(docs, "ConfigMap")["aha-config"]["data"]["aha.toml"]
     assert 'checkpoint_dir = "/checkpoints"' in config
-    assert {component(d) for d in of_kind(docs, "PodDisruptionBudget").values()} == {"actor", "rewarder"}
+    assert {component(d) for d in of_kind(docs, "PodDisruptionBudget").values()} == {
+        "actor",
+        "rewarder",
+    }
     assert of_kind(docs, "PodMonitor") == {}
     (monitor,) = of_kind(render(VALUES["autoscaled"]), "PodMonitor").values()
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"

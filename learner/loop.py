@@ -10,8 +10,8 @@ The checkpoint also holds the dispatcher's `Ledger`, so after a crash the groups
 the dead process come back (redelivered) and are trained, and a group whose checkpoint was
 saved but whose ack was lost is recognised as consumed and only acked.
 
-Single rank only for now: `run` refuses a world size above 1 (rank 0 would have to do the
-bus work and broadcast each batch to the other ranks).
+Under `torchrun` rank 0 does all bus work and hands every other rank the same batch, checkpoint
+and weight-gathering calls (`learner.ranks`).
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ import torch
 
 from learner.config import LearnerConfig
 from learner.dispatcher import Dispatcher, Ledger, load_problems, run_key, top_up
-from learner.engine import PolicyEngine, load_checkpoint, save_checkpoint, setup_engine, train_step
+from learner.engine import PolicyEngine, load_checkpoint, setup_engine
 from learner.metrics import STEP_KEYS, append_line, export_gauges
 from learner.step import Group, build_batch, judge, sample_stats, staleness_stats
-from learner.weights import export_model, prune_dirs, publish_weights, version_dir, write_shards
+from learner.ranks import collective, follow, stop_followers
+from learner.weights import prune_dirs, publish_weights, version_dir
 from protocol.bus import Bus
 from protocol.config import ConfigError
 from protocol.names import SCORED
@@ -46,6 +47,8 @@ log = structlog.get_logger("learner")
 
 KEEP_CHECKPOINTS = 2
 """Checkpoint tags kept on disk (the newest is the one a restart loads)."""
+HEARTBEAT_S = 60.0
+"""While rank 0 waits for data, it wakes the other ranks this often (collectives time out)."""
 
 
 # -- state that a checkpoint carries ------------------------------------------------------
@@ -148,11 +151,12 @@ class Learner:
 async def run(config: LearnerConfig, *, resume: bool = False, stop: asyncio.Event | None = None) -> int:
     """Train until `max_steps` or SIGTERM/SIGINT; returns the exit status."""
     stop = stop_on_signals(stop)
-    require_single_rank()
-    serve_metrics(config)
     problems = load_problems(config.dataset, load_tokenizer(config))
     pe = setup_engine(config)
     progress, ledger = restore(pe, config, resume)
+    if pe.rank != 0:
+        return follow(pe)
+    serve_metrics(config)
     bus = await Bus.connect(config.bus, name="aha-learner")
     leases = Leases(config.bus.scored.ack_wait_s)
     keep_alive = asyncio.create_task(leases.keep_alive())
@@ -171,16 +175,8 @@ async def run(config: LearnerConfig, *, resume: bool = False, stop: asyncio.Even
     finally:
         keep_alive.cancel()
         await bus.close()
+    stop_followers()
     return 0
-
-
-def require_single_rank() -> None:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
-        raise ConfigError(
-            f"aha learner runs as one process for now (WORLD_SIZE={world_size}): "
-            "start it without torchrun"
-        )
 
 
 def serve_metrics(config: LearnerConfig) -> None:
@@ -212,7 +208,8 @@ def restore(pe: PolicyEngine, config: LearnerConfig, resume: bool) -> tuple[Prog
         return Progress(), Ledger()
     state = load_checkpoint(pe, config.checkpoint_dir)
     set_rng_state(state["rng"])
-    write_records(config.metrics_file, state["records"])  # lines a crash kept from the file
+    if pe.rank == 0:
+        write_records(config.metrics_file, state["records"])  # lines a crash kept from the file
     progress = Progress(**state["progress"])
     log.info("resumed", checkpoint_dir=config.checkpoint_dir, **asdict(progress))
     return progress, Ledger.from_state(state["ledger"])
@@ -235,7 +232,7 @@ async def step(lr: Learner, stop: asyncio.Event) -> bool:
     trained = [g for g, verdict in collected if verdict == "train"]
     batch = build_batch(trained, lr.config.grpo.scale)
     train_started = time.perf_counter()
-    metrics = await asyncio.to_thread(train_step, lr.pe, batch)
+    metrics = await asyncio.to_thread(collective, lr.pe, "train", batch)
     train_seconds = time.perf_counter() - train_started
     version = lr.progress.version
     count(lr.progress, collected)
@@ -263,7 +260,11 @@ async def collect(lr: Learner, stop: asyncio.Event) -> list[tuple[Group, str]] |
     """
     config, ledger = lr.config, lr.ledger
     collected: list[tuple[Group, str]] = []
+    beat = time.monotonic()
     while sum(verdict == "train" for _, verdict in collected) < config.batch:
+        if time.monotonic() - beat > HEARTBEAT_S:  # other ranks wait in a collective meanwhile
+            await asyncio.to_thread(collective, lr.pe, "noop")
+            beat = time.monotonic()
         if stop.is_set():
             positions = [g.position for g, _ in collected]
             for p in positions:
@@ -321,7 +322,7 @@ async def checkpoint(lr: Learner) -> None:
     }
     fault_point("crash_before_checkpoint", lr.progress.step)
     tag = f"step{lr.progress.step}"
-    await asyncio.to_thread(save_checkpoint, lr.pe, lr.config.checkpoint_dir, tag, state)
+    await asyncio.to_thread(collective, lr.pe, "checkpoint", lr.config.checkpoint_dir, tag, state)
     fault_point("crash_before_ack", lr.progress.step)
     write_records(lr.config.metrics_file, lr.uncommitted)
     lr.uncommitted = []
@@ -361,7 +362,7 @@ async def publish(lr: Learner) -> None:
     config, progress = lr.config, lr.progress
     directory, shared = version_dir(config.weights_dir, progress.version)
     shards = await asyncio.to_thread(
-        write_shards, lr.pe.module, directory, config.serving_dtype, config.shard_mb, rank=lr.pe.rank, shared=shared
+        collective, lr.pe, "write_shards", directory, config.serving_dtype, config.shard_mb, shared
     )
     try:
         await publish_weights(
@@ -427,8 +428,8 @@ async def finish(lr: Learner) -> None:
     final = None
     if config.final_model_dir:
         final = await asyncio.to_thread(
-            export_model, lr.pe.module, config.final_model_dir, config.serving_dtype, config.shard_mb,
-            rank=lr.pe.rank, tokenizer_from=config.model.path,
+            collective, lr.pe, "export", config.final_model_dir, config.serving_dtype, config.shard_mb,
+            config.model.path,
         )  # fmt: skip
     append_line(
         config.metrics_file,

@@ -177,6 +177,17 @@ class LearnerConfig(BaseModel):
     bus: BusConfig = Field(default_factory=BusConfig)
     """NATS connection and stream settings (the file's `[bus]` section)."""
 
+    @model_validator(mode="after")
+    def _scored_leases_fit(self):
+        # Scored groups stay leased (unacked) until their checkpoint: the consumer must allow it.
+        held = self.batch * self.checkpoint_every
+        if held > self.bus.scored.max_ack_pending:
+            raise ValueError(
+                f"batch × checkpoint_every = {held} scored groups are held until a checkpoint, "
+                f"more than bus.scored.max_ack_pending = {self.bus.scored.max_ack_pending}"
+            )
+        return self
+
     @property
     def in_flight_limit(self) -> int:
         """Most groups issued and not yet consumed: `(max_staleness + 1) × batch`."""

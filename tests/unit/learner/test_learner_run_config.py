@@ -27,3 +27,13 @@ def test_dataset_refuses_unknown_template_and_single_completion_groups(tmp_path)
     with pytest.raises(ConfigError) as e:
         load_config(LearnerConfig, path, section="learner")
     assert "learner.dataset.template" in str(e.value) and "learner.dataset.group_size" in str(e.value)
+
+
+def test_held_groups_must_fit_the_scored_consumer(tmp_path):
+    path = tmp_path / "aha.toml"
+    path.write_text(
+        "[bus.scored]\nmax_ack_pending = 64\n"
+        '[learner]\nbatch = 16\ncheckpoint_every = 8\n[learner.model]\npath = "m"\n'
+    )
+    with pytest.raises(ConfigError, match="128 scored groups are held until a checkpoint"):
+        load_config(LearnerConfig, path, section="learner")

@@ -1,10 +1,10 @@
 """The Grafana dashboard, written as data: `python -m deploy.monitoring.dashboard` regenerates
 `deploy/monitoring/grafana/aha.json` (compose) and the Helm chart's copy.
 
-Metric names: `aha_queue_*` (protocol/depth.py), `aha_stage_messages_total`
-(protocol/stage.py) and `aha_rewarder_*` (rewarder/service.py) exist. `aha_learner_*` and
-`aha_actor_*` are the names the learner and actor are asked to export (issues 4 and 5);
-LEARNER_METRICS and ACTOR_METRICS list them, so a rename is one edit here.
+Every series on it is one aha exports: `aha_queue_*` (protocol/depth.py),
+`aha_stage_messages_total` (protocol/stage.py), `aha_rewarder_*` (rewarder/service.py),
+`aha_learner_*` (learner/metrics.py) and `aha_actor_*` (actors/service.py);
+tests/unit/deploy/test_compose.py checks it. The exceptions are listed here.
 """
 
 from __future__ import annotations
@@ -18,28 +18,12 @@ OUTPUTS = (
     DEPLOY / "helm" / "aha" / "dashboards" / "aha.json",
 )
 
-LEARNER_METRICS = {
-    "aha_learner_policy_version": "gauge: the version of the newest published weights",
-    "aha_learner_reward_mean": "gauge: mean reward of the last update's groups",
-    "aha_learner_accuracy": "gauge: share of the last update's completions with accuracy 1",
-    "aha_learner_loss": "gauge: last update's loss",
-    "aha_learner_kl": "gauge: last update's mean k3 KL to the reference",
-    "aha_learner_clip_fraction": "gauge: last update's share of clipped tokens",
-    "aha_learner_staleness": "histogram: policy versions between sampling and training, per group",
-    "aha_learner_dropped_stale_total": "counter: groups dropped for staleness > max_staleness",
-    "aha_learner_zero_variance_total": "counter: groups dropped because all rewards were equal",
-    "aha_learner_response_length_tokens": "histogram: completion length in tokens",
-    "aha_learner_tokens_total": "counter: tokens trained on (rate = learner tokens/s)",
-    "aha_learner_step_seconds": "histogram: wall time of one optimizer update",
-    "aha_learner_data_wait_seconds_total": "counter: time spent waiting for scored groups (rate = idle share)",
-    "aha_learner_weight_publish_seconds": "histogram: gather + write + upload + KV put of one version",
+REGISTERED_AT_RUN_TIME = {
+    "aha_actor_idle_seconds_total": "actors/service.py: a collector each actor process registers",
 }
-ACTOR_METRICS = {
-    "aha_actor_generated_tokens_total": "counter: completion tokens generated (rate = tokens/s)",
-    "aha_actor_prompts_total": "counter: tasks completed (rate = prompts/s)",
-    "aha_actor_policy_version": "gauge: the weight version this actor serves",
-    "aha_actor_weight_load_seconds": "histogram: manifest seen -> new version served",
-    "aha_actor_idle_seconds_total": "counter: time with no task to work on (rate = idle share)",
+NOT_YET_EXPORTED = {
+    "aha_learner_weight_publish_seconds": "gauge: gather + write + upload + KV put of the last "
+    "version (the learner logs it in its 'weights published' line, no gauge yet)",
 }
 
 
@@ -94,12 +78,15 @@ ROWS: list[tuple[str, list[dict]]] = [
             panel(
                 "Pending per stage",
                 [("aha_queue_pending", "{{stage}}")],
-                description="Messages not yet delivered: the work waiting in front of each stage. tasks growing = add actors; rollouts growing = add rewarders; scored growing = the learner is the bottleneck.",
+                description="Messages not yet delivered: the work waiting in front of each "
+                "stage. tasks growing = add actors; rollouts growing = add rewarders; scored "
+                "growing = the learner is the bottleneck.",
             ),
             panel(
                 "Ack pending per stage",
                 [("aha_queue_ack_pending", "{{stage}}")],
-                description="Delivered, not yet acknowledged: work in progress (the learner holds scored groups until its next checkpoint).",
+                description="Delivered, not yet acknowledged: work in progress (the learner "
+                "holds scored groups until its next checkpoint).",
             ),
             panel(
                 "Redelivered and waiting",
@@ -131,7 +118,10 @@ ROWS: list[tuple[str, list[dict]]] = [
         [
             panel(
                 "Reward and accuracy",
-                [("aha_learner_reward_mean", "reward mean"), ("aha_learner_accuracy", "accuracy")],
+                [
+                    ('aha_learner_reward_mean{component="total"}', "reward"),
+                    ("aha_learner_accuracy", "accuracy"),
+                ],
             ),
             heatmap(
                 "Staleness (policy versions)",
@@ -139,43 +129,36 @@ ROWS: list[tuple[str, list[dict]]] = [
                 "How many versions behind the learner each trained group was sampled.",
             ),
             panel(
-                "Dropped groups",
-                [
-                    ("rate(aha_learner_dropped_stale_total[5m])", "stale"),
-                    ("rate(aha_learner_zero_variance_total[5m])", "zero variance"),
-                ],
+                "Groups per second",
+                [("deriv(aha_learner_groups[5m])", "{{outcome}}")],
                 unit="ops",
+                description="Trained, dropped (stale, zero variance, no reward) and duplicate "
+                "scored groups (cumulative gauges, so their slope).",
             ),
+            panel("Response length (tokens)", [("aha_learner_response_length", "mean")]),
             panel(
-                "Response length",
-                [
-                    (_quantile(0.5, "aha_learner_response_length_tokens"), "p50"),
-                    (_quantile(0.9, "aha_learner_response_length_tokens"), "p90"),
-                    (_mean("aha_learner_response_length_tokens"), "mean"),
-                ],
-            ),
-            panel(
-                "Loss, KL, clip fraction",
+                "Loss, KL, clip fraction, ratios",
                 [
                     ("aha_learner_loss", "loss"),
                     ("aha_learner_kl", "KL"),
                     ("aha_learner_clip_fraction", "clip fraction"),
+                    ("aha_learner_ratio", "ratio"),
+                    ("aha_learner_is_weight", "IS weight"),
                 ],
             ),
-            panel(
-                "Step time",
-                [
-                    (_quantile(0.5, "aha_learner_step_seconds"), "p50"),
-                    (_quantile(0.95, "aha_learner_step_seconds"), "p95"),
-                ],
-                unit="s",
-            ),
+            panel("Step time", [("aha_learner_step_seconds", "step")], unit="s"),
             panel(
                 "Idle share (waiting for data)",
-                [("rate(aha_learner_data_wait_seconds_total[5m])", "learner idle")],
+                [("aha_learner_wait_share", "learner idle")],
                 unit="percentunit",
             ),
-            panel("Learner tokens/s", [("rate(aha_learner_tokens_total[1m])", "tokens/s")]),
+            panel(
+                "Learner tokens/s and groups in flight",
+                [
+                    ("aha_learner_tokens_per_second", "tokens/s"),
+                    ("aha_learner_groups_in_flight", "in flight"),
+                ],
+            ),
         ],
     ),
     (
@@ -184,8 +167,8 @@ ROWS: list[tuple[str, list[dict]]] = [
             panel(
                 "Weight publish and load time",
                 [
-                    (_mean("aha_learner_weight_publish_seconds"), "publish (learner)"),
-                    (_mean("aha_actor_weight_load_seconds", "instance"), "load {{instance}}"),
+                    ("aha_learner_weight_publish_seconds", "publish (learner)"),
+                    ("aha_actor_weight_load_seconds", "load {{actor}}"),
                 ],
                 unit="s",
             ),
@@ -193,8 +176,15 @@ ROWS: list[tuple[str, list[dict]]] = [
                 "Policy version",
                 [
                     ("aha_learner_policy_version", "learner"),
-                    ("aha_actor_policy_version", "{{instance}}"),
+                    ("aha_actor_policy_version", "{{actor}}"),
                 ],
+            ),
+            panel(
+                "Weights rejected",
+                [("sum by (actor) (rate(aha_actor_weights_rejected_total[5m]))", "{{actor}}")],
+                unit="ops",
+                description="Versions an actor refused (corrupt or missing shards): it keeps "
+                "serving the version it had.",
             ),
         ],
     ),
@@ -203,19 +193,16 @@ ROWS: list[tuple[str, list[dict]]] = [
         [
             panel(
                 "Tokens/s per actor",
-                [
-                    (
-                        "sum by (instance) (rate(aha_actor_generated_tokens_total[1m]))",
-                        "{{instance}}",
-                    )
-                ],
+                [("sum by (actor) (rate(aha_actor_tokens_total[1m]))", "{{actor}}")],
             ),
             panel(
-                "Prompts/s", [("sum(rate(aha_actor_prompts_total[1m]))", "all actors")], unit="ops"
+                "Prompts/s",
+                [("sum(rate(aha_actor_prompts_total[1m]))", "all actors")],
+                unit="ops",
             ),
             panel(
                 "Actor idle share",
-                [("rate(aha_actor_idle_seconds_total[5m])", "{{instance}}")],
+                [("rate(aha_actor_idle_seconds_total[5m])", "{{actor}}")],
                 unit="percentunit",
             ),
         ],
@@ -236,7 +223,8 @@ ROWS: list[tuple[str, list[dict]]] = [
                 "Verifier errors",
                 [("sum by (kind) (rate(aha_rewarder_verifier_failures_total[5m]))", "{{kind}}")],
                 unit="ops",
-                description="Completions left without reward (error, timeout, crash): never silently 0.",
+                description="Completions left without reward (error, timeout, crash): never "
+                "silently 0.",
             ),
             panel(
                 "Scoring time and queue wait",

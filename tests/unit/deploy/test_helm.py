@@ -28,6 +28,8 @@ from protocol.names import (
     Stage,
 )
 
+from tests.unit.deploy.test_compose import load_every_section
+
 helm = pytest.importorskip("helm_python", reason="pip install helm-python-sdk (the dev extra)")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
@@ -411,7 +413,9 @@ def test_rewarder_gets_what_the_sandbox_needs_and_nothing_more():
     assert plain["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
 
 
-def test_learner_is_a_statefulset_with_a_checkpoint_volume_and_pdbs_cover_actors_and_rewarders():
+def test_learner_is_a_statefulset_with_a_checkpoint_volume_and_pdbs_cover_actors_and_rewarders(
+    tmp_path,
+):
     docs = render({})
     (learner,) = of_kind(docs, "StatefulSet").values()
     (claim,) = learner["spec"]["volumeClaimTemplates"]
@@ -422,6 +426,13 @@ def test_learner_is_a_statefulset_with_a_checkpoint_volume_and_pdbs_cover_actors
     assert mounts[claim["metadata"]["name"]] == "/checkpoints"
     config = of_kind(docs, "ConfigMap")["aha-config"]["data"]["aha.toml"]
     assert 'checkpoint_dir = "/checkpoints"' in config
+    (tmp_path / "aha.toml").write_text(config)
+    load_every_section(tmp_path / "aha.toml")
+    for role in ("learner", "actor"):  # metrics ports: one value, env and container port
+        (container,) = pod_specs(docs)[role]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        (port,) = [p["containerPort"] for p in container["ports"] if p["name"] == "metrics"]
+        assert env[f"AHA_{role.upper()}__METRICS_PORT"] == str(port)
     assert {component(d) for d in of_kind(docs, "PodDisruptionBudget").values()} == {
         "actor",
         "rewarder",

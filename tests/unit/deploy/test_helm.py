@@ -118,14 +118,12 @@ def expected_permissions() -> dict[str, dict[str, list[str]]]:
     assert ADVISORY == "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
     reads_weights = [
         f"$JS.API.STREAM.INFO.{KV_STREAM}",
-        f"$JS.API.DIRECT.GET.{KV_STREAM}.>",
         f"$JS.API.STREAM.MSG.GET.{KV_STREAM}",
         f"$JS.API.CONSUMER.CREATE.{KV_STREAM}",
         f"$JS.API.CONSUMER.INFO.{KV_STREAM}.*",
         f"$JS.FC.{KV_STREAM}.>",
         "$JS.API.STREAM.NAMES",
         f"$JS.API.STREAM.INFO.{OBJ_STREAM}",
-        f"$JS.API.DIRECT.GET.{OBJ_STREAM}.>",
         f"$JS.API.STREAM.MSG.GET.{OBJ_STREAM}",
         f"$JS.API.CONSUMER.CREATE.{OBJ_STREAM}",
         f"$JS.FC.{OBJ_STREAM}.>",

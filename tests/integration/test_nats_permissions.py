@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +31,7 @@ from protocol.bus import Bus
 from protocol.codec import decode
 from protocol.config import BusConfig, StageSettings, load_config
 from protocol.depth import queue_depth
-from protocol.messages import WeightManifest
+from protocol.messages import Sampling, WeightManifest
 from protocol.names import (
     KEY_LATEST,
     KV_POLICY,
@@ -315,14 +316,19 @@ def _metrics(port: int) -> str:
 
 
 @pytest.mark.slow
-async def test_compose_services_run_as_local_processes(server, passwords):
-    """nats-setup, rewarder and exporter run their compose command with their compose
-    environment (NATS URL, metrics ports and worker count adapted to this machine).
+async def test_compose_services_run_as_local_processes(server, passwords, tiny_model_dir, tmp_path):
+    """nats-setup, actor, rewarder and exporter run their compose command with their compose
+    environment (NATS URL, metrics ports, model path, engine and worker count adapted to this
+    machine): weights and a task published with the learner's user go through the real
+    actor and rewarder processes, and the scored group reaches the learner's user.
 
-    The learner and actor parts of the loop are played here by the test with those roles'
-    credentials: `aha learner` and `aha actor` did not exist when this was written. With
-    them, the same harness runs the whole compose file (see deploy/README.md).
+    The learner process is played by the test (its user, its code for weights): a learner
+    run needs a dataset and model the tiny one cannot serve under the compose config; the
+    loop itself is tested in tests/integration with open NATS.
     """
+    from learner.weights import publish_weights, version_dir, write_shards
+    from transformers import AutoModelForCausalLM
+
     services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
     aha = [sys.executable, "-m", "deploy.cli"]
 
@@ -337,7 +343,8 @@ async def test_compose_services_run_as_local_processes(server, passwords):
 
     def environment(service: str, **extra: str) -> dict[str, str]:
         env = {**os.environ, **service_environment(service, passwords), **extra}
-        return {**env, "NATS_URL": server.url, "PYTHONUNBUFFERED": "1"}
+        local = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        return {**env, **local, "NATS_URL": server.url}
 
     setup = await asyncio.to_thread(
         subprocess.run,
@@ -351,55 +358,78 @@ async def test_compose_services_run_as_local_processes(server, passwords):
     assert setup.returncode == 0, setup.stderr
     assert set(json.loads(setup.stdout.splitlines()[-1])) == {"tasks", "rollouts", "scored", "dead"}
 
-    rewarder_port, exporter_port = _free_port(), _free_port()
-    procs = [
-        subprocess.Popen(
-            command("rewarder", rewarder_port),
-            env=environment("rewarder", AHA_REWARDER__WORKERS="1"),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        ),
-        subprocess.Popen(
-            command("exporter", exporter_port),
-            env=environment("exporter"),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        ),
-    ]
-    actor = await Bus.connect(role_config(server, "actor", passwords), name="actor")
-    learner = await Bus.connect(
-        role_config(server, "learner", passwords).model_copy(update={"setup_streams": False}),
-        name="learner",
+    # The learner's part: version 1 of the weights, through the object store.
+    learner_config = role_config(server, "learner", passwords)
+    learner = await Bus.connect(learner_config.model_copy(update={"setup_streams": False}))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    directory, shared = version_dir(None, 1)
+    shards = write_shards(model, directory, "float32", shard_mb=0.2, shared=shared)
+    await publish_weights(
+        learner.js, directory, shards, version=1, step=1, dtype="float32", keep_versions=2
     )
+
+    ports = {name: _free_port() for name in ("actor", "rewarder", "exporter")}
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ports}
+    procs = {
+        "actor": subprocess.Popen(
+            command("actor"),
+            env=environment(
+                "actor",
+                AHA_ACTOR__MODEL=str(tiny_model_dir),
+                AHA_ACTOR__BACKEND="hf",
+                AHA_ACTOR__METRICS_PORT=str(ports["actor"]),
+            ),
+            stdout=logs["actor"],
+            stderr=subprocess.STDOUT,
+        ),
+        "rewarder": subprocess.Popen(
+            command("rewarder", ports["rewarder"]),
+            env=environment("rewarder", AHA_REWARDER__WORKERS="1"),
+            stdout=logs["rewarder"],
+            stderr=subprocess.STDOUT,
+        ),
+        "exporter": subprocess.Popen(
+            command("exporter", ports["exporter"]),
+            env=environment("exporter"),
+            stdout=logs["exporter"],
+            stderr=subprocess.STDOUT,
+        ),
+    }
     try:
-        await actor.publish(ROLLOUTS, make_rollout(make_task(0)))
+        task = make_task(0, group_size=2, sampling=Sampling(max_tokens=8))
+        await learner.publish(TASKS, task)
         scored = StageConsumer(learner, SCORED)
         deliveries = []
-        for _ in range(60):  # the rewarder process starts its verifier pool first
+        for _ in range(180):  # the processes load a model and a verifier pool first
             deliveries = await scored.fetch(1, timeout=1)
-            if deliveries:
+            if deliveries or any(p.poll() is not None for p in procs.values()):
                 break
+        assert deliveries, {n: (tmp_path / f"{n}.log").read_text()[-2000:] for n in procs}
         (group,) = deliveries
-        assert group.message.rollout.task.task_id == "task-0"
+        assert group.message.rollout.task.task_id == task.task_id
+        assert group.message.rollout.policy_version == 1
         for _ in range(100):
-            if 'aha_queue_ack_pending{stage="scored"} 1.0' in _metrics(exporter_port):
+            if 'aha_queue_ack_pending{stage="scored"} 1.0' in _metrics(ports["exporter"]):
                 break
             await asyncio.sleep(0.1)
         else:
             raise AssertionError("the exporter never reported the scored group in flight")
-        assert "aha_rewarder_completions_total 2.0" in _metrics(rewarder_port)
+        assert "aha_rewarder_completions_total 2.0" in _metrics(ports["rewarder"])
+        assert "aha_actor_policy_version" in _metrics(ports["actor"])
         await group.ack_sync()
         await scored.close()
     finally:
-        await actor.close()
         await learner.close()
-        for p in procs:
+        shutil.rmtree(directory, ignore_errors=True)
+        for p in procs.values():
             p.send_signal(signal.SIGTERM)
-        for p in procs:
+        for p in procs.values():
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-    assert [p.returncode for p in procs] == [0, 0]
+        for f in logs.values():
+            f.close()
+    assert {n: p.returncode for n, p in procs.items()} == dict.fromkeys(procs, 0)
     assert violations(server) == set()

@@ -29,7 +29,7 @@ install-dev: $(BIN)/python
 	$(engine_fixup)
 
 up: install
-	$(BIN)/aha nats
+	$(BIN)/aha up
 
 test: install-dev
 	$(BIN)/python -m pytest -q

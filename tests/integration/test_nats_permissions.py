@@ -40,6 +40,7 @@ from protocol.names import (
     SCORED,
     STREAM_DEAD,
     TASKS,
+    Stage,
 )
 from protocol.server import NatsServer
 from protocol.stage import StageConsumer, run_stage, watch_max_deliveries
@@ -149,6 +150,24 @@ async def publish_weights_as_learner(bus: Bus, directory: Path) -> WeightManifes
     return manifest
 
 
+async def abandon(bus: Bus, stage: Stage) -> None:
+    """Fetch and nak the next message until the server gives up on it (max_deliver)."""
+    consumer = StageConsumer(bus, stage)
+    for _ in range(FAST.max_deliver):
+        (delivery,) = await consumer.fetch(1, timeout=5)
+        await delivery.nak()
+    await consumer.fetch(1, timeout=0.5)  # the server notices the exhausted message
+    await consumer.close()
+
+
+async def wait_for_dead_letters(bus: Bus, n: int) -> None:
+    for _ in range(100):
+        if (await bus.js.stream_info(STREAM_DEAD)).state.messages >= n:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"fewer than {n} dead letters")
+
+
 async def test_every_role_does_its_work_within_its_permissions(deployment, tmp_path):
     server, passwords = deployment
     cfg = {svc: role_config(server, svc, passwords) for svc in ROLES}
@@ -195,16 +214,8 @@ async def test_every_role_does_its_work_within_its_permissions(deployment, tmp_p
 
         # Actor: the other task is abandoned until the server gives up; the max-deliveries
         # advisory makes the actor read it, dead-letter it and delete it from the stream.
-        tasks = StageConsumer(actor, TASKS)
-        for _ in range(FAST.max_deliver):
-            (delivery,) = await tasks.fetch(1, timeout=5)
-            await delivery.nak()
-        await tasks.fetch(1, timeout=0.5)  # the server notices the exhausted message
-        await tasks.close()
-        for _ in range(100):
-            if (await learner.js.stream_info(STREAM_DEAD)).state.messages:
-                break
-            await asyncio.sleep(0.05)
+        await abandon(actor, TASKS)
+        await wait_for_dead_letters(learner, 1)
         (dead,) = await learner.dead_letters()
         assert dead.stage == TASKS.name
         assert (await learner.js.stream_info(TASKS.stream)).state.messages == 0
@@ -216,6 +227,20 @@ async def test_every_role_does_its_work_within_its_permissions(deployment, tmp_p
         rewarder_config = RewarderConfig(workers=1, concurrency=1, bus=cfg["rewarder"])
         assert await run_rewarder(rewarder_config, asyncio.Event(), max_messages=1) == 0
 
+        # Rewarder: garbage is dead-lettered, an abandoned rollout too (through its advisory).
+        await actor.publish_bytes(ROLLOUTS.subject, b"\x00 not a rollout", msg_id="garbage")
+        rollouts = StageConsumer(rewarder, ROLLOUTS)
+        assert await rollouts.fetch(1, timeout=5) == []
+        await rollouts.close()
+        await actor.publish(ROLLOUTS, make_rollout(make_task(5)))
+        await abandon(rewarder, ROLLOUTS)
+        await wait_for_dead_letters(learner, 3)
+        assert [d.stage for d in await learner.dead_letters()] == [
+            TASKS.name,
+            ROLLOUTS.name,
+            ROLLOUTS.name,
+        ]
+
         # Learner: the scored group, acknowledged once "checkpointed".
         scored = StageConsumer(learner, SCORED)
         (group,) = await scored.fetch(1, timeout=5)
@@ -225,7 +250,7 @@ async def test_every_role_does_its_work_within_its_permissions(deployment, tmp_p
         await scored.close()
 
         depth = await queue_depth(exporter.js)
-        assert [depth[s].messages for s in ("tasks", "rollouts", "scored", "dead")] == [0, 0, 0, 1]
+        assert [depth[s].messages for s in ("tasks", "rollouts", "scored", "dead")] == [0, 0, 0, 3]
         for sub in (learner_advisories, actor_advisories, rewarder_advisories):
             await sub.unsubscribe()
     finally:

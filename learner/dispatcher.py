@@ -192,7 +192,7 @@ class Ledger:
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "Ledger":
+    def from_state(cls, state: dict[str, Any]) -> Ledger:
         return cls(
             issued=state["issued"],
             outstanding=set(state["outstanding"]),
@@ -217,7 +217,10 @@ class Dispatcher:
         """Dataset row of `position`."""
         epoch, offset = divmod(position, len(self.problems))
         if epoch != self._epoch:
-            self._epoch, self._order = epoch, permutation(self.dataset.seed, epoch, len(self.problems))
+            self._epoch, self._order = (
+                epoch,
+                permutation(self.dataset.seed, epoch, len(self.problems)),
+            )
         return self._order[offset]
 
     def task(self, position: int, version: int) -> Task:

@@ -30,13 +30,14 @@ from typing import Any
 import numpy as np
 import structlog
 import torch
+from nats.errors import Error as NatsError
 
 from learner.config import LearnerConfig
 from learner.dispatcher import Dispatcher, Ledger, load_problems, run_key, top_up
 from learner.engine import PolicyEngine, load_checkpoint, setup_engine
 from learner.metrics import STEP_KEYS, append_line, export_gauges
-from learner.step import Group, build_batch, judge, sample_stats, staleness_stats
 from learner.ranks import collective, follow, stop_followers
+from learner.step import Group, build_batch, judge, sample_stats, staleness_stats
 from learner.weights import prune_dirs, publish_weights, version_dir
 from protocol.bus import Bus
 from protocol.config import ConfigError
@@ -47,6 +48,8 @@ log = structlog.get_logger("learner")
 
 KEEP_CHECKPOINTS = 2
 """Checkpoint tags kept on disk (the newest is the one a restart loads)."""
+LEASE_ERRORS = (NatsError, asyncio.TimeoutError)
+"""What an ack or in_progress may raise when the server is away or the lease already gone."""
 HEARTBEAT_S = 60.0
 """While rank 0 waits for data, it wakes the other ranks this often (collectives time out)."""
 
@@ -72,7 +75,11 @@ class Progress:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -108,7 +115,7 @@ class Leases:
             for delivery in list(self.held.values()):
                 try:
                     await delivery.in_progress()
-                except Exception as e:  # a lost lease only means a redelivery, deduplicated
+                except LEASE_ERRORS as e:  # a lost lease only means a redelivery, deduplicated
                     log.warning("in_progress failed", error=repr(e))
 
     async def ack_all(self) -> None:
@@ -117,7 +124,7 @@ class Leases:
         for delivery in held.values():
             try:
                 await delivery.ack_sync()
-            except Exception as e:  # it comes back and is recognised as a duplicate
+            except LEASE_ERRORS as e:  # it comes back and is recognised as a duplicate
                 log.warning("ack failed", task_id=delivery.message.task_id, error=repr(e))
 
     async def release(self, positions: list[int]) -> None:
@@ -148,7 +155,9 @@ class Learner:
     last_step_end: float = field(default_factory=time.perf_counter)
 
 
-async def run(config: LearnerConfig, *, resume: bool = False, stop: asyncio.Event | None = None) -> int:
+async def run(
+    config: LearnerConfig, *, resume: bool = False, stop: asyncio.Event | None = None
+) -> int:
     """Train until `max_steps` or SIGTERM/SIGINT; returns the exit status."""
     stop = stop_on_signals(stop)
     problems = load_problems(config.dataset, load_tokenizer(config))
@@ -161,7 +170,16 @@ async def run(config: LearnerConfig, *, resume: bool = False, stop: asyncio.Even
     leases = Leases(config.bus.scored.ack_wait_s)
     keep_alive = asyncio.create_task(leases.keep_alive())
     key = run_key(Path(config.checkpoint_dir).resolve(), config.dataset.path, config.dataset.seed)
-    lr = Learner(config, pe, bus, StageConsumer(bus, SCORED), Dispatcher(config.dataset, problems, key), ledger, leases, progress)
+    lr = Learner(
+        config,
+        pe,
+        bus,
+        StageConsumer(bus, SCORED),
+        Dispatcher(config.dataset, problems, key),
+        ledger,
+        leases,
+        progress,
+    )
     try:
         await publish(lr)  # the current version, for actors that start (or restart) late
         lr.last_step_end = time.perf_counter()
@@ -276,7 +294,9 @@ async def collect(lr: Learner, stop: asyncio.Event) -> list[tuple[Group, str]] |
         for delivery in await lr.consumer.fetch(wanted, timeout=1.0):
             group = await admit(lr, delivery)
             if group is not None:
-                verdict = judge(group, lr.progress.version, config.max_staleness, config.drop_zero_variance)
+                verdict = judge(
+                    group, lr.progress.version, config.max_staleness, config.drop_zero_variance
+                )
                 collected.append((group, verdict))
     return collected
 
@@ -291,7 +311,9 @@ async def admit(lr: Learner, delivery: Delivery) -> Group | None:
     if outcome == "held":  # redelivered while we hold it (lease lost): keep the newest handle
         lr.leases.held[p] = delivery
         return None
-    log.warning("duplicate scored group acked untrained", task_id=delivery.message.task_id, why=outcome)
+    log.warning(
+        "duplicate scored group acked untrained", task_id=delivery.message.task_id, why=outcome
+    )
     lr.progress.groups_duplicates += 1
     await delivery.ack_sync()
     return None
@@ -351,7 +373,9 @@ def write_records(path: str | None, records: list[dict]) -> None:
 def prune_checkpoints(directory: str | Path, keep: int) -> None:
     """Delete all but the newest `keep` `step{n}` checkpoint folders."""
     tags = sorted(
-        (int(p.name[4:]), p) for p in Path(directory).glob("step*") if p.is_dir() and p.name[4:].isdigit()
+        (int(p.name[4:]), p)
+        for p in Path(directory).glob("step*")
+        if p.is_dir() and p.name[4:].isdigit()
     )
     for _, path in tags[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
@@ -378,7 +402,11 @@ async def publish(lr: Learner) -> None:
 
 
 def step_record(
-    lr: Learner, collected: list[tuple[Group, str]], version: int, metrics: dict, train_seconds: float
+    lr: Learner,
+    collected: list[tuple[Group, str]],
+    version: int,
+    metrics: dict,
+    train_seconds: float,
 ) -> dict[str, Any]:
     """The step's canonical record: the metrics-file line (STEP_KEYS and more)."""
     progress = lr.progress
@@ -417,7 +445,11 @@ def report(lr: Learner, record: dict[str, Any]) -> None:
     """The canonical log line and the gauges (the metrics-file line waits for the checkpoint)."""
     export_gauges(record, lr.ledger.in_flight)
     brief = {k: record[k] for k in STEP_KEYS if k not in ("event", "time")}
-    log.info("step", **{k: round(v, 4) if isinstance(v, float) else v for k, v in brief.items()}, loss=round(record["loss"], 6))
+    log.info(
+        "step",
+        **{k: round(v, 4) if isinstance(v, float) else v for k, v in brief.items()},
+        loss=round(record["loss"], 6),
+    )
 
 
 async def finish(lr: Learner) -> None:

@@ -16,7 +16,9 @@ _G = "aha_learner_"
 
 LOSS = Gauge(f"{_G}loss", "GRPO loss of the last step")
 KL = Gauge(f"{_G}kl", "Mean k3 KL to the reference per token, last step")
-CLIP_FRACTION = Gauge(f"{_G}clip_fraction", "Share of tokens whose PPO ratio was clipped, last step")
+CLIP_FRACTION = Gauge(
+    f"{_G}clip_fraction", "Share of tokens whose PPO ratio was clipped, last step"
+)
 RATIO = Gauge(f"{_G}ratio", "Mean PPO ratio π_θ/π_old per token, last step")
 IS_WEIGHT = Gauge(f"{_G}is_weight", "Mean truncated importance weight min(π_old/μ, C), last step")
 REWARD_MEAN = Gauge(
@@ -65,7 +67,13 @@ def export_gauges(record: dict[str, Any], in_flight: int) -> None:
         REWARD_STD.labels(name).set(record["rewards_std"][name])
     for age in record.get("staleness", []):
         STALENESS.observe(age)
-    for outcome in ("trained", "dropped_stale", "dropped_zero_variance", "dropped_no_reward", "duplicates"):
+    for outcome in (
+        "trained",
+        "dropped_stale",
+        "dropped_zero_variance",
+        "dropped_no_reward",
+        "duplicates",
+    ):
         GROUPS.labels(outcome).set(record[f"groups_{outcome}"])
     IN_FLIGHT.set(in_flight)
 

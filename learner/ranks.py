@@ -26,7 +26,9 @@ def _write_shards(pe: PolicyEngine, directory, dtype: str, shard_mb: float, shar
 
 
 def _export(pe: PolicyEngine, directory, dtype: str, shard_mb: float, tokenizer_from):
-    return export_model(pe.module, directory, dtype, shard_mb, rank=pe.rank, tokenizer_from=tokenizer_from)
+    return export_model(
+        pe.module, directory, dtype, shard_mb, rank=pe.rank, tokenizer_from=tokenizer_from
+    )
 
 
 OPS: dict[str, Callable[..., Any]] = {

@@ -45,7 +45,7 @@ class Group:
     temperature: float
 
     @classmethod
-    def of(cls, scored: ScoredRollout, position: int) -> "Group":
+    def of(cls, scored: ScoredRollout, position: int) -> Group:
         rollout = scored.rollout
         return cls(
             position=position,
@@ -116,7 +116,9 @@ def build_batch(groups: list[Group], scale: str, pad_id: int = 0) -> PolicyBatch
             adv.append(a)
     if not completions:
         raise ValueError("no rewarded completion in the batch")
-    prompt_ids, prompt_mask, completion_ids, completion_mask = pad_batch(prompts, completions, pad_id)
+    prompt_ids, prompt_mask, completion_ids, completion_mask = pad_batch(
+        prompts, completions, pad_id
+    )
     logp_behaviour = torch.zeros(completion_ids.shape, dtype=torch.float32)  # [N, T]
     for n, logp in enumerate(logps):
         logp_behaviour[n, : len(logp)] = torch.tensor(np.asarray(logp), dtype=torch.float32)

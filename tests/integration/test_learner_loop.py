@@ -12,8 +12,16 @@ import json
 from pathlib import Path
 
 import pytest
+from nats.js.errors import KeyNotFoundError
 
-from learner.config import DatasetConfig, DeepSpeedSettings, GRPOSettings, LearnerConfig, ModelConfig, OptimConfig
+from learner.config import (
+    DatasetConfig,
+    DeepSpeedSettings,
+    GRPOSettings,
+    LearnerConfig,
+    ModelConfig,
+    OptimConfig,
+)
 from protocol.codec import decode
 from protocol.config import BusConfig, StageSettings
 from protocol.messages import Rollout, Score, ScoredRollout, WeightManifest
@@ -25,13 +33,18 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning"),
 ]
 
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""torch.distributed variables a learner started in this process leaves in os.environ."""
+
 REWARDS = {"accuracy_gsm8k": 1.0, "format_think": 0.1}
 
 
 def learner_bus(url: str) -> BusConfig:
     """Leases long enough for a step on 2 busy cores, short enough to see a redelivery."""
     settings = StageSettings(ack_wait_s=4.0, max_deliver=20, backoff_s=[0.1])
-    return BusConfig(url=url, tasks=settings, rollouts=settings, scored=settings, duplicate_window_s=600)
+    return BusConfig(
+        url=url, tasks=settings, rollouts=settings, scored=settings, duplicate_window_s=600
+    )
 
 
 def write_dataset(path: Path, n: int = 24) -> Path:
@@ -70,7 +83,9 @@ def learner_config(tmp_path: Path, model_dir: Path, url: str, **overrides) -> Le
     return LearnerConfig(**{**values, **overrides})
 
 
-async def play_actor_and_rewarder(bus, model_dir: Path, scratch: Path, stop: asyncio.Event, log: list):
+async def play_actor_and_rewarder(
+    bus, model_dir: Path, scratch: Path, stop: asyncio.Event, log: list
+):
     """Take tasks, sample with the newest published weights, score, publish scored groups.
 
     Appends `(task_id, policy_version, learner_version_at_issue)` per group to `log`.
@@ -85,10 +100,10 @@ async def play_actor_and_rewarder(bus, model_dir: Path, scratch: Path, stop: asy
     while not stop.is_set():
         try:
             manifest = decode((await kv.get(KEY_LATEST)).value, WeightManifest)
-            if manifest.version > engine.version:
-                await load_manifest(engine, bus.js, manifest, scratch)
-        except Exception:  # no manifest yet
-            pass
+        except KeyNotFoundError:  # the learner has not published yet
+            manifest = None
+        if manifest is not None and manifest.version > engine.version:
+            await load_manifest(engine, bus.js, manifest, scratch)
         deliveries = await tasks.fetch(4, timeout=0.5)
         if not deliveries:
             continue
@@ -107,7 +122,9 @@ async def play_actor_and_rewarder(bus, model_dir: Path, scratch: Path, stop: asy
             )
             scores = []
             for sample in generation.samples:
-                reward, components, error = score_completion(sample.text, task.reference, task.rewards, task)
+                reward, components, error = score_completion(
+                    sample.text, task.reference, task.rewards, task
+                )
                 scores.append(Score(reward=reward, components=components, error=error))
             await bus.publish(SCORED, ScoredRollout(rollout=rollout, scores=scores))
             await delivery.ack()
@@ -136,14 +153,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def test_learner_steps_publish_weights_and_stop_at_max_steps(nats_server, bus, tmp_path, tiny_model_dir):
+async def test_learner_steps_publish_weights_and_stop_at_max_steps(
+    nats_server, bus, tmp_path, tiny_model_dir
+):
     from learner.loop import run
     from learner.metrics import STEP_KEYS
 
     port = free_port()
     config = learner_config(tmp_path, tiny_model_dir, nats_server.url, metrics_port=port)
     stop, played = asyncio.Event(), []
-    actor = asyncio.create_task(play_actor_and_rewarder(bus, tiny_model_dir, tmp_path / "dl", stop, played))
+    actor = asyncio.create_task(
+        play_actor_and_rewarder(bus, tiny_model_dir, tmp_path / "dl", stop, played)
+    )
     try:
         assert await asyncio.wait_for(run(config), timeout=240) == 0
     finally:
@@ -161,7 +182,9 @@ async def test_learner_steps_publish_weights_and_stop_at_max_steps(nats_server, 
     assert len(set(trained)) == len(trained) == 6
     assert done["event"] == "done" and done["steps"] == 3 and done["groups_trained"] == 6
     # Every task issued was consumed (trained or dropped) or is still in flight, within the bound.
-    consumed = done["groups_trained"] + done["groups_dropped_stale"] + done["groups_dropped_zero_variance"]
+    consumed = (
+        done["groups_trained"] + done["groups_dropped_stale"] + done["groups_dropped_zero_variance"]
+    )
     assert done["tasks_issued"] == consumed + done["groups_in_flight_at_stop"]
     assert done["groups_in_flight_at_stop"] <= config.in_flight_limit
     assert all(r["groups_in_flight"] <= config.in_flight_limit for r in steps)
@@ -170,7 +193,10 @@ async def test_learner_steps_publish_weights_and_stop_at_max_steps(nats_server, 
     kv = await bus.js.key_value(KV_POLICY)
     manifest = decode((await kv.get(KEY_LATEST)).value, WeightManifest)
     assert manifest.version == 3 and manifest.step == 3
-    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["v2", "v3"]  # keep_versions=2
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == [
+        "v2",
+        "v3",
+    ]  # keep_versions=2
     assert (Path(done["final_model"]) / "config.json").exists()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -179,9 +205,15 @@ async def test_learner_steps_publish_weights_and_stop_at_max_steps(nats_server, 
 
     import urllib.request
 
-    scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-    for name in ("aha_learner_loss", "aha_learner_wait_share", "aha_learner_staleness_bucket",
-                 'aha_learner_reward_mean{component="accuracy_gsm8k"}', 'aha_learner_groups{outcome="trained"} 6.0'):
+    url = f"http://127.0.0.1:{port}/metrics"
+    scraped = await asyncio.to_thread(lambda: urllib.request.urlopen(url).read().decode())
+    for name in (
+        "aha_learner_loss",
+        "aha_learner_wait_share",
+        "aha_learner_staleness_bucket",
+        'aha_learner_reward_mean{component="accuracy_gsm8k"}',
+        'aha_learner_groups{outcome="trained"} 6.0',
+    ):
         assert name in scraped, name
 
 
@@ -191,14 +223,17 @@ async def test_stop_hands_back_the_partial_batch_and_checkpoints_trained_steps(
     """SIGTERM/SIGINT (the `stop` event): steps trained since the last checkpoint are
     checkpointed and acked, the groups of the unfinished step are handed back (nak)."""
     from learner.loop import run
-
     from learner.metrics import STEP
 
     STEP.set(0)  # a module-global gauge: an earlier test in this process may have set it
     # checkpoint_every=100: nothing is checkpointed (nor acked) before the stop.
-    config = learner_config(tmp_path, tiny_model_dir, nats_server.url, max_steps=None, checkpoint_every=100, batch=3)
+    config = learner_config(
+        tmp_path, tiny_model_dir, nats_server.url, max_steps=None, checkpoint_every=100, batch=3
+    )
     stop, halt_actor, played = asyncio.Event(), asyncio.Event(), []
-    actor = asyncio.create_task(play_actor_and_rewarder(bus, tiny_model_dir, tmp_path / "dl", halt_actor, played))
+    actor = asyncio.create_task(
+        play_actor_and_rewarder(bus, tiny_model_dir, tmp_path / "dl", halt_actor, played)
+    )
     learner = asyncio.create_task(run(config, stop=stop))
     while STEP._value.get() < 2:  # two steps trained
         await asyncio.sleep(0.05)

@@ -14,7 +14,7 @@ from protocol.codec import decode
 from protocol.messages import WeightManifest
 from protocol.names import KEY_LATEST, KV_POLICY
 
-from .test_learner_loop import learner_config, play_actor_and_rewarder, read_lines
+from .test_learner_loop import DIST_ENV, learner_config, play_actor_and_rewarder, read_lines
 
 pytestmark = [
     pytest.mark.slow,
@@ -23,7 +23,9 @@ pytestmark = [
 ]
 
 
-async def test_two_ranks_train_the_batches_rank_0_collects(nats_server, bus, tmp_path, tiny_model_dir):
+async def test_two_ranks_train_the_batches_rank_0_collects(
+    nats_server, bus, tmp_path, tiny_model_dir
+):
     from learner.config import DeepSpeedSettings
 
     config = learner_config(
@@ -33,9 +35,12 @@ async def test_two_ranks_train_the_batches_rank_0_collects(nats_server, bus, tmp
     config_path = tmp_path / "aha.yaml"
     config_path.write_text(json.dumps({"learner": config.model_dump(mode="json")}))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    env.pop("AHA_FAULT", None)
+    for key in ("AHA_FAULT", *DIST_ENV):  # an in-process engine test may have set them
+        env.pop(key, None)
     stop, played = asyncio.Event(), []
-    actor = asyncio.create_task(play_actor_and_rewarder(bus, tiny_model_dir, tmp_path / "dl", stop, played))
+    actor = asyncio.create_task(
+        play_actor_and_rewarder(bus, tiny_model_dir, tmp_path / "dl", stop, played)
+    )
     try:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -27,7 +27,10 @@ def test_gsm8k_and_math500_rows_out_of_the_box():
     question, reference = gsm8k[0]
     assert question.startswith("Janet") and reference.endswith("#### 18")  # the whole answer text
     math500 = read_rows(DATA / "math500_test.jsonl", "problem", "answer")
-    assert math500[0][0].startswith("Convert the point") and math500[0][1] == r"\left( 3, \frac{\pi}{2} \right)"
+    assert (
+        math500[0][0].startswith("Convert the point")
+        and math500[0][1] == r"\left( 3, \frac{\pi}{2} \right)"
+    )
 
 
 def test_missing_field_names_the_line(tmp_path):
@@ -75,7 +78,9 @@ def test_seeded_order_covers_every_row_once_per_pass():
 def make_dispatcher(tmp_path, n=5, seed=3):
     path = tmp_path / "rl.jsonl"
     path.write_text("".join(f'{{"prompt": "Q:{i}", "answer": "{i}"}}\n' for i in range(n)))
-    dataset = DatasetConfig(path=str(path), prompt_field="prompt", template="none", seed=seed, group_size=4)
+    dataset = DatasetConfig(
+        path=str(path), prompt_field="prompt", template="none", seed=seed, group_size=4
+    )
     return Dispatcher(dataset, load_problems(dataset), key="run1")
 
 
@@ -85,7 +90,11 @@ def test_task_is_a_function_of_its_position(tmp_path):
     assert rows[:5] == permutation(3, 0, 5) and rows[5:] == permutation(3, 1, 5)
     # a restarted dispatcher jumps straight to position 7 and gets the same task, same id
     task = b.task(7, version=4)
-    assert task.task_id == "run1-7" and task.prompt == f"Q:{rows[7]}" and task.reference == str(rows[7])
+    assert (
+        task.task_id == "run1-7"
+        and task.prompt == f"Q:{rows[7]}"
+        and task.reference == str(rows[7])
+    )
     assert task.issued_version == 4 and task.group_size == 4 and task.rewards == a.dataset.rewards
     assert task_position("run1", "run1-7") == 7
     assert task_position("run1", "run2-7") is None  # another run's task

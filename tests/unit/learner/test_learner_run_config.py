@@ -10,23 +10,36 @@ def test_aha_up_run_config_loads(tmp_path):
     from deploy.up import UpConfig, write_run_config
 
     up = UpConfig(engine="hf")
-    path = write_run_config(up, tmp_path, tmp_path / "model", tmp_path / "rl.jsonl", "nats://127.0.0.1:4222")
+    path = write_run_config(
+        up, tmp_path, tmp_path / "model", tmp_path / "rl.jsonl", "nats://127.0.0.1:4222"
+    )
     config = load_config(LearnerConfig, path, section="learner")
     assert config.max_steps == up.max_steps and config.batch == up.prompts_per_step
     assert config.in_flight_limit == (up.max_staleness + 1) * up.prompts_per_step
     assert config.dataset.template == "none" and config.dataset.prompt_field == "prompt"
-    assert config.dataset.group_size == up.group_size and config.dataset.rewards["accuracy_gsm8k"] == 1.0
+    assert (
+        config.dataset.group_size == up.group_size
+        and config.dataset.rewards["accuracy_gsm8k"] == 1.0
+    )
     assert config.metrics_file == str(tmp_path / "metrics.jsonl")
     assert config.final_model_dir == str(tmp_path / "final")
-    assert config.checkpoint_every == 1 and not config.drop_zero_variance and config.metrics_port is None
+    assert (
+        config.checkpoint_every == 1
+        and not config.drop_zero_variance
+        and config.metrics_port is None
+    )
 
 
 def test_dataset_refuses_unknown_template_and_single_completion_groups(tmp_path):
     path = tmp_path / "aha.toml"
-    path.write_text('[learner.model]\npath = "m"\n[learner.dataset]\npath = "d.jsonl"\ntemplate = "alpaca"\ngroup_size = 1\n')
+    path.write_text(
+        '[learner.model]\npath = "m"\n[learner.dataset]\npath = "d.jsonl"\ntemplate = "alpaca"\ngroup_size = 1\n'
+    )
     with pytest.raises(ConfigError) as e:
         load_config(LearnerConfig, path, section="learner")
-    assert "learner.dataset.template" in str(e.value) and "learner.dataset.group_size" in str(e.value)
+    assert "learner.dataset.template" in str(e.value) and "learner.dataset.group_size" in str(
+        e.value
+    )
 
 
 def test_held_groups_must_fit_the_scored_consumer(tmp_path):

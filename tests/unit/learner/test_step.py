@@ -53,7 +53,11 @@ def test_advantages_leave_out_completions_without_reward():
     assert adv[3] == pytest.approx(0.0, abs=1e-6)
     # Dr. GRPO: no scaling, r − mean = [0.5, −0.5, 0]
     assert advantages([1.0, None, 0.0, 0.5], "none") == pytest.approx([0.5, None, -0.5, 0.0])
-    assert advantages([None, 0.7, None], "std") == [None, 0.0, None]  # one reward: nothing to compare
+    assert advantages([None, 0.7, None], "std") == [
+        None,
+        0.0,
+        None,
+    ]  # one reward: nothing to compare
     assert advantages([None, None], "std") == [None, None]
     assert advantages([2.0, 2.0], "std") == [0.0, 0.0]  # all equal: zero advantage
 
@@ -65,11 +69,15 @@ def test_build_batch_lays_out_rewarded_completions():
     assert len(batch) == 3  # g0's two completions + g1's second
     # rewards [1, 0] -> mean 0.5, sample std sqrt(0.5) -> A = ±0.5/0.7071 = ±0.7071;
     # g1: rewarded completions [1.0, 0.0] (the empty one still counts for the baseline) -> ±0.7071
-    assert batch.adv.tolist() == pytest.approx([math.sqrt(0.5), -math.sqrt(0.5), math.sqrt(0.5)], abs=1e-5)
+    assert batch.adv.tolist() == pytest.approx(
+        [math.sqrt(0.5), -math.sqrt(0.5), math.sqrt(0.5)], abs=1e-5
+    )
     assert batch.completion_ids.tolist() == [[1, 2, 3], [1, 0, 0], [1, 2, 0]]
     assert batch.completion_mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
     assert batch.prompt_ids.tolist() == [[5, 6, 7]] * 3
-    assert torch.equal(batch.logp_behaviour, torch.tensor([[-0.5] * 3, [-0.5, 0, 0], [-0.5, -0.5, 0]]))
+    assert torch.equal(
+        batch.logp_behaviour, torch.tensor([[-0.5] * 3, [-0.5, 0, 0], [-0.5, -0.5, 0]])
+    )
     assert batch.temperature == 1.0
 
 
@@ -79,10 +87,24 @@ def test_build_batch_refuses_mixed_temperatures():
 
 
 def test_sample_and_staleness_stats():
-    g0 = group([1.1, 0.1], version=3, lengths=[4, 2], components=[
-        {"accuracy_gsm8k": 1.0, "format_think": 1.0}, {"accuracy_gsm8k": 0.0, "format_think": 1.0}])
-    g1 = group([None, 0.0], version=1, lengths=[6, 4], components=[
-        {"accuracy_gsm8k": None, "format_think": 0.0}, {"accuracy_gsm8k": 0.0, "format_think": 0.0}])
+    g0 = group(
+        [1.1, 0.1],
+        version=3,
+        lengths=[4, 2],
+        components=[
+            {"accuracy_gsm8k": 1.0, "format_think": 1.0},
+            {"accuracy_gsm8k": 0.0, "format_think": 1.0},
+        ],
+    )
+    g1 = group(
+        [None, 0.0],
+        version=1,
+        lengths=[6, 4],
+        components=[
+            {"accuracy_gsm8k": None, "format_think": 0.0},
+            {"accuracy_gsm8k": 0.0, "format_think": 0.0},
+        ],
+    )
     stats = sample_stats([g0, g1])
     # rewards 1.1, 0.1, 0.0: mean 0.4; accuracy over the 3 decided values 1, 0, 0 = 1/3
     assert stats["reward"] == pytest.approx(0.4)
@@ -90,4 +112,9 @@ def test_sample_and_staleness_stats():
     assert stats["response_length"] == 4.0  # (4 + 2 + 6 + 4) / 4
     assert stats["components"]["format_think"] == pytest.approx((0.5, 0.5))
     ages = staleness_stats([g0, g1], version=4)  # 4 − 3 = 1, 4 − 1 = 3
-    assert ages == {"staleness": [1, 3], "staleness_mean": 2.0, "staleness_max": 3, "policy_versions": [1, 3]}
+    assert ages == {
+        "staleness": [1, 3],
+        "staleness_mean": 2.0,
+        "staleness_max": 3,
+        "policy_versions": [1, 3],
+    }

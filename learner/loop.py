@@ -169,7 +169,9 @@ async def run(
     bus = await Bus.connect(config.bus, name="aha-learner")
     leases = Leases(config.bus.scored.ack_wait_s)
     keep_alive = asyncio.create_task(leases.keep_alive())
-    key = run_key(Path(config.checkpoint_dir).resolve(), config.dataset.path, config.dataset.seed)
+    key = run_key(
+        Path(config.checkpoint_dir).resolve(), Path(config.dataset.path).resolve(), config.dataset.seed
+    )
     lr = Learner(
         config,
         pe,

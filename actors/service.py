@@ -20,6 +20,7 @@ import tempfile
 import time
 
 import structlog
+from nats.errors import TimeoutError as NatsTimeoutError
 from prometheus_client import REGISTRY, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily
 
@@ -34,6 +35,8 @@ from protocol.stage import StageStats, run_stage, stop_on_signals, watch_max_del
 
 log = structlog.get_logger("actors.service")
 
+_TRANSIENT = (NatsTimeoutError, asyncio.TimeoutError)
+
 TOKENS = Counter("aha_actor_tokens_total", "Completion tokens generated", ["actor"])
 PROMPTS = Counter("aha_actor_prompts_total", "Tasks turned into rollouts", ["actor"])
 VERSION = Gauge("aha_actor_policy_version", "Policy version served", ["actor"])
@@ -41,7 +44,9 @@ LOAD_SECONDS = Gauge(
     "aha_actor_weight_load_seconds", "Fetch + load time of the last weight version", ["actor"]
 )
 REJECTED = Counter(
-    "aha_actor_weights_rejected_total", "Weight versions refused (corrupt or missing shards)", ["actor"]
+    "aha_actor_weights_rejected_total",
+    "Weight versions refused (corrupt or missing shards)",
+    ["actor"],
 )
 
 
@@ -167,27 +172,36 @@ class Actor:
         watcher = await kv.watch(KEY_LATEST, ignore_deletes=True)
         try:
             async for entry in watcher:
-                if entry is None:  # the end of the initial values
-                    continue
+                if entry is not None:  # None marks the end of the initial values
+                    await self.serve_latest(kv)
+        finally:
+            await watcher.stop()
+
+    async def serve_latest(self, kv, retry_s: float = 0.5) -> None:
+        """Serve the manifest under `latest` now, retrying while NATS times out."""
+        while True:
+            try:
                 manifest = await latest_manifest(kv)
                 if manifest is not None:
                     await self.serve(manifest)
-        finally:
-            await watcher.stop()
+                return
+            except _TRANSIENT as e:  # the server restarting: try again, then the newest
+                log.warning("weights fetch failed: retrying", error=repr(e), delay=retry_s)
+                await asyncio.sleep(retry_s)
+                retry_s = min(2 * retry_s, 30.0)
 
     async def run(self, stop: asyncio.Event, *, max_messages: int | None = None) -> StageStats:
         """Catch up with `latest`, then turn tasks into rollouts until `stop`; follow weights."""
         kv = await self.bus.js.key_value(KV_POLICY)
-        manifest = await latest_manifest(kv)
-        if manifest is not None:  # started mid-run: serve the current policy from the first task
-            await self.serve(manifest)
+        await self.serve_latest(kv)  # started mid-run: serve the current policy from the first task
         VERSION.labels(self.config.actor_id).set(self.engine.version)
         follower = asyncio.create_task(self.follow_weights(kv))
-        advisories = await watch_max_deliveries(self.bus, TASKS)
         collector = _IdleCollector(self.config.actor_id, self.idle)
         REGISTRY.register(collector)
-        log.info("actor ready", backend=self.config.backend, policy_version=self.engine.version)
+        advisories = None
         try:
+            advisories = await watch_max_deliveries(self.bus, TASKS)
+            log.info("actor ready", backend=self.config.backend, policy_version=self.engine.version)
             stage = asyncio.create_task(
                 run_stage(self.bus, TASKS, self.rollout, output=ROLLOUTS, stop=stop,
                           concurrency=self.config.concurrency,
@@ -206,7 +220,8 @@ class Actor:
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)
             REGISTRY.unregister(collector)
-            await advisories.unsubscribe()
+            if advisories is not None:
+                await advisories.unsubscribe()
         log.info("actor stopped", handled=stats.handled, released=stats.released,
                  failed=stats.failed, policy_version=self.engine.version)  # fmt: skip
         return stats

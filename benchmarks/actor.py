@@ -1,0 +1,303 @@
+"""Actor throughput through NATS next to the bare engine, and the weight hot-swap time per GB.
+
+    .venv/bin/python benchmarks/actor.py [--engine vllm|hf] [--prompts 32] [--group 8]
+        [--tokens 64] [--rounds 3] [--swaps 3] [--skip-throughput] [--skip-swap]
+
+1. Throughput (goal: through NATS >= 0.95 x direct). One engine serves both sides, in the
+   same run, on the same prompts with the same per-prompt seeds:
+   - direct: `engine.generate(prompt, sampling, G)` for every prompt, `--concurrency` at once;
+   - NATS: the tasks are in `aha.tasks` before the clock starts (the learner keeps them
+     queued ahead); the actor's stage loop (`run_stage` over `Actor.rollout`, what `aha
+     actor` runs) turns them into rollouts while a consumer in the same process fetches,
+     decodes and acks every rollout; the clock stops at the last one consumed.
+   Sides are interleaved (direct, NATS, NATS, direct, ...) and the best round of each is
+   compared: the machine is shared, and the best round is the one least disturbed.
+2. Hot swap: a random Qwen2 of ~150 MB fp32 (`--big-*`), perturbed and published by
+   `learner.weights.publish_weights` as a new version, through the object store and through
+   a shared volume. The clock runs from the moment the manifest is visible under `latest`
+   (the server's timestamp of the KV put) until the engine serves the new version (the actor's own
+   `follow_weights`: fetch, sha256, load); seconds per GB of weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from actors.config import ActorConfig
+from actors.service import Actor, setup_actor_engine
+from deploy.tiny_model import TinySpec, save_tiny_model
+from protocol.bus import Bus
+from protocol.codec import decode
+from protocol.config import BusConfig
+from protocol.log import setup_logging
+from protocol.messages import Sampling, Task, WeightManifest
+from protocol.names import KEY_LATEST, KV_POLICY, ROLLOUTS, TASKS
+from protocol.server import NatsServer
+from protocol.stage import StageConsumer, run_stage
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def cpu_by_process() -> dict[str, float]:
+    """CPU seconds (user + system) of this process, its nats-server, and the rest of its
+    descendants (vLLM's engine core and worker), from /proc."""
+    parents, names, cpu = {}, {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name, rest = stat.split("(", 1)[1].rsplit(")", 1)
+        fields = rest.split()
+        pid = int(entry.name)
+        parents[pid], names[pid] = int(fields[1]), name
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    me = os.getpid()
+    out = {"bench": cpu.get(me, 0.0), "nats-server": 0.0, "engine": 0.0}
+    for pid, seconds in cpu.items():
+        up = parents.get(pid)
+        while up not in (None, 0, 1, me):
+            up = parents.get(up)
+        if up == me:
+            out["nats-server" if names[pid].startswith("nats-server") else "engine"] += seconds
+    return out
+
+
+# --- 1. throughput -------------------------------------------------------------------------
+
+
+def make_tasks(n: int, group: int, tokens: int, tag: str) -> list[Task]:
+    return [
+        Task(
+            task_id=f"bench-{tag}-{i}",
+            prompt_id=f"p{i}",
+            prompt=f"Q:{100 + 7 * i}+{300 + 11 * i}=",
+            reference="0",
+            rewards={"accuracy_math": 1.0},
+            group_size=group,
+            sampling=Sampling(temperature=1.0, max_tokens=tokens, seed=i),
+            issued_version=0,
+        )
+        for i in range(n)
+    ]
+
+
+async def direct(engine, tokenizer, tasks: list[Task], concurrency: int) -> tuple[int, float]:
+    """(completion tokens, seconds) of the engine called directly on the tasks' prompts."""
+    prompts = [tokenizer(t.prompt)["input_ids"] for t in tasks]
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(prompt, task: Task) -> int:
+        async with slots:
+            return (await engine.generate(prompt, task.sampling, task.group_size)).num_tokens
+
+    started = time.perf_counter()
+    tokens = await asyncio.gather(*(one(p, t) for p, t in zip(prompts, tasks)))
+    return sum(tokens), time.perf_counter() - started
+
+
+async def through_nats(actor: Actor, bus: Bus, tasks: list[Task]) -> tuple[int, float]:
+    """(completion tokens, seconds) from the first task fetched to the last rollout consumed."""
+    for task in tasks:
+        await bus.publish(TASKS, task)
+
+    async def consume() -> int:
+        consumer = StageConsumer(bus, ROLLOUTS)
+        got = tokens = 0
+        while got < len(tasks):
+            for d in await consumer.fetch(len(tasks) - got, timeout=1.0):
+                tokens += sum(len(s.token_ids) for s in d.message.samples)
+                await d.ack()
+                got += 1
+        await consumer.close()
+        return tokens
+
+    started = time.perf_counter()
+    consumer = asyncio.create_task(consume())
+    stats = await run_stage(
+        bus, TASKS, actor.rollout, output=ROLLOUTS, stop=asyncio.Event(),
+        concurrency=actor.config.concurrency, max_messages=len(tasks),
+    )  # fmt: skip
+    tokens = await consumer
+    seconds = time.perf_counter() - started
+    assert stats.handled == len(tasks), stats
+    return tokens, seconds
+
+
+async def throughput(args, workdir: Path, bus: Bus) -> None:
+    from transformers import AutoTokenizer
+
+    model = save_tiny_model(workdir / "tiny")
+    config = ActorConfig(model=str(model), backend=args.engine, enforce_eager=True,
+                         max_model_len=256, concurrency=args.concurrency, actor_id="bench")  # fmt: skip
+    engine = await setup_actor_engine(config)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    actor = Actor(config, engine, tokenizer, bus)
+    try:
+        # Warm-up, unmeasured: the engine's first batches, the consumers' first fetches.
+        await direct(engine, tokenizer, make_tasks(args.prompts, args.group, args.tokens, "w"), 64)
+        await through_nats(actor, bus, make_tasks(8, args.group, args.tokens, "w"))
+        rows = {"direct": [], "nats": []}
+        cpus: dict[str, list[dict[str, float]]] = {"direct": [], "nats": []}
+        for r in range(args.rounds):
+            order = ["direct", "nats"] if r % 2 == 0 else ["nats", "direct"]
+            for side in order:
+                tasks = make_tasks(args.prompts, args.group, args.tokens, f"{side}{r}")
+                cpu = cpu_by_process()
+                if side == "direct":
+                    tokens, seconds = await direct(engine, tokenizer, tasks, args.concurrency)
+                else:
+                    tokens, seconds = await through_nats(actor, bus, tasks)
+                cpu = {k: v - cpu[k] for k, v in cpu_by_process().items()}
+                rows[side].append(tokens / seconds)
+                cpus[side].append(cpu)
+                print(f"  round {r} {side:6s} {tokens:6d} tokens {seconds:6.2f} s "
+                      f"{tokens / seconds:8.0f} tokens/s   CPU s: "
+                      + " ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+                      + f"   load {load_average()}", flush=True)  # fmt: skip
+        best = {side: max(v) for side, v in rows.items()}
+        per_round = [n / d for n, d in zip(rows["nats"], rows["direct"])]
+        print(f"throughput ({args.engine}, {args.prompts} prompts x G={args.group} x "
+              f"<={args.tokens} tokens, concurrency {args.concurrency}):")  # fmt: skip
+        print(f"  direct       best {best['direct']:8.0f} tokens/s")
+        print(f"  through NATS best {best['nats']:8.0f} tokens/s")
+        print(f"  ratio (best/best) {best['nats'] / best['direct']:.3f}   goal >= 0.95")
+        print(f"  ratio per round   {' '.join(f'{x:.3f}' for x in per_round)}", flush=True)
+        for name in ("bench", "nats-server", "engine"):
+            extra = sum(c[name] for c in cpus["nats"]) - sum(c[name] for c in cpus["direct"])
+            per_task = 1000 * extra / (args.rounds * args.prompts)
+            print(f"  CPU through NATS minus direct, {name:11s} {per_task:+6.2f} ms per task")
+    finally:
+        actor.close()
+        await engine.close()
+
+
+# --- 2. hot swap ---------------------------------------------------------------------------
+
+
+async def hot_swap(args, workdir: Path, bus: Bus) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from learner.weights import publish_weights, version_dir, write_shards
+
+    spec = TinySpec(hidden_size=args.big_hidden, num_layers=args.big_layers,
+                    num_heads=args.big_hidden // 64, num_kv_heads=args.big_hidden // 64,
+                    intermediate_size=args.big_intermediate)  # fmt: skip
+    folder = save_tiny_model(workdir / "big", spec)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    config = ActorConfig(model=str(folder), backend=args.engine, enforce_eager=True,
+                         max_model_len=256, actor_id="bench")  # fmt: skip
+    engine = await setup_actor_engine(config)
+    actor = Actor(config, engine, None, bus)
+    kv = await bus.js.key_value(KV_POLICY)
+    seen: dict[int, float] = {}
+
+    async def stopwatch() -> None:
+        watcher = await kv.watch(KEY_LATEST)
+        async for entry in watcher:
+            if entry is not None and entry.value:
+                # The server's time of the put: this loop may be busy when the entry arrives.
+                version = decode(entry.value, WeightManifest).version
+                seen.setdefault(version, entry.created.timestamp())
+
+    clock = asyncio.create_task(stopwatch())
+    follower = asyncio.create_task(actor.follow_weights(kv))
+    shared_root = workdir / "shared"
+    results: dict[str, list[float]] = {"store": [], "shared": []}
+    total_bytes = 0
+    try:
+        version = 0
+        for swap in range(args.swaps):
+            for source in ("store", "shared"):
+                version += 1
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(1e-3 * torch.randn_like(p))
+                directory, shared = version_dir(
+                    str(shared_root) if source == "shared" else None, version
+                )
+                shards = write_shards(model, directory, "float32", shard_mb=50, shared=shared)
+                manifest = await publish_weights(
+                    bus.js, directory, shards, version=version, step=version, dtype="float32",
+                    keep_versions=2,
+                )  # fmt: skip
+                while engine.version != version or version not in seen:
+                    await asyncio.sleep(0.002)
+                seconds = time.time() - seen[version]
+                total_bytes = manifest.total_bytes
+                results[source].append(seconds)
+                print(f"  swap v{version} via {source:6s} {manifest.total_bytes / 1e6:6.1f} MB "
+                      f"in {len(shards)} shards: {seconds:6.2f} s from manifest to served   "
+                      f"load {load_average()}", flush=True)  # fmt: skip
+                if not shared:
+                    shutil.rmtree(directory, ignore_errors=True)
+        gb = total_bytes / 1e9
+        print(f"hot swap ({args.engine}, {total_bytes / 1e6:.1f} MB fp32 weights):")
+        for source, times in results.items():
+            print(f"  {source:6s} best {min(times):6.2f} s = {min(times) / gb:6.2f} s/GB "
+                  f"(all: {' '.join(f'{t:.2f}' for t in times)})")  # fmt: skip
+    finally:
+        for task in (follower, clock):
+            task.cancel()
+        await asyncio.gather(follower, clock, return_exceptions=True)
+        actor.close()
+        await engine.close()
+
+
+async def amain(args) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="aha-bench-actor-"))
+    print(f"cores {os.cpu_count()}, load average at start {load_average()}", flush=True)
+    try:
+        with NatsServer(workdir / "nats") as server:
+            bus = await Bus.connect(BusConfig(url=server.url), name="bench")
+            try:
+                if not args.skip_throughput:
+                    await throughput(args, workdir, bus)
+                if not args.skip_swap:
+                    await hot_swap(args, workdir, bus)
+            finally:
+                await bus.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
+    p.add_argument("--prompts", type=int, default=32, help="tasks per round")
+    p.add_argument("--group", type=int, default=8, help="G, completions per task")
+    p.add_argument("--tokens", type=int, default=64, help="max tokens per completion")
+    p.add_argument("--concurrency", type=int, default=32, help="tasks in the engine at once")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per side (interleaved)")
+    p.add_argument("--swaps", type=int, default=3, help="versions per weight source")
+    p.add_argument("--big-hidden", type=int, default=512)
+    p.add_argument("--big-layers", type=int, default=12)
+    p.add_argument("--big-intermediate", type=int, default=1408)
+    p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--skip-swap", action="store_true")
+    args = p.parse_args()
+    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).parent.resolve():
+        sys.path.pop(0)  # run as a script: benchmarks/learner.py would shadow the learner package
+    setup_logging("bench", level="warning")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    asyncio.run(amain(args))
+
+
+if __name__ == "__main__":
+    main()

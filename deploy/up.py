@@ -252,7 +252,6 @@ def _part_env() -> dict[str, str]:
     return {
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
-        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
@@ -275,16 +274,27 @@ def start_parts(up: UpConfig, sup: Supervisor, config: Path, python: str) -> Non
         )  # fmt: skip
 
 
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line being written
-    return rows
+class MetricsTail:
+    """The learner's metrics file, read incrementally (only the lines added since last time)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+        self.rows: list[dict] = []
+
+    def read(self) -> list[dict]:
+        if self.path.exists():
+            with open(self.path) as f:
+                f.seek(self.offset)
+                chunk = f.read()
+            complete = chunk[: chunk.rfind("\n") + 1]  # a line being written waits
+            self.offset += len(complete.encode())
+            self.rows += [json.loads(line) for line in complete.splitlines() if line.strip()]
+        return self.rows
+
+    @property
+    def steps(self) -> list[dict]:
+        return [r for r in self.rows if r.get("event") == "step"]
 
 
 def render(up: UpConfig, steps: list[dict], depth: dict | None, elapsed: float):
@@ -314,22 +324,21 @@ def render(up: UpConfig, steps: list[dict], depth: dict | None, elapsed: float):
     return table
 
 
-async def _depth(url: str) -> dict | None:
+async def _connect(url: str):
     from protocol.bus import Bus
     from protocol.config import BusConfig
+
+    return await Bus.connect(BusConfig(url=url), name="aha-up", setup=False)
+
+
+async def _depth(bus) -> dict | None:
     from protocol.depth import queue_depth
 
-    try:
-        bus = await Bus.connect(BusConfig(url=url, connect_timeout_s=2), name="aha-up", setup=False)
-    except Exception:
-        return None
     try:
         return {k: v.as_dict() for k, v in (await queue_depth(bus.js)).items()}
     except Exception as e:  # a view must not end the run
         log.warning("queue depth unavailable", error=repr(e))
         return None
-    finally:
-        await bus.close()
 
 
 async def _setup_streams(url: str) -> None:
@@ -340,10 +349,10 @@ async def _setup_streams(url: str) -> None:
     await bus.close()
 
 
-def watch(
-    up: UpConfig, sup: Supervisor, run_dir: Path, url: str, started: float, learner_code: list
-) -> str:
-    """Live table until the learner exits (or Ctrl-C). Returns why the run ended."""
+async def watch(
+    up: UpConfig, sup: Supervisor, metrics: MetricsTail, url: str, started: float
+) -> tuple[str, int | None]:
+    """Live table until the learner exits. Returns why the run ended and the learner's code."""
     from rich.console import Console
     from rich.live import Live
 
@@ -351,6 +360,7 @@ def watch(
     live = Live(console=console, auto_refresh=False) if console.is_terminal else None
     if live:
         live.start()
+    bus = await _connect(url)
     reported = 0
     try:
         while True:
@@ -360,22 +370,23 @@ def watch(
                     f"{' (restarting)' if ex.restarted else ''}[/]\n{ex.log_tail}"
                 )
                 if ex.name == "learner":
-                    learner_code.append(ex.returncode)
-                    return "finished" if ex.returncode == 0 else f"learner exited with {ex.returncode}"
-            steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "step"]
-            depth = asyncio.run(_depth(url))
+                    ok = ex.returncode == 0
+                    return ("finished" if ok else f"learner exited with {ex.returncode}"), ex.returncode
+            metrics.read()
+            steps = metrics.steps
+            depth = await _depth(bus)
             if live:
                 live.update(render(up, steps, depth, time.monotonic() - started), refresh=True)
             else:
                 for row in steps[reported:]:
-                    log.info("step", **{k: row[k] for k in ("step", "version", "reward", "accuracy") if k in row})
+                    keys = ("step", "version", "reward", "accuracy", "response_length")
+                    log.info("step", **{k: row[k] for k in keys if k in row})
                 reported = len(steps)
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        return "interrupted"
+            await asyncio.sleep(1.0)
     finally:
         if live:
             live.stop()
+        await bus.close()
 
 
 def plot(steps: list[dict], path: Path) -> Path | None:
@@ -407,9 +418,13 @@ def plot(steps: list[dict], path: Path) -> Path | None:
     return path
 
 
-def in_flight(url: str) -> int | None:
+async def in_flight(url: str) -> int | None:
     """Tasks still somewhere in the loop: messages left in the three work queues."""
-    depth = asyncio.run(_depth(url))
+    bus = await _connect(url)
+    try:
+        depth = await _depth(bus)
+    finally:
+        await bus.close()
     if depth is None:
         return None
     return sum(depth[s]["messages"] for s in ("tasks", "rollouts", "scored"))
@@ -457,21 +472,25 @@ def run(up: UpConfig, *, json_out: bool) -> dict:
     config = write_run_config(up, run_dir, model, dataset, url)
     sup = Supervisor(run_dir / "logs")
     rl_started = time.monotonic()
+    metrics = MetricsTail(run_dir / "metrics.jsonl")
+    learner_code = None
     try:
         start_parts(up, sup, config, python)
-        learner_code: list[int] = []
-        ended = watch(up, sup, run_dir, url, started, learner_code)
+        ended, learner_code = asyncio.run(watch(up, sup, metrics, url, started))
+    except KeyboardInterrupt:
+        ended = "interrupted"
     finally:
         codes = sup.stop()
-    codes.update({"learner": learner_code[0]} if learner_code else {})
+    if learner_code is not None:
+        codes["learner"] = learner_code
     rl_seconds = time.monotonic() - rl_started
-    remaining = in_flight(url)
+    remaining = asyncio.run(in_flight(url))
     if server is not None:
         server.stop()
 
-    metrics = read_metrics(run_dir / "metrics.jsonl")
-    steps = [r for r in metrics if r.get("event") == "step"]
-    done = next((r for r in reversed(metrics) if r.get("event") == "done"), {})
+    metrics.read()
+    steps = metrics.steps
+    done = next((r for r in reversed(metrics.rows) if r.get("event") == "done"), {})
     after = None
     final = run_dir / "final"
     if held_out and (final / "config.json").exists():

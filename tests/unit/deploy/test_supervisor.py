@@ -30,7 +30,9 @@ def test_a_crashing_part_is_restarted_up_to_the_limit_and_logged(tmp_path):
 
 def test_a_part_without_restart_is_reported_once(tmp_path):
     sup = Supervisor(tmp_path)
-    sup.start(Part("learner", [PY, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(1)"]))
+    sup.start(
+        Part("learner", [PY, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(1)"])
+    )
     exits = []
     wait_for(lambda: exits.extend(sup.poll()) or exits)
     assert exits[0].name == "learner" and exits[0].returncode == 1 and not exits[0].restarted

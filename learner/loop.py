@@ -160,9 +160,11 @@ async def run(
 ) -> int:
     """Train until `max_steps` or SIGTERM/SIGINT; returns the exit status."""
     stop = stop_on_signals(stop)
+    if resume and not has_checkpoint(config):
+        raise ConfigError(f"--resume: no checkpoint in {config.checkpoint_dir}")
     problems = load_problems(config.dataset, load_tokenizer(config))
     pe = setup_engine(config)
-    progress, ledger = restore(pe, config, resume)
+    progress, ledger = restore(pe, config)
     if pe.rank != 0:
         return follow(pe)
     serve_metrics(config)
@@ -170,7 +172,9 @@ async def run(
     leases = Leases(config.bus.scored.ack_wait_s)
     keep_alive = asyncio.create_task(leases.keep_alive())
     key = run_key(
-        Path(config.checkpoint_dir).resolve(), Path(config.dataset.path).resolve(), config.dataset.seed
+        Path(config.checkpoint_dir).resolve(),
+        Path(config.dataset.path).resolve(),
+        config.dataset.seed,
     )
     lr = Learner(
         config,
@@ -219,12 +223,13 @@ def load_tokenizer(config: LearnerConfig):
     return AutoTokenizer.from_pretrained(config.model.path)
 
 
-def restore(pe: PolicyEngine, config: LearnerConfig, resume: bool) -> tuple[Progress, Ledger]:
-    """Continue from the latest checkpoint when there is one (`resume` demands one)."""
-    has_checkpoint = (Path(config.checkpoint_dir) / "latest").exists()
-    if not has_checkpoint:
-        if resume:
-            raise ConfigError(f"--resume: no checkpoint in {config.checkpoint_dir}")
+def has_checkpoint(config: LearnerConfig) -> bool:
+    return (Path(config.checkpoint_dir) / "latest").exists()
+
+
+def restore(pe: PolicyEngine, config: LearnerConfig) -> tuple[Progress, Ledger]:
+    """Continue from the latest checkpoint when there is one, else start afresh."""
+    if not has_checkpoint(config):
         return Progress(), Ledger()
     state = load_checkpoint(pe, config.checkpoint_dir)
     set_rng_state(state["rng"])

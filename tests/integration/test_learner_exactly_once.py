@@ -29,14 +29,14 @@ pytestmark = [
 ]
 
 
-async def learner_process(config_path, fault: str | None = None) -> int:
+async def learner_process(config_path, *flags: str, fault: str | None = None) -> int:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     for key in ("AHA_FAULT", *DIST_ENV):  # an in-process engine test may have set them
         env.pop(key, None)
     if fault:
         env["AHA_FAULT"] = fault
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "deploy.cli", "learner", "--config", str(config_path), env=env
+        sys.executable, "-m", "deploy.cli", "learner", "--config", str(config_path), *flags, env=env
     )
     return await asyncio.wait_for(proc.wait(), timeout=240)
 
@@ -55,8 +55,8 @@ async def test_killed_learner_trains_every_group_exactly_once(
         play_actor_and_rewarder(bus, tiny_model_dir, tmp_path / "dl", stop, played)
     )
     try:
-        assert await learner_process(config_path, fault) == -9  # SIGKILL-ed at the fault
-        assert await learner_process(config_path) == 0  # resumes from the checkpoint
+        assert await learner_process(config_path, fault=fault) == -9  # SIGKILL-ed at the fault
+        assert await learner_process(config_path, "--resume") == 0  # from the checkpoint
     finally:
         stop.set()
         await actor

@@ -50,3 +50,22 @@ def test_held_groups_must_fit_the_scored_consumer(tmp_path):
     )
     with pytest.raises(ConfigError, match="128 scored groups are held until a checkpoint"):
         load_config(LearnerConfig, path, section="learner")
+
+
+def test_resume_without_a_checkpoint_fails_at_start(tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "rl.jsonl"
+    data.write_text('{"prompt": "Q:1+2=", "answer": "3"}\n')
+    path = tmp_path / "aha.toml"
+    path.write_text(
+        f'[learner]\ncheckpoint_dir = "{tmp_path / "ckpt"}"\n[learner.model]\npath = "m"\n'
+        f'[learner.dataset]\npath = "{data}"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "learner", "--config", str(path), "--resume"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip  (a process of its own: the command configures logging for good)
+    assert done.returncode == 2
+    assert "--resume: no checkpoint in" in done.stderr

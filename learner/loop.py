@@ -132,7 +132,10 @@ class Leases:
         for p in positions:
             delivery = self.held.pop(p, None)
             if delivery is not None:
-                await delivery.nak()
+                try:
+                    await delivery.nak()
+                except LEASE_ERRORS as e:  # it comes back after the ack wait instead
+                    log.warning("nak failed", task_id=delivery.message.task_id, error=repr(e))
 
 
 # -- the process ---------------------------------------------------------------------------
@@ -322,7 +325,10 @@ async def admit(lr: Learner, delivery: Delivery) -> Group | None:
         "duplicate scored group acked untrained", task_id=delivery.message.task_id, why=outcome
     )
     lr.progress.groups_duplicates += 1
-    await delivery.ack_sync()
+    try:
+        await delivery.ack_sync()
+    except LEASE_ERRORS as e:  # it comes back and is recognised again
+        log.warning("ack failed", task_id=delivery.message.task_id, error=repr(e))
     return None
 
 

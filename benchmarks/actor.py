@@ -1,7 +1,7 @@
 """Actor throughput through NATS next to the bare engine, and the weight hot-swap time per GB.
 
-    .venv/bin/python benchmarks/actor.py [--engine vllm|hf] [--prompts 32] [--group 8]
-        [--tokens 64] [--rounds 3] [--swaps 3] [--skip-throughput] [--skip-swap]
+    .venv/bin/python benchmarks/actor.py [--engine vllm|hf] [--model tiny|big] [--prompts 32]
+        [--group 8] [--tokens 64] [--rounds 3] [--swaps 3] [--skip-throughput] [--skip-swap]
 
 1. Throughput (goal: through NATS >= 0.95 x direct). One engine serves both sides, in the
    same run, on the same prompts with the same per-prompt seeds:
@@ -11,12 +11,14 @@
      actor` runs) turns them into rollouts while a consumer in the same process fetches,
      decodes and acks every rollout; the clock stops at the last one consumed.
    Sides are interleaved (direct, NATS, NATS, direct, ...) and the best round of each is
-   compared: the machine is shared, and the best round is the one least disturbed.
+   compared: the machine is shared, and the best round is the one least disturbed. The CPU
+   each side cost (this process, nats-server, vLLM's engine processes) is printed too: on a
+   saturated machine, the actor's per-task CPU is what the engine loses.
 2. Hot swap: a random Qwen2 of ~150 MB fp32 (`--big-*`), perturbed and published by
    `learner.weights.publish_weights` as a new version, through the object store and through
    a shared volume. The clock runs from the moment the manifest is visible under `latest`
-   (the server's timestamp of the KV put) until the engine serves the new version (the actor's own
-   `follow_weights`: fetch, sha256, load); seconds per GB of weights.
+   (the server's timestamp of the KV put) until the engine serves the new version (the
+   actor's own `follow_weights`: fetch, sha256, load); seconds per GB of weights.
 """
 
 from __future__ import annotations
@@ -72,6 +74,13 @@ def cpu_by_process() -> dict[str, float]:
         if up == me:
             out["nats-server" if names[pid].startswith("nats-server") else "engine"] += seconds
     return out
+
+
+def big_spec(args) -> TinySpec:
+    """A random Qwen2 of `--big-*` size (heads of 64), with the tiny model's tokenizer."""
+    heads = args.big_hidden // 64
+    return TinySpec(hidden_size=args.big_hidden, num_layers=args.big_layers, num_heads=heads,
+                    num_kv_heads=heads, intermediate_size=args.big_intermediate)  # fmt: skip
 
 
 # --- 1. throughput -------------------------------------------------------------------------
@@ -138,7 +147,8 @@ async def through_nats(actor: Actor, bus: Bus, tasks: list[Task]) -> tuple[int, 
 async def throughput(args, workdir: Path, bus: Bus) -> None:
     from transformers import AutoTokenizer
 
-    model = save_tiny_model(workdir / "tiny")
+    spec = TinySpec() if args.model == "tiny" else big_spec(args)
+    model = save_tiny_model(workdir / args.model, spec)
     config = ActorConfig(model=str(model), backend=args.engine, enforce_eager=True,
                          max_model_len=256, concurrency=args.concurrency, actor_id="bench")  # fmt: skip
     engine = await setup_actor_engine(config)
@@ -168,7 +178,7 @@ async def throughput(args, workdir: Path, bus: Bus) -> None:
                       + f"   load {load_average()}", flush=True)  # fmt: skip
         best = {side: max(v) for side, v in rows.items()}
         per_round = [n / d for n, d in zip(rows["nats"], rows["direct"])]
-        print(f"throughput ({args.engine}, {args.prompts} prompts x G={args.group} x "
+        print(f"throughput ({args.engine}, {args.model} model, {args.prompts} prompts x G={args.group} x "
               f"<={args.tokens} tokens, concurrency {args.concurrency}):")  # fmt: skip
         print(f"  direct       best {best['direct']:8.0f} tokens/s")
         print(f"  through NATS best {best['nats']:8.0f} tokens/s")
@@ -192,10 +202,7 @@ async def hot_swap(args, workdir: Path, bus: Bus) -> None:
 
     from learner.weights import publish_weights, version_dir, write_shards
 
-    spec = TinySpec(hidden_size=args.big_hidden, num_layers=args.big_layers,
-                    num_heads=args.big_hidden // 64, num_kv_heads=args.big_hidden // 64,
-                    intermediate_size=args.big_intermediate)  # fmt: skip
-    folder = save_tiny_model(workdir / "big", spec)
+    folder = save_tiny_model(workdir / "big", big_spec(args))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     config = ActorConfig(model=str(folder), backend=args.engine, enforce_eager=True,
                          max_model_len=256, actor_id="bench")  # fmt: skip
@@ -276,13 +283,15 @@ async def amain(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
+    p.add_argument("--model", choices=["tiny", "big"], default="tiny",
+                   help="throughput on the tiny model (overhead worst case) or the --big-* one")  # fmt: skip
     p.add_argument("--prompts", type=int, default=32, help="tasks per round")
     p.add_argument("--group", type=int, default=8, help="G, completions per task")
     p.add_argument("--tokens", type=int, default=64, help="max tokens per completion")
     p.add_argument("--concurrency", type=int, default=32, help="tasks in the engine at once")
     p.add_argument("--rounds", type=int, default=3, help="rounds per side (interleaved)")
     p.add_argument("--swaps", type=int, default=3, help="versions per weight source")
-    p.add_argument("--big-hidden", type=int, default=512)
+    p.add_argument("--big-hidden", type=int, default=512, help="--model big and the hot swap")
     p.add_argument("--big-layers", type=int, default=12)
     p.add_argument("--big-intermediate", type=int, default=1408)
     p.add_argument("--skip-throughput", action="store_true")

@@ -180,6 +180,10 @@ def _up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="run name: runs/<name>/ (default: the start time)")
     p.add_argument("--seed", type=int, help="seed (default 0)")
     p.add_argument("--json", action="store_true", help="print the summary as the last line of stdout")
+    p.add_argument(
+        "--shuffle-rewards", action="store_true",
+        help="control experiment: rewards permuted across each batch (nothing should be learned)",
+    )  # fmt: skip
 
     def run(args):
         from deploy.up import main

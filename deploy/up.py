@@ -87,6 +87,8 @@ class UpConfig(BaseModel):
     """Samples per problem at temperature 1 for pass@1 (0 skips it)."""
     seed: int = 0
     """Seed of the data, the model and the run."""
+    shuffle_rewards: bool = False
+    """Control experiment: rewards permuted across each batch; the model should not improve."""
     restart: bool = True
     """Restart actors and rewarders that die (the learner ending or dying ends the run)."""
 
@@ -214,7 +216,12 @@ def write_run_config(up: UpConfig, run_dir: Path, model: Path, dataset: Path, na
             "seed": up.seed,
             "optim": {"lr": up.lr},
             "deepspeed": {"precision": "fp32", "micro_batch": 32},
-            "grpo": {"beta": up.beta, "mode": "token-mean", "ppo_epochs": 2},
+            "grpo": {
+                "beta": up.beta,
+                "mode": "token-mean",
+                "ppo_epochs": 2,
+                "shuffle_rewards": up.shuffle_rewards,
+            },
             "dataset": {
                 **dataset_settings(up, dataset),
                 "group_size": up.group_size,
@@ -551,6 +558,7 @@ def main(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "engine": args.engine,
             "cold_start_steps": args.cold_start_steps,
+            "shuffle_rewards": args.shuffle_rewards or None,
         }.items()
         if v is not None
     }

@@ -93,6 +93,10 @@ class GRPOSettings(BaseModel):
     """Advantage scale: divide by the group's std (GRPO) or not (Dr. GRPO)."""
     ppo_epochs: int = Field(1, ge=1)
     """Optimizer steps taken on each batch (GRPO's μ), all against the same π_old."""
+    shuffle_rewards: bool = False
+    """Control experiment: permute the rewards across the batch before the advantages, so
+    they no longer belong to their completions. Nothing should be learned (DEMO.md); a run
+    that still improves learns from something other than the reward."""
 
 
 TEMPLATES = ("r1-zero", "chat", "none")

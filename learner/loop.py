@@ -37,7 +37,14 @@ from learner.dispatcher import Dispatcher, Ledger, load_problems, run_key, top_u
 from learner.engine import PolicyEngine, load_checkpoint, setup_engine
 from learner.metrics import STEP_KEYS, append_line, export_gauges
 from learner.ranks import collective, follow, stop_followers
-from learner.step import Group, build_batch, judge, sample_stats, staleness_stats
+from learner.step import (
+    Group,
+    build_batch,
+    judge,
+    sample_stats,
+    shuffle_rewards,
+    staleness_stats,
+)
 from learner.weights import prune_dirs, publish_weights, version_dir
 from protocol.bus import Bus
 from protocol.config import ConfigError
@@ -258,6 +265,8 @@ async def step(lr: Learner, stop: asyncio.Event) -> bool:
         return False
     waited = time.perf_counter() - started
     trained = [g for g, verdict in collected if verdict == "train"]
+    if lr.config.grpo.shuffle_rewards:
+        trained = shuffle_rewards(trained, random.Random(lr.config.seed * 1_000_003 + lr.progress.step))
     batch = build_batch(trained, lr.config.grpo.scale)
     train_started = time.perf_counter()
     metrics = await asyncio.to_thread(collective, lr.pe, "train", batch)

@@ -9,6 +9,7 @@ A rollout sampled by policy version `b` and consumed at learner version `v` has 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -98,6 +99,18 @@ def advantages(rewards: list[float | None], scale: str) -> list[float | None]:
         for i, a in zip(index, group_advantages(r, len(index), scale).tolist()):
             out[i] = a
     return out
+
+
+def shuffle_rewards(groups: list[Group], rng) -> list[Group]:
+    """The control experiment: the batch's rewards permuted across all its completions
+    (None stays where it is), so a reward no longer says anything about its completion."""
+    slots = [(i, j) for i, g in enumerate(groups) for j, r in enumerate(g.rewards) if r is not None]
+    values = [groups[i].rewards[j] for i, j in slots]
+    rng.shuffle(values)
+    rewards = [list(g.rewards) for g in groups]
+    for (i, j), value in zip(slots, values):
+        rewards[i][j] = value
+    return [dataclasses.replace(g, rewards=r) for g, r in zip(groups, rewards)]
 
 
 def build_batch(groups: list[Group], scale: str, pad_id: int = 0) -> PolicyBatch:

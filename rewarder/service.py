@@ -93,7 +93,7 @@ async def run(
     """Connect, start the verifier pool, score rollouts until `stop` (SIGTERM/SIGINT), drain."""
     from protocol.bus import Bus
     from protocol.names import ROLLOUTS, SCORED
-    from protocol.stage import run_stage, stop_on_signals
+    from protocol.stage import run_stage, stop_on_signals, watch_max_deliveries
 
     if config.metrics_port is not None:
         from prometheus_client import start_http_server
@@ -107,6 +107,8 @@ async def run(
         async def handle(rollout: Rollout) -> ScoredRollout:
             return await score_rollout(pool, rollout, config.rewarder_id)
 
+        # Rollouts the server gave up redelivering (a rewarder died on them every time).
+        advisories = await watch_max_deliveries(bus, ROLLOUTS)
         stats = await run_stage(
             bus,
             ROLLOUTS,
@@ -116,6 +118,7 @@ async def run(
             concurrency=config.concurrency,
             max_messages=max_messages,
         )
+        await advisories.unsubscribe()
         log.info(
             "rewarder stopped", handled=stats.handled, failed=stats.failed, released=stats.released
         )

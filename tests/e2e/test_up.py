@@ -1,4 +1,5 @@
-"""`aha up` end to end: a shorter demo run through real NATS, vLLM and DeepSpeed processes."""
+"""`aha up` end to end: a shorter demo run through real NATS, vLLM and DeepSpeed processes,
+and the same run with rewards shuffled across each batch, which must not learn."""
 
 from __future__ import annotations
 
@@ -9,50 +10,64 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
 
-@pytest.mark.slow
-def test_aha_up_learns_through_the_async_loop(tmp_path):
+STEPS = 12
+
+
+def aha_up(cwd: Path, *args: str) -> dict:
+    config = cwd / "up.toml"
+    config.write_text('[up]\nruns_dir = "runs"\neval_problems = 300\neval_samples = 4\n')
     proc = subprocess.run(
-        [
-            sys.executable, "-m", "deploy.cli", "up", "--json",
-            "--name", "e2e", "--seed", "0",
-            "--max-steps", "12", "--max-staleness", "2",
-            "--config", str(_config(tmp_path)),
-        ],
-        capture_output=True, text=True, timeout=1500, cwd=tmp_path,
+        [sys.executable, "-m", "deploy.cli", "up", "--json", "--seed", "0",
+         "--max-steps", str(STEPS), "--max-staleness", "2", "--config", str(config), *args],
+        capture_output=True, text=True, timeout=1500, cwd=cwd,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    run_dir = Path(summary["run_dir"])
-    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    assert json.loads((Path(summary["run_dir"]) / "summary.json").read_text()) == summary
+    return summary
 
-    # R1-Zero in miniature: reward alone lifts held-out greedy accuracy by a clear margin.
-    assert summary["accuracy_after"] - summary["accuracy_before"] >= 0.3, summary
-    assert summary["length_after"] > summary["length_before"]  # it learned to think
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    return aha_up(tmp_path_factory.mktemp("up"), "--name", "e2e")
+
+
+def test_aha_up_learns_through_the_async_loop(run):
+    # R1-Zero in miniature: reward alone lifts held-out accuracy by a clear margin...
+    assert run["accuracy_after"] - run["accuracy_before"] >= 0.3, run
+    assert run["pass_at_1_after"] - run["pass_at_1_before"] >= 0.15, run
+    assert run["length_after"] > run["length_before"]  # ... by learning to think
 
     # Asynchronous: trained on rollouts of several policy versions, never beyond the bound.
-    assert len(summary["policy_versions_trained_on"]) > 1
-    assert 0 < summary["max_staleness_trained"] <= 2
+    assert len(run["policy_versions_trained_on"]) > 1
+    assert 0 < run["max_staleness_trained"] <= 2
 
     # No task lost: each is trained, dropped as stale or zero-variance, or still in a queue.
-    assert summary["steps"] == 12
-    assert summary["tasks_issued"] == (
-        summary["groups_trained"]
-        + summary["groups_dropped_stale"]
-        + summary["groups_dropped_zero_variance"]
-        + summary["groups_in_flight_at_stop"]
-    ), summary
-    assert summary["groups_trained"] == 12 * 16
-    assert all(code == 0 for code in summary["exit_codes"].values()), summary["exit_codes"]
+    assert run["steps"] == STEPS
+    assert run["tasks_issued"] == (
+        run["groups_trained"]
+        + run["groups_dropped_stale"]
+        + run["groups_dropped_zero_variance"]
+        + run["groups_in_flight_at_stop"]
+    ), run
+    assert run["groups_trained"] == STEPS * 16
+    assert all(code == 0 for code in run["exit_codes"].values()), run["exit_codes"]
 
     # What a user looks at afterwards: the plot and a model `from_pretrained` loads.
+    run_dir = Path(run["run_dir"])
     assert (run_dir / "curves.png").stat().st_size > 10_000
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(summary["final_model"])
+    AutoModelForCausalLM.from_pretrained(run["final_model"])
 
 
-def _config(tmp_path: Path) -> Path:
-    path = tmp_path / "up.toml"
-    path.write_text("[up]\nruns_dir = \"runs\"\neval_problems = 300\neval_samples = 0\n")
-    return path
+def test_with_shuffled_rewards_nothing_is_learned(run, tmp_path):
+    # Same cold-start model, same run, rewards permuted across each batch: a sign or
+    # advantage bug, or drift, would still "improve"; reward-driven learning cannot.
+    cold = str(Path(run["run_dir"]) / "cold-start")
+    control = aha_up(tmp_path, "--name", "control", "--model", cold, "--shuffle-rewards")
+    assert control["pass_at_1_before"] == pytest.approx(run["pass_at_1_before"])
+    assert control["pass_at_1_after"] <= control["pass_at_1_before"] + 0.05, control
+    assert control["pass_at_1_after"] < run["pass_at_1_after"] - 0.1

@@ -118,3 +118,19 @@ def test_sample_and_staleness_stats():
         "staleness_max": 3,
         "policy_versions": [1, 3],
     }
+
+
+def test_shuffled_rewards_keep_the_batch_and_lose_the_link():
+    from learner.step import shuffle_rewards
+
+    groups = [group([1.0, 0.0, 0.0]), group([None, 1.0, 0.5])]
+
+    class Reverse:  # a deterministic "shuffle": reverses the 5 rewards
+        def shuffle(self, values):
+            values.reverse()
+
+    out = shuffle_rewards(groups, Reverse())
+    # rewards in slot order 1, 0, 0, 1, .5 reversed -> .5, 1, 0, 0, 1; None stays put
+    assert [g.rewards for g in out] == [[0.5, 1.0, 0.0], [None, 0.0, 1.0]]
+    assert [g.rewards for g in groups] == [[1.0, 0.0, 0.0], [None, 1.0, 0.5]]  # inputs intact
+    assert all(a.completions is b.completions for a, b in zip(out, groups))

@@ -262,9 +262,9 @@ async def setup_actor_engine(config: ActorConfig):
 
 
 async def run(config: ActorConfig, stop: asyncio.Event | None = None) -> int:
+    stop = stop_on_signals(stop)  # first: a SIGTERM while the engine starts ends it cleanly
     from transformers import AutoTokenizer
 
-    stop = stop_on_signals(stop)  # first: a SIGTERM while the engine starts ends it cleanly
     bus = await Bus.connect(config.bus, name=f"aha-actor-{config.actor_id}")
     structlog.contextvars.bind_contextvars(actor_id=config.actor_id)
     try:

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -440,49 +443,47 @@ async def in_flight(url: str) -> int | None:
 # -- the command ------------------------------------------------------------------------------
 
 
-def run(up: UpConfig, *, json_out: bool) -> dict:
-    from protocol.log import setup_logging
+@contextlib.contextmanager
+def nats_server(run_dir: Path) -> Iterator[str]:
+    """`NATS_URL` if set, else an embedded server for the run (stopped at the end)."""
     from protocol.server import NatsServer
 
-    setup_logging("up")
-    started = time.monotonic()
-    name = up.name or time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(up.runs_dir).resolve() / name
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    python = sys.executable
+    if os.environ.get("NATS_URL"):
+        yield os.environ["NATS_URL"]
+        return
+    with NatsServer(run_dir / "nats") as server:
+        yield server.url
 
-    server = None
-    url = os.environ.get("NATS_URL")
-    if not url:
-        server = NatsServer(run_dir / "nats").start()
-        url = server.url
-    asyncio.run(_setup_streams(url))
-    log.info("run", dir=str(run_dir), nats=url)
 
-    held_out: list[dict] = []
-    if up.dataset is None:
-        dataset, held_out = demo_data(up, run_dir)
-    else:
-        dataset = Path(up.dataset)
-    if up.model is None:
-        model = cold_start_model(up, run_dir, held_out, python)
-    else:
-        model = Path(up.model)
+def held_out_accuracy(model: Path, held_out: list[dict], up: UpConfig, when: str):
+    """Greedy accuracy (and pass@1) on the demo's held-out set; None without one."""
+    if not held_out or not (Path(model) / "config.json").exists():
+        return None
+    from deploy.evaluate import evaluate
 
-    before = None
-    if held_out:
-        from deploy.evaluate import evaluate
+    result = evaluate(model, held_out, max_tokens=up.max_tokens, samples=up.eval_samples)
+    log.info(f"accuracy {when}", **result.as_dict())
+    return result
 
-        before = evaluate(model, held_out, max_tokens=up.max_tokens, samples=up.eval_samples)
-        log.info("accuracy before", **before.as_dict())
 
-    config = write_run_config(up, run_dir, model, dataset, url)
+@dataclass
+class LoopResult:
+    ended: str
+    exit_codes: dict[str, int]
+    seconds: float
+    in_flight: int | None
+    metrics: MetricsTail
+
+
+def run_loop(up: UpConfig, run_dir: Path, config: Path, url: str, started: float) -> LoopResult:
+    """Learner, actors and rewarders as processes until the learner is done; then stop all
+    and count what is left in the queues."""
     sup = Supervisor(run_dir / "logs")
-    rl_started = time.monotonic()
     metrics = MetricsTail(run_dir / "metrics.jsonl")
+    loop_started = time.monotonic()
     learner_code = None
     try:
-        start_parts(up, sup, config, python)
+        start_parts(up, sup, config, sys.executable)
         ended, learner_code = asyncio.run(watch(up, sup, metrics, url, started))
     except KeyboardInterrupt:
         ended = "interrupted"
@@ -490,41 +491,40 @@ def run(up: UpConfig, *, json_out: bool) -> dict:
         codes = sup.stop()
     if learner_code is not None:
         codes["learner"] = learner_code
-    rl_seconds = time.monotonic() - rl_started
-    remaining = asyncio.run(in_flight(url))
-    if server is not None:
-        server.stop()
-
+    seconds = time.monotonic() - loop_started
     metrics.read()
-    steps = metrics.steps
-    done = next((r for r in reversed(metrics.rows) if r.get("event") == "done"), {})
-    after = None
-    final = run_dir / "final"
-    if held_out and (final / "config.json").exists():
-        from deploy.evaluate import evaluate
+    return LoopResult(ended, codes, seconds, asyncio.run(in_flight(url)), metrics)
 
-        after = evaluate(final, held_out, max_tokens=up.max_tokens, samples=up.eval_samples)
-        log.info("accuracy after", **after.as_dict())
-    summary = {
+
+def summarize(up: UpConfig, name: str, run_dir: Path, loop: LoopResult, before, after,
+              started: float) -> dict:  # fmt: skip
+    steps = loop.metrics.steps
+    done = next((r for r in reversed(loop.metrics.rows) if r.get("event") == "done"), {})
+    final = run_dir / "final"
+
+    def of(result, field: str):
+        return getattr(result, field) if result else None
+
+    return {
         "name": name,
-        "ended": ended,
-        "exit_codes": codes,
-        "accuracy_before": before.accuracy if before else None,
-        "accuracy_after": after.accuracy if after else None,
-        "pass_at_1_before": before.pass_at_1 if before else None,
-        "pass_at_1_after": after.pass_at_1 if after else None,
-        "length_before": before.mean_length if before else None,
-        "length_after": after.mean_length if after else None,
-        "thinking_share_before": before.thinking_share if before else None,
-        "thinking_share_after": after.thinking_share if after else None,
+        "ended": loop.ended,
+        "exit_codes": loop.exit_codes,
+        "accuracy_before": of(before, "accuracy"),
+        "accuracy_after": of(after, "accuracy"),
+        "pass_at_1_before": of(before, "pass_at_1"),
+        "pass_at_1_after": of(after, "pass_at_1"),
+        "length_before": of(before, "mean_length"),
+        "length_after": of(after, "mean_length"),
+        "thinking_share_before": of(before, "thinking_share"),
+        "thinking_share_after": of(after, "thinking_share"),
         "steps": len(steps),
         "wall_seconds": round(time.monotonic() - started, 1),
-        "rl_seconds": round(rl_seconds, 1),
+        "rl_seconds": round(loop.seconds, 1),
         "tasks_issued": done.get("tasks_issued"),
         "groups_trained": done.get("groups_trained"),
         "groups_dropped_stale": done.get("groups_dropped_stale"),
         "groups_dropped_zero_variance": done.get("groups_dropped_zero_variance"),
-        "groups_in_flight_at_stop": remaining,
+        "groups_in_flight_at_stop": loop.in_flight,
         "policy_versions_trained_on": sorted(
             {v for r in steps for v in r.get("policy_versions", [])}
         ),
@@ -534,6 +534,30 @@ def run(up: UpConfig, *, json_out: bool) -> dict:
         "plot": str(plot(steps, run_dir / "curves.png") or ""),
         "run_dir": str(run_dir),
     }
+
+
+def run(up: UpConfig, *, json_out: bool) -> dict:
+    """The run, step by step; returns (and writes) its summary."""
+    from protocol.log import setup_logging
+
+    setup_logging("up")
+    started = time.monotonic()
+    name = up.name or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(up.runs_dir).resolve() / name
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    with nats_server(run_dir) as url:
+        asyncio.run(_setup_streams(url))
+        log.info("run", dir=str(run_dir), nats=url)
+        if up.dataset is None:
+            dataset, held_out = demo_data(up, run_dir)
+        else:
+            dataset, held_out = Path(up.dataset), []
+        model = Path(up.model) if up.model else cold_start_model(up, run_dir, held_out, sys.executable)
+        before = held_out_accuracy(model, held_out, up, "before")
+        config = write_run_config(up, run_dir, model, dataset, url)
+        loop = run_loop(up, run_dir, config, url, started)
+    after = held_out_accuracy(run_dir / "final", held_out, up, "after")
+    summary = summarize(up, name, run_dir, loop, before, after, started)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if json_out:
         print(json.dumps(summary), flush=True)

@@ -51,6 +51,16 @@ def _version(binary: Path) -> tuple[int, ...]:
     return tuple(int(p) for p in digits.split(".") if p.isdigit())
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the thread that started us dies, so an embedded server
+    never outlives its process, even one killed with SIGKILL. (Start the server from a
+    thread that lives as long as the process: the main thread.)"""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class NatsServer:
     """A nats-server child process on 127.0.0.1 with JetStream and free (or given) ports.
 
@@ -112,7 +122,11 @@ class NatsServer:
             cmd += ["-c", str(self.config_file)]
         log = open(self.log_file, "ab")
         self.process = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         log.close()
         try:

@@ -30,9 +30,13 @@ def aha_nats(tmp_path):
     )
     first = proc.stdout.readline().strip()
     yield proc, first
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    if proc.poll() is None:  # SIGTERM, so that `aha nats` stops its nats-server child too
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def free_port() -> int:

@@ -171,32 +171,21 @@ def cold_start_model(up: UpConfig, run_dir: Path, held_out: list[dict], python: 
 
 def dataset_settings(up: UpConfig, dataset: Path) -> dict[str, Any]:
     """Field mapping, template and rewards for the dataset (demo, GSM8K or MATH-500)."""
-    if up.dataset is None:
-        return {
-            "path": str(dataset),
-            "prompt_field": "prompt",
-            "answer_field": "answer",
-            "template": "none",
-            "rewards": {"accuracy_gsm8k": 1.0, "format_think": 0.1},
-            "meta": {"answer_tag": True},
-        }
-    with open(dataset) as f:
-        first = json.loads(f.readline())
-    if "question" in first:  # GSM8K: {"question", "answer": "... #### 72"}
-        return {
-            "path": str(dataset),
-            "prompt_field": "question",
-            "answer_field": "answer",
-            "template": "r1-zero",
-            "rewards": {"accuracy_gsm8k": 1.0, "format_think": 0.1},
-            "meta": {"answer_tag": True},
-        }
-    return {  # MATH-500 and friends: {"problem", "answer"}
+    if up.dataset is None:  # the demo: {"prompt": "Q:123+456=", "answer": "579"}
+        prompt_field, template, accuracy = "prompt", "none", "accuracy_gsm8k"
+    else:
+        with open(dataset) as f:
+            first = json.loads(f.readline())
+        if "question" in first:  # GSM8K: {"question", "answer": "... #### 72"}
+            prompt_field, template, accuracy = "question", "r1-zero", "accuracy_gsm8k"
+        else:  # MATH-500 and friends: {"problem", "answer"} (LaTeX)
+            prompt_field, template, accuracy = "problem", "r1-zero", "accuracy_math"
+    return {
         "path": str(dataset),
-        "prompt_field": "problem",
+        "prompt_field": prompt_field,
         "answer_field": "answer",
-        "template": "r1-zero",
-        "rewards": {"accuracy_math": 1.0, "format_think": 0.1},
+        "template": template,
+        "rewards": {accuracy: 1.0, "format_think": 0.1},
         "meta": {"answer_tag": True},
     }
 

@@ -1,0 +1,46 @@
+"""What `aha up` hands its parts: one config file every process loads, and dataset wiring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from actors.config import ActorConfig
+from deploy.up import UpConfig, dataset_settings, write_run_config
+from learner.config import LearnerConfig
+from protocol.config import ConfigError, load_config
+from rewarder.config import RewarderConfig
+
+DATA = Path(__file__).parents[2] / "data"
+
+
+def test_the_run_config_drives_every_part(tmp_path):
+    up = UpConfig(max_steps=7, max_staleness=1, shuffle_rewards=True)
+    path = write_run_config(up, tmp_path, tmp_path / "model", tmp_path / "rl.jsonl", "nats://h:1")
+    learner = load_config(LearnerConfig, path, section="learner", environ={})
+    actor = load_config(ActorConfig, path, section="actor", environ={})
+    rewarder = load_config(RewarderConfig, path, section="rewarder", environ={})
+    assert learner.bus.url == actor.bus.url == rewarder.bus.url == "nats://h:1"
+    assert (learner.max_steps, learner.max_staleness, learner.batch) == (7, 1, 16)
+    assert learner.grpo.shuffle_rewards and learner.grpo.beta == 0.01
+    assert learner.dataset.rewards == {"accuracy_gsm8k": 1.0, "format_think": 0.1}
+    assert learner.dataset.template == "none" and learner.dataset.group_size == 8
+    assert actor.model == learner.model.path == str(tmp_path / "model")
+
+
+@pytest.mark.parametrize(
+    "file, prompt_field, accuracy",
+    [("gsm8k_test.jsonl", "question", "accuracy_gsm8k"), ("math500_test.jsonl", "problem", "accuracy_math")],
+)
+def test_real_datasets_work_as_they_are(file, prompt_field, accuracy):
+    up = UpConfig(model="/models/any", dataset=str(DATA / file))
+    settings = dataset_settings(up, DATA / file)
+    assert settings["prompt_field"] == prompt_field and settings["answer_field"] == "answer"
+    assert settings["template"] == "r1-zero"
+    assert settings["rewards"] == {accuracy: 1.0, "format_think": 0.1}
+
+
+def test_a_dataset_without_a_model_fails_at_start():
+    with pytest.raises(ConfigError, match="a real dataset needs a real model"):
+        load_config(UpConfig, overrides={"dataset": "gsm8k.jsonl"}, section="up", environ={})

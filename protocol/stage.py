@@ -31,6 +31,7 @@ from typing import Generic, TypeVar
 
 import structlog
 from nats.aio.msg import Msg
+from nats.errors import MsgAlreadyAckdError
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter
 from pydantic import BaseModel
@@ -226,7 +227,7 @@ async def run_stage(
             return
         finally:
             done.set()
-            await ticker
+            ticker.cancel()  # never awaited: a cancellation meant for us must not land there
         await delivery.ack()
         stats.handled += 1
         MESSAGES_TOTAL.labels(stage.name, "ok").inc()
@@ -254,15 +255,19 @@ async def run_stage(
 
     if running:
         _, pending = await asyncio.wait(set(running), timeout=grace_s)
+        unfinished = {task: holding[task] for task in pending}
         for task in pending:
-            delivery = holding.get(task)
             task.cancel()
-            if delivery is not None:
-                await delivery.nak()
-                stats.released += 1
-                MESSAGES_TOTAL.labels(stage.name, "released").inc()
         if pending:
             await asyncio.wait(pending)
+        for task, delivery in unfinished.items():
+            if task.cancelled():  # not acked: release it to another replica at once
+                try:
+                    await delivery.nak()
+                except MsgAlreadyAckdError:  # cancelled just after its ack went out
+                    continue
+                stats.released += 1
+                MESSAGES_TOTAL.labels(stage.name, "released").inc()
     await consumer.close()
     return stats
 

@@ -322,3 +322,35 @@ async def test_ensure_streams_is_idempotent_and_applies_changes(bus):
     stream = await bus.js.stream_info(TASKS.stream)
     assert stream.config.retention == "workqueue"
     assert stream.config.duplicate_window == 60.0
+
+
+async def test_a_stop_mid_flight_acks_or_releases_each_message_once(bus):
+    # Handlers finish at all sorts of moments around the end of the grace period: each
+    # message must end up either acked (gone) or released (back in the queue), never both.
+    await ensure_streams(bus.js, fast_config(ack_wait_s=30))
+    for i in range(40):
+        await bus.publish(TASKS, make_task(i))
+    rng = __import__("random").Random(0)
+    done: list[str] = []
+
+    async def handler(t: Task) -> None:
+        await asyncio.sleep(rng.uniform(0.0, 0.06))
+        done.append(t.task_id)
+
+    stop = asyncio.Event()
+    loop = asyncio.create_task(
+        run_stage(bus, TASKS, handler, stop=stop, concurrency=10, grace_s=0.03)
+    )
+    await asyncio.sleep(0.25)
+    stop.set()
+    stats = await loop
+
+    depth = (await queue_depth(bus.js))["tasks"]
+    assert depth.messages == 40 - stats.handled  # acked ones are gone, nothing else is
+    assert depth.ack_pending == 0  # released ones are not left leased until the ack wait
+    assert stats.released + stats.handled <= 40
+    rest = []
+    consumer = StageConsumer(bus, TASKS)
+    while batch := await consumer.fetch(40, timeout=0.5):
+        rest += [d.message.task_id for d in batch]
+    assert len(rest) == len(set(rest)) == 40 - stats.handled

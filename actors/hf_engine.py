@@ -140,11 +140,15 @@ class HfEngine:
             )
         else:
             files = [Path(f) for f in weights]
-        async with self._lock:
+        def load() -> None:
             state = {}
             for f in files:
                 state.update(load_file(str(f)))
             self._load_state(state)
+
+        async with self._lock:
+            # Off the event loop: a large model must not stall keep-alives and heartbeats.
+            await asyncio.to_thread(load)
             self._version = version
 
     def _load_state(self, state: dict) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -165,18 +166,22 @@ class VllmEngine:
 
     async def load_weights(self, weights: str | Path | Sequence[str | Path], version: int) -> None:
         folder = weights_folder(weights, self._scratch)
-        check_fits(folder, self._shapes)
-        async with self._swap:
-            self._admitting.clear()
-            try:
-                await self._idle.wait()
-                await self._llm.collective_rpc(
-                    "aha_reload_weights", kwargs={"weights_path": str(folder)}
-                )
-                await self._llm.reset_prefix_cache()
-                self._version = version
-            finally:
-                self._admitting.set()
+        try:
+            check_fits(folder, self._shapes)
+            async with self._swap:
+                self._admitting.clear()
+                try:
+                    await self._idle.wait()
+                    await self._llm.collective_rpc(
+                        "aha_reload_weights", kwargs={"weights_path": str(folder)}
+                    )
+                    await self._llm.reset_prefix_cache()
+                    self._version = version
+                finally:
+                    self._admitting.set()
+        finally:
+            if folder.parent == self._scratch:  # links made for a list of files: done with
+                shutil.rmtree(folder, ignore_errors=True)
 
     async def close(self) -> None:
         llm, self._llm = self._llm, None

@@ -32,7 +32,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deploy.supervisor import Part, Supervisor
-from protocol.config import load_config
+from protocol.config import BusConfig, load_config, merge, read_file
 
 log = structlog.get_logger("deploy.up")
 
@@ -190,8 +190,19 @@ def dataset_settings(up: UpConfig, dataset: Path) -> dict[str, Any]:
     }
 
 
-def write_run_config(up: UpConfig, run_dir: Path, model: Path, dataset: Path, nats_url: str) -> Path:
-    """The one config file every part reads (also usable to start the parts by hand)."""
+def write_run_config(
+    up: UpConfig,
+    run_dir: Path,
+    model: Path,
+    dataset: Path,
+    nats_url: str,
+    parts: dict[str, Any] | None = None,
+) -> Path:
+    """The one config file every part reads (also usable to start the parts by hand).
+
+    `parts` — the `[bus]`, `[learner]`, `[actor]` and `[rewarder]` sections of the user's
+    `--config` file — is merged over what `aha up` chooses, key by key (e.g. bf16 on GPUs).
+    """
     config = {
         "bus": {"url": nats_url},
         "learner": {
@@ -225,6 +236,8 @@ def write_run_config(up: UpConfig, run_dir: Path, model: Path, dataset: Path, na
         "actor": {"model": str(model), "backend": up.engine},
         "rewarder": {"workers": up.rewarder_workers},
     }
+    config = merge(config, {k: v for k, v in (parts or {}).items() if k != "up"})
+    config["bus"]["url"] = nats_url  # the run's server, whatever the file says
     path = run_dir / "aha.toml"
     path.write_text(_toml(config))
     return path
@@ -323,11 +336,10 @@ def render(up: UpConfig, steps: list[dict], depth: dict | None, elapsed: float):
     return table
 
 
-async def _connect(url: str):
+async def _connect(bus_config):
     from protocol.bus import Bus
-    from protocol.config import BusConfig
 
-    return await Bus.connect(BusConfig(url=url), name="aha-up", setup=False)
+    return await Bus.connect(bus_config, name="aha-up", setup=False)
 
 
 async def _depth(bus) -> dict | None:
@@ -340,16 +352,15 @@ async def _depth(bus) -> dict | None:
         return None
 
 
-async def _setup_streams(url: str) -> None:
+async def _setup_streams(bus_config) -> None:
     from protocol.bus import Bus
-    from protocol.config import BusConfig
 
-    bus = await Bus.connect(BusConfig(url=url), name="aha-up")
+    bus = await Bus.connect(bus_config.model_copy(update={"setup_streams": True}), name="aha-up")
     await bus.close()
 
 
 async def watch(
-    up: UpConfig, sup: Supervisor, metrics: MetricsTail, url: str, started: float
+    up: UpConfig, sup: Supervisor, metrics: MetricsTail, bus_config, started: float
 ) -> tuple[str, int | None]:
     """Live table until the learner exits. Returns why the run ended and the learner's code."""
     from rich.console import Console
@@ -359,7 +370,7 @@ async def watch(
     live = Live(console=console, auto_refresh=False) if console.is_terminal else None
     if live:
         live.start()
-    bus = await _connect(url)
+    bus = await _connect(bus_config)
     reported = 0
     try:
         while True:
@@ -417,9 +428,9 @@ def plot(steps: list[dict], path: Path) -> Path | None:
     return path
 
 
-async def in_flight(url: str) -> int | None:
+async def in_flight(bus_config) -> int | None:
     """Tasks still somewhere in the loop: messages left in the three work queues."""
-    bus = await _connect(url)
+    bus = await _connect(bus_config)
     try:
         depth = await _depth(bus)
     finally:
@@ -433,12 +444,13 @@ async def in_flight(url: str) -> int | None:
 
 
 @contextlib.contextmanager
-def nats_server(run_dir: Path) -> Iterator[str]:
-    """`NATS_URL` if set, else an embedded server for the run (stopped at the end)."""
+def nats_server(run_dir: Path, url: str | None = None) -> Iterator[str]:
+    """`NATS_URL`, else `url` (the config's `[bus] url`), else an embedded server for the
+    run (stopped at the end)."""
     from protocol.server import NatsServer
 
-    if os.environ.get("NATS_URL"):
-        yield os.environ["NATS_URL"]
+    if os.environ.get("NATS_URL") or url:
+        yield os.environ.get("NATS_URL") or url
         return
     with NatsServer(run_dir / "nats") as server:
         yield server.url
@@ -464,7 +476,7 @@ class LoopResult:
     metrics: MetricsTail
 
 
-def run_loop(up: UpConfig, run_dir: Path, config: Path, url: str, started: float) -> LoopResult:
+def run_loop(up: UpConfig, run_dir: Path, config: Path, bus_config, started: float) -> LoopResult:
     """Learner, actors and rewarders as processes until the learner is done; then stop all
     and count what is left in the queues."""
     sup = Supervisor(run_dir / "logs")
@@ -473,7 +485,7 @@ def run_loop(up: UpConfig, run_dir: Path, config: Path, url: str, started: float
     learner_code = None
     try:
         start_parts(up, sup, config, sys.executable)
-        ended, learner_code = asyncio.run(watch(up, sup, metrics, url, started))
+        ended, learner_code = asyncio.run(watch(up, sup, metrics, bus_config, started))
     except KeyboardInterrupt:
         ended = "interrupted"
     finally:
@@ -482,7 +494,7 @@ def run_loop(up: UpConfig, run_dir: Path, config: Path, url: str, started: float
         codes["learner"] = learner_code
     seconds = time.monotonic() - loop_started
     metrics.read()
-    return LoopResult(ended, codes, seconds, asyncio.run(in_flight(url)), metrics)
+    return LoopResult(ended, codes, seconds, asyncio.run(in_flight(bus_config)), metrics)
 
 
 def summarize(up: UpConfig, name: str, run_dir: Path, loop: LoopResult, before, after,
@@ -525,7 +537,7 @@ def summarize(up: UpConfig, name: str, run_dir: Path, loop: LoopResult, before, 
     }
 
 
-def run(up: UpConfig, *, json_out: bool) -> dict:
+def run(up: UpConfig, *, json_out: bool, config_file: str | None = None) -> dict:
     """The run, step by step; returns (and writes) its summary."""
     from protocol.log import setup_logging
 
@@ -534,8 +546,10 @@ def run(up: UpConfig, *, json_out: bool) -> dict:
     name = up.name or time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(up.runs_dir).resolve() / name
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    with nats_server(run_dir) as url:
-        asyncio.run(_setup_streams(url))
+    parts = read_file(config_file) if config_file else {}
+    with nats_server(run_dir, (parts.get("bus") or {}).get("url")) as url:
+        bus_config = load_config(BusConfig, overrides={**(parts.get("bus") or {}), "url": url})
+        asyncio.run(_setup_streams(bus_config))
         log.info("run", dir=str(run_dir), nats=url)
         if up.dataset is None:
             dataset, held_out = demo_data(up, run_dir)
@@ -543,8 +557,8 @@ def run(up: UpConfig, *, json_out: bool) -> dict:
             dataset, held_out = Path(up.dataset), []
         model = Path(up.model) if up.model else cold_start_model(up, run_dir, held_out, sys.executable)
         before = held_out_accuracy(model, held_out, up, "before")
-        config = write_run_config(up, run_dir, model, dataset, url)
-        loop = run_loop(up, run_dir, config, url, started)
+        config = write_run_config(up, run_dir, model, dataset, url, parts)
+        loop = run_loop(up, run_dir, config, bus_config, started)
     after = held_out_accuracy(run_dir / "final", held_out, up, "after")
     summary = summarize(up, name, run_dir, loop, before, after, started)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -576,5 +590,5 @@ def main(args: argparse.Namespace) -> int:
         if v is not None
     }
     up = load_config(UpConfig, args.config, section="up", overrides=overrides)
-    summary = run(up, json_out=args.json)
+    summary = run(up, json_out=args.json, config_file=args.config)
     return 0 if summary["ended"] == "finished" else 1

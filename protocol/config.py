@@ -136,11 +136,12 @@ def _env_overrides(prefix: str, environ: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `over` merged in, key by key at every level of nested tables."""
     merged = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -170,16 +171,16 @@ def load_config(
             raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
         values = dict(data.get(section) or {})
         if "bus" in cls.model_fields and "bus" in data:
-            values["bus"] = _merge(data["bus"], values.get("bus", {}))
+            values["bus"] = merge(data["bus"], values.get("bus", {}))
     if section is not None:
-        values = _merge(values, _env_overrides(f"AHA_{section.upper()}__", environ))
+        values = merge(values, _env_overrides(f"AHA_{section.upper()}__", environ))
     if "bus" in cls.model_fields or cls is BusConfig:
         bus_env = _env_overrides("AHA_BUS__", environ)
         if cls is BusConfig:
-            values = _merge(values, bus_env)
+            values = merge(values, bus_env)
         elif bus_env:
-            values["bus"] = _merge(values.get("bus", {}), bus_env)
-    values = _merge(values, overrides or {})
+            values["bus"] = merge(values.get("bus", {}), bus_env)
+    values = merge(values, overrides or {})
     try:
         return cls.model_validate(values)
     except ValidationError as e:

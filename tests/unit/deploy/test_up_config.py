@@ -44,3 +44,22 @@ def test_real_datasets_work_as_they_are(file, prompt_field, accuracy):
 def test_a_dataset_without_a_model_fails_at_start():
     with pytest.raises(ConfigError, match="a real dataset needs a real model"):
         load_config(UpConfig, overrides={"dataset": "gsm8k.jsonl"}, section="up", environ={})
+
+
+def test_the_users_sections_refine_what_aha_up_chooses(tmp_path):
+    parts = {
+        "bus": {"url": "nats://elsewhere:4222", "scored": {"ack_wait_s": 900}},
+        "learner": {"deepspeed": {"precision": "bf16"}, "serving_dtype": "bfloat16"},
+        "actor": {"dtype": "bfloat16"},
+        "up": {"max_steps": 3},
+    }
+    path = write_run_config(
+        UpConfig(), tmp_path, tmp_path / "m", tmp_path / "d.jsonl", "nats://run:1", parts
+    )
+    learner = load_config(LearnerConfig, path, section="learner", environ={})
+    actor = load_config(ActorConfig, path, section="actor", environ={})
+    assert learner.deepspeed.precision == "bf16" and learner.serving_dtype == "bfloat16"
+    assert learner.deepspeed.micro_batch == 32  # aha up's choice, untouched
+    assert actor.dtype == "bfloat16"
+    assert learner.bus.url == "nats://run:1"  # the run's own server wins
+    assert learner.bus.scored.ack_wait_s == 900

@@ -103,10 +103,17 @@ class Actor:
         self.idle = IdleClock()
         self.rejected: set[int] = set()
         """Versions refused once: a later notification does not fetch them again."""
+        self.kv = None
+        """The policy KV bucket, once `run` has opened it."""
+        self._loading = asyncio.Lock()
 
     async def rollout(self, task: Task) -> Rollout:
         """G completions of one task with the weights served now."""
         picked = time.time()
+        if task.issued_version > self.engine.version and self.kv is not None:
+            # Issued after weights we do not serve yet (their KV notice has not come): serve
+            # them first, so no rollout is older than its task and η holds from the start.
+            await self.serve_latest(self.kv)
         prompt_ids = (
             task.prompt_token_ids.tolist()
             if task.prompt_token_ids is not None
@@ -178,12 +185,14 @@ class Actor:
             await watcher.stop()
 
     async def serve_latest(self, kv, retry_s: float = 0.5) -> None:
-        """Serve the manifest under `latest` now, retrying while NATS times out."""
+        """Serve the manifest under `latest` now, retrying while NATS times out. One load
+        at a time: the watcher and tasks that outran it may ask at once."""
         while True:
             try:
-                manifest = await latest_manifest(kv)
-                if manifest is not None:
-                    await self.serve(manifest)
+                async with self._loading:
+                    manifest = await latest_manifest(kv)
+                    if manifest is not None:
+                        await self.serve(manifest)
                 return
             except _TRANSIENT as e:  # the server restarting: try again, then the newest
                 log.warning("weights fetch failed: retrying", error=repr(e), delay=retry_s)
@@ -192,7 +201,7 @@ class Actor:
 
     async def run(self, stop: asyncio.Event, *, max_messages: int | None = None) -> StageStats:
         """Catch up with `latest`, then turn tasks into rollouts until `stop`; follow weights."""
-        kv = await self.bus.js.key_value(KV_POLICY)
+        kv = self.kv = await self.bus.js.key_value(KV_POLICY)
         await self.serve_latest(kv)  # started mid-run: serve the current policy from the first task
         VERSION.labels(self.config.actor_id).set(self.engine.version)
         follower = asyncio.create_task(self.follow_weights(kv))

@@ -308,8 +308,14 @@ async def collect(lr: Learner, stop: asyncio.Event) -> list[tuple[Group, str]] |
                 ledger.release(p)
             await lr.leases.release(positions)
             return None
-        await top_up(lr.bus, lr.dispatcher, ledger, config.in_flight_limit, lr.progress.version)
-        wanted = config.batch - sum(verdict == "train" for _, verdict in collected)
+        trainable = sum(verdict == "train" for _, verdict in collected)
+        # The groups this step already trains use up the bound too: a task issued now can be
+        # trained fresh only within the next max_staleness + 1 versions, and this step has
+        # taken `trainable` of their (max_staleness + 1) × batch places. (With η = 0 nothing
+        # is issued until the step is done and its weights published: synchronous RL.)
+        limit = config.in_flight_limit - trainable
+        await top_up(lr.bus, lr.dispatcher, ledger, limit, lr.progress.version)
+        wanted = config.batch - trainable
         for delivery in await lr.consumer.fetch(wanted, timeout=1.0):
             group = await admit(lr, delivery)
             if group is not None:

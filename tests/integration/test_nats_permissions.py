@@ -458,3 +458,78 @@ async def test_compose_services_run_as_local_processes(server, passwords, tiny_m
             f.close()
     assert {n: p.returncode for n, p in procs.items()} == dict.fromkeys(procs, 0)
     assert violations(server) == set()
+
+
+@pytest.mark.slow
+async def test_the_loop_runs_with_every_part_under_its_own_user(
+    server, passwords, tiny_model_dir, tmp_path
+):
+    """The learner, an actor and a rewarder as real processes with their compose command and
+    environment (their own NATS users), the compose config file refined for this machine:
+    two GRPO steps go round the whole loop and no permission is violated."""
+    from deploy.demo import rl_prompts, write_jsonl
+    from deploy.up import _toml
+    from protocol.config import merge, read_file
+
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    dataset = write_jsonl(rl_prompts(64, seed=0, exclude=set()), tmp_path / "rl.jsonl")
+    local = {
+        "learner": {
+            "model": {"path": str(tiny_model_dir)},
+            "checkpoint_dir": str(tmp_path / "checkpoints"),
+            "weights_dir": str(tmp_path / "weights"),
+            "final_model_dir": str(tmp_path / "final"),
+            "metrics_file": str(tmp_path / "metrics.jsonl"),
+            "metrics_port": _free_port(),
+            "batch": 2,
+            "max_steps": 2,
+            "serving_dtype": "float32",
+            "deepspeed": {"precision": "fp32", "micro_batch": 4},
+            "dataset": {
+                "path": str(dataset), "prompt_field": "prompt", "template": "none",
+                "group_size": 2, "max_tokens": 8, "meta": {"answer_tag": True},
+            },
+        },
+        "actor": {"model": str(tiny_model_dir), "backend": "hf", "metrics_port": _free_port()},
+        "rewarder": {"workers": 1},
+    }  # fmt: skip
+    config = tmp_path / "aha.toml"
+    config.write_text(_toml(merge(read_file(DEPLOY / "aha.toml"), local)))
+
+    def start(service: str) -> subprocess.Popen:
+        args = [str(config) if a == "/etc/aha/aha.toml" else a for a in services[service]["command"]]
+        args = [a for a in args if not a.isdigit() and a != "--metrics-port"]  # ports: config
+        env = {
+            **os.environ, **service_environment(service, passwords), "NATS_URL": server.url,
+            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
+        }  # fmt: skip
+        for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(var, None)
+        log = open(tmp_path / f"{service}.log", "w")
+        return subprocess.Popen(
+            [sys.executable, "-m", "deploy.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+    learner = start("learner")  # it sets up the streams; the others may not
+    await asyncio.sleep(3)
+    parts = {"actor": start("actor"), "rewarder": start("rewarder")}
+    try:
+        code = await asyncio.to_thread(learner.wait, 600)
+    finally:
+        if learner.poll() is None:
+            learner.kill()
+        for p in parts.values():
+            p.send_signal(signal.SIGTERM)
+        for p in parts.values():
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    logs = {n: (tmp_path / f"{n}.log").read_text()[-3000:] for n in ("learner", *parts)}
+    assert code == 0, logs
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if s["event"] == "step"] == [1, 2]
+    assert (tmp_path / "final" / "config.json").exists()
+    assert {n: p.returncode for n, p in parts.items()} == {"actor": 0, "rewarder": 0}, logs
+    assert violations(server) == set()

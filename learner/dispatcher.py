@@ -59,7 +59,7 @@ def read_rows(path: str | Path, prompt_field: str, answer_field: str) -> list[tu
             except KeyError as e:
                 raise ValueError(f"{path}:{line_no}: no field {e.args[0]!r}") from None
     if not rows:
-        raise ValueError(f"{path}: no problems")
+        raise ValueError(f"{path}: no rows")
     return rows
 
 

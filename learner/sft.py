@@ -8,7 +8,6 @@ scored: their log-probs are not even computed.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import structlog
 import torch
 
+from learner.dispatcher import read_rows
 from learner.engine import PolicyEngine, rank_micro_batches
 from learner.grpo import aggregate, aggregate_share
 from learner.logprobs import completion_logprobs, pad_batch
@@ -38,19 +38,7 @@ def read_pairs(
     path: str | Path, prompt_field: str = "prompt", response_field: str = "response"
 ) -> list[tuple[str, str]]:
     """(prompt, response) texts from a JSONL file, one object per line."""
-    pairs = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            try:
-                pairs.append((str(row[prompt_field]), str(row[response_field])))
-            except KeyError as e:
-                raise ValueError(f"{path}:{line_no}: no field {e.args[0]!r}") from None
-    if not pairs:
-        raise ValueError(f"{path}: no examples")
-    return pairs
+    return [(prompt, str(response)) for prompt, response in read_rows(path, prompt_field, response_field)]
 
 
 def tokenize_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[Example]:

@@ -525,6 +525,8 @@ def summarize(up: UpConfig, name: str, run_dir: Path, loop: LoopResult, before, 
         "groups_trained": done.get("groups_trained"),
         "groups_dropped_stale": done.get("groups_dropped_stale"),
         "groups_dropped_zero_variance": done.get("groups_dropped_zero_variance"),
+        "groups_dropped_no_reward": done.get("groups_dropped_no_reward"),
+        "groups_dead": done.get("groups_dead"),
         "groups_in_flight_at_stop": loop.in_flight,
         "policy_versions_trained_on": sorted(
             {v for r in steps for v in r.get("policy_versions", [])}

@@ -169,6 +169,14 @@ class Ledger:
             return "new"
         return "duplicate"
 
+    def lose(self, p: int) -> bool:
+        """A task the loop gave up on (dead-lettered before its group reached us): it is no
+        longer in flight. Returns whether it was."""
+        if p in self.outstanding:
+            self.outstanding.discard(p)
+            return True
+        return False
+
     def release(self, p: int) -> None:
         """Give a held group back (not trained, not acked): it is in flight again."""
         self.held.discard(p)

@@ -48,7 +48,8 @@ from learner.step import (
 from learner.weights import prune_dirs, publish_weights, version_dir
 from protocol.bus import Bus
 from protocol.config import ConfigError
-from protocol.names import SCORED
+from protocol.codec import DecodeError, decode_named
+from protocol.names import SCORED, STAGES
 from protocol.stage import Delivery, StageConsumer, stop_on_signals
 
 log = structlog.get_logger("learner")
@@ -75,6 +76,10 @@ class Progress:
     groups_dropped_stale: int = 0
     groups_dropped_zero_variance: int = 0
     groups_dropped_no_reward: int = 0
+    groups_dead: int = 0
+    """Tasks dead-lettered by an actor, a rewarder or this learner: their slots are freed."""
+    dead_seq: int = 0
+    """Last dead-letter sequence looked at."""
     groups_duplicates: int = 0
     """Deliveries of groups already consumed by a checkpointed step (acked, not trained)."""
     published_version: int = -1
@@ -163,6 +168,8 @@ class Learner:
     uncommitted: list[dict] = field(default_factory=list)
     """Step records of the steps trained since the last checkpoint."""
     last_step_end: float = field(default_factory=time.perf_counter)
+    dead_checked_at: float = 0.0
+    """When the dead-letter stream was last read (at most once a second)."""
 
 
 async def run(
@@ -314,6 +321,7 @@ async def collect(lr: Learner, stop: asyncio.Event) -> list[tuple[Group, str]] |
         # taken `trainable` of their (max_staleness + 1) × batch places. (With η = 0 nothing
         # is issued until the step is done and its weights published: synchronous RL.)
         limit = config.in_flight_limit - trainable
+        await forget_dead(lr)
         await top_up(lr.bus, lr.dispatcher, ledger, limit, lr.progress.version)
         wanted = config.batch - trainable
         for delivery in await lr.consumer.fetch(wanted, timeout=1.0):
@@ -324,6 +332,26 @@ async def collect(lr: Learner, stop: asyncio.Event) -> list[tuple[Group, str]] |
                 )
                 collected.append((group, verdict))
     return collected
+
+
+async def forget_dead(lr: Learner) -> None:
+    """Free the in-flight places of this run's tasks that were dead-lettered on the way (a
+    prompt that crashes every actor must not stall the dispatcher), and count them. The
+    position in the dead-letter stream is checkpointed with the ledger."""
+    if time.monotonic() - lr.dead_checked_at < 1.0:
+        return
+    lr.dead_checked_at = time.monotonic()
+    for letter in await lr.bus.dead_letters(after=lr.progress.dead_seq):
+        lr.progress.dead_seq = letter.dead_seq
+        try:
+            message = decode_named(letter.data, STAGES[letter.stage].message)
+        except (DecodeError, KeyError):
+            continue  # not a message of ours: nothing to free
+        p = lr.dispatcher.position(message.task_id)
+        if p is not None and lr.ledger.lose(p):
+            lr.progress.groups_dead += 1
+            log.warning("task dead-lettered: its place is freed", task_id=message.task_id,
+                        stage=letter.stage, error=letter.error)  # fmt: skip
 
 
 async def admit(lr: Learner, delivery: Delivery) -> Group | None:
@@ -457,6 +485,7 @@ def step_record(
         "groups_dropped_stale": progress.groups_dropped_stale,
         "groups_dropped_zero_variance": progress.groups_dropped_zero_variance,
         "groups_dropped_no_reward": progress.groups_dropped_no_reward,
+        "groups_dead": progress.groups_dead,
         "groups_duplicates": progress.groups_duplicates,
         "groups_in_flight": lr.ledger.in_flight,
         "tasks_issued": lr.ledger.issued,
@@ -501,6 +530,7 @@ async def finish(lr: Learner) -> None:
             "groups_dropped_stale": progress.groups_dropped_stale,
             "groups_dropped_zero_variance": progress.groups_dropped_zero_variance,
             "groups_dropped_no_reward": progress.groups_dropped_no_reward,
+        "groups_dead": progress.groups_dead,
             "groups_in_flight_at_stop": lr.ledger.in_flight,
             "final_model": str(final) if final else None,
             "time": time.time(),

@@ -73,6 +73,7 @@ def export_gauges(record: dict[str, Any], in_flight: int) -> None:
         "dropped_zero_variance",
         "dropped_no_reward",
         "duplicates",
+        "dead",
     ):
         GROUPS.labels(outcome).set(record[f"groups_{outcome}"])
     IN_FLIGHT.set(in_flight)

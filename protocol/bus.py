@@ -138,11 +138,12 @@ class Bus:
             "dead letter", stage=stage.name, reason=headers[HEADER_ERROR], stream_seq=stream_seq
         )
 
-    async def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
-        """Read (without removing) up to `limit` dead letters, oldest first."""
+    async def dead_letters(self, limit: int = 1000, *, after: int = 0) -> list[DeadLetter]:
+        """Read (without removing) up to `limit` dead letters with a sequence above `after`,
+        oldest first."""
         info = await self.js.stream_info(STREAM_DEAD)
         out: list[DeadLetter] = []
-        seq = info.state.first_seq
+        seq = max(info.state.first_seq, after + 1)
         while seq and seq <= info.state.last_seq and len(out) < limit:
             try:
                 raw = await self.js.get_msg(STREAM_DEAD, seq)

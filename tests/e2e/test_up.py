@@ -44,12 +44,15 @@ def test_aha_up_learns_through_the_async_loop(run):
     assert len(run["policy_versions_trained_on"]) > 1
     assert 0 < run["max_staleness_trained"] <= 2
 
-    # No task lost: each is trained, dropped as stale or zero-variance, or still in a queue.
+    # No task lost: each is trained, dropped (stale, zero-variance, no reward), dead-lettered
+    # on the way, or still in a queue.
     assert run["steps"] == STEPS
     assert run["tasks_issued"] == (
         run["groups_trained"]
         + run["groups_dropped_stale"]
         + run["groups_dropped_zero_variance"]
+        + run["groups_dropped_no_reward"]
+        + run["groups_dead"]
         + run["groups_in_flight_at_stop"]
     ), run
     assert run["groups_trained"] == STEPS * 16

@@ -84,11 +84,12 @@ def learner_config(tmp_path: Path, model_dir: Path, url: str, **overrides) -> Le
 
 
 async def play_actor_and_rewarder(
-    bus, model_dir: Path, scratch: Path, stop: asyncio.Event, log: list
+    bus, model_dir: Path, scratch: Path, stop: asyncio.Event, log: list, bury: int = 0
 ):
     """Take tasks, sample with the newest published weights, score, publish scored groups.
 
-    Appends `(task_id, policy_version, learner_version_at_issue)` per group to `log`.
+    Appends `(task_id, policy_version, learner_version_at_issue)` per group to `log`. The
+    first `bury` tasks are dead-lettered instead, as an actor that fails on them would.
     """
     from actors.hf_engine import HfEngine
     from actors.weights import load_manifest
@@ -105,6 +106,11 @@ async def play_actor_and_rewarder(
         if manifest is not None and manifest.version > engine.version:
             await load_manifest(engine, bus.js, manifest, scratch)
         deliveries = await tasks.fetch(4, timeout=0.5)
+        while deliveries and bury > 0:
+            d, deliveries, bury = deliveries[0], deliveries[1:], bury - 1
+            await bus.dead_letter(TASKS, d.msg.data, "handler failed on all deliveries: test",
+                                  stream_seq=d.stream_seq, deliveries=d.deliveries)  # fmt: skip
+            await d.term()
         if not deliveries:
             continue
         first = deliveries[0].message
@@ -256,3 +262,31 @@ async def test_stop_hands_back_the_partial_batch_and_checkpoints_trained_steps(
     left = await left_in_stream(bus, timeout=0.5)
     assert set(left) == scored - consumed and len(left) == len(set(left))
     assert asyncio.get_running_loop().time() - started < 2.5
+
+
+async def test_dead_lettered_tasks_free_their_place_and_are_counted(
+    nats_server, bus, tmp_path, tiny_model_dir
+):
+    # η = 0 and batch 2: two places in flight. The actor buries the first two tasks; unless
+    # the learner frees their places, nothing more is ever issued and it waits forever.
+    from learner.loop import run
+
+    config = learner_config(tmp_path, tiny_model_dir, nats_server.url, max_staleness=0, max_steps=2)
+    stop, played = asyncio.Event(), []
+    actor = asyncio.create_task(
+        play_actor_and_rewarder(bus, tiny_model_dir, tmp_path / "dl", stop, played, bury=2)
+    )
+    try:
+        assert await asyncio.wait_for(run(config), timeout=240) == 0
+    finally:
+        stop.set()
+        await actor
+
+    done = read_lines(tmp_path / "metrics.jsonl")[-1]
+    assert done["event"] == "done" and done["groups_trained"] == 4 and done["groups_dead"] == 2
+    assert done["tasks_issued"] == (
+        done["groups_trained"] + done["groups_dropped_stale"]
+        + done["groups_dropped_zero_variance"] + done["groups_dropped_no_reward"]
+        + done["groups_dead"] + done["groups_in_flight_at_stop"]
+    )  # fmt: skip
+    assert len(await bus.dead_letters()) == 2

@@ -510,11 +510,14 @@ async def test_the_loop_runs_with_every_part_under_its_own_user(
             [sys.executable, "-m", "deploy.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT
         )
 
-    learner = start("learner")  # it sets up the streams; the others may not
-    await asyncio.sleep(3)
+    # As in compose: the one-shot set-up first (the actor and rewarder may not create
+    # streams or buckets), then every part.
+    setup = start("nats-setup")
+    assert await asyncio.to_thread(setup.wait, 120) == 0, (tmp_path / "nats-setup.log").read_text()
+    learner = start("learner")
     parts = {"actor": start("actor"), "rewarder": start("rewarder")}
     try:
-        code = await asyncio.to_thread(learner.wait, 600)
+        code = await asyncio.to_thread(learner.wait, 300)
     finally:
         if learner.poll() is None:
             learner.kill()

@@ -42,3 +42,30 @@ def make_rollout(task: Task, tokens: int = 4, version: int = 0) -> Rollout:
 def make_scored(rollout: Rollout) -> ScoredRollout:
     scores = [Score(reward=1.0, components={"accuracy_math": 1.0}) for _ in rollout.samples]
     return ScoredRollout(rollout=rollout, scores=scores, rewarder_id="rewarder-test")
+
+
+async def check_stop_strings(engine, tokenizer, prompt_text: str) -> None:
+    """Any engine: a stop string cuts the text before it and keeps the token that completed
+    it as the last one (the learner trains on it), as vLLM does; otherwise the group ends
+    on EOS."""
+    from protocol.messages import Sampling
+
+    prompt = tokenizer(prompt_text).input_ids
+    free = await engine.generate(prompt, Sampling(max_tokens=32, seed=1), n=8)
+    # Pick a character the untrained model does produce, then stop on it.
+    stop = next(s.text[2] for s in free.samples if len(s.text) > 3)
+
+    group = await engine.generate(prompt, Sampling(max_tokens=32, seed=1, stop=[stop]), n=8)
+
+    stopped = [s for s in group.samples if s.finish_reason == "stop"]
+    assert stopped
+    for s in stopped:
+        assert stop not in s.text
+        full = tokenizer.decode(s.token_ids, skip_special_tokens=True)
+        if stop in full:  # else it ended on EOS
+            # The token that completed the stop string is the last; it may spell more, e.g.
+            # "<think>" for the stop string "<".
+            assert s.text == full[: full.index(stop)]
+            assert stop not in tokenizer.decode(s.token_ids[:-1], skip_special_tokens=True)
+        else:
+            assert s.token_ids[-1] == tokenizer.eos_token_id

@@ -10,6 +10,7 @@ from actors.hf_engine import HfEngine
 from deploy.tiny_model import TinySpec, save_tiny_model
 from learner.logprobs import completion_logprobs, pad_batch
 from protocol.messages import Sampling
+from tests.helpers import check_stop_strings
 
 PROMPT = "Q:123+456="
 
@@ -71,25 +72,7 @@ async def test_seed_reproduces_a_group(engine):
 
 
 async def test_stop_string_cuts_text_and_tokens(engine):
-    prompt = engine.tokenizer(PROMPT).input_ids
-    free = await engine.generate(prompt, Sampling(max_tokens=32, seed=1), n=8)
-    # Pick a character the untrained model does produce, then stop on it.
-    stop = next(s.text[2] for s in free.samples if len(s.text) > 3)
-
-    group = await engine.generate(prompt, Sampling(max_tokens=32, seed=1, stop=[stop]), n=8)
-
-    stopped = [s for s in group.samples if s.finish_reason == "stop"]
-    assert stopped
-    for s in stopped:
-        assert stop not in s.text
-        full = engine.tokenizer.decode(s.token_ids, skip_special_tokens=True)
-        if stop in full:  # else it ended on EOS
-            # The text stops before the stop string; the token that completed it is the last
-            # (it may spell more, e.g. "<think>" for the stop string "<").
-            assert s.text == full[: full.index(stop)]
-            assert stop not in engine.tokenizer.decode(s.token_ids[:-1], skip_special_tokens=True)
-        else:
-            assert s.token_ids[-1] == engine.tokenizer.eos_token_id
+    await check_stop_strings(engine, engine.tokenizer, PROMPT)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -23,6 +23,7 @@ from actors.vllm_engine import VllmEngine  # noqa: E402
 from deploy.tiny_model import TinySpec, save_tiny_model  # noqa: E402
 from learner.logprobs import completion_logprobs, pad_batch  # noqa: E402
 from protocol.messages import Sampling  # noqa: E402
+from tests.helpers import check_stop_strings  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -199,22 +200,4 @@ async def test_weights_that_do_not_fit_are_refused(engine, hf, tmp_path):
 
 
 async def test_stop_string_cuts_text_and_keeps_its_tokens(engine, hf):
-    prompt = hf.tokenizer(PROMPT).input_ids
-    free = await engine.generate(prompt, Sampling(max_tokens=32, seed=1), n=8)
-    stop = next(s.text[2] for s in free.samples if len(s.text) > 3)
-
-    group = await engine.generate(prompt, Sampling(max_tokens=32, seed=1, stop=[stop]), n=8)
-
-    stopped = [s for s in group.samples if s.finish_reason == "stop"]
-    assert stopped
-    for s in stopped:
-        assert stop not in s.text
-        full = hf.tokenizer.decode(s.token_ids, skip_special_tokens=True)
-        if stop in full:  # else it ended on EOS
-            # As in the HF engine: the text stops before the stop string, and the token that
-            # completed it is the last one kept (the learner trains on it); it may spell more,
-            # e.g. "<think>" for the stop string "<".
-            assert s.text == full[: full.index(stop)]
-            assert stop not in hf.tokenizer.decode(s.token_ids[:-1], skip_special_tokens=True)
-        else:
-            assert s.token_ids[-1] == hf.tokenizer.eos_token_id
+    await check_stop_strings(engine, hf.tokenizer, PROMPT)

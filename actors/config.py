@@ -6,15 +6,15 @@ import os
 import socket
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from protocol.config import BusConfig
+from protocol.config import CONFIG, BusConfig
 
 
 class ActorConfig(BaseModel):
     """Everything `aha actor` needs; `load_config(ActorConfig, path, section="actor")`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = CONFIG
 
     model: str
     """HF folder (config.json + safetensors + tokenizer): the architecture, the tokenizer, and

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from protocol.config import BusConfig
-
-_FROZEN = ConfigDict(extra="forbid", frozen=True)
+from protocol.config import CONFIG, BusConfig
 
 
 class ModelConfig(BaseModel):
     """Where the policy's initial weights come from: an HF folder, or a fresh Qwen2 from a config."""
 
-    model_config = _FROZEN
+    model_config = CONFIG
 
     path: str | None = None
     """HF causal-LM folder (config.json + safetensors + tokenizer), loaded with `from_pretrained`."""
@@ -31,7 +29,7 @@ class ModelConfig(BaseModel):
 class OptimConfig(BaseModel):
     """AdamW (torch's, not DeepSpeed's JIT-compiled FusedAdam/CPUAdam) and its LR schedule."""
 
-    model_config = _FROZEN
+    model_config = CONFIG
 
     lr: float = Field(1e-6, gt=0)
     """Peak learning rate."""
@@ -60,7 +58,7 @@ class OptimConfig(BaseModel):
 class DeepSpeedSettings(BaseModel):
     """How DeepSpeed runs the policy: ZeRO stage, precision, micro-batches, clipping."""
 
-    model_config = _FROZEN
+    model_config = CONFIG
 
     zero_stage: int = Field(0, ge=0, le=3)
     """ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 + gradients, 3 + parameters."""
@@ -75,7 +73,7 @@ class DeepSpeedSettings(BaseModel):
 class GRPOSettings(BaseModel):
     """The loss (DESIGN.md "GRPO" and "The off-policy bound")."""
 
-    model_config = _FROZEN
+    model_config = CONFIG
 
     eps_low: float = Field(0.2, ge=0, lt=1)
     """Lower PPO clip: the ratio π_θ/π_old is kept above 1 − eps_low."""
@@ -105,7 +103,7 @@ TEMPLATES = ("r1-zero", "chat", "none")
 class DatasetConfig(BaseModel):
     """The prompt dataset the dispatcher issues tasks from, and how each task is sampled and scored."""
 
-    model_config = _FROZEN
+    model_config = CONFIG
 
     path: str
     """JSONL file, one problem per line (GSM8K `question`/`answer`, MATH-500 `problem`/`answer`, ...)."""
@@ -136,7 +134,7 @@ class DatasetConfig(BaseModel):
 class LearnerConfig(BaseModel):
     """Everything the learner process needs; `load_config(LearnerConfig, path, section="learner")`."""
 
-    model_config = _FROZEN
+    model_config = CONFIG
 
     model: ModelConfig
     """The policy (and the reference model's initial weights)."""

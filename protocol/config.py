@@ -8,8 +8,11 @@ One file drives every process: a `[bus]` section shared by all, and one section 
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -20,13 +23,20 @@ C = TypeVar("C", bound=BaseModel)
 
 
 class ConfigError(ValueError):
-    """A config that cannot be used; the message names the field."""
+    """A config or input file that cannot be used: one line, naming the field or the file.
+
+    `aha` prints it as `aha <command>: error: <message>` and exits 2, before any long work.
+    """
+
+
+CONFIG = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+"""Every config model's settings: no unknown fields, immutable, no NaN or infinity."""
 
 
 class StageSettings(BaseModel):
     """Stream limits and consumer behaviour of one work-queue stage."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = CONFIG
 
     ack_wait_s: float = Field(60.0, gt=0)
     """Seconds a delivered message stays leased before the server redelivers it (handlers send in_progress to extend)."""
@@ -45,7 +55,7 @@ class StageSettings(BaseModel):
 class BusConfig(BaseModel):
     """Where NATS is and how aha's streams, buckets and consumers are set up."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = CONFIG
 
     url: str | None = None
     """NATS server URL(s), comma-separated; None = the `NATS_URL` variable, else start an embedded server (where a process can)."""
@@ -105,22 +115,86 @@ class BusConfig(BaseModel):
         return self.url or os.environ.get("NATS_URL") or None
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def read_text(path: str | Path) -> str:
+    """The UTF-8 text of a user's file; `ConfigError` naming the file when it cannot be read."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror or e} ({path})") from e
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"not UTF-8: byte {data[e.start]:#04x} ({path}:{line})") from e
+
+
 def read_file(path: str | Path) -> dict[str, Any]:
     """Parse a TOML or YAML config file into a dict."""
     path = Path(path)
+    text = read_text(path)
+    kind = "TOML" if path.suffix == ".toml" else "YAML"
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from e
-    try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        data = tomllib.loads(text) if kind == "TOML" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {e}") from e
+        raise ConfigError(f"not valid {kind}: {_one_line(e)} ({path})") from e
+    except RecursionError as e:  # both parsers recurse once per level of nesting
+        raise ConfigError(f"nested too deeply to be a config ({path})") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        raise ConfigError(f"expected a mapping at the top level ({path})")
     return data
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) per non-empty line of a JSONL file of objects.
+
+    Strict JSON: `NaN` and `Infinity` are refused, and so is a number too large for a float.
+    Raises `ConfigError` naming the file and line of the first bad one.
+    """
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror or e} ({path})") from e
+    with f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                row = json.loads(line, parse_constant=_refuse_constant)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+                _check_finite(row, "")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"not UTF-8: byte {raw[e.start]:#04x} ({path}:{number})") from e
+            except RecursionError as e:
+                raise ConfigError(f"nested too deeply ({path}:{number})") from e
+            except ValueError as e:  # json.JSONDecodeError included
+                raise ConfigError(f"{_one_line(e)} ({path}:{number})") from e
+            yield number, row
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """Raise ValueError naming the first NaN or infinite float in nested dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where or 'value'}: {value} is not a finite number")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
 
 
 def _env_overrides(prefix: str, environ: dict[str, str]) -> dict[str, Any]:
@@ -161,6 +235,7 @@ def load_config(
     the config's `bus` field (when `cls` has one). Raises `ConfigError` naming every bad field.
     """
     environ = dict(os.environ if environ is None else environ)
+    where = f" ({path})" if path else ""
     data = read_file(path) if path else {}
     values: dict[str, Any] = {}
     if section is None:
@@ -168,7 +243,7 @@ def load_config(
     else:
         unknown = set(data) - {section, "bus", "actor", "rewarder", "learner", "up"}
         if unknown:
-            raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
+            raise ConfigError(f"unknown section(s) {sorted(unknown)}{where}")
         values = dict(data.get(section) or {})
         if "bus" in cls.model_fields and "bus" in data:
             values["bus"] = merge(data["bus"], values.get("bus", {}))
@@ -181,12 +256,17 @@ def load_config(
         elif bus_env:
             values["bus"] = merge(values.get("bus", {}), bus_env)
     values = merge(values, overrides or {})
+    prefix = f"{section}." if section else ""
     try:
+        # Free-form fields (task meta, sandbox limits) too: a NaN is never a setting.
+        _check_finite(values, section or "")
         return cls.model_validate(values)
     except ValidationError as e:
-        where = f" in {path}" if path else ""
-        prefix = f"{section}." if section else ""
-        lines = [
+        fields = "; ".join(
             f"{prefix}{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
-        ]
-        raise ConfigError(f"bad {cls.__name__}{where}:\n  " + "\n  ".join(lines)) from e
+        )
+        raise ConfigError(f"{_one_line(fields)}{where}") from e
+    except ValueError as e:
+        raise ConfigError(f"{_one_line(e)}{where}") from e
+    except RecursionError as e:
+        raise ConfigError(f"{section or 'config'} is nested too deeply{where}") from e

@@ -5,16 +5,16 @@ from __future__ import annotations
 import os
 import socket
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from protocol.config import BusConfig
+from protocol.config import CONFIG, BusConfig
 from rewarder.sandbox import SandboxLimits
 
 
 class RewarderConfig(BaseModel):
     """Everything `aha rewarder` needs; `load_config(RewarderConfig, path, section="rewarder")`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = CONFIG
 
     workers: int = Field(2, ge=1)
     """Verifier processes; the completions of a group are scored on all of them at once."""

@@ -71,7 +71,7 @@ def test_a_bad_field_fails_at_start_with_its_name(tmp_path):
         load_config(DemoConfig, path, section="actor", environ={})
 
     path.write_text("[bus\n")
-    with pytest.raises(ConfigError, match="is not valid toml"):
+    with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(DemoConfig, path, section="actor", environ={})
 
 
@@ -82,3 +82,43 @@ def test_bus_rules_and_nats_url():
         load_config(BusConfig, overrides={"replicas": 7}, environ={})
     assert BusConfig().stage("scored").ack_wait_s == 300.0
     assert load_config(BusConfig, environ={"AHA_BUS__URL": "nats://a:1"}).resolved_url == "nats://a:1"
+
+
+@pytest.mark.parametrize(
+    "name, text, environ, field",
+    [
+        ("aha.toml", "[actor.bus.tasks]\nack_wait_s = nan\n", {}, "actor.bus.tasks.ack_wait_s: nan"),
+        ("aha.toml", "[bus.tasks]\nack_wait_s = inf\n", {}, "actor.bus.tasks.ack_wait_s: inf"),
+        ("aha.yaml", "bus:\n  scored:\n    backoff_s: [1, .inf]\n", {}, "actor.bus.scored.backoff_s[1]: inf"),
+        ("aha.toml", "", {"AHA_BUS__CONNECT_TIMEOUT_S": "-.inf"}, "actor.bus.connect_timeout_s: -inf"),
+    ],
+)  # fmt: skip
+def test_nan_and_infinity_are_never_settings(tmp_path, name, text, environ, field):
+    # TOML's nan/inf and YAML's .nan/.inf parse as floats; no setting of ours means them
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(DemoConfig, path, section="actor", environ=environ)
+    assert f"{field} is not a finite number ({path})" == str(e.value)
+    with pytest.raises(ValueError, match="Input should be a finite number"):
+        BusConfig(connect_timeout_s=float("inf"))  # built in code, not loaded: the same rule
+
+
+@pytest.mark.parametrize(
+    "name, content, reason",
+    [
+        ("aha.toml", b"[actor]\nconcurrency = 3 # \xff\n", "not UTF-8: byte 0xff (PATH:2)"),
+        ("aha.toml", b"x = " + b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        ("aha.yaml", b"x: " + b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        ("aha.yaml", b"actor: [1\n", "not valid YAML: while parsing a flow sequence"),
+        ("missing.toml", None, "cannot read: No such file or directory"),
+    ],
+)
+def test_a_file_that_is_no_config_is_one_line_naming_it(tmp_path, name, content, reason):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as e:
+        load_config(DemoConfig, path, section="actor", environ={})
+    message = str(e.value).replace(str(path), "PATH")
+    assert message.startswith(reason) and "(PATH" in message and "\n" not in message

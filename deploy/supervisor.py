@@ -3,20 +3,38 @@
 One log file per part, a part that dies is reported and either restarted (actors,
 rewarders: their work is redelivered to the others) or ends the run (the learner), and
 `stop()` shuts everything down in order — SIGTERM, a grace period, then SIGKILL.
+
+A part is its whole process tree: each starts in its own process group (which vLLM's
+EngineCore and workers, forked or spawned by multiprocessing, stay in), and once the part's
+own process has exited, whatever is left of its group is killed. Every process of a part
+also carries `AHA_PART=<name>@<log dir>` in its environment, so what belongs to a run can
+be found in /proc. An embedded NATS server handed to `watch_server` is restarted on the
+same ports and store when it dies; clients reconnect by themselves.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
+if TYPE_CHECKING:
+    from protocol.server import NatsServer
+
 log = structlog.get_logger("deploy.supervisor")
+
+PART_ENV = "AHA_PART"
+"""Environment variable set in every process of a part: `<name>@<log dir>`."""
+SERVER = "nats"
+"""The name an embedded server's exits are reported under."""
 
 
 @dataclass
@@ -62,8 +80,15 @@ class Supervisor:
         self.max_restarts = max_restarts
         self.running: dict[str, Running] = {}
 
+        self.server: NatsServer | None = None
+        self.server_restarts = 0
+
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
+
+    def marker(self, name: str) -> str:
+        """The `AHA_PART` value of every process of part `name`."""
+        return f"{name}@{self.log_dir.resolve()}"
 
     def start(self, part: Part, restarts: int = 0) -> None:
         if part.name in self.running and self.running[part.name].process.poll() is None:
@@ -74,28 +99,65 @@ class Supervisor:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **part.env},
-                # Own session: a Ctrl-C in the terminal reaches the supervisor only, which
-                # then stops the parts in order instead of all at once.
+                env={**os.environ, **part.env, PART_ENV: self.marker(part.name)},
+                # Own session (and process group, which its children share): a Ctrl-C in the
+                # terminal reaches the supervisor only, which then stops the parts in order,
+                # and the whole group can be killed once the part is gone.
                 start_new_session=True,
+                preexec_fn=_term_with_parent if sys.platform == "linux" else None,
             )
         self.running[part.name] = Running(part, process, time.monotonic(), restarts)
         log.info("part started", part=part.name, pid=process.pid, restarts=restarts)
 
+    def watch_server(self, server: NatsServer) -> None:
+        """Restart `server` (on its ports and store) whenever it dies, from `poll`."""
+        self.server = server
+
     def poll(self) -> list[Exit]:
-        """Reap parts that exited; restart those that may be. Returns what happened."""
+        """Reap parts that exited (and what their process group left); restart those that may
+        be, and a dead server. Returns what happened."""
         exits = []
+        server = self.poll_server()
+        if server is not None:
+            exits.append(server)
         for name, run in list(self.running.items()):
             code = run.process.poll()
             if code is None:
                 continue
+            left = kill_group(run.process.pid)
             again = run.part.restart and code != 0 and run.restarts < self.max_restarts
             exits.append(Exit(name, code, again, self.tail(name)))
-            log.warning("part exited", part=name, returncode=code, restarting=again)
+            log.warning("part exited", part=name, returncode=code, restarting=again,
+                        processes_left_killed=left)  # fmt: skip
             del self.running[name]
             if again:
                 self.start(run.part, run.restarts + 1)
         return exits
+
+    def poll_server(self) -> Exit | None:
+        """A watched server that died is started again at once on the same ports and store
+        (JetStream keeps what it acknowledged; clients reconnect by themselves)."""
+        from protocol.server import ServerError
+
+        server = self.server
+        if server is None or server.process is None or server.process.poll() is None:
+            return None
+        code = server.process.returncode
+        again = self.server_restarts < self.max_restarts
+        log.warning("nats-server exited", returncode=code, restarting=again, url=server.url)
+        tail = server._log_tail()
+        if again:
+            self.server_restarts += 1
+            try:
+                server.start()
+            except ServerError as e:
+                log.error("nats-server could not be restarted", error=str(e))
+                again = False
+            else:
+                log.info("nats-server restarted", url=server.url, restarts=self.server_restarts)
+        if not again:
+            self.server = None
+        return Exit(SERVER, code, again, tail)
 
     def alive(self, name: str) -> bool:
         run = self.running.get(name)
@@ -123,8 +185,48 @@ class Supervisor:
                     run.process.wait(timeout=max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     log.warning("part did not stop in time: killing", part=run.part.name)
-                    os.killpg(run.process.pid, signal.SIGKILL)
+                    kill_group(run.process.pid)
                     run.process.wait()
+                left = kill_group(run.process.pid)
+                if left:
+                    log.warning("part left processes: killed", part=run.part.name, processes=left)
                 codes[run.part.name] = run.process.returncode
         self.running.clear()
         return codes
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the live processes in process group `pgid` (from /proc)."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            members.append(int(entry.name))
+    return members
+
+
+def kill_group(pgid: int) -> int:
+    """SIGKILL every process left in the group `pgid`; returns how many there were. The
+    group's leader must already be gone or about to be killed too: the kernel keeps its
+    pid from being reused while the group has members."""
+    left = len(group_members(pgid)) if sys.platform == "linux" else 0
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return left
+
+
+def _term_with_parent() -> None:
+    """In a part: SIGTERM when the supervisor dies, so no part outlives `aha up` (parts are
+    started from the main thread, which lives as long as the supervisor)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

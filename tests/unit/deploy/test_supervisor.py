@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
+from pathlib import Path
 
-from deploy.supervisor import Part, Supervisor
+from deploy.supervisor import PART_ENV, SERVER, Part, Supervisor
 
 PY = sys.executable
 
@@ -62,3 +65,89 @@ def test_stop_terminates_in_order_and_kills_what_ignores_sigterm(tmp_path):
     assert codes["actor-0"] == -9  # SIGKILL after the grace period
     assert time.monotonic() - start < 5
     assert marker.read_text().split() == ["learner", "rewarder"]
+
+
+def processes_with(marker: str) -> set[int]:
+    """Pids of live processes whose environment holds `AHA_PART=<marker>`."""
+    found = set()
+    needle = f"{PART_ENV}={marker}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in environ and state != "Z":
+            found.add(int(entry.name))
+    return found
+
+
+# A part that starts children the way vLLM starts its EngineCore (multiprocessing, fork and
+# spawn), prints their pids, and sleeps.
+TREE = (
+    "import multiprocessing as mp, os, sys, time\n"
+    "if __name__ == '__main__':\n"
+    "    kids = [mp.get_context(m).Process(target=time.sleep, args=(60,)) for m in ('fork', 'spawn')]\n"
+    "    for k in kids: k.start()\n"
+    "    print('kids', *[k.pid for k in kids], flush=True)\n"
+    "    time.sleep(60)\n"
+)
+
+
+def start_tree(sup: Supervisor, tmp_path: Path, name: str) -> set[int]:
+    script = tmp_path / f"{name}.py"
+    script.write_text(TREE)
+    sup.start(Part(name, [PY, str(script)], restart=False))
+    wait_for(lambda: "kids" in sup.tail(name))
+    tree = processes_with(sup.marker(name))
+    assert len(tree) >= 3  # the part, its two children (and spawn's resource tracker)
+    return tree
+
+
+def test_a_killed_part_takes_its_whole_process_tree_with_it(tmp_path):
+    sup = Supervisor(tmp_path)
+    start_tree(sup, tmp_path, "actor-0")
+    os.kill(sup.running["actor-0"].process.pid, signal.SIGKILL)  # as the OOM killer would
+    exits = []
+    wait_for(lambda: exits.extend(sup.poll()) or exits)
+    assert exits[0].returncode == -9
+    wait_for(lambda: not processes_with(sup.marker("actor-0")), timeout=5)
+
+
+def test_stop_leaves_no_process_of_any_part(tmp_path):
+    sup = Supervisor(tmp_path)
+    start_tree(sup, tmp_path, "actor-0")
+    start_tree(sup, tmp_path, "rewarder-0")
+    sup.stop(grace_s=5)  # the parts exit on SIGTERM; their children would not
+    assert not processes_with(sup.marker("actor-0"))
+    assert not processes_with(sup.marker("rewarder-0"))
+
+
+async def test_a_killed_nats_server_is_restarted_on_its_ports_and_store(tmp_path):
+    from protocol.bus import Bus
+    from protocol.config import BusConfig
+    from protocol.names import TASKS
+    from protocol.server import NatsServer
+    from protocol.stage import StageConsumer
+    from tests.helpers import make_task
+
+    with NatsServer(tmp_path / "nats") as server:
+        sup = Supervisor(tmp_path / "logs")
+        sup.watch_server(server)
+        url, old_pid = server.url, server.process.pid
+        bus = await Bus.connect(BusConfig(url=url), name="test")
+        try:
+            await bus.publish(TASKS, make_task(1))
+            os.kill(old_pid, signal.SIGKILL)
+            exits = []
+            wait_for(lambda: exits.extend(sup.poll()) or exits)
+            assert [(e.name, e.returncode, e.restarted) for e in exits] == [(SERVER, -9, True)]
+            assert server.url == url and server.process.pid != old_pid
+            # The client reconnects by itself; what was acknowledged before is still there.
+            await bus.publish(TASKS, make_task(2))
+            got = await StageConsumer(bus, TASKS).fetch(2, timeout=5)
+            assert sorted(d.message.task_id for d in got) == ["task-1", "task-2"]
+        finally:
+            await bus.close()

@@ -11,6 +11,7 @@ rather than misreading it.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Annotated, Any, Literal
 
@@ -20,6 +21,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    FiniteFloat,
     PlainSerializer,
     WithJsonSchema,
     model_validator,
@@ -123,7 +125,7 @@ class Task(_Message):
     """The prompt already tokenized by the learner; actors use it instead of the text when set."""
     reference: Any = None
     """What the rewards compare with: an answer string, or an object (code tests)."""
-    rewards: dict[str, float] = Field(min_length=1)
+    rewards: dict[str, FiniteFloat] = Field(min_length=1)
     """Reward function name -> weight; the total reward is the weighted sum."""
     group_size: int = Field(ge=1)
     """G: completions to sample for this prompt."""
@@ -164,6 +166,11 @@ class Sample(BaseModel):
             raise ValueError(
                 f"{len(self.token_ids)} token ids but {len(self.logprobs)} log-probs"
             )
+        # NaN or +inf would poison the importance weight of every update it enters; -inf (a
+        # token the engine gave no mass) is only truncated by `is_cap`.
+        bad = np.isnan(self.logprobs) | (self.logprobs == np.inf)
+        if bad.any():
+            raise ValueError(f"log-prob {self.logprobs[bad][0]} at token {int(np.argmax(bad))}")
         return self
 
 
@@ -222,9 +229,10 @@ class Score(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    reward: float | None
-    """Weighted sum of the components; None when a verifier could not decide."""
-    components: dict[str, float | None] = Field(default_factory=dict)
+    reward: FiniteFloat | None
+    """Weighted sum of the components; None when a verifier could not decide. Never NaN or
+    infinite: one such reward would turn every weight of the policy into NaN."""
+    components: dict[str, FiniteFloat | None] = Field(default_factory=dict)
     """Each named reward's value before weighting (None where that verifier failed)."""
     error: str | None = None
     """Why `reward` is None (verifier error or timeout); None otherwise."""
@@ -234,6 +242,24 @@ class Score(BaseModel):
         if (self.reward is None) != (self.error is not None):
             raise ValueError("a score has either a reward or an error, not both or neither")
         return self
+
+    @classmethod
+    def of(
+        cls, reward: float | None, components: dict[str, float | None], error: str | None
+    ) -> Score:
+        """The score of a verifier's `(reward, components, error)`, where a non-finite value
+        becomes None with its reason (a verifier that returns NaN could not decide)."""
+        bad = {n: v for n, v in components.items() if v is not None and not math.isfinite(v)}
+        if reward is not None and not math.isfinite(reward):
+            bad["reward"] = reward
+        if not bad:
+            return cls(reward=reward, components=components, error=error)
+        reason = "non-finite " + ", ".join(f"{n} {v}" for n, v in bad.items())
+        return cls(
+            reward=None,
+            components={n: None if n in bad else v for n, v in components.items()},
+            error=f"{error}; {reason}" if error else reason,
+        )
 
 
 class ScoredRollout(_Message):
@@ -266,6 +292,36 @@ class ScoredRollout(_Message):
                 f"{len(self.scores)} scores for {len(self.rollout.samples)} samples"
             )
         return self
+
+
+COMPLETION_TOKEN_BYTES = 16
+"""Upper estimate of one completion token in a `ScoredRollout`: its id (4 bytes), its log-prob
+(4) and its share of the text (UTF-8, a few characters per token in every tokenizer we use)."""
+SAMPLE_BYTES = 512
+"""Upper estimate of one sample's and one score's fields besides the tokens and the text."""
+MESSAGE_BYTES = 4096
+"""Upper estimate of a scored group's fields besides the task and the samples (headers too)."""
+
+
+def estimate_scored_bytes(group_size: int, max_tokens: int, task_bytes: int, prompt_tokens: int) -> int:
+    """Upper estimate of the encoded `ScoredRollout` of a task (the largest message of its
+    journey): the task (`task_bytes` encoded), the prompt tokens again in the rollout, and G
+    completions of up to `max_tokens` tokens each.
+
+    16 completions × 8k tokens come to about 2 MiB, × 32k to about 8 MiB: more than NATS's
+    default `max_payload` of 1 MiB.
+    """
+    completion = max_tokens * COMPLETION_TOKEN_BYTES + SAMPLE_BYTES
+    return task_bytes + 4 * prompt_tokens + group_size * completion + MESSAGE_BYTES
+
+
+def payload_limit(group_size: int, max_tokens: int, prompt_bytes: int = 64 * 1024) -> int:
+    """The `max_payload` a NATS server needs for groups of `group_size` × `max_tokens` with
+    prompts of up to `prompt_bytes` (text and tokens): the estimate plus a quarter, rounded up
+    to a MiB, never below the 8 MiB aha's deployments set."""
+    needed = estimate_scored_bytes(group_size, max_tokens, 2 * prompt_bytes, prompt_bytes // 4)
+    mib = 1 << 20
+    return max(8 * mib, -(-needed * 5 // 4 // mib) * mib)
 
 
 class Shard(BaseModel):

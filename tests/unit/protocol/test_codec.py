@@ -192,3 +192,43 @@ def test_misaligned_samples_and_scores_are_rejected():
 def test_what_msgpack_cannot_carry_fails_at_encode_with_a_clear_error():
     with pytest.raises(EncodeError, match="cannot encode Task: .*int"):
         encode(make_task(meta={"n": 2**64}))  # msgpack integers stop at 64 bits
+
+
+def forged_scored(reward: float) -> bytes:
+    """A scored group whose first reward is `reward`, encoded without validation (as a forger
+    or a buggy rewarder would send it)."""
+    rollout = make_rollout(make_task(group_size=2))
+    scores = [Score.model_construct(reward=reward, components={"accuracy_math": reward}, error=None),
+              Score(reward=0.0, components={"accuracy_math": 0.0})]  # fmt: skip
+    return encode(ScoredRollout.model_construct(rollout=rollout, scores=scores, rewarder_id="x",
+                                                scoring_seconds=0.0, schema_=1))  # fmt: skip
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_reward_is_not_a_message(value):
+    with pytest.raises(ValueError, match="finite number"):
+        Score(reward=value, components={"accuracy_math": 1.0})
+    with pytest.raises(ValueError, match="finite number"):
+        Score(reward=1.0, components={"accuracy_math": value})
+    with pytest.raises(DecodeError, match=r"not a valid ScoredRollout: scores\.0\.reward: .*finite"):
+        decode(forged_scored(value), ScoredRollout)
+    assert decode(forged_scored(1.0), ScoredRollout).scores[0].reward == 1.0  # the forgery itself is sound
+    with pytest.raises(ValueError, match="finite number"):
+        Task(task_id="t", prompt_id="p", prompt="", rewards={"accuracy_math": value},
+             group_size=1, issued_version=0)  # fmt: skip
+
+
+def test_a_verifier_that_returns_nan_gives_no_reward_with_the_reason():
+    # What the rewarder's pool builds from a verifier's (reward, components, error).
+    score = Score.of(float("nan"), {"accuracy_math": float("nan"), "format_think": 1.0}, None)
+    assert score.reward is None and score.components == {"accuracy_math": None, "format_think": 1.0}
+    assert score.error == "non-finite accuracy_math nan, reward nan"
+    assert Score.of(0.5, {"accuracy_math": 0.5}, None) == Score(reward=0.5, components={"accuracy_math": 0.5})
+    assert Score.of(None, {"a": None}, "a: timeout").error == "a: timeout"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_nan_log_prob_is_not_a_sample(value):
+    with pytest.raises(ValueError, match=f"log-prob {value} at token 1"):
+        Sample(token_ids=[1, 2], logprobs=[-0.5, value], text="", finish_reason="stop")
+    Sample(token_ids=[1], logprobs=[-np.inf], text="", finish_reason="stop")  # truncated by is_cap

@@ -60,6 +60,7 @@ def _top(p: argparse.ArgumentParser) -> None:
     p.add_argument("--once", action="store_true", help="print once and exit")
     p.add_argument("--json", action="store_true", help="print a JSON object keyed by stage")
     p.add_argument("--interval", type=float, default=1.0, help="refresh seconds")
+    p.add_argument("--stall-after", type=float, metavar="S", help="report a stage with work waiting and no progress for S seconds (default 60)")
     p.add_argument(
         "--prometheus", type=int, metavar="PORT", help="serve the numbers as Prometheus gauges"
     )

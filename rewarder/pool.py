@@ -200,7 +200,7 @@ class VerifierPool:
             for name, value in components.items():
                 if value is None:
                     self._count_failure(name)
-        return key, Score(reward=reward, components=components, error=error)
+        return key, Score.of(reward, components, error)  # NaN from a verifier: no reward
 
     def _expire(self, worker: _Worker, busy: dict[int, _Worker]) -> tuple[int, Score]:
         key = worker.key

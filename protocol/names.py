@@ -6,6 +6,7 @@ Nothing outside `protocol/` spells one of these strings: call sites import the c
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 SUBJECT_PREFIX = "aha"
@@ -33,6 +34,26 @@ STREAM_DEAD = "AHA_DEAD"
 KV_POLICY = "aha-policy"
 KEY_LATEST = "latest"
 OBJECT_STORE_WEIGHTS = "aha-weights"
+
+# Replies (publish acks, fetched messages, object-store chunks) go to the connection's
+# inbox subjects. A connection as NATS user U uses `_INBOX_U.<id>`, so that the deployments
+# can let each user subscribe to its own replies only (`_INBOX_U.>`): with the shared
+# `_INBOX.>`, any user could read the tasks and weights another one fetched.
+INBOX_PREFIX = "_INBOX"
+"""NATS's default inbox prefix: connections without a user name (the embedded server)."""
+
+
+def inbox_prefix(user: str | None) -> str:
+    """The inbox prefix of a connection as NATS `user` (`_INBOX_<user>`)."""
+    if user is None:
+        return INBOX_PREFIX
+    if not re.fullmatch(r"[\w.-]+", user, re.ASCII):
+        raise ValueError(
+            f"bus.user {user!r} cannot name its reply subjects ({INBOX_PREFIX}_<user>):"
+            " use letters, digits, '.', '-' and '_'"
+        )
+    return f"{INBOX_PREFIX}_{user}"
+
 
 # Headers aha sets on dead letters (Nats-Msg-Id is NATS's own deduplication header).
 HEADER_MSG_ID = "Nats-Msg-Id"

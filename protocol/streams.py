@@ -21,6 +21,7 @@ from protocol.names import (
     STAGES,
     STREAM_DEAD,
     SUBJECT_DEAD_ALL,
+    inbox_prefix,
 )
 
 log = structlog.get_logger("protocol.streams")
@@ -60,6 +61,7 @@ async def connect(config: BusConfig, *, name: str = "aha", url: str | None = Non
         password=config.password,
         token=config.token,
         user_credentials=config.creds_file,
+        inbox_prefix=inbox_prefix(config.user),  # replies only this user may subscribe to
     )
     if config.nkey_seed_file:
         options["nkeys_seed"] = config.nkey_seed_file

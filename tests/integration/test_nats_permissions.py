@@ -20,6 +20,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import nats
 import numpy as np
 import pytest
 import yaml
@@ -41,6 +42,7 @@ from protocol.names import (
     STREAM_DEAD,
     TASKS,
     Stage,
+    inbox_prefix,
 )
 from protocol.server import NatsServer
 from protocol.stage import StageConsumer, run_stage, watch_max_deliveries
@@ -257,6 +259,51 @@ async def test_every_role_does_its_work_within_its_permissions(deployment, tmp_p
         for bus in (learner, actor, rewarder, exporter):
             await bus.close()
     assert violations(server) == set()
+
+
+async def test_no_role_receives_the_replies_another_role_fetched(deployment, tmp_path):
+    """The tasks an actor fetches and the weights it downloads come back on its reply inbox:
+    the rewarder and exporter users, subscribed to every inbox they can think of, get none
+    of it (each user may subscribe only to `_INBOX_<user>.>`, aha's prefix for that user)."""
+    server, passwords = deployment
+    cfg = {svc: role_config(server, svc, passwords) for svc in ROLES}
+    learner = await Bus.connect(cfg["learner"], name="learner")
+    actor = await Bus.connect(cfg["actor"], name="actor")
+    spies = {}
+    for role in ("rewarder", "exporter"):  # plain clients with the role's password
+        spies[role] = await nats.connect(
+            server.url, user=role, password=passwords[f"AHA_NATS_{role.upper()}_PASSWORD"]
+        )
+    overheard: dict[str, list[str]] = {role: [] for role in spies}
+    guesses = ["_INBOX.>", f"{inbox_prefix('actor')}.>", f"{inbox_prefix('learner')}.>", ">"]
+    try:
+        for role, nc in spies.items():
+            for subject in guesses:
+
+                async def overhear(msg, role=role):
+                    overheard[role].append(msg.subject)
+
+                await nc.subscribe(subject, cb=overhear)
+            await nc.flush()
+        (tmp_path / "out").mkdir()
+        manifest = await publish_weights_as_learner(learner, tmp_path / "out")
+        await learner.publish(TASKS, make_task(0))
+        tasks = StageConsumer(actor, TASKS)
+        (delivery,) = await tasks.fetch(1, timeout=5)
+        assert delivery.message.task_id == "task-0"
+        await delivery.ack_sync()
+        await tasks.close()
+        paths = await download_shards(actor.js, manifest, tmp_path / "actor")
+        assert paths[0].read_bytes() == (tmp_path / "out" / manifest.shards[0].name).read_bytes()
+        await asyncio.sleep(0.2)
+        assert overheard == {"rewarder": [], "exporter": []}
+    finally:
+        for nc in spies.values():
+            await nc.close()
+        for bus in (learner, actor):
+            await bus.close()
+    refused = {(user, subject) for user, kind, subject in violations(server) if kind == "Subscription"}
+    assert refused == {(role, subject) for role in spies for subject in guesses}
 
 
 async def _refused(bus: Bus, subject: str) -> None:
@@ -536,3 +583,9 @@ async def test_the_loop_runs_with_every_part_under_its_own_user(
     assert (tmp_path / "final" / "config.json").exists()
     assert {n: p.returncode for n, p in parts.items()} == {"actor": 0, "rewarder": 0}, logs
     assert violations(server) == set()
+
+
+async def test_a_user_name_that_cannot_name_an_inbox_is_refused_in_one_line(server):
+    config = BusConfig(url=server.url, user="actor *", password="x", setup_streams=False)
+    with pytest.raises(ValueError, match=r"^bus.user 'actor \*' cannot name its reply subjects"):
+        await Bus.connect(config)

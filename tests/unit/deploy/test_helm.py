@@ -26,6 +26,7 @@ from protocol.names import (
     STREAM_DEAD,
     TASKS,
     Stage,
+    inbox_prefix,
 )
 
 from tests.unit.deploy.test_compose import load_every_section
@@ -113,6 +114,11 @@ def _consumes(stage: Stage) -> list[str]:
     ]
 
 
+def replies(user: str) -> str:
+    """The inbox subjects `user` may subscribe to: its own only (aha connects with that prefix)."""
+    return f"{inbox_prefix(user)}.>"
+
+
 def expected_permissions() -> dict[str, dict[str, list[str]]]:
     """Each role's NATS permissions, spelled from protocol/names.py (why each: deploy/nats/nats.conf)."""
     assert ADVISORY == "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
@@ -139,21 +145,21 @@ def expected_permissions() -> dict[str, dict[str, list[str]]]:
                 TASKS.subject,
                 SCORED.dead_subject,
             ],
-            "subscribe": ["_INBOX.>", SCORED.max_deliveries_advisory],
+            "subscribe": [replies("learner"), SCORED.max_deliveries_advisory],
         },
         "actor": {
             "publish": [*_consumes(TASKS), ROLLOUTS.subject, TASKS.dead_subject, *reads_weights],
-            "subscribe": ["_INBOX.>", TASKS.max_deliveries_advisory],
+            "subscribe": [replies("actor"), TASKS.max_deliveries_advisory],
         },
         "rewarder": {
             "publish": [*_consumes(ROLLOUTS), SCORED.subject, ROLLOUTS.dead_subject],
-            "subscribe": ["_INBOX.>", ROLLOUTS.max_deliveries_advisory],
+            "subscribe": [replies("rewarder"), ROLLOUTS.max_deliveries_advisory],
         },
         "exporter": {
             "publish": [f"$JS.API.STREAM.INFO.{s.stream}" for s in STAGES.values()]
             + [f"$JS.API.STREAM.INFO.{STREAM_DEAD}"]
             + [f"$JS.API.CONSUMER.INFO.{s.stream}.{s.durable}" for s in STAGES.values()],
-            "subscribe": ["_INBOX.>"],
+            "subscribe": [replies("exporter")],
         },
     }
 

@@ -3,6 +3,8 @@ The wire names of protocol/names.py, and the NATS users and permissions of each 
 deploy/nats/nats.conf (compose) has the same users and permissions; tests/unit/deploy/
 test_helm.py checks both against protocol/names.py, and tests/integration/
 test_nats_permissions.py runs aha's code paths against them on a real nats-server.
+Each user subscribes only to its own replies, _INBOX_<user>.>: aha connects as <user> with
+that inbox prefix (protocol/names.py), so no user receives what another one fetched.
 */}}
 
 {{- define "aha.wire" -}}
@@ -39,7 +41,7 @@ learner:
     - {{ $w.tasks.subject | quote }}
     - {{ printf "%s.scored" $w.dead.prefix | quote }}
   subscribe:
-    - "_INBOX.>"
+    - "_INBOX_learner.>"
     - {{ printf "%s.%s.%s" $advisory $w.scored.stream $w.scored.consumer | quote }}
 actor:
   publish:
@@ -57,7 +59,7 @@ actor:
     - {{ printf "$JS.API.CONSUMER.CREATE.%s" $obj | quote }}
     - {{ printf "$JS.FC.%s.>" $obj | quote }}
   subscribe:
-    - "_INBOX.>"
+    - "_INBOX_actor.>"
     - {{ printf "%s.%s.%s" $advisory $w.tasks.stream $w.tasks.consumer | quote }}
 rewarder:
   publish:
@@ -65,7 +67,7 @@ rewarder:
     - {{ $w.scored.subject | quote }}
     - {{ printf "%s.rollouts" $w.dead.prefix | quote }}
   subscribe:
-    - "_INBOX.>"
+    - "_INBOX_rewarder.>"
     - {{ printf "%s.%s.%s" $advisory $w.rollouts.stream $w.rollouts.consumer | quote }}
 exporter:
   publish:
@@ -77,7 +79,7 @@ exporter:
     - {{ printf "$JS.API.CONSUMER.INFO.%s.%s" $s.stream $s.consumer | quote }}
     {{- end }}
   subscribe:
-    - "_INBOX.>"
+    - "_INBOX_exporter.>"
 {{- end -}}
 
 {{/* auth.conf for nats-server (JSON syntax, which nats-server reads): (dict "root" $ "passwords" $pw). */}}

@@ -233,12 +233,49 @@ def _logprobs(model: torch.nn.Module, mb: PolicyBatch) -> torch.Tensor:
     )  # [n, T]
 
 
-def train_step(pe: PolicyEngine, batch: PolicyBatch) -> dict[str, float]:
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is true on any rank (every rank must take the same branch)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _poisoned_rows(mb: PolicyBatch, *logps: torch.Tensor | None) -> torch.Tensor:
+    """[n] which rows of a micro-batch carry a non-finite advantage or log-prob; all rows
+    when none does (the loss went non-finite some other way)."""
+    bad = ~torch.isfinite(mb.adv)  # [n]
+    for logp in logps:
+        if logp is not None:
+            bad |= (~torch.isfinite(logp) & mb.completion_mask.bool()).any(dim=1)  # [n]
+    return bad if bad.any() else torch.ones_like(bad)
+
+
+def _local_grads_finite(pe: PolicyEngine) -> bool:
+    grads = [p.grad for p in pe.module.parameters() if p.grad is not None]
+    return all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def _refuse(pe: PolicyEngine, n: int, what: str, bad: torch.Tensor | None) -> dict[str, Any]:
+    """The result of an update that applied nothing: which rows (of all ranks) caused it."""
+    rows = torch.zeros(n, device=pe.device) if bad is None else bad.float()
+    if torch.distributed.is_initialized() and pe.world_size > 1:
+        torch.distributed.all_reduce(rows, op=torch.distributed.ReduceOp.MAX)
+    return {"nonfinite": what, "rows": [i for i, v in enumerate(rows.tolist()) if v]}
+
+
+def train_step(pe: PolicyEngine, batch: PolicyBatch) -> dict[str, Any]:
     """One GRPO update: π_old (and π_ref) recomputed once, then `ppo_epochs` optimizer steps.
 
     Returns metrics over the whole batch and all epochs: `loss`, `kl`, `clip_fraction`,
     `ratio`, `is_weight`, `lr`, `tokens`, and `grad_norm` (before clipping, last step) where
     DeepSpeed reports it (not ZeRO-0 in fp32).
+
+    A non-finite loss (checked on every rank before its backward) or gradient (checked
+    before the optimizer applies it) stops the update with nothing applied; it returns
+    `{"nonfinite": "loss" | "gradient", "rows": [...]}`, the batch rows to blame (every row
+    when the gradient cannot tell). Epochs already stepped (`ppo_epochs > 1`) stay applied.
     """
     if len(batch) == 0:
         raise ValueError("empty batch")
@@ -256,6 +293,7 @@ def train_step(pe: PolicyEngine, batch: PolicyBatch) -> dict[str, float]:
 
     # Sums over tokens (metrics) and over the loss shares; all-reduced at the end.
     totals = torch.zeros(6, dtype=torch.float64, device=pe.device)
+    bad_rows = None  # [N] rows of the micro-batches whose loss was not finite
     for _ in range(grpo.ppo_epochs):
         for k, (mb, real) in enumerate(micro):
             logp = _logprobs(pe.engine, mb)  # [n, T]
@@ -274,6 +312,16 @@ def train_step(pe: PolicyEngine, batch: PolicyBatch) -> dict[str, float]:
             )
             share = aggregate_share(mb.completion_mask, batch.completion_mask, grpo.mode)
             share = share if real else 0.0
+            nonfinite = real and not bool(torch.isfinite(loss))
+            if _any_rank(nonfinite, pe.device):
+                bad_rows = torch.zeros(len(batch), dtype=torch.bool, device=pe.device)
+                if nonfinite:
+                    index = own[k]
+                    bad_rows[index] = _poisoned_rows(mb, logp, logp_old[k], logp_ref[k])
+                # Still backward (every rank, for ZeRO's collectives): the gradients turn
+                # non-finite and the check below discards everything accumulated so far.
+                pe.engine.backward(loss * float("nan"), scale_wrt_gas=False)
+                break
             # DeepSpeed averages gradients over ranks; × world_size makes that the sum of shares.
             pe.engine.backward(loss * (share * pe.world_size), scale_wrt_gas=False)
             tokens = mb.completion_mask.sum().float() * float(real)  # fillers count nothing
@@ -287,7 +335,19 @@ def train_step(pe: PolicyEngine, batch: PolicyBatch) -> dict[str, float]:
                     tokens * metrics["is_weight"],
                 ]
             ).double()
+        what = "loss" if bad_rows is not None else "gradient"
+        # ZeRO 1-3 (and DeepSpeed's bf16/fp16 optimizers) skip an update whose reduced
+        # gradient norm is not finite and clear it; ZeRO-0 in fp32 steps whatever it holds,
+        # so its local gradients are checked on every rank first.
+        if pe.config.deepspeed.zero_stage == 0 and _any_rank(not _local_grads_finite(pe), pe.device):
+            pe.engine.zero_grad()
+            return _refuse(pe, len(batch), what, bad_rows)
+        skipped = pe.engine.skipped_steps
         pe.engine.step()
+        if pe.engine.skipped_steps > skipped:
+            return _refuse(pe, len(batch), what, bad_rows)
+        if bad_rows is not None:  # a NaN backward always fails one of the checks above
+            raise RuntimeError("a non-finite loss was not caught by the gradient check")
 
     if torch.distributed.is_initialized() and pe.world_size > 1:
         torch.distributed.all_reduce(totals)

@@ -1,6 +1,7 @@
 """The DeepSpeed engine takes the same step as plain torch with the same loss."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -159,3 +160,29 @@ def test_checkpoint_resume_is_bit_exact(tmp_path):
     for name, p in full_params(resumed).items():
         assert torch.equal(p, after_two[name]), name
     assert load_checkpoint(setup_engine(config), tmp_path / "nothing") is None
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_a_non_finite_loss_applies_nothing_and_names_its_rows(stage):
+    # Row 4's advantage is NaN (rewards that overflow float64 give one): its micro-batch
+    # (rows 4-5 with micro_batch 2) has a NaN loss. Rows 0-3 were already backpropagated
+    # when it is found: their gradients must not survive into the next update either.
+    config = make_config(stage)
+    pe = setup_engine(config)
+    before = full_params(pe)
+    good = make_batch(load_policy(config.model, config.seed))
+    poisoned = dataclasses.replace(good, adv=good.adv.clone().index_fill_(0, torch.tensor([4]), math.nan))
+
+    result = train_step(pe, poisoned)
+
+    assert result == {"nonfinite": "loss", "rows": [4]}
+    for name, p in full_params(pe).items():
+        assert torch.equal(p, before[name]), name
+    # The next update is exactly a fresh engine's first: no gradient, Adam moment or LR step
+    # of the refused one is left.
+    train_step(pe, good)
+    fresh = setup_engine(config)
+    train_step(fresh, good)
+    expected = full_params(fresh)
+    for name, p in full_params(pe).items():
+        assert torch.equal(p, expected[name]), name

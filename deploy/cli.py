@@ -24,6 +24,19 @@ def command(name: str, help: str):
     return register
 
 
+def _positive(kind: type):
+    """An argparse type: a number of `kind` above 0 (argparse names the flag when it is not)."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _add_bus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="config file (TOML or YAML) with a [bus] section")
     p.add_argument("--nats-url", help="NATS server URL (default: $NATS_URL)")
@@ -90,9 +103,10 @@ def _rewarder(p: argparse.ArgumentParser) -> None:
 @command("score", "score completions offline with aha's rewards (JSONL in, JSONL out)")
 def _score(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help='JSONL: {"completion", "reference", "rewards": {name: weight}}')
-    p.add_argument("-o", "--output", required=True, help="JSONL out: each line plus reward, components, error")
-    p.add_argument("--workers", type=int, default=2, help="verifier processes")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per completion before it gets no reward")
+    p.add_argument("-o", "--output", required=True, help="JSONL out: each line plus reward, components, error (written as scored, in input order)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run: keep OUTPUT's lines, score only the rest (without it an existing OUTPUT is refused)")
+    p.add_argument("--workers", type=_positive(int), default=2, help="verifier processes")
+    p.add_argument("--timeout", type=_positive(float), default=30.0, help="seconds per completion before it gets no reward")
 
     def run(args):
         from rewarder.score import main
@@ -210,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"aha {args.command}: {e}", file=sys.stderr)
+    except ConfigError as e:  # bad input: one line, before any long work (argparse's exit code)
+        print(f"aha {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -168,6 +168,10 @@ class LearnerConfig(BaseModel):
     """Stop after this many GRPO steps (checkpoint, publish, export, exit 0); None runs until stopped."""
     checkpoint_every: int = Field(1, ge=1)
     """Checkpoint every this many steps; scored groups are acknowledged only once checkpointed."""
+    max_nonfinite_steps: int = Field(3, ge=1)
+    """Stop (exit 1) after this many updates in a row whose loss or gradient was not finite
+    (each is skipped: nothing applied, the groups to blame dead-lettered); the last good
+    checkpoint stays."""
     drop_zero_variance: bool = False
     """Drop groups whose rewards are all equal (zero advantage, as DAPO's dynamic sampling) instead of training on them."""
     metrics_file: str | None = None

@@ -148,6 +148,10 @@ def read_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"expected a mapping at the top level ({path})")
+    try:
+        _check_finite(data, "")  # TOML's nan/inf and YAML's .nan/.inf are never a setting
+    except ValueError as e:
+        raise ConfigError(f"{e} ({path})") from None
     return data
 
 

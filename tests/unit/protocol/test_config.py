@@ -88,8 +88,8 @@ def test_bus_rules_and_nats_url():
     "name, text, environ, field",
     [
         ("aha.toml", "[actor.bus.tasks]\nack_wait_s = nan\n", {}, "actor.bus.tasks.ack_wait_s: nan"),
-        ("aha.toml", "[bus.tasks]\nack_wait_s = inf\n", {}, "actor.bus.tasks.ack_wait_s: inf"),
-        ("aha.yaml", "bus:\n  scored:\n    backoff_s: [1, .inf]\n", {}, "actor.bus.scored.backoff_s[1]: inf"),
+        ("aha.toml", "[bus.tasks]\nack_wait_s = inf\n", {}, "bus.tasks.ack_wait_s: inf"),
+        ("aha.yaml", "bus:\n  scored:\n    backoff_s: [1, .inf]\n", {}, "bus.scored.backoff_s[1]: inf"),
         ("aha.toml", "", {"AHA_BUS__CONNECT_TIMEOUT_S": "-.inf"}, "actor.bus.connect_timeout_s: -inf"),
     ],
 )  # fmt: skip

@@ -35,6 +35,8 @@ ROLES = {
     "exporter": "exporter",
 }
 """aha services -> NATS user."""
+SANDBOX_CAPABILITIES = {"SYS_ADMIN", "SYS_CHROOT", "CHOWN", "FOWNER", "DAC_OVERRIDE", "SETUID", "SETGID"}
+"""What the rewarder's code sandbox needs, and all it gets (test_rewarder_container.py)."""
 
 
 def compose_binary() -> Path:
@@ -126,8 +128,11 @@ def test_nats_runs_the_locked_down_config_with_jetstream_on_a_volume(compose):
     assert set(nats["environment"]) == {
         f"AHA_NATS_{r.upper()}_PASSWORD" for r in ("learner", "actor", "rewarder", "exporter")
     }
-    # Published to the host's loopback only.
-    assert {p["host_ip"] for p in nats["ports"]} == {"127.0.0.1"}
+    # The client port to the host's loopback only; monitoring to no one outside the container.
+    assert [(p["host_ip"], p["target"]) for p in nats["ports"]] == [("127.0.0.1", 4222)]
+    conf = (DEPLOY / "nats" / "nats.conf").read_text()
+    assert '"http": "127.0.0.1:8222"' in conf and "http_port" not in conf
+    assert "127.0.0.1:8222" in " ".join(nats["healthcheck"]["test"])
 
 
 def test_every_aha_service_has_one_config_file_and_its_own_nats_user(compose):
@@ -201,11 +206,36 @@ def test_shared_volume_holds_checkpoints_and_weights(compose):
 def test_rewarder_gets_what_the_sandbox_needs(compose):
     rewarder = compose["services"]["rewarder"]
     assert rewarder["user"] == "0"
-    assert rewarder["cap_add"] == ["SYS_ADMIN"]
-    assert rewarder["security_opt"] == ["apparmor=unconfined"]
+    assert rewarder["cap_drop"] == ["ALL"]
+    assert set(rewarder["cap_add"]) == SANDBOX_CAPABILITIES
+    # AppArmor's docker-default denies mount; seccomp stays Docker's default (no seccomp=).
+    assert sorted(rewarder["security_opt"]) == ["apparmor=unconfined", "no-new-privileges:true"]
     assert not rewarder.get("privileged")
     for name in ("learner", "actor", "exporter", "nats-setup"):
         assert "user" not in compose["services"][name]  # the images' non-root user
+
+
+def test_every_container_is_locked_down(compose):
+    """No capabilities (but the rewarder's), no-new-privileges, a read-only root for NATS and
+    every aha service, writable only where a part writes: tmpfs, or a volume it owns."""
+    services = compose["services"]
+    for name, s in services.items():
+        assert s["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in s["security_opt"], name
+        assert not s.get("privileged"), name
+        assert name == "rewarder" or not s.get("cap_add"), name
+        if name in ("prometheus", "grafana"):
+            continue  # third-party images that write where they please
+        assert s["read_only"] is True, name
+    writable = {n: sorted(s.get("tmpfs", [])) for n, s in services.items() if s.get("read_only")}
+    assert writable == {
+        "nats": [],  # JetStream in its volume
+        "nats-setup": [],
+        "exporter": [],
+        "learner": ["/home/aha:exec,uid=10001,gid=10001", "/tmp:exec"],  # kernels it builds
+        "actor": ["/home/aha:exec,uid=10001,gid=10001", "/tmp:exec"],
+        "rewarder": ["/tmp"],
+    }
 
 
 def test_prometheus_scrapes_every_metrics_port(compose):

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-import secrets
+from pathlib import Path
 from typing import Any
 
 from rewarder.errors import VerifierError
-from rewarder.sandbox import SandboxLimits, run_program, run_python
+from rewarder.sandbox import Checker, RunResult, SandboxLimits, run_program, run_python
 
-CODE_BLOCK = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+FENCE = "```"
+PYTHON_TAGS = ("", "python", "py", "python3")
+LANGUAGE = re.compile(r"[ \t]*([\w+-]*)")
+HARNESS = Path(__file__).parent / "harness"
 _sandbox_limits = SandboxLimits()
 
 
@@ -20,89 +24,72 @@ def configure_sandbox(limits: SandboxLimits) -> None:
     _sandbox_limits = limits
 
 
+def code_blocks(text: str) -> list[tuple[str, str]]:
+    """(language tag, code) of every closed ``` block, in one pass (no regex backtracking:
+    a completion of a million backticks costs what its length costs)."""
+    blocks, i = [], 0
+    while (start := text.find(FENCE, i)) != -1:
+        eol = text.find("\n", start + len(FENCE))
+        if eol == -1:
+            break
+        end = text.find(FENCE, eol + 1)
+        if end == -1:
+            break
+        language = LANGUAGE.match(text, start + len(FENCE), eol)
+        blocks.append((language[1] if language else "", text[eol + 1 : end]))
+        i = end + len(FENCE)
+    return blocks
+
+
 def extract_program(completion: str) -> str:
     """The last ```python (or untagged) block of the answer part, else the whole answer part."""
     from rewarder.rewards import split_think  # rewards.py imports this module
 
     _, answer = split_think(completion)
-    blocks = [
-        code
-        for lang, code in CODE_BLOCK.findall(answer)
-        if lang.lower() in ("", "python", "py", "python3")
-    ]
+    blocks = [code for lang, code in code_blocks(answer) if lang.lower() in PYTHON_TAGS]
     return blocks[-1] if blocks else answer
 
 
-# Runs the program, then HumanEval's `check(candidate)`, and prints a nonce only once check
-# returned: exit(0) or os._exit(0) before the tests ran do not pass. Builtins are restored
-# before the tests, and every result must be plain data (an object whose __eq__ is always
-# True must not pass `assert candidate(x) == y`).
-HARNESS = r"""
-import builtins, sys
-_builtins = dict(builtins.__dict__)
-_PLAIN = (int, float, complex, str, bytes, bool, type(None))
+@functools.cache
+def _harness(name: str) -> str:
+    """A sandbox-side program: the wire codec, then the named script (see `rewarder.harness`)."""
+    return (HARNESS / "wire.py").read_text() + "\n" + (HARNESS / f"{name}.py").read_text()
 
 
-def _plain(value, depth=0):
-    if type(value) in _PLAIN:
-        return
-    if type(value) in (list, tuple, set, frozenset) and depth < 50:
-        for item in value:
-            _plain(item, depth + 1)
-        return
-    if type(value) is dict and depth < 50:
-        for k, v in value.items():
-            _plain(k, depth + 1)
-            _plain(v, depth + 1)
-        return
-    raise TypeError(f"the candidate returned a {type(value).__name__}, not plain data")
+def run_tests(program: str, test: str, entry_point: str, setup: str | None = None) -> RunResult:
+    """HumanEval-style: `program` defines `entry_point`; `test` defines `check(candidate)`.
 
-
-def _guard(candidate):
-    def guarded(*args, **kwargs):
-        result = candidate(*args, **kwargs)
-        _plain(result)
-        return result
-    return guarded
-
-
-def _main():
-    nonce = sys.stdin.readline().strip()  # a local, not a global of __main__
-    ns = {"__name__": "__main__", "__builtins__": builtins}
-    try:
-        exec(compile(open("solution.py").read(), "solution.py", "exec"), ns)
-        builtins.__dict__.clear()
-        builtins.__dict__.update(_builtins)
-        exec(compile(open("tests.py").read(), "tests.py", "exec"), ns)
-        ns["check"](_guard(ns[ENTRY_POINT]))
-    except BaseException as e:
-        print(f"{type(e).__name__}: {e}", file=sys.stderr)
-        sys.stderr.flush()
-        import os
-        os._exit(1)
-    sys.stdout.flush()
-    print(nonce, flush=True)
-
-
-_main()
-"""
-
-
-def _run_humaneval(program: str, test: str, entry_point: str) -> bool:
-    nonce = secrets.token_hex(16)
-    files = {
-        "main.py": f"ENTRY_POINT = {entry_point!r}\n{HARNESS}",
-        "solution.py": program,
-        "tests.py": test,
-    }
-    result = _run(files, nonce + "\n")
-    lines = result.stdout.splitlines()
-    return result.ok and bool(lines) and lines[-1] == nonce
-
-
-def _run(files: dict[str, str], stdin: str):
+    The tests run in a checker process of their own (another uid, see `rewarder.sandbox`):
+    `candidate` there is a proxy whose every call is answered by the program's process with
+    plain data. `setup` (HumanEval's `prompt`) is trusted code the tests may use, run in the
+    checker first: a helper such as HumanEval/32's `poly` comes from it, not from the
+    program, which could redefine it.
+    """
     limits = _sandbox_limits
-    return run_program(files, [limits.python, "-I", "main.py"], stdin, limits)
+    checker_files = {"main.py": _harness("checker"), "tests.py": test}
+    if setup is not None:
+        checker_files["setup.py"] = setup
+    return run_program(
+        {"main.py": _harness("candidate"), "solution.py": program},
+        [limits.python, "-I", "main.py", entry_point],
+        limits=limits,
+        checker=Checker(checker_files, [limits.python, "-I", "main.py", entry_point]),
+    )
+
+
+def _humaneval(program: str, reference: dict) -> float:
+    entry_point, test, setup = reference["entry_point"], reference["test"], reference.get("prompt")
+    if not isinstance(entry_point, str) or not entry_point.isidentifier():
+        raise VerifierError(f"code_tests: entry_point {str(entry_point)[:80]!r} is not a name")
+    if not isinstance(test, str) or not (setup is None or isinstance(setup, str)):
+        raise VerifierError("code_tests: test (and prompt) must be Python source text")
+    result = run_tests(program, test, entry_point, setup)
+    verdict = (result.verdict or "").strip()
+    if verdict.startswith("fault:"):
+        raise VerifierError(f"code_tests: {verdict}")
+    # anything but the checker's own "passed" is the program's doing: a failed test, a
+    # crash, a hang past the wall time (the checker waits on the program), memory
+    return 1.0 if result.ok and verdict == "passed" else 0.0
 
 
 def _same_output(got: str, expected: str) -> bool:
@@ -131,7 +118,7 @@ def code_tests(completion: str, reference: Any, task: Any = None) -> float:
         )
     program = extract_program(completion)
     if "test" in reference and "entry_point" in reference:
-        return 1.0 if _run_humaneval(program, reference["test"], reference["entry_point"]) else 0.0
+        return _humaneval(program, reference)
     inputs, outputs = reference.get("inputs"), reference.get("outputs")
     if (
         not inputs

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from rewarder.rewards import code_tests, configure_sandbox
-from rewarder.sandbox import SandboxLimits, isolation, run_python
+from rewarder.sandbox import SandboxLimits, isolation, memory_cgroup, run_python
 from tests.unit.rewarder.leftovers import assert_nothing_left
 
 needs_namespaces = pytest.mark.skipif(
@@ -41,7 +41,7 @@ def test_a_normal_program_runs_as_nobody_in_a_fresh_dir():
         limits=LIMITS,
     )
     assert result.ok, result.stderr
-    cwd = "/tmp/work" if result.isolation == "namespaces" else os.getcwd()
+    cwd = "/work" if result.isolation == "namespaces" else os.getcwd()
     uid, gid, where, files, echoed = result.stdout.split(" ", 4)
     assert (uid, gid, echoed.strip()) == ("65534", "65534", "hello")
     assert files == "['main.py']"
@@ -208,3 +208,133 @@ def test_process_isolation_fallback_still_drops_root_and_cleans_up():
     result = run_python("while True:\n    pass\n", limits=limits)
     assert result.timed_out
     assert_nothing_left(within=5.0)  # killed processes are reaped by init, maybe a moment later
+
+
+@needs_namespaces
+def test_host_unix_sockets_and_files_are_out_of_sight():
+    """The program sees a minimal root: no /run, /var, /root, /home, no project files, and
+    so no host unix socket, however open its permissions."""
+    token = secrets.token_hex(8)
+    run_dir = Path("/run") if Path("/run").is_dir() else Path("/var/run")
+    sock_path = run_dir / f"aha-test-{token}.sock"
+    secret = Path("/var/lib") / f"aha-test-secret-{token}"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock_path))
+    os.chmod(sock_path, 0o777)
+    listener.listen(8)
+    listener.setblocking(False)
+    secret.write_text(token)
+    secret.chmod(0o644)
+    program = (
+        "import os, socket\n"
+        f"for path in [{str(sock_path)!r}, {str(secret)!r}, {str(Path(__file__))!r}]:\n"
+        "    try:\n        s = socket.socket(socket.AF_UNIX)\n        s.connect(path)\n"
+        "        print('connected', path)\n    except OSError as e:\n        print('no socket', e.errno)\n"
+        "    try:\n        print('read', open(path).read())\n    except OSError as e:\n"
+        "        print('no file', e.errno)\n"
+        "print(sorted(os.listdir('/')))\n"
+    )
+    try:
+        result = run_python(program, limits=LIMITS)
+        assert result.ok, result.stderr
+        assert "connected" not in result.stdout and "read" not in result.stdout.replace("'", "")
+        assert token not in result.stdout
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody ever connected
+        for hidden in ("'run'", "'var'", "'root'", "'home'", "'srv'"):
+            assert hidden not in result.stdout.splitlines()[-1]
+    finally:
+        listener.close()
+        sock_path.unlink(missing_ok=True)
+        secret.unlink(missing_ok=True)
+    assert_nothing_left()
+
+
+@needs_namespaces
+def test_no_user_namespaces_inside():
+    """`unshare -U -r` would give uid 0 with every capability inside a new user namespace: the
+    kernel refuses it to a chrooted process."""
+    program = (
+        "import subprocess\n"
+        "r = subprocess.run(['unshare', '-U', '-r', 'id', '-u'], capture_output=True, text=True)\n"
+        "print(r.returncode, r.stdout.strip(), r.stderr.strip())\n"
+    )
+    result = run_python(program, limits=LIMITS)
+    assert result.ok, result.stderr
+    code, _, rest = result.stdout.partition(" ")
+    assert int(code) != 0 and not rest.startswith("0"), result.stdout
+    assert_nothing_left()
+
+
+@needs_namespaces
+def test_the_inode_limit_holds():
+    limits = LIMITS.model_copy(update={"files": 300})
+    program = (
+        "import os\nn = 0\ntry:\n    for i in range(100000):\n"
+        "        open(f'f{i}', 'w').close()\n        n += 1\nexcept OSError as e:\n"
+        "    print(n, e.errno)\n"
+    )
+    result = run_python(program, limits=limits)
+    assert result.ok, result.stderr
+    made, errno = result.stdout.split()
+    assert int(made) < 300 and int(errno) == 28  # ENOSPC
+    assert_nothing_left()
+
+
+@needs_namespaces
+def test_the_total_memory_of_a_run_is_capped():
+    """Four processes of 400 MB each stay under the per-process limit; together they pass
+    the run's 1 GB: the memory cgroup kills them. Without a cgroup all four would finish."""
+    if memory_cgroup() is None:
+        pytest.skip("no memory cgroup can be made here")
+    limits = LIMITS.model_copy(update={"memory_mb": 1024, "memory_total_mb": 1024})
+    program = (
+        "import os, time\npids = []\nfor _ in range(4):\n    pid = os.fork()\n"
+        "    if pid == 0:\n        x = bytearray(400 << 20)\n        for i in range(0, len(x), 4096):\n"
+        "            x[i] = 1\n        time.sleep(0.5)\n        os._exit(0)\n    pids.append(pid)\n"
+        "ok = sum(os.waitpid(p, 0)[1] == 0 for p in pids)\nprint('finished', ok)\n"
+    )
+    result = run_python(program, limits=limits)
+    assert "finished 4" not in result.stdout, result.stdout
+    assert_nothing_left()
+
+
+@needs_namespaces
+def test_stdin_is_a_pipe_that_cannot_be_read_twice():
+    program = (
+        "import os, sys\nfirst = sys.stdin.read()\n"
+        "try:\n    os.lseek(0, 0, 0)\n    print('rewound')\nexcept OSError as e:\n    print('pipe', e.errno)\n"
+        "print(repr(first), repr(sys.stdin.read()))\n"
+    )
+    result = run_python(program, stdin="secret input\n", limits=LIMITS)
+    assert result.ok, result.stderr
+    assert result.stdout.splitlines() == ["pipe 29", "'secret input\\n' ''"]  # ESPIPE
+    assert_nothing_left()
+
+
+def test_not_root_refuses_to_run_as_the_rewarders_own_user():
+    """Without root the program would keep the rewarder's uid (and read its environment: the
+    NATS password); refused unless allowed."""
+    script = (
+        "import os, sys\n"
+        "from rewarder.sandbox import run_python, SandboxLimits, SandboxError\n"
+        "os.setgid(65534); os.setuid(65534)  # after the imports: the venv may be under /root\n"
+        "try:\n    run_python('print(1)', limits=SandboxLimits(isolation='process'))\n"
+        "    print('ran')\nexcept SandboxError as e:\n    print('refused:', e)\n"
+        "r = run_python('print(1)', limits=SandboxLimits(isolation='process', allow_own_user=True))\n"
+        "print('allowed', r.stdout.strip())\n"
+    )
+    if os.geteuid() != 0:
+        pytest.skip("the test drops from root to show it")
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[3],
+        timeout=60,
+    )
+    assert "refused: not root" in out.stdout, out.stdout + out.stderr
+    assert "allowed 1" in out.stdout, out.stdout + out.stderr

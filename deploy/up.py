@@ -29,14 +29,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from deploy.supervisor import Part, Supervisor
-from protocol.config import BusConfig, load_config, merge, read_file
+from protocol.config import CONFIG, BusConfig, load_config, merge, read_file
 
 log = structlog.get_logger("deploy.up")
-
-_FROZEN = ConfigDict(extra="forbid", frozen=True)
 
 
 def _default_engine() -> str:
@@ -48,7 +46,7 @@ def _default_engine() -> str:
 class UpConfig(BaseModel):
     """The `[up]` section: what `aha up` starts and how long it runs."""
 
-    model_config = _FROZEN
+    model_config = CONFIG
 
     name: str | None = None
     """Run name (folder under `runs_dir`); default: the start time."""
@@ -592,5 +590,8 @@ def main(args: argparse.Namespace) -> int:
         if v is not None
     }
     up = load_config(UpConfig, args.config, section="up", overrides=overrides)
+    from deploy.preflight import check_up
+
+    check_up(up, args.config)  # every input, before the server, the cold start or a model load
     summary = run(up, json_out=args.json, config_file=args.config)
     return 0 if summary["ended"] == "finished" else 1

@@ -176,7 +176,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 line = raw.decode("utf-8")
                 if not line.strip():
                     continue
-                row = json.loads(line, parse_constant=_refuse_constant)
+                row = json.loads(line.rstrip("\r\n"), parse_constant=_refuse_constant)
                 if not isinstance(row, dict):
                     raise ValueError(f"expected a JSON object, got {type(row).__name__}")
                 _check_finite(row, "")
@@ -184,7 +184,9 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 raise ConfigError(f"not UTF-8: byte {raw[e.start]:#04x} ({path}:{number})") from e
             except RecursionError as e:
                 raise ConfigError(f"nested too deeply ({path}:{number})") from e
-            except ValueError as e:  # json.JSONDecodeError included
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"not JSON: {e.msg} at column {e.colno} ({path}:{number})") from e
+            except ValueError as e:
                 raise ConfigError(f"{_one_line(e)} ({path}:{number})") from e
             yield number, row
 

@@ -5,7 +5,9 @@
       2. load the published `latest` weights, if any, before taking a task
       3. watch `latest`: each new version is fetched, verified and loaded between generations
       4. the stage loop: each task -> G completions -> one Rollout tagged with the version
-      5. on SIGTERM: finish what is held within `shutdown_grace_s`, release the rest, drain
+      5. on SIGTERM: finish what is held within `shutdown_grace_s`, release the rest, drain;
+         before the first task (connecting, starting the engine, loading weights) it stops
+         at once (`protocol.stage.stop_on_signals`)
 
 Many actors share the `actors` durable consumer; a task an actor dies holding comes back to
 another after the ack wait.
@@ -31,7 +33,13 @@ from protocol.config import load_config
 from protocol.log import setup_logging
 from protocol.messages import Rollout, Task, Timings, WeightManifest
 from protocol.names import KEY_LATEST, KV_POLICY, ROLLOUTS, TASKS
-from protocol.stage import StageStats, run_stage, stop_on_signals, watch_max_deliveries
+from protocol.stage import (
+    StageStats,
+    Stopped,
+    run_stage,
+    stop_on_signals,
+    watch_max_deliveries,
+)
 
 log = structlog.get_logger("actors.service")
 
@@ -271,7 +279,7 @@ async def setup_actor_engine(config: ActorConfig):
 
 
 async def run(config: ActorConfig, stop: asyncio.Event | None = None) -> int:
-    stop = stop_on_signals(stop)  # first: a SIGTERM while the engine starts ends it cleanly
+    stop = stop_on_signals(stop)  # first: a signal while connecting or loading stops at once
     from transformers import AutoTokenizer
 
     bus = await Bus.connect(config.bus, name=f"aha-actor-{config.actor_id}")
@@ -299,4 +307,8 @@ def main(args: argparse.Namespace) -> int:
         from prometheus_client import start_http_server
 
         start_http_server(config.metrics_port)
-    return asyncio.run(run(config))
+    try:
+        return asyncio.run(run(config))
+    except Stopped as e:
+        log.info("actor stopped before its first task", signal=e.signal)
+        return 0

@@ -94,5 +94,12 @@ def learner(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from learner.loop import run
+    from protocol.stage import Stopped
 
-    return asyncio.run(run(config, resume=args.resume))
+    try:
+        return asyncio.run(run(config, resume=args.resume))
+    except Stopped as e:  # before its first fetch (loading, connecting): nothing to save
+        import structlog
+
+        structlog.get_logger("learner").info("learner stopped before its first step", signal=e.signal)
+        return 0

@@ -100,6 +100,7 @@ class StageConsumer(Generic[M]):
 
         Messages that fail to decode are dead-lettered and terminated here, never returned.
         """
+        mark_holding()
         if self._sub is None:
             self._sub = await self.bus.js.pull_subscribe_bind(
                 durable=self.stage.durable, stream=self.stage.stream
@@ -312,10 +313,54 @@ async def watch_max_deliveries(bus: Bus, stage: Stage):
     )
 
 
+class Stopped(SystemExit):
+    """A signal came while the process held no message: it stops at once, `finally` blocks
+    run, and uncaught it exits with status 0 like a graceful stop."""
+
+    def __init__(self, signum: int):
+        super().__init__(0)
+        self.signal = signal.Signals(signum).name
+
+
+_holding = False
+"""Whether this process has fetched from a stage since `stop_on_signals`: from then on a
+signal stops it gracefully (its messages are finished or released)."""
+
+
 def stop_on_signals(stop: asyncio.Event | None = None) -> asyncio.Event:
-    """An event set by SIGTERM or SIGINT (graceful shutdown, then `bus.close()` drains)."""
+    """An event set by SIGTERM or SIGINT, for a graceful shutdown (then `bus.close()` drains).
+
+    Until the process first fetches from a stage — connecting to a server that is not
+    there, loading a model, waiting for weights — it holds nothing, so a signal raises
+    `Stopped` at once instead: that works in blocking calls too, where the event would only
+    be seen afterwards. A second signal during a graceful stop also stops at once.
+    """
+    global _holding
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    _holding = False
+    signalled = False
+
+    def on_signal(signum: int, frame) -> None:
+        nonlocal signalled
+        if loop.is_closed():  # left over from a finished run (tests): the default behaviour
+            default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+            signal.signal(signum, default)
+            signal.raise_signal(signum)
+            return
+        if not _holding or signalled:
+            raise Stopped(signum)
+        signalled = True
+        loop.call_soon_threadsafe(stop.set)
+
+    # A Python-level handler (not `loop.add_signal_handler`): it runs in the main thread
+    # between bytecodes even while a model loads synchronously.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        signal.signal(sig, on_signal)
     return stop
+
+
+def mark_holding() -> None:
+    """From now on a signal stops this process gracefully (see `stop_on_signals`)."""
+    global _holding
+    _holding = True

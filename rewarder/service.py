@@ -4,7 +4,8 @@
 
 Every rewarder replica pulls from the one durable consumer, so adding rewarders adds
 throughput; a rewarder that dies leaves its leased rollouts to be redelivered to the others.
-The stage loop acks a rollout only after its `ScoredRollout` is published.
+The stage loop acks a rollout only after its `ScoredRollout` is published. SIGTERM/SIGINT
+stop it gracefully once it scores; before that (connecting) they stop it at once.
 """
 
 from __future__ import annotations
@@ -142,4 +143,10 @@ def main(args) -> int:
         overrides["bus"] = {"url": args.nats_url}
     config = load_config(RewarderConfig, args.config, section="rewarder", overrides=overrides)
     setup_logging("rewarder", rewarder_id=config.rewarder_id)
-    return asyncio.run(run(config))
+    from protocol.stage import Stopped
+
+    try:
+        return asyncio.run(run(config))
+    except Stopped as e:
+        log.info("rewarder stopped before its first rollout", signal=e.signal)
+        return 0

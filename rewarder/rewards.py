@@ -11,28 +11,54 @@ answers, or None for offline scoring; rewards read only `task.meta`:
 The answer is what follows the chain of thought: the text after the last `</think>`, cut at
 any later `<think>`; an unclosed `<think>` leaves no answer at all. So an answer that only
 appears while thinking never counts (DeepSeek-R1, arXiv:2501.12948, section 2.2.2).
+
+A reward raises `Disqualified` for a 0 decided by a rule whose reason is worth recording (an
+answer too long to be one, a completion that stalled the verifier by itself, a hedge). A
+completion must not be able to turn its 0 into "no reward" (left out of the advantage) by
+stalling the verifier, so every extraction here is linear in the completion, and Math-Verify
+only ever sees a final answer of at most `MAX_ANSWER_CHARS`, within `ANSWER_BUDGET_S` (issue 10).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import threading
+import time
 import unicodedata
 from collections.abc import Callable
 from fractions import Fraction
-from typing import Any
+from typing import Any, NamedTuple
 
 from rewarder.code import code_tests, configure_sandbox, extract_program  # noqa: F401
-from rewarder.errors import VerifierError
+from rewarder.errors import Disqualified, VerifierError
 
 RewardFn = Callable[[str, Any, Any], float]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+BRACE = re.compile(r"[{}]")
+LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
 HUGE_DIGITS = 100_000
 """A numeric sub-expression with more decimal digits than this is not a final answer (9^{9^9}):
 it scores 0 instead of hanging the verifier, unless the reference is itself that huge."""
+MAX_ANSWER_CHARS = 1_000
+"""A final answer longer than this is not one (MATH-500's longest is 53 characters): it scores
+0 with its reason instead of reaching Math-Verify, whose parser is super-linear."""
+ANSWER_BUDGET_S = 10
+"""Math-Verify's time for one predicted answer, parsing and comparing (every side of an
+equation). An answer that uses it up scores 0: the reference verified against itself, so the
+stall is the completion's. Keep the pool's `timeout_s` above this plus a reference's first
+parse (5 s), so only a verifier fault ends in a timeout without reward."""
+APPROXIMATE = re.compile(r"\\(?:approx|thickapprox|approxeq|simeq)(?![A-Za-z])|≈")
+"""An approximation sign: such an answer is not an exact one, unless the reference has one too."""
+PERCENT = re.compile(r"\\?%")
+"""A percent sign, dropped from answer and reference alike: `5\\%` is the number 5."""
+EQUALS = re.compile(r"(?<![<>!:=])=(?!=)")
+"""An equality sign (not in `<=`, `>=`, `!=`, `:=`, `==`)."""
+DOLLAR = re.compile(r"(?<!\\)\$")
 
 
 def _meta(task: Any) -> dict[str, Any]:
@@ -58,16 +84,41 @@ def split_think(completion: str) -> tuple[str | None, str]:
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last complete `\\boxed{…}` (or `\\fbox{…}`), nested braces allowed."""
-    found = None
-    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
-        depth, i = 1, m.end()
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            found = text[m.end() : i - 1]
-    return found
+    """Content of the last complete `\\boxed{…}` (or `\\fbox{…}`), nested braces allowed.
+
+    One pass: every `{` is paired with its `}` on a stack, then the last `\\boxed{` whose
+    brace closes wins. (Counting braces again from each `\\boxed{` was quadratic: 20,000
+    unclosed ones stalled the verifier past its timeout.)
+    """
+    opens = [m.end() - 1 for m in BOXED.finditer(text)]  # where each boxed's `{` is
+    if not opens:
+        return None
+    closing: dict[int, int] = {}  # `{` position -> its `}` position
+    stack: list[int] = []
+    for m in BRACE.finditer(text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            closing[stack.pop()] = m.start()
+    for start in reversed(opens):
+        if start in closing:
+            return text[start + 1 : closing[start]]
+    return None
+
+
+def last_answer_block(text: str) -> str | None:
+    """Content of the last closed `<answer>…</answer>`: the last `<answer>` that some
+    `</answer>` follows, up to the first one after it; None if there is none.
+
+    `str.rfind`, so linear (a lazy regex rescanned the rest of the text from every unclosed
+    `<answer>`: quadratic).
+    """
+    close = text.rfind(ANSWER_CLOSE)
+    start = text.rfind(ANSWER_OPEN, 0, close) if close >= 0 else -1
+    if start < 0:
+        return None
+    start += len(ANSWER_OPEN)
+    return text[start : text.find(ANSWER_CLOSE, start)]
 
 
 def final_answer(completion: str, task: Any = None) -> str | None:
@@ -77,10 +128,10 @@ def final_answer(completion: str, task: Any = None) -> str | None:
     With `task.meta["answer_tag"]` only an `<answer>` block counts.
     """
     _, answer = split_think(completion)
-    blocks = ANSWER_BLOCK.findall(answer)
-    if blocks:
-        boxed = last_boxed(blocks[-1])
-        return boxed if boxed is not None else blocks[-1].strip()
+    block = last_answer_block(answer)
+    if block is not None:
+        boxed = last_boxed(block)
+        return boxed if boxed is not None else block.strip()
     if _meta(task).get("answer_tag"):
         return None
     return last_boxed(answer)
@@ -95,12 +146,25 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _parse(latex: str) -> list:
+def _parse(latex: str, timeout_s: int | None) -> list:
+    """Math-Verify's parse of `latex` (boxed first unless it is delimited); raises on an error or
+    a timeout instead of returning []: the callers tell whose fault it is."""
     from math_verify import parse
 
-    delimited = re.search(r"(?<!\\)\$", latex) or "\\boxed" in latex
+    delimited = DOLLAR.search(latex) or "\\boxed" in latex
     text = latex if delimited else f"\\boxed{{{latex}}}"
-    return parse(text, parsing_timeout=5 if _in_main_thread() else None)
+    return parse(text, parsing_timeout=timeout_s, raise_on_error=True)
+
+
+def _seconds_left(deadline: float) -> int | None:
+    """Whole seconds for Math-Verify's `signal.alarm` until `deadline`; None outside the main
+    thread (see `_in_main_thread`). Raises `Disqualified` when the budget is spent."""
+    if not _in_main_thread():
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise Disqualified(f"verifying the answer took over {ANSWER_BUDGET_S} s")
+    return max(1, int(left))
 
 
 def _digits(expr) -> float:
@@ -141,41 +205,132 @@ def _is_huge(parsed: list) -> bool:
     return False
 
 
-def math_equal(reference: str, answer: str) -> bool:
-    """Math-Verify's `verify(gold, pred)` (gold first: it is asymmetric) over every parse.
+@functools.lru_cache(maxsize=256)
+def _gold(reference: str) -> tuple[list, bool]:
+    """(Math-Verify's parse of `reference`, whether it is huge), once per reference.
 
-    Raises `VerifierError` when the reference does not parse, or when no pair compared true
-    and some comparison failed or timed out.
+    Raises `VerifierError` unless the reference parses and every parse compares equal to itself
+    in time: only then is a failure on a predicted answer the prediction's doing.
     """
     from math_verify import verify
 
-    gold = _parse(str(reference))
-    if not gold:
-        raise VerifierError(f"could not parse the reference {str(reference)[:80]!r}")
-    pred = _parse(answer)
+    timeout = 5 if _in_main_thread() else None
+    try:
+        gold = _parse(reference, timeout)
+        fine = bool(gold) and all(
+            verify(g, g, timeout_seconds=timeout, raise_on_error=True) for g in gold
+        )
+    except BaseException as e:  # math_verify's TimeoutException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise VerifierError(
+            f"could not parse the reference {reference[:80]!r}: {type(e).__name__}: {e}"
+        ) from e
+    if not fine:
+        raise VerifierError(f"could not parse the reference {reference[:80]!r}")
+    return gold, _is_huge(gold)
+
+
+def _matches(gold: list, gold_huge: bool, answer: str, deadline: float) -> bool:
+    """Math-Verify's `verify(gold, pred)` (gold first: it is asymmetric) over every parse of
+    `answer`; raises `Disqualified` when `answer` stalls or breaks it."""
+    from math_verify import verify
+    from math_verify.errors import TimeoutException
+
+    try:
+        pred = _parse(answer, _seconds_left(deadline))
+    except TimeoutException as e:
+        raise Disqualified("parsing the answer timed out") from e
+    except Exception:
+        return False  # not mathematics: a wrong answer
     if not pred:
         return False
-    if _is_huge(pred) and not _is_huge(gold):
-        return False
-    timeout = 5 if _in_main_thread() else None
+    if _is_huge(pred) and not gold_huge:
+        raise Disqualified(f"the answer has a number of over {HUGE_DIGITS:,} digits")
     errors = []
     for g in gold:
         for p in pred:
             try:
-                if verify(g, p, timeout_seconds=timeout, raise_on_error=True):
+                if verify(g, p, timeout_seconds=_seconds_left(deadline), raise_on_error=True):
                     return True
-            except BaseException as e:  # math_verify's TimeoutException is a BaseException
-                if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                    raise
+            except TimeoutException as e:
+                raise Disqualified("comparing the answer with the reference timed out") from e
+            except Exception as e:
                 errors.append(f"{type(e).__name__}: {e}")
     if errors:
-        raise VerifierError(f"math_verify failed: {errors[0]}")
+        raise Disqualified(f"the answer broke the comparison: {errors[0][:200]}")
     return False
+
+
+def _sides(latex: str) -> list[str]:
+    """`latex` split at each `=` outside braces: `x = 2+3 = 5` -> ["x ", " 2+3 ", " 5"]."""
+    sides, depth, start = [], 0, 0
+    for m in re.finditer(r"[{}]|" + EQUALS.pattern, latex):
+        if m.group() == "{":
+            depth += 1
+        elif m.group() == "}":
+            depth = max(depth - 1, 0)
+        elif depth == 0:
+            sides.append(latex[start : m.start()])
+            start = m.end()
+    return [*sides, latex[start:]]
+
+
+def _names_unknown(side: str) -> bool:
+    """Whether an equation's left side names what is asked (`x`, `f(3)`, `a+b`): a letter that
+    is not part of a LaTeX command."""
+    return re.search(r"[A-Za-z]", LATEX_COMMAND.sub("", side)) is not None
+
+
+def math_equal(reference: str, answer: str) -> bool:
+    """Whether `answer` equals `reference` by Math-Verify, with these rules on top:
+
+    - an answer of over `MAX_ANSWER_CHARS`, or one that stalls (`ANSWER_BUDGET_S`) or breaks
+      Math-Verify while the reference does not, raises `Disqualified` (a 0 with its reason);
+    - `\\approx` (`≈`, `\\simeq`): not an exact answer, `Disqualified` (unless the reference
+      has one). Math-Verify drops the sign: `5 \\approx 7` was 5;
+    - a percent sign is notation, not /100: `5\\%` equals 5 and `5\\%`, not 0.05 (and
+      `0.05` does not equal `5\\%`). Math-Verify took `5\\%` as both 5 and 0.05, one answer
+      covering two values;
+    - an equation `a = b = … = z` against a reference that is a value: every side must equal
+      the reference, except a first side that names the unknown (`x = 2+3 = 5` is right,
+      `x = 6 = 5` and `5 = 6` are not; Math-Verify compared only the last side, so a policy
+      could cover several guesses with `x = 1 = 2 = 5`). A chain whose last side is right and
+      another is not is `Disqualified`. Against a reference that is itself an equation
+      (`y = 2x + 3`) Math-Verify compares the whole, and more `=` than it has is `Disqualified`.
+
+    Raises `VerifierError` when the reference does not parse or compare with itself.
+    """
+    reference = PERCENT.sub("", str(reference))
+    gold, gold_huge = _gold(reference)
+    if len(answer) > MAX_ANSWER_CHARS:
+        raise Disqualified(
+            f"the final answer is {len(answer):,} characters long (the limit is "
+            f"{MAX_ANSWER_CHARS:,}): not a final answer"
+        )
+    if APPROXIMATE.search(answer) and not APPROXIMATE.search(reference):
+        raise Disqualified("an approximate answer (\\approx) is not an exact one")
+    answer = PERCENT.sub("", answer)
+    deadline = time.monotonic() + ANSWER_BUDGET_S
+    sides = _sides(DOLLAR.sub(" ", answer))
+    equalities = len(_sides(reference)) - 1
+    if len(sides) == 1 or equalities:
+        if len(sides) - 1 > equalities:
+            raise Disqualified(
+                f"{len(sides) - 1} equals signs where the reference has {equalities}"
+            )
+        return _matches(gold, gold_huge, answer, deadline)
+    *earlier, last = sides[1:] if _names_unknown(sides[0]) else sides
+    if not _matches(gold, gold_huge, last, deadline):
+        return False
+    if not all(_matches(gold, gold_huge, side, deadline) for side in earlier):
+        raise Disqualified("not every side of the equation is the answer")
+    return True
 
 
 def accuracy_math(completion: str, reference: Any, task: Any = None) -> float:
     """1 if the final answer (`final_answer`) equals the reference (LaTeX, e.g. MATH-500's
-    `answer`) by Math-Verify, else 0; no final answer scores 0."""
+    `answer`) by `math_equal`, else 0; no final answer scores 0."""
     answer = final_answer(completion, task)
     if answer is None or not answer.strip():
         return 0.0
@@ -185,27 +340,57 @@ def accuracy_math(completion: str, reference: Any, task: Any = None) -> float:
 # --- accuracy_gsm8k ------------------------------------------------------------------------
 
 NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
-FRACTION = re.compile(r"\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}|(-?\d+)\s*/\s*(-?\d+)")
+FRACTION = re.compile(r"\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}|(-?(?<!\d)\d+)\s*/\s*(-?\d+)")
+"""`(?<!\\d)`: a numerator starts where its digits do. Without it every position in a run of n
+digits was tried, and each gave its digits back one by one looking for `/`: O(n²)."""
 ANSWER_IS = re.compile(r"answer\s+is\s*:?", re.IGNORECASE)
+MAX_NUMBER_CHARS = 100
+"""A number written with more characters than this is no GSM8K answer (Python would not even
+read one of over 4,300 digits): as the prediction it scores 0 with its reason."""
 
 
-def _number(token: str) -> Fraction:
-    return Fraction(token.replace(",", ""))
+Number = str | tuple[str, str]
+"""A number as written: a token (`1,000`, `-2.5`) or a fraction's (numerator, denominator)."""
 
 
-def _numbers(text: str) -> list[Fraction]:
-    """Every number in `text`: `1,000` is one thousand, `\\frac{3}{4}` and `3/4` a fraction;
-    `$`, `%` and units around them are ignored."""
-    values, spans = [], []
+def _numbers(text: str) -> list[Number]:
+    """Every number in `text`, in order: `1,000` is one thousand, `\\frac{3}{4}` and `3/4` a
+    fraction; `$`, `%` and units around them are ignored. Read only the ones used (`_value`):
+    a completion can hold hundreds of thousands."""
+    found: list[tuple[int, Number]] = []
+    spans = []
     for m in FRACTION.finditer(text):
         num, den = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-        if int(den) != 0:
-            values.append((m.start(), Fraction(int(num), int(den))))
+        if den.lstrip("-").strip("0"):  # x/0 is no fraction: its numbers count on their own
+            found.append((m.start(), (num, den)))
             spans.append(m.span())
+    # numbers outside every fraction: both are in text order, so one pointer walks the spans
+    i = 0
     for m in NUMBER.finditer(text):
-        if not any(a <= m.start() < b for a, b in spans):
-            values.append((m.start(), _number(m.group())))
-    return [v for _, v in sorted(values, key=lambda x: x[0])]
+        while i < len(spans) and spans[i][1] <= m.start():
+            i += 1
+        if i == len(spans) or m.start() < spans[i][0]:
+            found.append((m.start(), m.group()))
+    found.sort(key=lambda x: x[0])
+    return [number for _, number in found]
+
+
+def _value(number: Number) -> Fraction | None:
+    """The value of a number as written; None when it is longer than `MAX_NUMBER_CHARS`."""
+    tokens = [number] if isinstance(number, str) else list(number)
+    tokens = [t.replace(",", "") for t in tokens]
+    if any(len(t) > MAX_NUMBER_CHARS for t in tokens):
+        return None
+    values = [Fraction(t) for t in tokens]
+    return values[0] if len(values) == 1 else values[0] / values[1]
+
+
+def _read(number: Number) -> Fraction:
+    """`_value`, where a number too long to read is the completion's 0 (`Disqualified`)."""
+    value = _value(number)
+    if value is None:
+        raise Disqualified(f"the predicted number is over {MAX_NUMBER_CHARS} characters long")
+    return value
 
 
 def gsm8k_reference(reference: Any) -> Fraction:
@@ -214,19 +399,21 @@ def gsm8k_reference(reference: Any) -> Fraction:
         return Fraction(str(reference))
     text = str(reference).rsplit("####", 1)[-1]
     numbers = _numbers(text)
-    if len(numbers) != 1:
+    value = _value(numbers[0]) if len(numbers) == 1 else None
+    if value is None:
         raise VerifierError(f"the reference {str(reference)[-80:]!r} does not end in one number")
-    return numbers[0]
+    return value
 
 
 def gsm8k_answer(completion: str, task: Any = None) -> Fraction | None:
     """The predicted number: the boxed / `<answer>` one, else after `####`, else after
     "the answer is", else the last number of the answer part. A boxed or tagged answer with
-    several numbers (`\\boxed{71, 72}`) is no answer: a list is not a guess at each."""
+    several numbers (`\\boxed{71, 72}`) is no answer: a list is not a guess at each. Raises
+    `Disqualified` when that number is too long to read (`MAX_NUMBER_CHARS`)."""
     tagged = final_answer(completion, task)
     if tagged is not None:
         numbers = _numbers(tagged)
-        return numbers[0] if len(numbers) == 1 else None
+        return _read(numbers[0]) if len(numbers) == 1 else None
     if _meta(task).get("answer_tag"):
         return None
     _, answer = split_think(completion)
@@ -234,9 +421,9 @@ def gsm8k_answer(completion: str, task: Any = None) -> Fraction | None:
         hits = list(marker.finditer(answer))
         if hits:
             numbers = _numbers(answer[hits[-1].end() :])
-            return numbers[0] if numbers else None
+            return _read(numbers[0]) if numbers else None
     numbers = _numbers(answer)
-    return numbers[-1] if numbers else None
+    return _read(numbers[-1]) if numbers else None
 
 
 def accuracy_gsm8k(completion: str, reference: Any, task: Any = None) -> float:
@@ -248,26 +435,24 @@ def accuracy_gsm8k(completion: str, reference: Any, task: Any = None) -> float:
 
 # --- format_think --------------------------------------------------------------------------
 
-R1_TEMPLATE = re.compile(r"\s*<think>(?P<think>.*?)</think>(?P<rest>.*)", re.DOTALL)
-ANSWER_ONLY = re.compile(r"\s*<answer>(?P<answer>.*?)</answer>\s*", re.DOTALL)
-
-
 def format_think(completion: str, reference: Any = None, task: Any = None) -> float:
     """1 if the completion follows the R1-Zero template, else 0: exactly one non-empty
     `<think>…</think>` first, then a non-empty answer; with `task.meta["answer_tag"]` the
     answer is exactly one `<answer>…</answer>` block and nothing else."""
-    m = R1_TEMPLATE.fullmatch(completion)
-    if m is None or completion.count(THINK_OPEN) != 1 or completion.count(THINK_CLOSE) != 1:
+    if completion.count(THINK_OPEN) != 1 or completion.count(THINK_CLOSE) != 1:
         return 0.0
-    rest = m["rest"]
-    if not m["think"].strip() or not rest.strip():
+    before, _, after = completion.partition(THINK_OPEN)
+    thought, closed, rest = after.partition(THINK_CLOSE)
+    if before.strip() or not closed or not thought.strip() or not rest.strip():
         return 0.0
-    opens, closes = rest.count("<answer>"), rest.count("</answer>")
+    opens, closes = rest.count(ANSWER_OPEN), rest.count(ANSWER_CLOSE)
     if _meta(task).get("answer_tag"):
-        a = ANSWER_ONLY.fullmatch(rest)
-        return 1.0 if a and opens == closes == 1 and a["answer"].strip() else 0.0
+        block = rest.strip()
+        inner = block[len(ANSWER_OPEN) : -len(ANSWER_CLOSE)]
+        ok = opens == closes == 1 and block.startswith(ANSWER_OPEN) and block.endswith(ANSWER_CLOSE)
+        return 1.0 if ok and inner.strip() else 0.0
     if opens or closes:
-        ok = opens == closes == 1 and rest.index("<answer>") < rest.index("</answer>")
+        ok = opens == closes == 1 and rest.index(ANSWER_OPEN) < rest.index(ANSWER_CLOSE)
         return 1.0 if ok else 0.0
     return 1.0
 
@@ -293,9 +478,11 @@ LANGUAGE_SCRIPTS: dict[str, frozenset[str]] = {
 """Target language -> the scripts its words are written in."""
 ONE_WORD_PER_CHAR = frozenset({"CJK", "HIRAGANA", "KATAKANA"})
 """Scripts written without spaces: each character counts as a word."""
-LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
+LETTERS = re.compile(r"[A-Za-z]+|[^\x00-\x7f]+")
+"""Runs of ASCII letters (all Latin, no need to look each up) and runs of other characters."""
 
 
+@functools.lru_cache(maxsize=65_536)
 def _script(ch: str) -> str | None:
     if not unicodedata.category(ch).startswith("L"):
         return None
@@ -311,23 +498,35 @@ def script_words(text: str) -> list[str]:
     """The script of each word in `text` (runs of letters in one script; LaTeX commands and
     lone Greek letters, i.e. math symbols, are not words)."""
     words: list[str] = []
-    run_script, run_len = None, 0
+    run_script, run_len, run_end = None, 0, 0
 
     def close():
         if run_script is not None and not (run_script == "GREEK" and run_len == 1):
             words.append(run_script)
 
-    for ch in LATEX_COMMAND.sub(" ", text):
-        script = _script(ch)
-        if script is not None and script in ONE_WORD_PER_CHAR:
+    for piece in LETTERS.finditer(LATEX_COMMAND.sub(" ", text)):
+        if piece.start() != run_end:  # ASCII non-letters in between end the run
             close()
-            words.append(script)
             run_script, run_len = None, 0
-        elif script == run_script and script is not None:
-            run_len += 1
-        else:
-            close()
-            run_script, run_len = script, 1
+        run_end = piece.end()
+        if piece.group()[0].isascii():
+            if run_script == "LATIN":
+                run_len += len(piece.group())
+            else:
+                close()
+                run_script, run_len = "LATIN", len(piece.group())
+            continue
+        for ch in piece.group():
+            script = _script(ch)
+            if script is not None and script in ONE_WORD_PER_CHAR:
+                close()
+                words.append(script)
+                run_script, run_len = None, 0
+            elif script == run_script and script is not None:
+                run_len += 1
+            else:
+                close()
+                run_script, run_len = script, 1
     close()
     return words
 
@@ -367,28 +566,55 @@ def check_rewards(rewards: dict[str, float]) -> None:
         raise ValueError(f"unknown reward(s) {unknown}; known: {sorted(REWARDS)}")
 
 
-def score_completion(
-    completion: str, reference: Any, rewards: dict[str, float], task: Any = None
-) -> tuple[float | None, dict[str, float | None], str | None]:
-    """(total, components, error): total = Σ weight × component over `rewards`.
+class Grade(NamedTuple):
+    """A completion's rewards: `score_completion`'s triple and why a component is 0 by a rule."""
 
-    Every component is kept; one that raises leaves its component None, the total None and
-    the reason in `error` (all reasons, `; `-joined). An unknown name is an error too.
+    reward: float | None
+    """Σ weight × component; None when a verifier could not decide."""
+    components: dict[str, float | None]
+    """Each reward before weighting; None where its verifier could not decide."""
+    error: str | None
+    """Why `reward` is None (`name: reason`, `; `-joined); None otherwise."""
+    note: str | None
+    """Why a component is 0 by a rule (`Disqualified`: `name: reason`, `; `-joined); None
+    when none is."""
+
+
+def grade(
+    completion: str, reference: Any, rewards: dict[str, float], task: Any = None
+) -> Grade:
+    """Every reward in `rewards` on `completion`, their weighted total and the reasons.
+
+    Every component is kept; one that raises `VerifierError` (or has a bug) leaves its
+    component None, the total None and the reason in `error`; one that raises `Disqualified`
+    is 0 with the reason in `note`. An unknown name is an error too.
     """
     components: dict[str, float | None] = {}
-    errors = []
+    errors, notes = [], []
     for name in rewards:
         fn = REWARDS.get(name)
         try:
             if fn is None:
                 raise VerifierError(f"unknown reward; known: {sorted(REWARDS)}")
             components[name] = float(fn(completion, reference, task))
+        except Disqualified as e:
+            components[name] = 0.0
+            notes.append(f"{name}: {e}")
         except VerifierError as e:
             components[name] = None
             errors.append(f"{name}: {e}")
         except Exception as e:  # a bug in a verifier is still no reward, and is reported
             components[name] = None
             errors.append(f"{name}: {type(e).__name__}: {e}")
+    note = "; ".join(notes) or None
     if errors:
-        return None, components, "; ".join(errors)
-    return sum(rewards[n] * components[n] for n in rewards), components, None
+        return Grade(None, components, "; ".join(errors), note)
+    return Grade(sum(rewards[n] * components[n] for n in rewards), components, None, note)
+
+
+def score_completion(
+    completion: str, reference: Any, rewards: dict[str, float], task: Any = None
+) -> tuple[float | None, dict[str, float | None], str | None]:
+    """(total, components, error) of `grade`: what a `protocol.messages.Score` carries."""
+    reward, components, error, _ = grade(completion, reference, rewards, task)
+    return reward, components, error

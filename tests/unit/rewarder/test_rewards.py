@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
-from rewarder.errors import VerifierError
+from rewarder import rewards
+from rewarder.errors import Disqualified, VerifierError
 from rewarder.rewards import (
     REWARDS,
     accuracy_gsm8k,
@@ -15,6 +21,7 @@ from rewarder.rewards import (
     extract_program,
     final_answer,
     format_think,
+    grade,
     gsm8k_answer,
     language_consistency,
     score_completion,
@@ -25,6 +32,13 @@ from tests.helpers import make_task
 
 def task_with(**meta):
     return make_task(meta=meta)
+
+
+def graded(completion, reference, reward="accuracy_math", task=None):
+    """(reward, note) of one reward, weight 1; a verifier error fails the test."""
+    result = grade(completion, reference, {reward: 1.0}, task)
+    assert result.error is None, result.error
+    return result.reward, result.note
 
 
 # --- where the answer is -------------------------------------------------------------------
@@ -99,8 +113,9 @@ def test_math_huge_numbers():
     assert accuracy_math(r"\boxed{123456789012345678}", "123456789012345678") == 1.0
     assert accuracy_math(r"\boxed{10^{100}+1}", "10^{100}") == 0.0
     # 9^(9^(9^9)) cannot even be written down: it scores 0 at once instead of hanging sympy
-    assert accuracy_math(r"\boxed{9^{9^{9^{9}}}}", "9") == 0.0
-    assert accuracy_math(r"\boxed{(10^{100})!}", "3") == 0.0
+    reward, note = graded(r"\boxed{9^{9^{9^{9}}}}", "9")
+    assert reward == 0.0 and "100,000 digits" in note
+    assert graded(r"\boxed{(10^{100})!}", "3")[0] == 0.0
     # an ordinary big power is still compared: 2^10 = 1024
     assert accuracy_math(r"\boxed{2^{10}}", "1024") == 1.0
 
@@ -123,6 +138,62 @@ def test_math_no_answer_is_zero_and_a_bad_reference_is_an_error():
     assert accuracy_math(r"\boxed{}", "5") == 0.0
     with pytest.raises(VerifierError, match="reference"):
         accuracy_math(r"\boxed{5}", "")
+
+
+def test_math_a_chained_equation_counts_only_if_every_side_is_the_answer():
+    assert graded(r"\boxed{x = 5}", "5") == (1.0, None)
+    assert graded(r"\boxed{x = 2+3 = 5}", "5") == (1.0, None)  # every side is 5, x names it
+    # hacking: one chain covering several guesses (Math-Verify compared the last side only)
+    for hedge in [r"x = 6 = 5", r"x = 1 = 2 = 3 = 5", r"5 = 6 = 5"]:
+        reward, note = graded(rf"\boxed{{{hedge}}}", "5")
+        assert reward == 0.0 and "not every side" in note, hedge
+    reward, note = graded("<think>5</think><answer>$x = 6 = 5$</answer>", "5")
+    assert reward == 0.0 and "not every side" in note
+    # a false equation is not its right side: 5 = 6 is not the answer 6
+    assert graded(r"\boxed{5 = 6}", "6")[0] == 0.0
+    assert graded(r"\boxed{x = 5 = 6}", "5") == (0.0, None)  # last side wrong: plainly wrong
+    # a reference that is an equation is compared whole; more equals signs are a hedge
+    assert graded(r"\boxed{y = 2x + 3}", "y = 2x + 3") == (1.0, None)
+    reward, note = graded(r"\boxed{y = 2x + 3 = 5}", "y = 2x + 3")
+    assert reward == 0.0 and "equals signs" in note
+
+
+def test_math_an_approximation_is_not_an_exact_answer():
+    # Math-Verify drops the sign: `5 \approx 7` parsed as 5
+    for answer in [r"5 \approx 7", r"\approx 5", r"x \approx 5", "5 ≈ 5", r"5 \simeq 5"]:
+        reward, note = graded(rf"\boxed{{{answer}}}", "5")
+        assert reward == 0.0 and "approximate" in note, answer
+    assert graded(r"\boxed{\approx 5}", r"\approx 5")[0] == 1.0  # unless asked for
+
+
+def test_math_a_percent_sign_is_notation_one_answer_one_value():
+    # `5\%` is the number 5, written as a percentage; it no longer covers 0.05 as well
+    assert graded(r"\boxed{5\%}", "5")[0] == 1.0
+    assert graded(r"\boxed{5\%}", r"5\%")[0] == 1.0
+    assert graded(r"\boxed{5}", r"5\%")[0] == 1.0
+    assert graded(r"\boxed{5\%}", "0.05")[0] == 0.0
+    assert graded(r"\boxed{5%}", "0.05")[0] == 0.0
+    assert graded(r"\boxed{0.05}", r"5\%")[0] == 0.0
+
+
+def test_math_an_answer_too_long_to_be_one_scores_zero_with_its_reason():
+    answer = "+".join(["1"] * 600)  # 1,199 characters
+    reward, note = graded(rf"\boxed{{{answer}}}", "600")
+    assert reward == 0.0 and "1,199 characters" in note
+    assert graded(rf"\boxed{{{'+'.join(['1'] * 400)}}}", "400") == (1.0, None)  # 799: compared
+
+
+def test_math_an_answer_that_stalls_math_verify_scores_zero_not_null(monkeypatch):
+    # comparing this product with 5 makes sympy work for minutes; the reference verifies fine,
+    # so the stall is the completion's: 0 with the reason (it was `null`: no reward, a dodge)
+    monkeypatch.setattr(rewards, "ANSWER_BUDGET_S", 2)
+    start = time.perf_counter()
+    reward, note = graded(r"\boxed{\prod_{k=1}^{3000} (1 + \frac{1}{k^2})}", "5")
+    assert reward == 0.0 and "timed out" in note
+    assert time.perf_counter() - start < 15
+    # while a reference that does not parse is the verifier's problem: no reward
+    result = grade(r"\boxed{5}", "", {"accuracy_math": 1.0})
+    assert result.reward is None and "reference" in result.error
 
 
 # --- accuracy_gsm8k ------------------------------------------------------------------------
@@ -178,6 +249,14 @@ def test_gsm8k_hacking_attempts():
     assert accuracy_gsm8k("The answer is 72. Checked 3 times.", "#### 72") == 1.0
     # huge number: exact, 10^20 + 1 != 10^20
     assert accuracy_gsm8k(r"\boxed{100000000000000000001}", "100000000000000000000") == 0.0
+
+
+def test_gsm8k_a_number_too_long_to_read_scores_zero_with_its_reason():
+    # Python refuses to read an int of over 4,300 digits: that ValueError was `null`
+    reward, note = graded("The answer is " + "7" * 5_000, "#### 5", "accuracy_gsm8k")
+    assert reward == 0.0 and "over 100 characters" in note
+    with pytest.raises(VerifierError):
+        accuracy_gsm8k(r"\boxed{5}", "#### " + "7" * 5_000)
 
 
 # --- format_think --------------------------------------------------------------------------
@@ -242,6 +321,99 @@ def test_language_consistency_edge_cases():
         language_consistency("<think>hi</think>", None, task_with(language="xx"))
 
 
+# --- completions that stall the verifier -----------------------------------------------------
+
+STALLING = {
+    # each was quadratic (or worse) in some extractor: minutes, so a timeout and no reward
+    "20,000 unclosed boxed": "\\boxed{" * 20_000,
+    "20,000 unclosed fbox": "\\fbox {" * 20_000,
+    "20,000 answer opens": "<answer>7 " * 20_000,
+    "20,000 answer opens, one close": "<answer>" * 20_000 + "7</answer>",
+    "20,000 unclosed boxed in an answer": "<answer>" + "\\boxed{" * 20_000 + "</answer>",
+    "braces 100,000 deep": "\\boxed{" + "{" * 100_000 + "7" + "}" * 100_000 + "}",
+    "1 MB unclosed think": "<think>" + "so 7 " * 200_000,
+    "1 MB think, then a wrong answer": "<think>" + "so 7 " * 200_000 + "</think> \\boxed{7}",
+    "50,000 think blocks": "<think>x</think>" * 50_000 + " 7",
+    "a million digits": "1" * 1_000_000,
+    "digit runs and no fraction bar": ("1" * 100_000 + " ") * 5,
+    "100,000 numbers and fractions": "1/2 3, 4,000.5 " * 25_000 + " 7",
+    "'the answer is' 70,000 times": "the answer is " * 70_000,
+    "a chain of 50,000 guesses": "\\boxed{x = " + "1 = " * 50_000 + "7}",
+    "400,000 Chinese characters": "<think>" + "我们来算" * 100_000 + "</think> 7",
+}
+
+
+@pytest.mark.parametrize("name", STALLING)
+def test_a_stalling_completion_scores_zero_in_time(name):
+    completion = STALLING[name]
+    for task in (None, task_with(answer_tag=True)):
+        start = time.perf_counter()
+        math = grade(completion, "5", {"accuracy_math": 1.0, "language_consistency": 1.0}, task)
+        gsm8k = grade(completion, "#### 5", {"accuracy_gsm8k": 1.0, "format_think": 1.0}, task)
+        elapsed = time.perf_counter() - start
+        assert math.error is None and gsm8k.error is None, (math.error, gsm8k.error)
+        assert math.components["accuracy_math"] == 0.0
+        assert gsm8k.components["accuracy_gsm8k"] == 0.0
+        # up to 1 MB through four rewards: linear work takes well under a second here
+        assert elapsed < 5.0, f"{name}: {elapsed:.1f} s"
+
+
+@pytest.mark.parametrize(
+    "extract, make",
+    [
+        (final_answer, lambda n: "\\boxed{" * n),
+        (final_answer, lambda n: "<answer>" * n + "</answer>"),
+        (gsm8k_answer, lambda n: "1" * (10 * n) + " 7"),
+        (gsm8k_answer, lambda n: "1/2 3, 4,000.5 " * n),
+        (format_think, lambda n: "<think>" + "<answer>" * n + "</think>" + "<answer>" * n),
+        (language_consistency, lambda n: "<think>" + "so 我 x " * n),
+    ],
+)
+def test_extraction_time_grows_linearly(extract, make):
+    def best_of_3(n):
+        text = make(n)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            extract(text)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    small, large = best_of_3(5_000), best_of_3(20_000)
+    # 4x the input: about 4x the time when linear, 16x when quadratic
+    assert large < 10 * small + 0.05, (small, large)
+
+
+@pytest.mark.slow
+def test_aha_score_gives_a_stalling_completion_zero_not_null(tmp_path):
+    """Through the real command and its verifier worker processes (`VerifierPool`)."""
+    rows = [
+        {"completion": "\\boxed{" * 20_000, "reference": "5", "rewards": {"accuracy_math": 1}},
+        {
+            "completion": "<answer>" * 20_000,
+            "reference": "5",
+            "rewards": {"accuracy_math": 1.0},
+            "meta": {"answer_tag": True},
+        },
+        {"completion": "1" * 1_000_000, "reference": "#### 5", "rewards": {"accuracy_gsm8k": 1}},
+        {
+            "completion": r"\boxed{\prod_{k=1}^{3000} (1 + \frac{1}{k^2})}",
+            "reference": "5",
+            "rewards": {"accuracy_math": 1.0},
+        },
+    ]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = [sys.executable, "-m", "deploy.cli", "score", src, "-o", out, "--timeout", "25"]
+    result = subprocess.run(
+        argv, cwd=Path(__file__).parents[3], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(s["reward"], s["error"]) for s in scored] == [(0.0, None)] * 4
+    assert "4/4" in result.stderr and "0 without reward" in result.stderr
+
+
 # --- code_tests (the sandbox itself is tested in test_sandbox.py) ---------------------------
 
 ADD_TEST = {
@@ -292,8 +464,9 @@ def test_code_tests_hacking_attempts():
     assert code_tests("def half(x):\n    return x / 2\n", near) == 1.0
     patch = "import builtins\nbuiltins.abs = lambda x: 0\ndef half(x):\n    return 0.0\n"
     assert code_tests(patch, near) == 0.0
-    # printing a guess of the pass marker does not help: it is a fresh nonce each run
-    assert code_tests("print('ok')\nimport os; os._exit(0)\n", ADD_TEST) == 0.0
+    # printing what looks like a verdict does not help: the checker's is on its own fd
+    assert code_tests("print('passed')\nimport os; os._exit(0)\n", ADD_TEST) == 0.0
+    # (many more in test_code_hacking.py)
 
 
 def test_code_tests_stdin_stdout_cases():
@@ -337,6 +510,21 @@ def test_weighted_total_keeps_every_component():
         "accuracy_math": 0.0,
         "format_think": 1.0,
     }
+
+
+def test_a_disqualified_component_is_zero_with_its_reason_and_the_total_is_kept():
+    completion = "<think>x</think> \\boxed{" + "{" * 2_000 + "5" + "}" * 2_000 + "}"
+    result = grade(completion, "5", {"accuracy_math": 1.0, "format_think": 0.1})
+    # accuracy 0 (not an answer: 4,001 characters), format 1: total = 1.0*0 + 0.1*1 = 0.1
+    assert result.reward == pytest.approx(0.1) and result.error is None
+    assert result.components == {"accuracy_math": 0.0, "format_think": 1.0}
+    assert result.note.startswith("accuracy_math: the final answer is 4,001 characters long")
+    # what a `Score` carries: the 0, no error
+    assert score_completion(completion, "5", {"accuracy_math": 1.0}) == (
+        0.0,
+        {"accuracy_math": 0.0},
+        None,
+    )
 
 
 def test_a_verifier_error_is_no_reward_with_the_reason_never_zero():

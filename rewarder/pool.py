@@ -61,11 +61,14 @@ class PoolStats:
     """Workers started to replace a killed or crashed one."""
     by_error: dict[str, int] = field(default_factory=dict)
     """Failed completions per reward name (`timeout` / `crash` for whole calls)."""
+    disqualified: int = 0
+    """Completions with a component that is 0 by a rule (`Disqualified`), e.g. one that
+    stalled its verifier: scored, with the reason in `VerifierPool.notes`."""
 
 
 def _serve(conn: Connection, sandbox: SandboxLimits) -> None:
     """A worker: score jobs from `conn` in this process's main thread until told to stop."""
-    from rewarder.rewards import configure_sandbox, score_completion
+    from rewarder.rewards import configure_sandbox, grade
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     configure_sandbox(sandbox)
@@ -77,7 +80,7 @@ def _serve(conn: Connection, sandbox: SandboxLimits) -> None:
         if item is None:
             return
         key, job = item
-        conn.send((key, score_completion(job.completion, job.reference, job.rewards, job.task)))
+        conn.send((key, tuple(grade(job.completion, job.reference, job.rewards, job.task))))
 
 
 class _Worker:
@@ -98,8 +101,9 @@ class _Worker:
 class VerifierPool:
     """`workers` processes scoring `Job`s, each call killed after `timeout_s`.
 
-    Worker i runs sandboxed programs as uid `sandbox.uid - i`: RLIMIT_NPROC counts per uid,
-    so a fork bomb in one worker's sandbox cannot starve another's. Use one pool from one
+    Worker i runs sandboxed programs as uid `sandbox.uid - i` (their checkers as
+    `sandbox.checker_uid - i`): RLIMIT_NPROC counts per uid, so a fork bomb in one worker's
+    sandbox cannot starve another's. Use one pool from one
     thread at a time (`score_async` runs it in a thread for asyncio callers).
     """
 
@@ -117,11 +121,22 @@ class VerifierPool:
         self._ctx = mp.get_context(start_method)
         if start_method == "forkserver":
             self._ctx.set_forkserver_preload(PRELOAD)
+        if sandbox.checker_uid - workers < sandbox.uid and sandbox.uid - workers < sandbox.checker_uid:
+            raise ValueError(
+                f"sandbox uids {sandbox.uid} and checker_uid {sandbox.checker_uid} are fewer"
+                f" than {workers} (workers) apart: workers would share a uid"
+            )
         self._sandboxes = [
-            sandbox.model_copy(update={"uid": sandbox.uid - i}) for i in range(workers)
+            sandbox.model_copy(
+                update={"uid": sandbox.uid - i, "checker_uid": sandbox.checker_uid - i}
+            )
+            for i in range(workers)
         ]
         self._workers = [_Worker(self._ctx, s) for s in self._sandboxes]
         self._lock = threading.Lock()
+        self.notes: dict[int, str] = {}
+        """Why a component is 0 by a rule, by job index, for the jobs of the current (or last)
+        `scores` call; `Score` has no field for it on the wire."""
 
     @property
     def size(self) -> int:
@@ -135,6 +150,7 @@ class VerifierPool:
     def scores(self, jobs: Sequence[Job]) -> Iterator[tuple[int, Score]]:
         """Yield `(index, Score)` for every job as it finishes (not in order)."""
         with self._lock:
+            self.notes = {}
             pending = deque(enumerate(jobs))
             busy: dict[int, _Worker] = {}  # key -> worker
             try:
@@ -185,7 +201,7 @@ class VerifierPool:
         del busy[key]
         worker.key = None
         try:
-            _, (reward, components, error) = worker.conn.recv()
+            _, (reward, components, error, note) = worker.conn.recv()
         except (EOFError, OSError):
             worker.process.join(timeout=1)
             code = worker.process.exitcode
@@ -200,6 +216,9 @@ class VerifierPool:
             for name, value in components.items():
                 if value is None:
                     self._count_failure(name)
+        if note is not None:
+            self.stats.disqualified += 1
+            self.notes[key] = note
         return key, Score.of(reward, components, error)  # NaN from a verifier: no reward
 
     def _expire(self, worker: _Worker, busy: dict[int, _Worker]) -> tuple[int, Score]:

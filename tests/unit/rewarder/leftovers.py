@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-SANDBOX_UIDS = range(65534 - 7, 65535)
-"""65534 (nobody) and the per-worker uids the verifier pool counts down from it."""
+SANDBOX_UIDS = [*range(65534 - 7, 65535), *range(64534 - 7, 64535)]
+"""65534 (nobody) and 64534 (the checker), and the per-worker uids the verifier pool counts
+down from them."""
 
 
 def sandbox_processes() -> list[str]:

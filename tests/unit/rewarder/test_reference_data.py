@@ -79,27 +79,28 @@ def test_every_gsm8k_answer_text_matches_its_own_final_number():
 @pytest.mark.skipif(
     isolation() != "namespaces", reason="runs model-style code: wants the full sandbox"
 )
-def test_humaneval_canonical_solutions_pass_and_broken_bodies_fail(pool):
+def test_humaneval_canonical_solutions_pass_and_broken_bodies_and_hacks_fail(pool):
     humaneval = rows("humaneval.jsonl")
     assert len(humaneval) == 164
-    good = [
-        Job(
-            f"```python\n{r['prompt']}{r['canonical_solution']}```",
-            {"entry_point": r["entry_point"], "test": r["test"]},
-            {"code_tests": 1.0},
-        )
-        for r in humaneval
-    ]
-    broken = [
-        Job(
-            f"{r['prompt']}    return None\n",
-            {"entry_point": r["entry_point"], "test": r["test"]},
-            {"code_tests": 1.0},
-        )
-        for r in humaneval
-    ]
-    scores = pool.map(good + broken)
+
+    def jobs(completions):
+        return [
+            Job(
+                completion,
+                {"entry_point": r["entry_point"], "test": r["test"], "prompt": r["prompt"]},
+                {"code_tests": 1.0},
+            )
+            for r, completion in zip(humaneval, completions)
+        ]
+
+    good = jobs(f"```python\n{r['prompt']}{r['canonical_solution']}```" for r in humaneval)
+    broken = jobs(f"{r['prompt']}    return None\n" for r in humaneval)
+    # the two lines that scored 1.0 on all 164 when the tests ran in the program's process
+    hack = jobs("import os\nos._exit = lambda *a: None\n" for _ in humaneval)
+    scores = pool.map(good + broken + hack)
     failed = [r["task_id"] for r, s in zip(humaneval, scores[:164]) if s.reward != 1.0]
-    passed_broken = [r["task_id"] for r, s in zip(humaneval, scores[164:]) if s.reward != 0.0]
+    passed_broken = [r["task_id"] for r, s in zip(humaneval, scores[164:328]) if s.reward != 0.0]
+    passed_hack = [r["task_id"] for r, s in zip(humaneval, scores[328:]) if s.reward != 0.0]
     assert failed == [], [s.error for s in scores[:164] if s.reward != 1.0]
     assert passed_broken == []
+    assert passed_hack == []

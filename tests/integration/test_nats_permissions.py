@@ -302,7 +302,7 @@ async def test_no_role_receives_the_replies_another_role_fetched(deployment, tmp
             await nc.close()
         for bus in (learner, actor):
             await bus.close()
-    refused = {(user, subject) for user, kind, subject in violations(server) if kind == "Subscription"}
+    refused = {(user, subj) for user, kind, subj in violations(server) if kind == "Subscription"}
     assert refused == {(role, subject) for role in spies for subject in guesses}
 
 

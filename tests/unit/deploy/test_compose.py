@@ -35,7 +35,15 @@ ROLES = {
     "exporter": "exporter",
 }
 """aha services -> NATS user."""
-SANDBOX_CAPABILITIES = {"SYS_ADMIN", "SYS_CHROOT", "CHOWN", "FOWNER", "DAC_OVERRIDE", "SETUID", "SETGID"}
+SANDBOX_CAPABILITIES = {
+    "SYS_ADMIN",  # network, PID and mount namespaces; mounts
+    "SYS_CHROOT",  # the run's own root
+    "CHOWN",  # the work dir handed to the sandbox uid
+    "FOWNER",
+    "DAC_OVERRIDE",  # ... and entered as root
+    "SETUID",  # the switch to the sandbox uids
+    "SETGID",
+}
 """What the rewarder's code sandbox needs, and all it gets (test_rewarder_container.py)."""
 
 

@@ -10,8 +10,11 @@ and rendering does not need it.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -29,7 +32,7 @@ from protocol.names import (
     inbox_prefix,
 )
 
-from tests.unit.deploy.test_compose import load_every_section
+from tests.unit.deploy.test_compose import SANDBOX_CAPABILITIES, load_every_section
 
 helm = pytest.importorskip("helm_python", reason="pip install helm-python-sdk (the dev extra)")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -62,6 +65,18 @@ VALUES = {
         "actor": {"engine": "cpu"},
         "rewarder": {"namespaceSandbox": False},
     },
+}
+
+
+NATS_POD_LABELS = {
+    "app.kubernetes.io/name": "nats",
+    "app.kubernetes.io/instance": "aha",
+    "app.kubernetes.io/component": "nats",
+}
+"""The NATS chart's selector labels of its server pods (release `aha`; nats-box is another
+component)."""
+MONITORING_NAMESPACE = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
 }
 
 
@@ -381,31 +396,33 @@ def test_rewarders_reach_only_nats_and_dns():
             }
         )
         policies = {component(d): d["spec"] for d in of_kind(docs, "NetworkPolicy").values()}
-        assert set(policies) == {"learner", "actor", "rewarder", "exporter", "setup"}
+        aha = {"learner", "actor", "rewarder", "exporter", "setup"}
+        assert set(policies) == (aha | {"nats"} if values is VALUES["default"] else aha)
         rewarder = policies["rewarder"]
         assert rewarder["policyTypes"] == ["Ingress", "Egress"]
         nats_rule, dns_rule = rewarder["egress"]
         assert nats_rule["ports"] == [{"port": 4222, "protocol": "TCP"}]
         assert {p["port"] for p in dns_rule["ports"]} == {53}
-        assert rewarder["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}]
+        assert rewarder["ingress"] == [
+            {"from": [MONITORING_NAMESPACE], "ports": [{"port": "metrics", "protocol": "TCP"}]}
+        ]
         assert len(policies["learner"]["egress"]) == 3  # + the extra rule asked for
     nats_peer = render({})
     (peer,) = next(
         p for p in of_kind(nats_peer, "NetworkPolicy").values() if component(p) == "rewarder"
     )["spec"]["egress"][0]["to"]
-    assert peer == {
-        "podSelector": {
-            "matchLabels": {"app.kubernetes.io/name": "nats", "app.kubernetes.io/instance": "aha"}
-        }
-    }
+    assert peer == {"podSelector": {"matchLabels": NATS_POD_LABELS}}
 
 
 def test_rewarder_gets_what_the_sandbox_needs_and_nothing_more():
     specs = pod_specs(render({}))
     rewarder = specs["rewarder"]
     sc = rewarder["containers"][0]["securityContext"]
-    assert sc["capabilities"] == {"add": ["SYS_ADMIN"]}
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert set(sc["capabilities"]["add"]) == SANDBOX_CAPABILITIES  # as compose: the same set
     assert sc["appArmorProfile"] == {"type": "Unconfined"}
+    # The runtime's default seccomp profile, which allows mount/unshare with CAP_SYS_ADMIN.
+    assert rewarder["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert "privileged" not in sc
     assert rewarder["securityContext"]["runAsUser"] == 0
     assert rewarder["automountServiceAccountToken"] is False
@@ -453,3 +470,177 @@ def test_dashboard_configmap_holds_the_generated_dashboard():
     (cm,) = [d for d in of_kind(docs, "ConfigMap").values() if "aha.json" in d["data"]]
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(cm["data"]["aha.json"]) == json.loads(dashboard())
+
+
+def test_every_container_has_a_read_only_root_and_no_capabilities():
+    """Under every set of values: read-only root, ALL capabilities dropped (the rewarder adds
+    back its sandbox's few), no privilege escalation but for it, the runtime's seccomp profile,
+    and a writable emptyDir wherever a part writes."""
+    for name, values in VALUES.items():
+        sandbox = values.get("rewarder", {}).get("namespaceSandbox", True)
+        for role, spec in pod_specs(render(values)).items():
+            assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            for c in spec["containers"] + spec.get("initContainers", []):
+                sc = c["securityContext"]
+                where = (name, role, c["name"])
+                assert sc["readOnlyRootFilesystem"] is True, where
+                assert sc["capabilities"]["drop"] == ["ALL"], where
+                assert not sc.get("privileged"), where
+                if role == "rewarder" and sandbox:
+                    assert set(sc["capabilities"]["add"]) == SANDBOX_CAPABILITIES
+                else:
+                    assert "add" not in sc["capabilities"], where
+                    assert sc["allowPrivilegeEscalation"] is False, where
+                    assert spec["securityContext"]["runAsNonRoot"] is True, where
+            volumes = {v["name"]: v for v in spec["volumes"]}
+            scratch = {  # the learner's checkpoints: its StatefulSet's volume claim
+                m["mountPath"]: volumes.get(m["name"], {"volumeClaimTemplate": m["name"]})
+                for m in spec["containers"][0]["volumeMounts"]
+                if not m.get("readOnly")
+            }
+            expected = {
+                "learner": {"/tmp", "/home/aha", "/dev/shm", "/checkpoints"},
+                "actor": {"/tmp", "/home/aha", "/dev/shm"},
+                "rewarder": {"/tmp"},
+                "exporter": set(),
+                "setup": set(),
+            }[role]
+            if role == "learner" and values.get("sharedWeights", {}).get("enabled"):
+                expected |= {"/shared/weights"}
+            assert set(scratch) == expected, where
+            for path, volume in scratch.items():
+                assert "emptyDir" in volume or path in ("/checkpoints", "/shared/weights"), path
+    # The NATS chart's pods (not vendored: its values, which its templates merge into the
+    # server and reloader containers and the pod spec).
+    with helm.Chart.load(CHART) as chart:
+        nats = chart.values["nats"]
+    locked = {
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert nats["container"]["merge"]["securityContext"] == locked
+    assert nats["reloader"]["merge"]["securityContext"] == locked
+    seccomp = nats["podTemplate"]["merge"]["spec"]["securityContext"]["seccompProfile"]
+    assert seccomp == {"type": "RuntimeDefault"}
+
+
+def test_nats_pods_take_clients_from_aha_pods_and_monitoring_from_the_exporter():
+    def nats_policy(values):
+        docs = of_kind(render(values), "NetworkPolicy")
+        return {component(d): d["spec"] for d in docs.values()}.get("nats")
+
+    policy = nats_policy({})
+    # It selects the NATS chart's server pods, as the aha pods' egress rules do.
+    assert policy["podSelector"] == {"matchLabels": NATS_POD_LABELS}
+    assert policy["policyTypes"] == ["Ingress"]
+    aha = {"app.kubernetes.io/name": "aha", "app.kubernetes.io/instance": "aha"}
+    exporter = {**aha, "app.kubernetes.io/component": "exporter"}
+    by_port = {r["ports"][0]["port"]: r["from"] for r in policy["ingress"]}
+    assert all(len(r["ports"]) == 1 for r in policy["ingress"])
+    assert by_port == {
+        4222: [{"podSelector": {"matchLabels": aha}}],
+        8222: [{"podSelector": {"matchLabels": exporter}}],
+        6222: [{"podSelector": {"matchLabels": NATS_POD_LABELS}}],
+    }
+    # With KEDA, its operator reads the monitoring port too (configurable namespace).
+    keda = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "autoscalers"}}}
+    scaled = nats_policy({"autoscaling": {"enabled": True}, "networkPolicy": {"kedaFrom": [keda]}})
+    monitoring = next(r["from"] for r in scaled["ingress"] if r["ports"][0]["port"] == 8222)
+    assert monitoring[1:] == [keda]
+    # The exporter's own egress allows the monitoring port; no other aha pod's does.
+    policies = {component(d): d["spec"] for d in of_kind(render({}), "NetworkPolicy").values()}
+    for role in ("learner", "actor", "rewarder", "exporter", "setup"):
+        ports = {p["port"] for p in policies[role]["egress"][0]["ports"]}
+        assert ports == ({4222, 8222} if role == "exporter" else {4222}), role
+    # An external NATS is the operator's to protect.
+    assert nats_policy(EXTERNAL_NATS) is None
+
+
+def test_metrics_ports_take_ingress_from_the_monitoring_namespace_only():
+    def ingress(values):
+        docs = render(values)
+        return {component(d): d["spec"]["ingress"] for d in of_kind(docs, "NetworkPolicy").values()}
+
+    rule = {"ports": [{"port": "metrics", "protocol": "TCP"}]}
+    for role, rules in ingress({}).items():
+        if role in ("setup", "nats"):
+            continue
+        assert rules == [{"from": [MONITORING_NAMESPACE], **rule}], role
+    assert ingress({})["setup"] == []
+    prometheus = {"podSelector": {"matchLabels": {"app": "prometheus"}}}
+    custom = ingress({"networkPolicy": {"metricsFrom": [prometheus]}})
+    assert custom["rewarder"] == [{"from": [prometheus], **rule}]
+    closed = ingress({"networkPolicy": {"metricsFrom": []}})  # not `from: []`, which means all
+    assert all(closed[r] == [] for r in ("learner", "actor", "rewarder", "exporter"))
+
+
+class _KubeAPI(BaseHTTPRequestHandler):
+    """The two reads of Helm's `lookup "v1" "Secret"`: discovery of v1, then the Secret."""
+
+    objects: dict[str, dict] = {}
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        path = self.path.split("?")[0]
+        if path == "/api/v1":
+            secrets = {"name": "secrets", "namespaced": True, "kind": "Secret", "verbs": ["get"]}
+            body = {"kind": "APIResourceList", "groupVersion": "v1", "resources": [secrets]}
+            code = 200
+        elif path in self.objects:
+            body, code = self.objects[path], 200
+        else:
+            body = {"kind": "Status", "apiVersion": "v1", "reason": "NotFound", "code": 404}
+            code = 404
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def kube_api():
+    """A stand-in Kubernetes API server (namespace `rl`) and a kubeconfig for it."""
+    _KubeAPI.objects = {}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _KubeAPI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    kubeconfig = yaml.safe_dump(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "k", "cluster": {"server": url}}],
+            "users": [{"name": "u", "user": {"token": "t"}}],
+            "contexts": [{"name": "k", "context": {"cluster": "k", "user": "u"}}],
+            "current-context": "k",
+        }
+    )
+    yield _KubeAPI.objects, kubeconfig
+    server.shutdown()
+    server.server_close()
+
+
+def test_passwords_stay_the_same_across_upgrades(kube_api):
+    """`helm upgrade` renders against the cluster: the chart reads the Secret it created back
+    (`lookup`) and keeps every password, so NATS and the pods never disagree after an upgrade."""
+    objects, kubeconfig = kube_api
+
+    def rendered_secret() -> dict[str, str]:
+        with helm.Config(kubeconfig_content=kubeconfig, namespace="rl") as config:
+            with helm.Chart.load(CHART) as chart:
+                files = config.render(chart, {}, name="aha", namespace="rl", is_upgrade=True)
+        return yaml.safe_load(files["aha/templates/secret-nats-auth.yaml"])["stringData"]
+
+    installed = rendered_secret()
+    assert rendered_secret()["actor-password"] != installed["actor-password"]  # no Secret yet
+    objects["/api/v1/namespaces/rl/secrets/aha-nats-auth"] = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "aha-nats-auth", "namespace": "rl"},
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in installed.items()},
+    }
+    assert rendered_secret() == installed  # every password, and auth.conf built from them

@@ -32,7 +32,14 @@ from rewarder.sandbox import isolation, run_python
 from rewarder.code import code_tests
 
 assert isolation() == "namespaces", isolation()
-net = "import socket\ntry:\n    socket.create_connection(('1.1.1.1', 53), timeout=1)\n    print('network')\nexcept OSError:\n    print('no network')\n"
+net = (
+    "import socket\n"
+    "try:\n"
+    "    socket.create_connection(('1.1.1.1', 53), timeout=1)\n"
+    "    print('network')\n"
+    "except OSError:\n"
+    "    print('no network')\n"
+)
 run = run_python("print(6 * 7)\n" + net)
 assert run.ok and run.stdout == "42\nno network\n", run
 test = {"test": "def check(candidate):\n    assert candidate(2, 3) == 5\n", "entry_point": "add"}
@@ -75,7 +82,7 @@ def confined(capabilities: set[str]) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def can_confine() -> None:
     if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("setpriv")):
-        pytest.skip("needs root and util-linux unshare/setpriv to build the container's confinement")
+        pytest.skip("needs root and util-linux unshare/setpriv to confine like a container")
     probe = subprocess.run(["unshare", "--mount", "--net", "--pid", "--fork", "true"], check=False)
     if probe.returncode != 0:
         pytest.skip("this host does not allow mount/network/PID namespaces")
@@ -96,4 +103,4 @@ def test_the_sandbox_works_in_the_rewarder_container(can_confine):
 @pytest.mark.parametrize("capability", sorted(SANDBOX_CAPABILITIES))
 def test_the_sandbox_needs_every_capability_it_is_given(can_confine, capability):
     out = confined(SANDBOX_CAPABILITIES - {capability})
-    assert out.returncode != 0, f"the sandbox works without {capability}: drop it from the deployments"
+    assert out.returncode != 0, f"the sandbox works without {capability}: drop it everywhere"

@@ -35,6 +35,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- end -}}
 
+{{/* The NATS server pods of the subchart (its selector labels, not nats-box's). */}}
+{{- define "aha.natsSelectorLabels" -}}
+app.kubernetes.io/name: nats
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: nats
+{{- end -}}
+
 {{- define "aha.natsUrl" -}}
 {{- if .Values.nats.enabled -}}
 {{- printf "%s://%s:4222" (ternary "tls" "nats" .Values.tls.enabled) (include "aha.natsHost" .) -}}
@@ -125,8 +132,26 @@ seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
+{{/* Every aha container: read-only root, no capabilities, no setuid gains. */}}
 {{- define "aha.containerSecurityContext" -}}
 allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
 capabilities:
   drop: [ALL]
+{{- end -}}
+
+{{/* Writable paths of learner and actor under a read-only root: /tmp, and $HOME for the
+caches of Triton, torch.compile, vLLM and DeepSpeed's ops (kernels built and loaded there). */}}
+{{- define "aha.scratchVolumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: home
+  mountPath: /home/aha
+{{- end -}}
+
+{{- define "aha.scratchVolumes" -}}
+- name: tmp
+  emptyDir: {}
+- name: home
+  emptyDir: {}
 {{- end -}}

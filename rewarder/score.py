@@ -3,8 +3,9 @@
 Each input line is `{"completion": str, "reference": str | object, "rewards": {name: weight}}`
 (other fields are kept, and an optional `"meta"` object is the task's meta, e.g.
 `{"language": "zh", "answer_tag": true}`). Each output line is the input plus `"reward"`
-(float, or null when a verifier could not decide), `"components"` and `"error"` (null or the
-reason), in input order.
+(float, or null when a verifier could not decide), `"components"`, `"error"` (null or the
+reason) and `"note"` (null or why a component is 0 by a rule, e.g. an answer that stalled its
+verifier), in input order.
 
 Every input line and the output path are checked before scoring starts; the first bad one
 stops the command with one line naming it. Output lines are written and flushed as they are
@@ -28,7 +29,7 @@ from protocol.messages import Score, Task
 from rewarder.pool import Job, VerifierPool
 from rewarder.rewards import REWARDS, check_rewards
 
-SCORE_FIELDS = ("reward", "components", "error")
+SCORE_FIELDS = ("reward", "components", "error", "note")
 """What `aha score` adds to each input line."""
 
 
@@ -136,14 +137,16 @@ class InOrder:
     def __init__(self, f, rows: list[dict[str, Any]], start: int):
         self.f, self.rows, self.next = f, rows, start
         self.ready: dict[int, Score] = {}
+        self.notes: dict[int, str | None] = {}
         self.rewards: list[float] = []
 
-    def add(self, n: int, score: Score) -> None:
+    def add(self, n: int, score: Score, note: str | None = None) -> None:
         self.ready[n] = score
+        self.notes[n] = note
         while self.next in self.ready:
-            score = self.ready.pop(self.next)
+            score, note = self.ready.pop(self.next), self.notes.pop(self.next)
             out = {**self.rows[self.next], "reward": score.reward,
-                   "components": score.components, "error": score.error}  # fmt: skip
+                   "components": score.components, "error": score.error, "note": note}  # fmt: skip
             self.f.write(json.dumps(out, ensure_ascii=False, allow_nan=False) + "\n")
             self.f.flush()
             if score.reward is not None:
@@ -174,7 +177,7 @@ def score_file(
         remaining = jobs[len(done) :]
 
         def on_score(i: int, score: Score) -> None:
-            writer.add(len(done) + i, score)
+            writer.add(len(done) + i, score, pool.notes.get(i))
 
         show = sys.stderr.isatty() if progress is None else progress
         with VerifierPool(workers=workers, timeout_s=timeout_s) as pool:

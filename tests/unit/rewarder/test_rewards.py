@@ -411,6 +411,11 @@ def test_aha_score_gives_a_stalling_completion_zero_not_null(tmp_path):
     assert result.returncode == 0, result.stderr
     scored = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(s["reward"], s["error"]) for s in scored] == [(0.0, None)] * 4
+    # why: no answer at all is a plain 0; the others are 0 by a rule, which the line says
+    notes = [s["note"] for s in scored]
+    assert notes[:2] == [None, None]
+    assert notes[2].startswith("accuracy_gsm8k: the predicted number is over 100 characters")
+    assert notes[3].startswith("accuracy_math: comparing the answer with the reference timed out")
     assert "4/4" in result.stderr and "0 without reward" in result.stderr
 
 

@@ -10,6 +10,7 @@ verdict fd, the checker's process and files, the reply decoder).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,10 @@ HACKS = {
         "            print('opened', pid, path)\n            f.write(b'passed\\n' if 'b' in mode else 'passed\\n')\n"
         "        except Exception as e: pass\n"
     ),
-    "read the tests": "print(open('/check/tests.py').read())\n",
+    "read the tests": (
+        "for path in ['/check/tests.py', '../check/tests.py', '../verdict']:\n"
+        "    try: print(open(path).read())\n    except OSError: pass\n"
+    ),
     "ptrace the checker": (
         "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
         "for pid in os.listdir('/proc'):\n    if pid.isdigit():\n"
@@ -208,3 +212,29 @@ def test_helpers_of_the_prompt_come_from_the_prompt_not_the_program():
     cheat = "def poly(xs, x):\n    return 0\ndef find_zero(xs):\n    return 0.0\n"
     assert code_tests(good, reference) == 1.0
     assert code_tests(cheat, reference) == 0.0
+
+
+PROCESS_MODE = [
+    "os._exit no-op",
+    "sys.exit no-op",
+    "stdin re-read",
+    "caller frames",
+    "__main__ helpers",
+    "write fd 5",
+    "kill everyone",
+    "proc of the checker",
+    "read the tests",
+    "ptrace the checker",
+]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="process isolation drops to the sandbox uids as root")
+def test_without_namespaces_the_checker_still_holds():
+    """"process" isolation (a container without CAP_SYS_ADMIN): no chroot, no private /tmp,
+    but the checker is still another uid in a directory of its own."""
+    configure_sandbox(LIMITS.model_copy(update={"isolation": "process"}))
+    assert code_tests("def add(a, b):\n    return a + b\n", ADD) == 1.0
+    for hack in PROCESS_MODE:
+        for source in (HACKS[hack] + WRONG, WRONG + HACKS[hack]):
+            assert code_tests(source, ADD) == 0.0, hack
+    assert_nothing_left(within=5.0)

@@ -507,13 +507,55 @@ async def test_compose_services_run_as_local_processes(server, passwords, tiny_m
     assert violations(server) == set()
 
 
+CONTAINER = r"""
+set -e
+# compose's confinement on this host: every mount read-only but $WRITABLE (colon-separated;
+# the tmpfs compose gives, and the test's stand-ins for volumes) and /proc, /dev; the bounding
+# set (so, for root, the capabilities) reduced to the service's cap_add; no_new_privs.
+caps=$1; shift
+IFS=:
+for w in $WRITABLE; do mount --bind "$w" "$w"; done
+unset IFS
+awk '{print $5}' /proc/self/mountinfo | sort -u | while read -r m; do
+  case ":$WRITABLE:" in *":$m:"*) continue ;; esac
+  case "$m" in /proc|/proc/*|/dev|/dev/*) continue ;; esac
+  mount -o remount,bind,ro "$m" 2>/dev/null || true
+done
+exec setpriv --no-new-privs --inh-caps=-all --bounding-set="-all$caps" -- "$@"
+"""
+
+
+def contained(service: dict, argv: list[str], home: Path) -> tuple[list[str], dict[str, str]]:
+    """`argv` under `service`'s compose confinement where this host can build it (root, mount
+    namespaces), and the environment to add: read-only root, tmpfs paths writable (/tmp here
+    also holds the test's volumes), $HOME only where compose mounts a tmpfs on it, and no
+    capabilities but its cap_add."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        return argv, {}
+    if subprocess.run(["unshare", "--mount", "true"], check=False).returncode != 0:
+        return argv, {}
+    tmpfs = {t.split(":")[0] for t in service.get("tmpfs", [])}
+    writable, env = [], {}
+    if "/tmp" in tmpfs:
+        writable.append("/tmp")
+    if "/home/aha" in tmpfs:
+        home.mkdir(exist_ok=True)
+        env["HOME"] = str(home)  # under /tmp: writable
+    caps = "".join(f",+{c.lower()}" for c in service.get("cap_add", []))
+    env["WRITABLE"] = ":".join(writable)
+    wrap = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", CONTAINER]
+    return [*wrap, "container", caps, *argv], env
+
+
 @pytest.mark.slow
 async def test_the_loop_runs_with_every_part_under_its_own_user(
     server, passwords, tiny_model_dir, tmp_path
 ):
     """The learner, an actor and a rewarder as real processes with their compose command and
-    environment (their own NATS users), the compose config file refined for this machine:
-    two GRPO steps go round the whole loop and no permission is violated."""
+    environment (their own NATS users), the compose config file refined for this machine, and
+    (where this host can build it) the confinement compose gives each container: read-only
+    root, writable only its tmpfs, only the capabilities it adds, no-new-privileges. Two GRPO
+    steps go round the whole loop and no permission is violated."""
     from deploy.demo import rl_prompts, write_jsonl
     from deploy.up import _toml
     from protocol.config import merge, read_file
@@ -552,9 +594,12 @@ async def test_the_loop_runs_with_every_part_under_its_own_user(
         }  # fmt: skip
         for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(var, None)
+        argv, confinement = contained(
+            services[service], [sys.executable, "-m", "deploy.cli", *args], tmp_path / "home"
+        )
         log = open(tmp_path / f"{service}.log", "w")
         return subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT
+            argv, env={**env, **confinement}, stdout=log, stderr=subprocess.STDOUT
         )
 
     # As in compose: the one-shot set-up first (the actor and rewarder may not create

@@ -135,3 +135,19 @@ def _describe(error: ValidationError, limit: int = 8) -> str:
     if more > 0:
         parts.append(f"and {more} more")
     return "; ".join(parts)
+
+
+def peek_task_id(data: bytes) -> str | None:
+    """The task id inside bytes that may not be a valid message (a `Task`, `Rollout` or
+    `ScoredRollout` refused for a bad field still names its task); None if there is none."""
+    try:
+        obj = msgpack.unpackb(data, ext_hook=lambda code, raw: None, raw=False)
+    except Exception:  # msgpack raises several unrelated types for bad input
+        return None
+    for path in (("task_id",), ("task", "task_id"), ("rollout", "task", "task_id")):
+        node = obj
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, str):
+            return node
+    return None

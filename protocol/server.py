@@ -20,6 +20,10 @@ import urllib.request
 from pathlib import Path
 
 MIN_VERSION = (2, 10)
+DEFAULT_MAX_PAYLOAD = 8 << 20
+"""Largest message an embedded server accepts unless told otherwise (what compose sets)."""
+MAX_PAYLOAD_CAP = 64 << 20
+"""nats-server refuses a larger `max_payload`."""
 
 
 class ServerError(RuntimeError):
@@ -66,6 +70,10 @@ class NatsServer:
 
     Use as a context manager, or `start()` / `stop()`. After `kill()` (a crash), `start()`
     again comes back on the same ports with the same store, so clients reconnect.
+
+    `max_payload` is the largest message the server accepts (NATS's own default is 1 MiB, too
+    small for long reasoning groups: `protocol.messages.payload_limit` sizes it from the
+    config). With `config_file`, that file's `max_payload` applies instead.
     """
 
     def __init__(
@@ -78,6 +86,7 @@ class NatsServer:
         config_file: str | Path | None = None,
         binary: str | Path | None = None,
         log_file: str | Path | None = None,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
     ):
         self._tmp = None if store_dir else tempfile.TemporaryDirectory(prefix="aha-nats-")
         self.store_dir = Path(store_dir or self._tmp.name)
@@ -87,6 +96,9 @@ class NatsServer:
         self.config_file = Path(config_file) if config_file else None
         self.binary = Path(binary) if binary else find_binary()
         self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
+        if not 0 < max_payload <= MAX_PAYLOAD_CAP:
+            raise ServerError(f"max_payload {max_payload} is outside 1 … {MAX_PAYLOAD_CAP} bytes")
+        self.max_payload = max_payload
         self.process: subprocess.Popen | None = None
 
     @property
@@ -120,6 +132,11 @@ class NatsServer:
         ]  # fmt: skip
         if self.config_file:
             cmd += ["-c", str(self.config_file)]
+        else:  # nats-server has no flag for it; max_pending must hold one message at least
+            generated = self.store_dir / "nats-server.conf"
+            pending = max(self.max_payload, 64 << 20)
+            generated.write_text(f"max_payload: {self.max_payload}\nmax_pending: {pending}\n")
+            cmd += ["-c", str(generated)]
         log = open(self.log_file, "ab")
         self.process = subprocess.Popen(
             cmd,

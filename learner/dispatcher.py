@@ -8,14 +8,17 @@ holds the next position re-issues the same tasks under the same ids, and the ser
 duplicate window drops the repeats.
 
 `Ledger` is the in-flight bookkeeping (pure, no I/O): which positions are out on the bus,
-which scored groups the learner holds in a step not yet checkpointed, and which arrivals are
-duplicates of groups already committed.
+which scored groups the learner holds in a step not yet checkpointed, which arrivals are
+duplicates of groups already committed, and which are foreign (never issued by this run).
+Positions are *reserved* in a small file before they are published (`Reservation`), so a
+learner restarted after a crash knows how far its predecessor may have issued.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +26,12 @@ from typing import Any
 
 import numpy as np
 
+import structlog
+
 from learner.config import DatasetConfig
-from protocol.messages import Sampling, Task
+from protocol.messages import Sampling, Task, estimate_scored_bytes
+
+log = structlog.get_logger("learner.dispatcher")
 
 R1_ZERO = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant "
@@ -126,7 +133,9 @@ class Ledger:
     - `held`: received into a step that is not checkpointed yet (acked after the checkpoint);
     - `ahead`: received although not issued yet — a learner that crashed had issued further
       than its checkpoint; the re-issue of such a position is deduplicated by the server, so
-      it must not count as in flight again.
+      it must not count as in flight again;
+    - `reserved`: positions below it may have been published (by this process or one that
+      crashed); a group at or above it was never issued by this run: foreign.
 
     A received position in none of these sets was consumed by a committed step: a duplicate.
     """
@@ -135,6 +144,7 @@ class Ledger:
     outstanding: set[int] = field(default_factory=set)
     held: set[int] = field(default_factory=set)
     ahead: set[int] = field(default_factory=set)
+    reserved: int = 0
 
     @property
     def in_flight(self) -> int:
@@ -147,6 +157,8 @@ class Ledger:
     def issue(self) -> int:
         """Take the next position (its scored group may already be here: see `ahead`)."""
         p = self.issued
+        if p >= self.reserved:
+            raise RuntimeError(f"position {p} issued before it was reserved")
         self.issued += 1
         if p in self.ahead:
             self.ahead.discard(p)
@@ -155,8 +167,11 @@ class Ledger:
         return p
 
     def receive(self, p: int) -> str:
-        """Account for an arriving scored group: `new`, `held` (redelivered while we hold it)
-        or `duplicate` (its consumption is already checkpointed)."""
+        """Account for an arriving scored group: `new`, `held` (redelivered while we hold it),
+        `duplicate` (its consumption is already checkpointed) or `foreign` (never issued:
+        nothing is recorded)."""
+        if p >= self.reserved:
+            return "foreign"
         if p in self.outstanding:
             self.outstanding.discard(p)
             self.held.add(p)
@@ -197,15 +212,51 @@ class Ledger:
             "issued": self.issued,
             "outstanding": sorted(self.outstanding),
             "ahead": sorted(self.ahead),
+            "reserved": self.reserved,
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> Ledger:
+    def from_state(cls, state: dict[str, Any], reserved: int = 0) -> Ledger:
+        """The saved ledger; `reserved` is the reservation file's (it runs ahead of checkpoints)."""
         return cls(
             issued=state["issued"],
             outstanding=set(state["outstanding"]),
             ahead=set(state["ahead"]),
+            reserved=max(reserved, state.get("reserved", state["issued"]), state["issued"]),
         )
+
+
+@dataclass
+class Reservation:
+    """The highest position this run may have published, in a file written *before* the
+    publish (checkpoints come only after a step, and a crash may fall in between).
+
+    Reserving `chunk` positions at a time keeps it to one small write per `chunk` tasks; it
+    runs at most `chunk` positions ahead of what was really issued.
+    """
+
+    path: Path
+    chunk: int
+
+    def read(self) -> int:
+        try:
+            return int(json.loads(self.path.read_text())["reserved"])
+        except FileNotFoundError:
+            return 0
+
+    def cover(self, ledger: Ledger, upto: int) -> None:
+        """Make sure positions below `upto` are reserved (on disk first, then in `ledger`)."""
+        if upto <= ledger.reserved:
+            return
+        reserved = upto + self.chunk
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"reserved": reserved}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        ledger.reserved = reserved
 
 
 class Dispatcher:
@@ -215,27 +266,63 @@ class Dispatcher:
         self.dataset = dataset
         self.problems = problems
         self.key = key
-        self._epoch: int | None = None
-        self._order: list[int] = []
+        self._orders: dict[int, list[int]] = {}
         self.sampling = Sampling(
             temperature=dataset.temperature, top_p=dataset.top_p, max_tokens=dataset.max_tokens
         )
+        self.max_payload: int | None = None
+        self.too_large: dict[int, int] = {}
+        """Rows whose scored group could exceed `max_payload` -> the bytes it could need."""
+
+    def fit(self, max_payload: int) -> None:
+        """Size every task against the bus's `max_payload` (the largest message the server
+        takes): the configured groups must fit, rows whose prompt makes them too large are
+        noted (`too_large`) and skipped when their turn comes."""
+        from protocol.codec import encode
+        from protocol.config import ConfigError
+
+        d = self.dataset
+        base = estimate_scored_bytes(d.group_size, d.max_tokens, 0, 0)
+        if base > max_payload:
+            raise ConfigError(
+                f"learner.dataset.group_size × learner.dataset.max_tokens = {d.group_size} × "
+                f"{d.max_tokens} makes scored groups of up to {base / 2**20:.1f} MiB, more than "
+                f"the NATS server's max_payload of {max_payload / 2**20:.1f} MiB: raise the "
+                "server's max_payload (the embedded server sizes it from the config; "
+                "deploy/nats/nats.conf, Helm nats.config.merge.max_payload) or lower them"
+            )
+        self.max_payload, self.too_large = max_payload, {}
+        for row, problem in enumerate(self.problems):
+            task = self._task(problem, task_id(self.key, len(self.problems)), 0)
+            ids = len(problem.prompt_token_ids or ())
+            needed = estimate_scored_bytes(d.group_size, d.max_tokens, len(encode(task)), ids)
+            if needed > max_payload:
+                self.too_large[row] = needed
+        if len(self.too_large) == len(self.problems):
+            raise ConfigError(
+                f"learner.dataset.path: no row's scored group fits the NATS server's "
+                f"max_payload of {max_payload / 2**20:.1f} MiB (prompts too long for "
+                f"group_size × max_tokens = {d.group_size} × {d.max_tokens})"
+            )
+
 
     def row(self, position: int) -> int:
         """Dataset row of `position`."""
         epoch, offset = divmod(position, len(self.problems))
-        if epoch != self._epoch:
-            self._epoch, self._order = (
-                epoch,
-                permutation(self.dataset.seed, epoch, len(self.problems)),
-            )
-        return self._order[offset]
+        order = self._orders.get(epoch)
+        if order is None:  # keep two passes: admissions straddle a pass boundary
+            order = permutation(self.dataset.seed, epoch, len(self.problems))
+            self._orders = {e: o for e, o in self._orders.items() if abs(e - epoch) == 1}
+            self._orders[epoch] = order
+        return order[offset]
 
     def task(self, position: int, version: int) -> Task:
-        problem = self.problems[self.row(position)]
+        return self._task(self.problems[self.row(position)], task_id(self.key, position), version)
+
+    def _task(self, problem: Problem, tid: str, version: int) -> Task:
         ids = problem.prompt_token_ids
         return Task(
-            task_id=task_id(self.key, position),
+            task_id=tid,
             prompt_id=problem.prompt_id,
             prompt=problem.prompt,
             prompt_token_ids=None if ids is None else np.asarray(ids, dtype=np.int32),
@@ -250,15 +337,60 @@ class Dispatcher:
     def position(self, tid: str) -> int | None:
         return task_position(self.key, tid)
 
+    def mismatch(self, task: Task, position: int) -> str | None:
+        """How `task` differs from the task issued at `position` (None when it does not)."""
+        problem = self.problems[self.row(position)]
+        expected = {"prompt_id": problem.prompt_id, "prompt": problem.prompt,
+                    "group_size": self.dataset.group_size, "sampling": self.sampling}  # fmt: skip
+        for name, value in expected.items():
+            if getattr(task, name) != value:
+                return f"its task's {name} is not the one issued as {task.task_id}"
+        ids = problem.prompt_token_ids
+        if ids is not None and (
+            task.prompt_token_ids is None or task.prompt_token_ids.tolist() != ids
+        ):
+            return f"its task's prompt_token_ids are not the ones issued as {task.task_id}"
+        return None
 
-async def top_up(bus, dispatcher: Dispatcher, ledger: Ledger, limit: int, version: int) -> int:
-    """Publish tasks until `limit` groups are in flight; returns how many were published."""
+
+@dataclass
+class Issued:
+    """What one `top_up` did."""
+
+    published: int = 0
+    too_large: list[str] = field(default_factory=list)
+    """Task ids skipped because their group could not fit the bus (issued and dropped)."""
+
+
+async def top_up(
+    bus, dispatcher: Dispatcher, ledger: Ledger, limit: int, version: int,
+    reservation: Reservation | None = None,
+) -> Issued:  # fmt: skip
+    """Publish tasks until `limit` groups are in flight.
+
+    Each position is reserved first (`reservation`; without one, in memory only). A task
+    whose group could exceed the bus's `max_payload` is not published: its position is
+    issued and dropped at once, and its id returned in `too_large` for the count.
+    """
     from protocol.names import TASKS
 
-    count = 0
+    issued = Issued()
     while ledger.room(limit) > 0:
         position = ledger.issued
-        await bus.publish(TASKS, dispatcher.task(position, version))
+        if reservation is not None:
+            reservation.cover(ledger, position + 1)
+        else:
+            ledger.reserved = max(ledger.reserved, position + 1)
+        task = dispatcher.task(position, version)
+        needed = dispatcher.too_large.get(dispatcher.row(position))
+        if needed is not None:
+            ledger.lose(ledger.issue())
+            issued.too_large.append(task.task_id)
+            log.warning("task skipped: its group cannot fit the bus", task_id=task.task_id,
+                        prompt_id=task.prompt_id, needs_bytes=needed,
+                        max_payload=dispatcher.max_payload)  # fmt: skip
+            continue
+        await bus.publish(TASKS, task)
         ledger.issue()  # only once the server has it: a failed publish is retried by position
-        count += 1
-    return count
+        issued.published += 1
+    return issued

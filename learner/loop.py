@@ -12,6 +12,12 @@ saved but whose ack was lost is recognised as consumed and only acked.
 
 Under `torchrun` rank 0 does all bus work and hands every other rank the same batch, checkpoint
 and weight-gathering calls (`learner.ranks`).
+
+Nothing on `aha.scored` is trusted (`admit`): a group under a task id this run never issued
+(or whose task is not the one issued) is dead-lettered as foreign and counted; a group of an
+issued task that cannot be trained on (`learner.step.refusal`) is dead-lettered and counts
+as dead; an update whose loss or gradient is not finite applies nothing, its groups to blame
+are dead-lettered, and `max_nonfinite_steps` of them in a row stop the learner (exit 1).
 """
 
 from __future__ import annotations
@@ -33,14 +39,16 @@ import torch
 from nats.errors import Error as NatsError
 
 from learner.config import LearnerConfig
-from learner.dispatcher import Dispatcher, Ledger, load_problems, run_key, top_up
+from learner.dispatcher import Dispatcher, Ledger, Reservation, load_problems, run_key, top_up
 from learner.engine import PolicyEngine, load_checkpoint, setup_engine
 from learner.metrics import STEP_KEYS, append_line, export_gauges
 from learner.ranks import collective, follow, stop_followers
 from learner.step import (
     Group,
+    batch_owners,
     build_batch,
     judge,
+    refusal,
     sample_stats,
     shuffle_rewards,
     staleness_stats,
@@ -48,7 +56,8 @@ from learner.step import (
 from learner.weights import prune_dirs, publish_weights, version_dir
 from protocol.bus import Bus
 from protocol.config import ConfigError
-from protocol.codec import DecodeError, decode_named
+from protocol.codec import DecodeError, decode_named, peek_task_id
+from protocol.messages import ScoredRollout
 from protocol.names import SCORED, STAGES
 from protocol.stage import Delivery, StageConsumer, stop_on_signals
 
@@ -60,6 +69,10 @@ LEASE_ERRORS = (NatsError, asyncio.TimeoutError)
 """What an ack or in_progress may raise when the server is away or the lease already gone."""
 HEARTBEAT_S = 60.0
 """While rank 0 waits for data, it wakes the other ranks this often (collectives time out)."""
+FOREIGN = "foreign: "
+"""Start of the reason of a dead letter for a scored group this run never issued."""
+RESERVATION_FILE = "reserved.json"
+"""In the checkpoint directory: how far task positions may have been published."""
 
 
 # -- state that a checkpoint carries ------------------------------------------------------
@@ -78,6 +91,13 @@ class Progress:
     groups_dropped_no_reward: int = 0
     groups_dead: int = 0
     """Tasks dead-lettered by an actor, a rewarder or this learner: their slots are freed."""
+    groups_dropped_too_large: int = 0
+    """Tasks not published because their group could not fit the bus's max_payload."""
+    groups_foreign: int = 0
+    """Scored groups of tasks this run never issued, dead-lettered (outside the accounting of
+    issued tasks)."""
+    steps_nonfinite: int = 0
+    """Updates skipped because their loss or gradient was not finite."""
     dead_seq: int = 0
     """Last dead-letter sequence looked at."""
     groups_duplicates: int = 0
@@ -170,6 +190,15 @@ class Learner:
     last_step_end: float = field(default_factory=time.perf_counter)
     dead_checked_at: float = 0.0
     """When the dead-letter stream was last read (at most once a second)."""
+    reservation: Reservation | None = None
+    carried: list[tuple[Group, str]] = field(default_factory=list)
+    """The held groups of an update that applied nothing, for the next attempt."""
+    nonfinite_streak: int = 0
+    """Updates in a row whose loss or gradient was not finite."""
+
+
+class NonFiniteSteps(RuntimeError):
+    """`max_nonfinite_steps` updates in a row had a non-finite loss or gradient."""
 
 
 async def run(
@@ -181,7 +210,10 @@ async def run(
         raise ConfigError(f"--resume: no checkpoint in {config.checkpoint_dir}")
     problems = load_problems(config.dataset, load_tokenizer(config))
     pe = setup_engine(config)
-    progress, ledger = restore(pe, config)
+    reservation = Reservation(
+        Path(config.checkpoint_dir) / RESERVATION_FILE, config.in_flight_limit
+    )
+    progress, ledger = restore(pe, config, reservation.read())
     if pe.rank != 0:
         return follow(pe)
     serve_metrics(config)
@@ -202,8 +234,11 @@ async def run(
         ledger,
         leases,
         progress,
+        reservation=reservation,
     )
+    code = 0
     try:
+        fit_payload(lr)
         await publish(lr)  # the current version, for actors that start (or restart) late
         lr.last_step_end = time.perf_counter()
         while not finished(lr) and not stop.is_set():
@@ -213,11 +248,33 @@ async def run(
         if finished(lr):
             await finish(lr)
         log.info("learner stopped", step=progress.step, in_flight=ledger.in_flight)
+    except NonFiniteSteps as e:
+        await hand_back(lr)  # held groups come back; the last good checkpoint stays as it is
+        log.error("learner stopped", error=str(e), step=progress.step)
+        code = 1
     finally:
         keep_alive.cancel()
         await bus.close()
     stop_followers()
-    return 0
+    return code
+
+
+def fit_payload(lr: Learner) -> None:
+    """The server's max_payload must carry the configured groups; rows that cannot fit are
+    noted (and skipped when their turn comes)."""
+    lr.dispatcher.fit(lr.bus.nc.max_payload)
+    if lr.dispatcher.too_large:
+        log.warning("dataset rows whose group cannot fit the bus are skipped",
+                    rows=len(lr.dispatcher.too_large), max_payload=lr.bus.nc.max_payload)  # fmt: skip
+
+
+async def hand_back(lr: Learner) -> None:
+    """Release every held group not yet in a checkpoint (nak): they come back at once."""
+    positions = sorted(lr.ledger.held)
+    for p in positions:
+        lr.ledger.release(p)
+    await lr.leases.release(positions)
+    lr.carried = []
 
 
 def serve_metrics(config: LearnerConfig) -> None:
@@ -244,17 +301,18 @@ def has_checkpoint(config: LearnerConfig) -> bool:
     return (Path(config.checkpoint_dir) / "latest").exists()
 
 
-def restore(pe: PolicyEngine, config: LearnerConfig) -> tuple[Progress, Ledger]:
-    """Continue from the latest checkpoint when there is one, else start afresh."""
+def restore(pe: PolicyEngine, config: LearnerConfig, reserved: int) -> tuple[Progress, Ledger]:
+    """Continue from the latest checkpoint when there is one, else start afresh; `reserved`
+    is how far positions may have been published (by a predecessor that crashed, too)."""
     if not has_checkpoint(config):
-        return Progress(), Ledger()
+        return Progress(), Ledger(reserved=reserved)
     state = load_checkpoint(pe, config.checkpoint_dir)
     set_rng_state(state["rng"])
     if pe.rank == 0:
         write_records(config.metrics_file, state["records"])  # lines a crash kept from the file
     progress = Progress(**state["progress"])
     log.info("resumed", checkpoint_dir=config.checkpoint_dir, **asdict(progress))
-    return progress, Ledger.from_state(state["ledger"])
+    return progress, Ledger.from_state(state["ledger"], reserved)
 
 
 def finished(lr: Learner) -> bool:
@@ -278,6 +336,10 @@ async def step(lr: Learner, stop: asyncio.Event) -> bool:
     train_started = time.perf_counter()
     metrics = await asyncio.to_thread(collective, lr.pe, "train", batch)
     train_seconds = time.perf_counter() - train_started
+    if "nonfinite" in metrics:
+        await refuse_update(lr, collected, trained, metrics)
+        return True
+    lr.nonfinite_streak = 0
     version = lr.progress.version
     count(lr.progress, collected)
     lr.progress.step += 1
@@ -303,7 +365,7 @@ async def collect(lr: Learner, stop: asyncio.Event) -> list[tuple[Group, str]] |
     they are acknowledged with the step's checkpoint, like trained ones.
     """
     config, ledger = lr.config, lr.ledger
-    collected: list[tuple[Group, str]] = []
+    collected, lr.carried = lr.carried, []
     beat = time.monotonic()
     while sum(verdict == "train" for _, verdict in collected) < config.batch:
         if time.monotonic() - beat > HEARTBEAT_S:  # other ranks wait in a collective meanwhile
@@ -322,15 +384,15 @@ async def collect(lr: Learner, stop: asyncio.Event) -> list[tuple[Group, str]] |
         # is issued until the step is done and its weights published: synchronous RL.)
         limit = config.in_flight_limit - trainable
         await forget_dead(lr)
-        await top_up(lr.bus, lr.dispatcher, ledger, limit, lr.progress.version)
+        issued = await top_up(
+            lr.bus, lr.dispatcher, ledger, limit, lr.progress.version, lr.reservation
+        )
+        lr.progress.groups_dropped_too_large += len(issued.too_large)
         wanted = config.batch - trainable
         for delivery in await lr.consumer.fetch(wanted, timeout=1.0):
-            group = await admit(lr, delivery)
-            if group is not None:
-                verdict = judge(
-                    group, lr.progress.version, config.max_staleness, config.drop_zero_variance
-                )
-                collected.append((group, verdict))
+            admitted = await admit(lr, delivery)
+            if admitted is not None:
+                collected.append(admitted)
     return collected
 
 
@@ -343,24 +405,49 @@ async def forget_dead(lr: Learner) -> None:
     lr.dead_checked_at = time.monotonic()
     for letter in await lr.bus.dead_letters(after=lr.progress.dead_seq):
         lr.progress.dead_seq = letter.dead_seq
+        if letter.stage == SCORED.name and letter.error.startswith(FOREIGN):
+            continue  # never issued (its id may be issued later, to a real task)
         try:
-            message = decode_named(letter.data, STAGES[letter.stage].message)
-        except (DecodeError, KeyError):
-            continue  # not a message of ours: nothing to free
-        p = lr.dispatcher.position(message.task_id)
+            tid = decode_named(letter.data, STAGES[letter.stage].message).task_id
+        except (DecodeError, KeyError):  # refused for a bad field (a NaN reward): it still
+            tid = peek_task_id(letter.data)  # names its task, whose place must be freed
+        p = lr.dispatcher.position(tid) if tid is not None else None
         if p is not None and lr.ledger.lose(p):
             lr.progress.groups_dead += 1
-            log.warning("task dead-lettered: its place is freed", task_id=message.task_id,
+            log.warning("task dead-lettered: its place is freed", task_id=tid,
                         stage=letter.stage, error=letter.error)  # fmt: skip
 
 
-async def admit(lr: Learner, delivery: Delivery) -> Group | None:
-    """Hold a new scored group; ack one already consumed (or another run's) at once."""
-    p = lr.dispatcher.position(delivery.message.task_id)
-    outcome = lr.ledger.receive(p) if p is not None else "foreign"
+async def admit(lr: Learner, delivery: Delivery) -> tuple[Group, str] | None:
+    """Hold a new scored group with its verdict; ack one already consumed at once.
+
+    A group this run never issued is dead-lettered as foreign (and forgotten); one of an
+    issued task that must not be trained on is dead-lettered and held as `refused` (it is
+    acknowledged with the step's checkpoint and counts as dead).
+    """
+    scored: ScoredRollout = delivery.message
+    p = lr.dispatcher.position(scored.task_id)
+    if p is None:
+        why = f"no task of this run has the id {scored.task_id}"
+    elif p >= lr.ledger.reserved:
+        why = f"{scored.task_id} was never issued"
+    else:
+        why = lr.dispatcher.mismatch(scored.rollout.task, p)
+    if why is not None:
+        await refuse_foreign(lr, delivery, why)
+        return None
+    outcome = lr.ledger.receive(p)
     if outcome == "new":
         lr.leases.held[p] = delivery
-        return Group.of(delivery.message, p)
+        group = Group.of(scored, p)
+        why = refusal(scored, lr.progress.version, vocab_size(lr.pe))
+        if why is not None:
+            await bury(lr, delivery, f"refused by the learner: {why}")
+            return group, "refused"
+        config = lr.config
+        return group, judge(
+            group, lr.progress.version, config.max_staleness, config.drop_zero_variance
+        )
     if outcome == "held":  # redelivered while we hold it (lease lost): keep the newest handle
         lr.leases.held[p] = delivery
         return None
@@ -375,12 +462,58 @@ async def admit(lr: Learner, delivery: Delivery) -> Group | None:
     return None
 
 
+async def bury(lr: Learner, delivery: Delivery, reason: str) -> None:
+    """Put a scored group on the dead-letter subject with `reason` (it stays leased)."""
+    meta = delivery.msg.metadata
+    await lr.bus.dead_letter(SCORED, delivery.msg.data, reason, subject=delivery.msg.subject,
+                             stream_seq=meta.sequence.stream, deliveries=meta.num_delivered)  # fmt: skip
+
+
+async def refuse_foreign(lr: Learner, delivery: Delivery, why: str) -> None:
+    """Dead-letter a group this run never issued and forget it (`term`): it takes no place."""
+    await bury(lr, delivery, f"{FOREIGN}{why}")
+    lr.progress.groups_foreign += 1
+    try:
+        await delivery.term()
+    except LEASE_ERRORS as e:  # it comes back and is refused again
+        log.warning("term failed", task_id=delivery.message.task_id, error=repr(e))
+
+
+def vocab_size(pe: PolicyEngine) -> int:
+    return pe.module.get_input_embeddings().num_embeddings
+
+
+async def refuse_update(
+    lr: Learner, collected: list[tuple[Group, str]], trained: list[Group], result: dict
+) -> None:
+    """An update applied nothing (non-finite loss or gradient): dead-letter the groups to
+    blame, keep the others for the next attempt, stop after too many in a row."""
+    blamed = {trained[i].position for i in sorted({batch_owners(trained)[r] for r in result["rows"]})}
+    reason = (f"refused by the learner: non-finite {result['nonfinite']} in the update at "
+              f"policy version {lr.progress.version}; nothing was applied")  # fmt: skip
+    for p in sorted(blamed):
+        await bury(lr, lr.leases.held[p], reason)
+    lr.carried = [(g, "refused" if g.position in blamed else v) for g, v in collected]
+    lr.progress.steps_nonfinite += 1
+    lr.nonfinite_streak += 1
+    log.error("update skipped: non-finite " + result["nonfinite"], step=lr.progress.step + 1,
+              groups=len(blamed), in_a_row=lr.nonfinite_streak)  # fmt: skip
+    limit = lr.config.max_nonfinite_steps
+    if lr.nonfinite_streak >= limit:
+        raise NonFiniteSteps(
+            f"{lr.nonfinite_streak} updates in a row had a non-finite {result['nonfinite']} "
+            f"(learner.max_nonfinite_steps = {limit}); the last good checkpoint is in "
+            f"{lr.config.checkpoint_dir}, the groups to blame in the dead letters"
+        )
+
+
 def count(progress: Progress, collected: list[tuple[Group, str]]) -> None:
     verdicts = [verdict for _, verdict in collected]
     progress.groups_trained += verdicts.count("train")
     progress.groups_dropped_stale += verdicts.count("stale")
     progress.groups_dropped_zero_variance += verdicts.count("zero_variance")
     progress.groups_dropped_no_reward += verdicts.count("no_reward")
+    progress.groups_dead += verdicts.count("refused")
 
 
 async def checkpoint(lr: Learner) -> None:
@@ -466,7 +599,7 @@ def step_record(
 ) -> dict[str, Any]:
     """The step's canonical record: the metrics-file line (STEP_KEYS and more)."""
     progress = lr.progress
-    fresh = [g for g, verdict in collected if verdict != "stale"]
+    fresh = [g for g, verdict in collected if verdict not in ("stale", "refused")]
     trained = [g for g, verdict in collected if verdict == "train"]
     samples = sample_stats(fresh)
     return {
@@ -486,7 +619,10 @@ def step_record(
         "groups_dropped_zero_variance": progress.groups_dropped_zero_variance,
         "groups_dropped_no_reward": progress.groups_dropped_no_reward,
         "groups_dead": progress.groups_dead,
+        "groups_dropped_too_large": progress.groups_dropped_too_large,
+        "groups_foreign": progress.groups_foreign,
         "groups_duplicates": progress.groups_duplicates,
+        "steps_nonfinite": progress.steps_nonfinite,
         "groups_in_flight": lr.ledger.in_flight,
         "tasks_issued": lr.ledger.issued,
         "task_ids": [g.task_id for g in trained],
@@ -530,7 +666,10 @@ async def finish(lr: Learner) -> None:
             "groups_dropped_stale": progress.groups_dropped_stale,
             "groups_dropped_zero_variance": progress.groups_dropped_zero_variance,
             "groups_dropped_no_reward": progress.groups_dropped_no_reward,
-        "groups_dead": progress.groups_dead,
+            "groups_dropped_too_large": progress.groups_dropped_too_large,
+            "groups_dead": progress.groups_dead,
+            "groups_foreign": progress.groups_foreign,
+            "steps_nonfinite": progress.steps_nonfinite,
             "groups_in_flight_at_stop": lr.ledger.in_flight,
             "final_model": str(final) if final else None,
             "time": time.time(),

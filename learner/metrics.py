@@ -32,6 +32,7 @@ STALENESS = Histogram(
 )
 GROUPS = Gauge(f"{_G}groups", "Scored groups consumed so far, by outcome", ["outcome"])
 TASKS_ISSUED = Gauge(f"{_G}tasks_issued", "Tasks published so far")
+STEPS_NONFINITE = Gauge(f"{_G}steps_nonfinite", "Updates skipped for a non-finite loss or gradient")
 IN_FLIGHT = Gauge(f"{_G}groups_in_flight", "Tasks issued whose scored group has not arrived")
 TOKENS_PER_S = Gauge(f"{_G}tokens_per_second", "Trained completion tokens per second of update")
 STEP_SECONDS = Gauge(f"{_G}step_seconds", "Wall time of the last step, waiting included")
@@ -55,7 +56,7 @@ def export_gauges(record: dict[str, Any], in_flight: int) -> None:
         (IS_WEIGHT, "is_weight"), (ACCURACY, "accuracy"), (RESPONSE_LENGTH, "response_length"),
         (TOKENS_PER_S, "tokens_per_s"), (STEP_SECONDS, "step_seconds"),
         (WAIT_SHARE, "wait_share"), (STEP, "step"), (VERSION, "version"),
-        (TASKS_ISSUED, "tasks_issued"),
+        (TASKS_ISSUED, "tasks_issued"), (STEPS_NONFINITE, "steps_nonfinite"),
     ):  # fmt: skip
         if record.get(key) is not None:
             gauge.set(record[key])
@@ -72,8 +73,10 @@ def export_gauges(record: dict[str, Any], in_flight: int) -> None:
         "dropped_stale",
         "dropped_zero_variance",
         "dropped_no_reward",
+        "dropped_too_large",
         "duplicates",
         "dead",
+        "foreign",
     ):
         GROUPS.labels(outcome).set(record[f"groups_{outcome}"])
     IN_FLIGHT.set(in_flight)

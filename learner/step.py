@@ -1,6 +1,7 @@
 """What one GRPO step does with the scored groups it collected, as pure functions.
 
-    scored groups ──judge──▶ train | stale | zero_variance | no_reward
+    scored groups ──refusal──▶ refused (dead-lettered: never trained)
+                 ──judge──▶ train | stale | zero_variance | no_reward
     trained groups ──advantages (reward=None left out)──▶ PolicyBatch ──▶ engine.train_step
 
 A rollout sampled by policy version `b` and consumed at learner version `v` has staleness
@@ -22,7 +23,9 @@ from learner.grpo import group_advantages
 from learner.logprobs import pad_batch
 from protocol.messages import ScoredRollout
 
-Verdict = Literal["train", "stale", "zero_variance", "no_reward"]
+Verdict = Literal["train", "stale", "zero_variance", "no_reward", "refused"]
+"""What becomes of a scored group the learner holds; `refused` ones were dead-lettered by the
+learner (see `refusal`, and a non-finite update) and count as dead."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,35 @@ class Group:
             components=[s.components for s in scored.scores],
             temperature=rollout.task.sampling.temperature,
         )
+
+
+def refusal(scored: ScoredRollout, version: int, vocab_size: int) -> str | None:
+    """Why a scored group of an issued task must not be trained on, or None.
+
+    The behaviour version cannot be newer than the learner's own (no actor has those
+    weights), every token must be one the policy embeds, and no completion may be longer
+    than the task allowed.
+    """
+    rollout = scored.rollout
+    if rollout.policy_version > version:
+        return (
+            f"behaviour policy_version {rollout.policy_version} is newer than the learner's "
+            f"version {version}"
+        )
+    for name, ids in [("prompt", rollout.prompt_token_ids)] + [
+        (f"completion {j}", s.token_ids) for j, s in enumerate(rollout.samples)
+    ]:
+        if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
+            bad = ids[(ids < 0) | (ids >= vocab_size)][0]
+            return f"{name}: token id {bad} is outside the policy's vocabulary of {vocab_size}"
+    issued_ids = rollout.task.prompt_token_ids
+    if issued_ids is not None and not np.array_equal(rollout.prompt_token_ids, issued_ids):
+        return "the rollout's prompt tokens are not its task's"
+    max_tokens = rollout.task.sampling.max_tokens
+    for j, sample in enumerate(rollout.samples):
+        if len(sample.token_ids) > max_tokens:
+            return f"completion {j} has {len(sample.token_ids)} tokens, more than max_tokens {max_tokens}"
+    return None
 
 
 def staleness(version: int, behaviour_version: int) -> int:
@@ -113,20 +145,30 @@ def shuffle_rewards(groups: list[Group], rng) -> list[Group]:
     return [dataclasses.replace(g, rewards=r) for g, r in zip(groups, rewards)]
 
 
+def batch_owners(groups: list[Group]) -> list[int]:
+    """For each row of `build_batch(groups, …)`, the index of its group in `groups`."""
+    return [i for i, _, _, _ in _rows(groups, "none")]
+
+
+def _rows(groups: list[Group], scale: str):
+    """(group index, completion ids, log μ, advantage) of every rewarded, non-empty completion."""
+    for i, g in enumerate(groups):
+        for ids, logp, a in zip(g.completions, g.logp_behaviour, advantages(g.rewards, scale)):
+            if a is not None and len(ids) > 0:
+                yield i, ids, logp, a
+
+
 def build_batch(groups: list[Group], scale: str, pad_id: int = 0) -> PolicyBatch:
     """The `PolicyBatch` of every rewarded, non-empty completion of `groups`."""
     temperatures = {g.temperature for g in groups}
     if len(temperatures) != 1:
         raise ValueError(f"groups sampled at different temperatures {sorted(temperatures)}")
     prompts, completions, logps, adv = [], [], [], []
-    for g in groups:
-        for ids, logp, a in zip(g.completions, g.logp_behaviour, advantages(g.rewards, scale)):
-            if a is None or len(ids) == 0:
-                continue
-            prompts.append(g.prompt_ids.tolist())
-            completions.append(ids.tolist())
-            logps.append(logp)
-            adv.append(a)
+    for i, ids, logp, a in _rows(groups, scale):
+        prompts.append(groups[i].prompt_ids.tolist())
+        completions.append(ids.tolist())
+        logps.append(logp)
+        adv.append(a)
     if not completions:
         raise ValueError("no rewarded completion in the batch")
     prompt_ids, prompt_mask, completion_ids, completion_mask = pad_batch(

@@ -29,16 +29,24 @@ pytestmark = [
 ]
 
 
-async def learner_process(config_path, *flags: str, fault: str | None = None) -> int:
+async def learner_process(
+    config_path, *flags: str, fault: str | None = None, capture: bool = False
+):
+    """`aha learner` as a process: its exit status (and with `capture`, its output)."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     for key in ("AHA_FAULT", *DIST_ENV):  # an in-process engine test may have set them
         env.pop(key, None)
     if fault:
         env["AHA_FAULT"] = fault
+    pipe = asyncio.subprocess.PIPE if capture else None
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "deploy.cli", "learner", "--config", str(config_path), *flags, env=env
-    )
-    return await asyncio.wait_for(proc.wait(), timeout=240)
+        sys.executable, "-m", "deploy.cli", "learner", "--config", str(config_path), *flags,
+        env=env, stdout=pipe, stderr=asyncio.subprocess.STDOUT if capture else None,
+    )  # fmt: skip
+    if not capture:
+        return await asyncio.wait_for(proc.wait(), timeout=240)
+    output, _ = await asyncio.wait_for(proc.communicate(), timeout=240)
+    return proc.returncode, output.decode(errors="replace")
 
 
 @pytest.mark.parametrize("fault", ["crash_before_checkpoint:2", "crash_before_ack:2"])

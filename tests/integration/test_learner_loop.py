@@ -84,12 +84,15 @@ def learner_config(tmp_path: Path, model_dir: Path, url: str, **overrides) -> Le
 
 
 async def play_actor_and_rewarder(
-    bus, model_dir: Path, scratch: Path, stop: asyncio.Event, log: list, bury: int = 0
-):
+    bus, model_dir: Path, scratch: Path, stop: asyncio.Event, log: list, bury: int = 0,
+    tamper=None,
+):  # fmt: skip
     """Take tasks, sample with the newest published weights, score, publish scored groups.
 
     Appends `(task_id, policy_version, learner_version_at_issue)` per group to `log`. The
     first `bury` tasks are dead-lettered instead, as an actor that fails on them would.
+    `tamper(i, scored)`, when given, returns what is published for the i-th group instead:
+    a `ScoredRollout` or raw bytes (what a buggy or hostile rewarder could send).
     """
     from actors.hf_engine import HfEngine
     from actors.weights import load_manifest
@@ -132,7 +135,13 @@ async def play_actor_and_rewarder(
                     sample.text, task.reference, task.rewards, task
                 )
                 scores.append(Score(reward=reward, components=components, error=error))
-            await bus.publish(SCORED, ScoredRollout(rollout=rollout, scores=scores))
+            scored = ScoredRollout(rollout=rollout, scores=scores)
+            if tamper is not None:
+                scored = tamper(len(log), scored)
+            if isinstance(scored, bytes):
+                await bus.publish_bytes(SCORED.subject, scored, msg_id=f"{task.task_id}.scored")
+            else:
+                await bus.publish(SCORED, scored)
             await delivery.ack()
             log.append((task.task_id, generation.policy_version, task.issued_version))
     await tasks.close()

@@ -2,15 +2,18 @@
 position, deterministic task ids, and the in-flight bound kept by the ledger."""
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
 
 from learner.config import DatasetConfig, LearnerConfig, ModelConfig
+from protocol.config import ConfigError
 from learner.dispatcher import (
     R1_ZERO,
     Dispatcher,
     Ledger,
+    Reservation,
     load_problems,
     permutation,
     read_rows,
@@ -115,10 +118,10 @@ def test_in_flight_never_exceeds_the_limit(tmp_path):
     assert limit == 4  # (η + 1) × batch
 
     async def scenario():
-        assert await top_up(bus, dispatcher, ledger, limit, version=0) == 4
-        assert await top_up(bus, dispatcher, ledger, limit, version=0) == 0  # full
+        assert (await top_up(bus, dispatcher, ledger, limit, version=0)).published == 4
+        assert (await top_up(bus, dispatcher, ledger, limit, version=0)).published == 0  # full
         assert ledger.receive(1) == "new" and ledger.in_flight == 3
-        assert await top_up(bus, dispatcher, ledger, limit, version=0) == 1  # one slot freed
+        assert (await top_up(bus, dispatcher, ledger, limit, version=0)).published == 1  # freed
         assert bus.published == [f"run1-{p}" for p in range(5)]
         assert ledger.in_flight == 4
 
@@ -126,17 +129,17 @@ def test_in_flight_never_exceeds_the_limit(tmp_path):
 
 
 def test_ledger_across_a_crash():
-    ledger = Ledger()
+    ledger = Ledger(reserved=12)  # what the reservation file says: a crash may issue up to 11
     for _ in range(6):
         ledger.issue()
     assert [ledger.receive(p) for p in (0, 1)] == ["new", "new"]
     ledger.commit()  # step 1 checkpointed: 0 and 1 consumed
     saved = ledger.state()
-    assert saved == {"issued": 6, "outstanding": [2, 3, 4, 5], "ahead": []}
+    assert saved == {"issued": 6, "outstanding": [2, 3, 4, 5], "ahead": [], "reserved": 12}
     assert ledger.receive(2) == "new" and ledger.receive(2) == "held"  # redelivered while held
 
-    # The process dies; the successor starts from `saved`.
-    ledger = Ledger.from_state(saved)
+    # The process dies; the successor starts from `saved` and the reservation file.
+    ledger = Ledger.from_state(saved, reserved=12)
     assert ledger.receive(1) == "duplicate"  # checkpointed but its ack was lost
     assert ledger.receive(2) == "new"  # held by the dead process, never checkpointed
     assert ledger.receive(7) == "new"  # the dead process had issued up to 7 already
@@ -149,3 +152,58 @@ def test_ledger_across_a_crash():
     with pytest.raises(RuntimeError):
         ledger.receive(3)
         ledger.state()  # held groups must be committed or released first
+
+
+def test_only_reserved_positions_are_ours(tmp_path):
+    # A forged group under this run's key but a position never reserved is foreign; the
+    # reservation is on disk before any task at a position is published, and a successor
+    # reads it back.
+    dispatcher, bus = make_dispatcher(tmp_path), FakeBus()
+    reservation = Reservation(tmp_path / "ckpt" / "reserved.json", chunk=4)
+    ledger = Ledger(reserved=reservation.read())
+    assert ledger.reserved == 0 and ledger.receive(0) == "foreign"
+
+    asyncio.run(top_up(bus, dispatcher, ledger, 3, version=0, reservation=reservation))
+    assert bus.published == ["run1-0", "run1-1", "run1-2"] and reservation.read() == 5
+    assert ledger.receive(4) == "new"  # a crashed predecessor may have issued it
+    assert ledger.receive(5) == "foreign" and ledger.receive(10**6) == "foreign"
+    assert 10**6 not in ledger.held and ledger.in_flight == 3
+    ledger.release(4)
+    assert Ledger.from_state(ledger.state(), reservation.read()).receive(5) == "foreign"
+    with pytest.raises(RuntimeError, match="before it was reserved"):
+        Ledger().issue()
+
+
+def test_a_task_is_checked_against_the_one_issued_at_its_position(tmp_path):
+    dispatcher = make_dispatcher(tmp_path)
+    task = dispatcher.task(2, version=0)
+    assert dispatcher.mismatch(task, 2) is None
+    assert "prompt_id" in dispatcher.mismatch(task, 3)  # another row's task under id 2
+    forged = task.model_copy(update={"sampling": task.sampling.model_copy(update={"temperature": 7.0})})
+    assert dispatcher.mismatch(forged, 2) == "its task's sampling is not the one issued as run1-2"
+
+
+def test_a_row_too_large_for_the_bus_is_skipped_and_counted(tmp_path):
+    # Row 3's prompt alone is 300 kB: its task could never be published with a max_payload
+    # of 256 KiB; the others fit. Configured groups that cannot fit stop at start.
+    path = tmp_path / "rl.jsonl"
+    rows = [{"prompt": "Q:" + ("x" * 300_000 if i == 3 else str(i)), "answer": str(i)} for i in range(5)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = DatasetConfig(path=str(path), prompt_field="prompt", template="none", group_size=4,
+                            max_tokens=256)  # fmt: skip
+    dispatcher, bus, ledger = Dispatcher(dataset, load_problems(dataset), "run1"), FakeBus(), Ledger()
+    dispatcher.fit(256 * 1024)
+    assert list(dispatcher.too_large) == [3]
+
+    issued = asyncio.run(top_up(bus, dispatcher, ledger, 5, version=0))
+    skipped = [p for p in range(6) if dispatcher.row(p) == 3]
+    assert issued.too_large == [f"run1-{p}" for p in skipped] and issued.published == 5
+    assert ledger.in_flight == 5 and ledger.issued == 6  # issued and dropped at once
+    assert all(dispatcher.task(p, 0).prompt_id != "3" for p in range(6) if f"run1-{p}" in bus.published)
+
+    with pytest.raises(ConfigError, match=r"learner\.dataset\.group_size × learner\.dataset\.max_tokens = 4 × 256 .* max_payload of 0\.0 MiB"):
+        dispatcher.fit(16 * 1024)
+    small = dataset.model_copy(update={"path": str(path)})
+    only_big = Dispatcher(small, [load_problems(dataset)[3]], "run1")
+    with pytest.raises(ConfigError, match="learner.dataset.path: no row's scored group fits"):
+        only_big.fit(256 * 1024)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from learner.step import Group, advantages, build_batch, judge, sample_stats, staleness_stats
+from protocol.messages import Sampling
 
 
 def group(rewards, version=0, position=0, lengths=None, temperature=1.0, components=None):
@@ -134,3 +135,33 @@ def test_shuffled_rewards_keep_the_batch_and_lose_the_link():
     assert [g.rewards for g in out] == [[0.5, 1.0, 0.0], [None, 0.0, 1.0]]
     assert [g.rewards for g in groups] == [[1.0, 0.0, 0.0], [None, 1.0, 0.5]]  # inputs intact
     assert all(a.completions is b.completions for a, b in zip(out, groups))
+
+
+def test_groups_that_cannot_be_trained_on_are_refused_with_the_reason():
+    from learner.step import refusal
+    from tests.helpers import make_rollout, make_scored, make_task
+
+    def scored(version=3, tokens=4, **task):
+        return make_scored(make_rollout(make_task(**task), tokens=tokens, version=version))
+
+    assert refusal(scored(version=3), version=3, vocab_size=48) is None
+    assert refusal(scored(version=10**6), 3, 48) == (
+        "behaviour policy_version 1000000 is newer than the learner's version 3"
+    )
+    # make_rollout's completion j holds ids j .. j + tokens - 1: completion 1 reaches 48
+    assert refusal(scored(tokens=48), 3, 48) == (
+        "completion 1: token id 48 is outside the policy's vocabulary of 48"
+    )
+    long = scored(tokens=5, sampling=Sampling(max_tokens=4))
+    assert refusal(long, 3, 48) == "completion 0 has 5 tokens, more than max_tokens 4"
+    other_prompt = scored(prompt_token_ids=[7, 7])  # the rollout conditioned on [1, 2, 3]
+    assert refusal(other_prompt, 3, 48) == "the rollout's prompt tokens are not its task's"
+
+
+def test_batch_owners_map_rows_to_groups():
+    from learner.step import batch_owners
+
+    # group 0: both rewarded; group 1: only its second completion has a reward
+    groups = [group([0.0, 1.0]), group([None, 1.0])]
+    assert batch_owners(groups) == [0, 0, 1]
+    assert len(build_batch(groups, "std")) == 3

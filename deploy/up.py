@@ -34,6 +34,8 @@ from pydantic import BaseModel, Field, model_validator
 from deploy.supervisor import Part, Supervisor
 from protocol.config import CONFIG, BusConfig, load_config, merge, read_file
 
+from protocol.messages import payload_limit
+
 log = structlog.get_logger("deploy.up")
 
 
@@ -442,7 +444,9 @@ async def in_flight(bus_config) -> int | None:
 
 
 @contextlib.contextmanager
-def nats_server(run_dir: Path, url: str | None = None) -> Iterator[str]:
+def nats_server(
+    run_dir: Path, url: str | None = None, max_payload: int = 8 << 20
+) -> Iterator[str]:
     """`NATS_URL`, else `url` (the config's `[bus] url`), else an embedded server for the
     run (stopped at the end)."""
     from protocol.server import NatsServer
@@ -450,7 +454,7 @@ def nats_server(run_dir: Path, url: str | None = None) -> Iterator[str]:
     if os.environ.get("NATS_URL") or url:
         yield os.environ.get("NATS_URL") or url
         return
-    with NatsServer(run_dir / "nats") as server:
+    with NatsServer(run_dir / "nats", max_payload=max_payload) as server:
         yield server.url
 
 
@@ -524,7 +528,10 @@ def summarize(up: UpConfig, name: str, run_dir: Path, loop: LoopResult, before, 
         "groups_dropped_stale": done.get("groups_dropped_stale"),
         "groups_dropped_zero_variance": done.get("groups_dropped_zero_variance"),
         "groups_dropped_no_reward": done.get("groups_dropped_no_reward"),
+        "groups_dropped_too_large": done.get("groups_dropped_too_large"),
         "groups_dead": done.get("groups_dead"),
+        "groups_foreign": done.get("groups_foreign"),
+        "steps_nonfinite": done.get("steps_nonfinite"),
         "groups_in_flight_at_stop": loop.in_flight,
         "policy_versions_trained_on": sorted(
             {v for r in steps for v in r.get("policy_versions", [])}
@@ -547,7 +554,9 @@ def run(up: UpConfig, *, json_out: bool, config_file: str | None = None) -> dict
     run_dir = Path(up.runs_dir).resolve() / name
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     parts = read_file(config_file) if config_file else {}
-    with nats_server(run_dir, (parts.get("bus") or {}).get("url")) as url:
+    # Sized for the configured groups (NATS's default of 1 MiB is too small for long ones).
+    max_payload = payload_limit(up.group_size, up.max_tokens)
+    with nats_server(run_dir, (parts.get("bus") or {}).get("url"), max_payload) as url:
         bus_config = load_config(BusConfig, overrides={**(parts.get("bus") or {}), "url": url})
         asyncio.run(_setup_streams(bus_config))
         log.info("run", dir=str(run_dir), nats=url)

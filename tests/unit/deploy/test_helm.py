@@ -1,7 +1,9 @@
 """The Helm chart (deploy/helm/aha): lint, render, validate against the Kubernetes schemas,
 and check what the deployment promises — KEDA and NATS permissions name exactly the streams,
 consumers and subjects of protocol/names.py, only learner and actors get GPUs, each part
-scales on its own, rewarders reach nothing but NATS.
+scales on its own, rewarders reach nothing but NATS, every container has a read-only root and
+no capabilities (but the rewarder sandbox's), the NATS pods take clients only from aha's pods
+and monitoring only from the exporter, and an upgrade keeps the passwords.
 
 helm-python-sdk embeds Helm's library (no helm binary); kubernetes-validate ships the
 schemas. The NATS chart dependency is not vendored: `helm lint` warns that charts/ lacks it,

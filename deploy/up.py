@@ -32,7 +32,7 @@ import structlog
 from pydantic import BaseModel, Field, model_validator
 
 from deploy.supervisor import Part, Supervisor
-from protocol.config import CONFIG, BusConfig, load_config, merge, read_file
+from protocol.config import CONFIG, BusConfig, load_config, merge, read_file, read_jsonl
 
 from protocol.messages import payload_limit
 
@@ -174,8 +174,7 @@ def dataset_settings(up: UpConfig, dataset: Path) -> dict[str, Any]:
     if up.dataset is None:  # the demo: {"prompt": "Q:123+456=", "answer": "579"}
         prompt_field, template, accuracy = "prompt", "none", "accuracy_gsm8k"
     else:
-        with open(dataset) as f:
-            first = json.loads(f.readline())
+        _, first = next(read_jsonl(dataset))  # the first row, blank lines skipped
         if "question" in first:  # GSM8K: {"question", "answer": "... #### 72"}
             prompt_field, template, accuracy = "question", "r1-zero", "accuracy_gsm8k"
         else:  # MATH-500 and friends: {"problem", "answer"} (LaTeX)

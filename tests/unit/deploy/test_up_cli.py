@@ -98,6 +98,8 @@ def test_a_dataset_with_wrong_fields_fails_before_anything_loads(tmp_path):
         (b'{"prompt": "1+1", "answer": "2"}\n',
          "no \"problem\" field; the row has ['answer', 'prompt'] "
          "(learner.dataset.prompt_field, ROWS:1)"),
+        (b'\n{"question": "1+1"}\n',  # the format is read from the first row, not line
+         "no \"answer\" field; the row has ['question'] (learner.dataset.answer_field, ROWS:2)"),
         (b'{"question": "1+1", "answer": "#### 2"}\n\n{"question": "2+2", "answer": null}\n',
          "no \"answer\" field; the row has ['answer', 'question'] "
          "(learner.dataset.answer_field, ROWS:3)"),

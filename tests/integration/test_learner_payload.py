@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+from pathlib import Path
 
 import pytest
+import yaml
 
 from learner.config import DatasetConfig
 from protocol.bus import Bus
@@ -34,10 +37,14 @@ def small_server(tmp_path):
         yield server
 
 
-def test_the_embedded_server_is_sized_for_long_reasoning_groups():
+def test_servers_are_sized_for_long_reasoning_groups():
     # 16 completions × 32k tokens: ~8 MiB of ids, log-probs and text, plus a quarter.
     assert payload_limit(16, 32 * 1024) == 11 * 2**20
     assert payload_limit(8, 256) == 8 * 2**20  # never below what compose and Helm set
+    deploy = Path(__file__).parents[2] / "deploy"
+    compose = re.search(r'"max_payload": (\d+)', (deploy / "nats" / "nats.conf").read_text())
+    helm = yaml.safe_load((deploy / "helm" / "aha" / "values.yaml").read_text())
+    assert int(compose.group(1)) == helm["nats"]["config"]["merge"]["max_payload"] == 8 * 2**20
 
 
 async def test_groups_the_server_cannot_carry_stop_the_learner_at_start(

@@ -212,10 +212,10 @@ def main(args) -> int:
         Path(args.input), Path(args.output), args.workers, args.timeout, resume=args.resume
     )
     mean = "-" if summary.mean_reward is None else f"{summary.mean_reward:.4f}"
+    kept = f", {summary.kept} kept from the interrupted run" if summary.kept else ""
     print(
         f"scored {summary.scored}/{summary.lines} completions, mean reward {mean}, "
-        f"{summary.errors} without reward ({summary.timeouts} timeouts)"
-        f"{f', {summary.kept} kept from the interrupted run' if summary.kept else ''} -> {args.output}",
+        f"{summary.errors} without reward ({summary.timeouts} timeouts){kept} -> {args.output}",
         file=sys.stderr,
     )
     return 0

@@ -184,7 +184,7 @@ def test_a_read_only_output_directory_fails_before_scoring(tmp_path):
     if os.getuid() != 0:
         folder.chmod(0o555)
     else:  # root writes through permission bits: a read-only mount instead
-        script = f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} && exec \"$@\""
+        script = f'mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} && exec "$@"'
         argv = ["unshare", "-m", "sh", "-c", script, "sh", *argv]
         if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
             pytest.skip("root without mount namespaces: no read-only folder to write to")
@@ -204,7 +204,8 @@ def test_an_existing_output_is_refused_without_resume(tmp_path):
     # --resume checks the lines there belong to this input before keeping them
     result = aha("score", tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--resume")
     assert_one_error_line(result, f"not a line aha score wrote ({tmp_path / 'out.jsonl'}:1)")
-    (tmp_path / "out.jsonl").write_text(json.dumps({**GOOD, "completion": "other", "reward": 0}) + "\n")
+    other = {**GOOD, "completion": "other", "reward": 0}
+    (tmp_path / "out.jsonl").write_text(json.dumps(other) + "\n")
     result = aha("score", tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--resume")
     assert_one_error_line(result, f"not the output of input line 1 ({tmp_path / 'out.jsonl'}:1)")
 

@@ -58,6 +58,10 @@ PERCENT = re.compile(r"\\?%")
 """A percent sign, dropped from answer and reference alike: `5\\%` is the number 5."""
 EQUALS = re.compile(r"(?<![<>!:=])=(?!=)")
 """An equality sign (not in `<=`, `>=`, `!=`, `:=`, `==`)."""
+SEPARATOR = re.compile(r"\\text\{\s*(?:or|and)\s*\}|\\q?quad(?![A-Za-z])|;|\bor\b|\band\b")
+"""What separates the items of a list answer, besides a comma."""
+ITEM_COMMA = re.compile(r"(?<!\d),|,(?!\d{3}(?!\d))")
+"""A comma between items, not one grouping thousands (`1,000`)."""
 DOLLAR = re.compile(r"(?<!\\)\$")
 
 
@@ -231,7 +235,9 @@ def _gold(reference: str) -> tuple[list, bool]:
     return gold, _is_huge(gold)
 
 
-def _matches(gold: list, gold_huge: bool, answer: str, deadline: float) -> bool:
+def _matches(
+    gold: list, gold_huge: bool, answer: str, deadline: float, against: str = "the reference"
+) -> bool:
     """Math-Verify's `verify(gold, pred)` (gold first: it is asymmetric) over every parse of
     `answer`; raises `Disqualified` when `answer` stalls or breaks it."""
     from math_verify import verify
@@ -254,7 +260,7 @@ def _matches(gold: list, gold_huge: bool, answer: str, deadline: float) -> bool:
                 if verify(g, p, timeout_seconds=_seconds_left(deadline), raise_on_error=True):
                     return True
             except TimeoutException as e:
-                raise Disqualified("comparing the answer with the reference timed out") from e
+                raise Disqualified(f"comparing the answer with {against} timed out") from e
             except Exception as e:
                 errors.append(f"{type(e).__name__}: {e}")
     if errors:
@@ -262,24 +268,47 @@ def _matches(gold: list, gold_huge: bool, answer: str, deadline: float) -> bool:
     return False
 
 
-def _sides(latex: str) -> list[str]:
-    """`latex` split at each `=` outside braces: `x = 2+3 = 5` -> ["x ", " 2+3 ", " 5"]."""
-    sides, depth, start = [], 0, 0
-    for m in re.finditer(r"[{}]|" + EQUALS.pattern, latex):
-        if m.group() == "{":
+def _equations(latex: str) -> list[list[str]]:
+    """The sides of each item of `latex`, split at `=` and items at `,` (`ITEM_COMMA`), `;`,
+    "or", "and" outside brackets: `a = 2, b = 3` -> [["a ", " 2"], [" b ", " 3"]]."""
+    text = SEPARATOR.sub(",", latex)
+    items, sides, depth, start = [], [], 0, 0
+    for m in re.finditer(r"[{(\[]|[})\]]|" + ITEM_COMMA.pattern + "|" + EQUALS.pattern, text):
+        if m.group() in "{([":
             depth += 1
-        elif m.group() == "}":
+        elif m.group() in "})]":
             depth = max(depth - 1, 0)
         elif depth == 0:
-            sides.append(latex[start : m.start()])
+            sides.append(text[start : m.start()])
             start = m.end()
-    return [*sides, latex[start:]]
+            if m.group() == ",":
+                items.append(sides)
+                sides = []
+    return [*items, [*sides, text[start:]]]
 
 
 def _names_unknown(side: str) -> bool:
     """Whether an equation's left side names what is asked (`x`, `f(3)`, `a+b`): a letter that
     is not part of a LaTeX command."""
     return re.search(r"[A-Za-z]", LATEX_COMMAND.sub("", side)) is not None
+
+
+def _check_sides_agree(values: list[str], deadline: float) -> None:
+    """Raise `Disqualified` unless every side in `values` equals the last by Math-Verify."""
+    from math_verify.errors import TimeoutException
+
+    try:
+        last = _parse(values[-1], _seconds_left(deadline))
+    except TimeoutException as e:
+        raise Disqualified("parsing the answer timed out") from e
+    except Exception:
+        last = []
+    huge = bool(last) and _is_huge(last)
+    if not last or not all(
+        _matches(last, huge, side, deadline, "its last side") for side in values[:-1]
+    ):
+        shown = "=".join(values).strip()
+        raise Disqualified(f"the sides of {shown[:80]!r} are not all equal")
 
 
 def math_equal(reference: str, answer: str) -> bool:
@@ -292,12 +321,10 @@ def math_equal(reference: str, answer: str) -> bool:
     - a percent sign is notation, not /100: `5\\%` equals 5 and `5\\%`, not 0.05 (and
       `0.05` does not equal `5\\%`). Math-Verify took `5\\%` as both 5 and 0.05, one answer
       covering two values;
-    - an equation `a = b = … = z` against a reference that is a value: every side must equal
-      the reference, except a first side that names the unknown (`x = 2+3 = 5` is right,
-      `x = 6 = 5` and `5 = 6` are not; Math-Verify compared only the last side, so a policy
-      could cover several guesses with `x = 1 = 2 = 5`). A chain whose last side is right and
-      another is not is `Disqualified`. Against a reference that is itself an equation
-      (`y = 2x + 3`) Math-Verify compares the whole, and more `=` than it has is `Disqualified`.
+    - every side of an equation must be equal, but a first side that names the unknown:
+      `x = 2+3 = 5` is 5, while `x = 6 = 5` and `5 = 6` are `Disqualified`. Math-Verify
+      compared only the last side, so a policy could cover several guesses with
+      `x = 1 = 2 = 5`. Each item of a list is one equation (`a = 2, b = 3` is (2, 3)).
 
     Raises `VerifierError` when the reference does not parse or compare with itself.
     """
@@ -312,20 +339,11 @@ def math_equal(reference: str, answer: str) -> bool:
         raise Disqualified("an approximate answer (\\approx) is not an exact one")
     answer = PERCENT.sub("", answer)
     deadline = time.monotonic() + ANSWER_BUDGET_S
-    sides = _sides(DOLLAR.sub(" ", answer))
-    equalities = len(_sides(reference)) - 1
-    if len(sides) == 1 or equalities:
-        if len(sides) - 1 > equalities:
-            raise Disqualified(
-                f"{len(sides) - 1} equals signs where the reference has {equalities}"
-            )
-        return _matches(gold, gold_huge, answer, deadline)
-    *earlier, last = sides[1:] if _names_unknown(sides[0]) else sides
-    if not _matches(gold, gold_huge, last, deadline):
-        return False
-    if not all(_matches(gold, gold_huge, side, deadline) for side in earlier):
-        raise Disqualified("not every side of the equation is the answer")
-    return True
+    for sides in _equations(DOLLAR.sub(" ", answer)):
+        values = sides[1:] if len(sides) > 1 and _names_unknown(sides[0]) else sides
+        if len(values) > 1:
+            _check_sides_agree(values, deadline)
+    return _matches(gold, gold_huge, answer, deadline)
 
 
 def accuracy_math(completion: str, reference: Any, task: Any = None) -> float:

@@ -140,22 +140,26 @@ def test_math_no_answer_is_zero_and_a_bad_reference_is_an_error():
         accuracy_math(r"\boxed{5}", "")
 
 
-def test_math_a_chained_equation_counts_only_if_every_side_is_the_answer():
+def test_math_an_equation_counts_only_if_all_its_sides_are_equal():
     assert graded(r"\boxed{x = 5}", "5") == (1.0, None)
     assert graded(r"\boxed{x = 2+3 = 5}", "5") == (1.0, None)  # every side is 5, x names it
     # hacking: one chain covering several guesses (Math-Verify compared the last side only)
-    for hedge in [r"x = 6 = 5", r"x = 1 = 2 = 3 = 5", r"5 = 6 = 5"]:
+    for hedge in [r"x = 6 = 5", r"x = 1 = 2 = 3 = 5", r"5 = 6 = 5", r"x = 5 = 6"]:
         reward, note = graded(rf"\boxed{{{hedge}}}", "5")
-        assert reward == 0.0 and "not every side" in note, hedge
+        assert reward == 0.0 and "are not all equal" in note, hedge
     reward, note = graded("<think>5</think><answer>$x = 6 = 5$</answer>", "5")
-    assert reward == 0.0 and "not every side" in note
+    assert reward == 0.0 and "are not all equal" in note
     # a false equation is not its right side: 5 = 6 is not the answer 6
     assert graded(r"\boxed{5 = 6}", "6")[0] == 0.0
-    assert graded(r"\boxed{x = 5 = 6}", "5") == (0.0, None)  # last side wrong: plainly wrong
-    # a reference that is an equation is compared whole; more equals signs are a hedge
+    # a reference that is an equation is compared whole, and the same rule holds
     assert graded(r"\boxed{y = 2x + 3}", "y = 2x + 3") == (1.0, None)
     reward, note = graded(r"\boxed{y = 2x + 3 = 5}", "y = 2x + 3")
-    assert reward == 0.0 and "equals signs" in note
+    assert reward == 0.0 and "are not all equal" in note
+    # each item of a list is its own equation
+    assert graded(r"\boxed{a = 2, b = 3}", "(2, 3)") == (1.0, None)
+    assert graded(r"\boxed{x = 1 \text{ or } x = 2}", "1, 2") == (1.0, None)
+    reward, note = graded(r"\boxed{a = 2, b = 1 = 3}", "(2, 3)")
+    assert reward == 0.0 and "are not all equal" in note
 
 
 def test_math_an_approximation_is_not_an_exact_answer():

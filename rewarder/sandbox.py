@@ -78,6 +78,8 @@ ROOT_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 ROOT_ETC = ("passwd", "group", "nsswitch.conf", "ld.so.cache", "localtime")
 """The only host /etc files in the sandbox's root, read-only."""
 ROOT_DEV = ("null", "zero", "full", "random", "urandom")
+SECCOMP = Path(__file__).parent / "harness" / "seccomp.py"
+"""Installs the program's seccomp filter, then execs it (see that file)."""
 
 
 class SandboxError(VerifierError):
@@ -320,7 +322,9 @@ mount -t proc -o nosuid,nodev,noexec proc $R/proc
 """
 
 
-def _script(mode: str, limits: SandboxLimits, cgroup: Path | None, checker: Checker | None) -> str:
+def _script(
+    mode: str, limits: SandboxLimits, host: Path, cgroup: Path | None, checker: Checker | None
+) -> str:
     """PID 1 (namespaces) or the session leader (process); cwd = the host dir, whose `work/`
     and `check/` hold the files; `"$@"` is the program's argv."""
     uid, cuid = limits.uid, limits.checker_uid
@@ -336,6 +340,8 @@ def _script(mode: str, limits: SandboxLimits, cgroup: Path | None, checker: Chec
                 " && chmod 700 $R/check && mkfifo -m 600 /tmp/requests /tmp/replies"
             )
         fifos = "/tmp/requests", "/tmp/replies"
+        lines.append("mkdir -m 755 $R/.aha && cp seccomp.py $R/.aha/ && chmod 644 $R/.aha/seccomp.py")
+        seccomp = "/.aha/seccomp.py"
 
         def launch(where: str, uid: int, argv: str) -> str:
             inner = shlex.quote(f"cd /{where} && exec \"$@\"")
@@ -345,17 +351,19 @@ def _script(mode: str, limits: SandboxLimits, cgroup: Path | None, checker: Chec
         if checker is not None:
             lines.append("mkfifo -m 600 requests replies")
         fifos = "requests", "replies"
+        seccomp = shlex.quote(str(host / "seccomp.py"))
 
         def launch(where: str, uid: int, argv: str) -> str:
             return f"(cd {where} && exec {_drop(uid)} {argv})"
 
     lines += [": > ready", "unset OLDPWD", _ulimits(limits), "set +e"]
+    # the program starts under the seccomp filter (see rewarder/harness/seccomp.py)
+    program = launch("work", uid, f'{shlex.quote(limits.python)} -I -S {seccomp} "$@"')
     if checker is None:
-        lines.append(launch("work", uid, '"$@"'))
+        lines.append(program)
     else:
         requests, replies = fifos
         checker_argv = " ".join(shlex.quote(a) for a in checker.argv)
-        program = launch("work", uid, '"$@"')
         lines.append(f"{program} 3<{requests} 4>{replies} </dev/null 1>&2 &")
         lines.append(
             f"{launch('check', cuid, checker_argv)} 3>{requests} 4<{replies} 5>verdict </dev/null"
@@ -477,7 +485,9 @@ def _run(host, files, argv, stdin, limits, checker, mode, cgroup) -> dict:
         "PYTHONDONTWRITEBYTECODE": "1",
     }
     setpriv = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
-    script = _script(mode, limits, cgroup, checker)
+    (host / "seccomp.py").write_text(SECCOMP.read_text())
+    os.chmod(host / "seccomp.py", 0o644)
+    script = _script(mode, limits, host, cgroup, checker)
     cmd = [*setpriv, *prefix, "sh", "-c", script, "sandbox", *argv]
     with open(host / "stdout", "wb") as fout, open(host / "stderr", "wb") as ferr:
         try:

@@ -338,3 +338,44 @@ def test_not_root_refuses_to_run_as_the_rewarders_own_user():
     )
     assert "refused: not root" in out.stdout, out.stdout + out.stderr
     assert "allowed 1" in out.stdout, out.stdout + out.stderr
+
+
+SYSCALLS = r"""
+import ctypes, os, subprocess, threading
+libc = ctypes.CDLL(None, use_errno=True)
+def call(name, *args):
+    ctypes.set_errno(0)
+    return getattr(libc, name)(*args), ctypes.get_errno()
+print("keyctl", *call("syscall", 250, 0, -3, 0))  # KEYCTL_GET_KEYRING_ID of the session
+print("ptrace", *call("ptrace", 0, 0, 0, 0))  # PTRACE_TRACEME
+print("unshare", *call("unshare", 0x04000000))  # CLONE_NEWUTS
+t = threading.Thread(target=print, args=("thread ok",))
+t.start()
+t.join()
+print(subprocess.run(["echo", "subprocess ok"], capture_output=True, text=True).stdout.strip())
+"""
+
+
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "aarch64"), reason="no filter for it")
+def test_the_seccomp_filter_refuses_what_a_program_has_no_business_calling(tmp_path):
+    """keyctl succeeds for an ordinary process (shown on the host), as ptrace(TRACEME) would;
+    the sandboxed program gets EPERM, and threads and subprocesses still work."""
+    import subprocess
+    import sys
+
+    keyctl = SYSCALLS.split('print("ptrace"')[0]
+    host = subprocess.run(
+        [sys.executable, "-c", keyctl], capture_output=True, text=True, timeout=30
+    ).stdout.split()
+    assert host[0] == "keyctl" and int(host[1]) > 0, host
+    for mode in ("auto", "process") if os.geteuid() == 0 else ("auto",):
+        result = run_python(SYSCALLS, limits=LIMITS.model_copy(update={"isolation": mode}))
+        assert result.ok, result.stderr
+        assert result.stdout.splitlines() == [
+            "keyctl -1 1",
+            "ptrace -1 1",
+            "unshare -1 1",
+            "thread ok",
+            "subprocess ok",
+        ], mode
+    assert_nothing_left()

@@ -66,12 +66,13 @@ class PoolStats:
     stalled its verifier: scored, with the reason in `VerifierPool.notes`."""
 
 
-def _serve(conn: Connection, sandbox: SandboxLimits) -> None:
+def _serve(conn: Connection, sandbox: SandboxLimits, timeout_s: float) -> None:
     """A worker: score jobs from `conn` in this process's main thread until told to stop."""
-    from rewarder.rewards import configure_sandbox, grade
+    from rewarder.rewards import configure_sandbox, fit_answer_budget, grade
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     configure_sandbox(sandbox)
+    fit_answer_budget(timeout_s)  # a completion that stalls Math-Verify: 0 before the timeout
     while True:
         try:
             item = conn.recv()
@@ -84,9 +85,9 @@ def _serve(conn: Connection, sandbox: SandboxLimits) -> None:
 
 
 class _Worker:
-    def __init__(self, ctx, sandbox: SandboxLimits):
+    def __init__(self, ctx, sandbox: SandboxLimits, timeout_s: float):
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, sandbox), daemon=True)
+        self.process = ctx.Process(target=_serve, args=(child, sandbox, timeout_s), daemon=True)
         self.process.start()
         child.close()
         self.key: int | None = None
@@ -132,7 +133,7 @@ class VerifierPool:
             )
             for i in range(workers)
         ]
-        self._workers = [_Worker(self._ctx, s) for s in self._sandboxes]
+        self._workers = [_Worker(self._ctx, s, timeout_s) for s in self._sandboxes]
         self._lock = threading.Lock()
         self.notes: dict[int, str] = {}
         """Why a component is 0 by a rule, by job index, for the jobs of the current (or last)
@@ -237,7 +238,7 @@ class VerifierPool:
 
     def _replace(self, slot: int) -> _Worker:
         self._workers[slot].kill()
-        self._workers[slot] = _Worker(self._ctx, self._sandboxes[slot])
+        self._workers[slot] = _Worker(self._ctx, self._sandboxes[slot], self.timeout_s)
         self.stats.restarts += 1
         return self._workers[slot]
 

@@ -50,8 +50,8 @@ MAX_ANSWER_CHARS = 1_000
 ANSWER_BUDGET_S = 10
 """Math-Verify's time for one predicted answer, parsing and comparing (every side of an
 equation). An answer that uses it up scores 0: the reference verified against itself, so the
-stall is the completion's. Keep the pool's `timeout_s` above this plus a reference's first
-parse (5 s), so only a verifier fault ends in a timeout without reward."""
+stall is the completion's. A pool worker lowers it to a third of the pool's per-call timeout
+(`fit_answer_budget`), so that the stall is a 0 before the timeout makes it no reward."""
 APPROXIMATE = re.compile(r"\\(?:approx|thickapprox|approxeq|simeq)(?![A-Za-z])|≈")
 """An approximation sign: such an answer is not an exact one, unless the reference has one too."""
 PERCENT = re.compile(r"\\?%")
@@ -158,6 +158,13 @@ def _parse(latex: str, timeout_s: int | None) -> list:
     delimited = DOLLAR.search(latex) or "\\boxed" in latex
     text = latex if delimited else f"\\boxed{{{latex}}}"
     return parse(text, parsing_timeout=timeout_s, raise_on_error=True)
+
+
+def fit_answer_budget(timeout_s: float) -> None:
+    """Fit `ANSWER_BUDGET_S` to a per-call timeout of `timeout_s`: a third of it, whole
+    seconds, at least 1, at most the default (the rest is for the reference and the others)."""
+    global ANSWER_BUDGET_S
+    ANSWER_BUDGET_S = max(1, min(ANSWER_BUDGET_S, int(timeout_s / 3)))
 
 
 def _seconds_left(deadline: float) -> int | None:

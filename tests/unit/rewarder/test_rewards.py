@@ -408,7 +408,8 @@ def test_aha_score_gives_a_stalling_completion_zero_not_null(tmp_path):
     ]
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    argv = [sys.executable, "-m", "deploy.cli", "score", src, "-o", out, "--timeout", "25"]
+    # a 6 s timeout: Math-Verify gets 2 s of it, so the stall is the completion's 0 in time
+    argv = [sys.executable, "-m", "deploy.cli", "score", src, "-o", out, "--timeout", "6"]
     result = subprocess.run(
         argv, cwd=Path(__file__).parents[3], capture_output=True, text=True, timeout=120
     )

@@ -47,7 +47,8 @@ it scores 0 instead of hanging the verifier, unless the reference is itself that
 MAX_ANSWER_CHARS = 1_000
 """A final answer longer than this is not one (MATH-500's longest is 53 characters): it scores
 0 with its reason instead of reaching Math-Verify, whose parser is super-linear."""
-ANSWER_BUDGET_S = 10
+MAX_ANSWER_BUDGET_S = 10
+ANSWER_BUDGET_S = MAX_ANSWER_BUDGET_S
 """Math-Verify's time for one predicted answer, parsing and comparing (every side of an
 equation). An answer that uses it up scores 0: the reference verified against itself, so the
 stall is the completion's. A pool worker lowers it to a third of the pool's per-call timeout
@@ -161,10 +162,11 @@ def _parse(latex: str, timeout_s: int | None) -> list:
 
 
 def fit_answer_budget(timeout_s: float) -> None:
-    """Fit `ANSWER_BUDGET_S` to a per-call timeout of `timeout_s`: a third of it, whole
-    seconds, at least 1, at most the default (the rest is for the reference and the others)."""
+    """Fit `ANSWER_BUDGET_S` to a per-call timeout of `timeout_s`: a third of it in whole
+    seconds, from 1 to `MAX_ANSWER_BUDGET_S` (the rest is for the reference and the other
+    rewards)."""
     global ANSWER_BUDGET_S
-    ANSWER_BUDGET_S = max(1, min(ANSWER_BUDGET_S, int(timeout_s / 3)))
+    ANSWER_BUDGET_S = max(1, min(MAX_ANSWER_BUDGET_S, int(timeout_s / 3)))
 
 
 def _seconds_left(deadline: float) -> int | None:

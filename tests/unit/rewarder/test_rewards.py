@@ -195,6 +195,10 @@ def test_math_an_answer_that_stalls_math_verify_scores_zero_not_null(monkeypatch
     reward, note = graded(r"\boxed{\prod_{k=1}^{3000} (1 + \frac{1}{k^2})}", "5")
     assert reward == 0.0 and "timed out" in note
     assert time.perf_counter() - start < 15
+    # a pool worker fits the budget into its per-call timeout: a third of it, 1 to 10 s
+    for timeout_s, budget in [(6, 2), (2, 1), (30, 10), (300, 10)]:
+        rewards.fit_answer_budget(timeout_s)
+        assert rewards.ANSWER_BUDGET_S == budget
     # while a reference that does not parse is the verifier's problem: no reward
     result = grade(r"\boxed{5}", "", {"accuracy_math": 1.0})
     assert result.reward is None and "reference" in result.error

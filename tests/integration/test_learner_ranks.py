@@ -1,8 +1,14 @@
 """Two ranks under torchrun (ZeRO-2, gloo) stay identical and take the one-rank update.
 
+First each run is handed a batch whose row 2 has a NaN advantage: with 2 ranks that row is
+in rank 1's micro-batch only, yet both ranks must refuse the update at the same point (no
+hang in a collective), name the row, and apply nothing.
+
 The test runs this file as the torchrun worker (see `worker()` at the bottom).
 """
 
+import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -31,6 +37,9 @@ def test_two_ranks_zero2_stay_identical_and_match_one_rank(tmp_path):
     rank0 = torch.load(tmp_path / "two" / "rank0.pt")
     rank1 = torch.load(tmp_path / "two" / "rank1.pt")
     alone = torch.load(tmp_path / "one" / "rank0.pt")
+    assert rank0["refused"] == rank1["refused"] == alone["refused"] == {
+        "nonfinite": "loss", "rows": [2]
+    }
     assert rank0["metrics"] == rank1["metrics"]
     for name, p in rank0["params"].items():
         assert torch.equal(p, rank1["params"][name]), name
@@ -48,9 +57,12 @@ def worker(out: Path) -> None:
     from learner.engine import load_policy
 
     batch = make_batch(load_policy(config.model, config.seed))  # 6 rows, micro 2: 3 micro-batches
+    poisoned = dataclasses.replace(batch, adv=batch.adv.clone().index_fill_(0, torch.tensor([2]), math.nan))
+    refused = train_step(pe, poisoned)  # row 2 is in micro-batch 1: rank 1's with 2 ranks
     metrics = [train_step(pe, batch) for _ in range(2)]
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"params": full_params(pe), "metrics": metrics}, out / f"rank{pe.rank}.pt")
+    torch.save({"params": full_params(pe), "metrics": metrics, "refused": refused},
+               out / f"rank{pe.rank}.pt")  # fmt: skip
 
 
 if __name__ == "__main__":

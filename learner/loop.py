@@ -488,7 +488,8 @@ async def refuse_update(
 ) -> None:
     """An update applied nothing (non-finite loss or gradient): dead-letter the groups to
     blame, keep the others for the next attempt, stop after too many in a row."""
-    blamed = {trained[i].position for i in sorted({batch_owners(trained)[r] for r in result["rows"]})}
+    owners = batch_owners(trained)
+    blamed = {trained[owners[r]].position for r in result["rows"]}
     reason = (f"refused by the learner: non-finite {result['nonfinite']} in the update at "
               f"policy version {lr.progress.version}; nothing was applied")  # fmt: skip
     for p in sorted(blamed):

@@ -339,7 +339,8 @@ def train_step(pe: PolicyEngine, batch: PolicyBatch) -> dict[str, Any]:
         # ZeRO 1-3 (and DeepSpeed's bf16/fp16 optimizers) skip an update whose reduced
         # gradient norm is not finite and clear it; ZeRO-0 in fp32 steps whatever it holds,
         # so its local gradients are checked on every rank first.
-        if pe.config.deepspeed.zero_stage == 0 and _any_rank(not _local_grads_finite(pe), pe.device):
+        zero_0 = pe.config.deepspeed.zero_stage == 0
+        if zero_0 and _any_rank(not _local_grads_finite(pe), pe.device):
             pe.engine.zero_grad()
             return _refuse(pe, len(batch), what, bad_rows)
         skipped = pe.engine.skipped_steps

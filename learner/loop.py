@@ -465,8 +465,10 @@ async def admit(lr: Learner, delivery: Delivery) -> tuple[Group, str] | None:
 async def bury(lr: Learner, delivery: Delivery, reason: str) -> None:
     """Put a scored group on the dead-letter subject with `reason` (it stays leased)."""
     meta = delivery.msg.metadata
-    await lr.bus.dead_letter(SCORED, delivery.msg.data, reason, subject=delivery.msg.subject,
-                             stream_seq=meta.sequence.stream, deliveries=meta.num_delivered)  # fmt: skip
+    await lr.bus.dead_letter(
+        SCORED, delivery.msg.data, reason, subject=delivery.msg.subject,
+        stream_seq=meta.sequence.stream, deliveries=meta.num_delivered,
+    )  # fmt: skip
 
 
 async def refuse_foreign(lr: Learner, delivery: Delivery, why: str) -> None:

@@ -89,7 +89,8 @@ def refusal(scored: ScoredRollout, version: int, vocab_size: int) -> str | None:
     max_tokens = rollout.task.sampling.max_tokens
     for j, sample in enumerate(rollout.samples):
         if len(sample.token_ids) > max_tokens:
-            return f"completion {j} has {len(sample.token_ids)} tokens, more than max_tokens {max_tokens}"
+            n = len(sample.token_ids)
+            return f"completion {j} has {n} tokens, more than max_tokens {max_tokens}"
     return None
 
 

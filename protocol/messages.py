@@ -303,7 +303,9 @@ MESSAGE_BYTES = 4096
 """Upper estimate of a scored group's fields besides the task and the samples (headers too)."""
 
 
-def estimate_scored_bytes(group_size: int, max_tokens: int, task_bytes: int, prompt_tokens: int) -> int:
+def estimate_scored_bytes(
+    group_size: int, max_tokens: int, task_bytes: int, prompt_tokens: int
+) -> int:
     """Upper estimate of the encoded `ScoredRollout` of a task (the largest message of its
     journey): the task (`task_bytes` encoded), the prompt tokens again in the rollout, and G
     completions of up to `max_tokens` tokens each.

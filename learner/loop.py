@@ -67,6 +67,8 @@ KEEP_CHECKPOINTS = 2
 """Checkpoint tags kept on disk (the newest is the one a restart loads)."""
 LEASE_ERRORS = (NatsError, asyncio.TimeoutError)
 """What an ack or in_progress may raise when the server is away or the lease already gone."""
+PUBLISH_RETRY_S = 30.0
+"""A weight publish that keeps failing (server away) is retried with back-off up to this delay."""
 HEARTBEAT_S = 60.0
 """While rank 0 waits for data, it wakes the other ranks this often (collectives time out)."""
 FOREIGN = "foreign: "
@@ -403,7 +405,12 @@ async def forget_dead(lr: Learner) -> None:
     if time.monotonic() - lr.dead_checked_at < 1.0:
         return
     lr.dead_checked_at = time.monotonic()
-    for letter in await lr.bus.dead_letters(after=lr.progress.dead_seq):
+    try:
+        letters = await lr.bus.dead_letters(after=lr.progress.dead_seq)
+    except LEASE_ERRORS as e:  # the server restarting: read them on a later call
+        log.warning("dead letters unavailable", error=repr(e))
+        return
+    for letter in letters:
         lr.progress.dead_seq = letter.dead_seq
         if letter.stage == SCORED.name and letter.error.startswith(FOREIGN):
             continue  # never issued (its id may be issued later, to a real task)
@@ -581,10 +588,20 @@ async def publish(lr: Learner) -> None:
         collective, lr.pe, "write_shards", directory, config.serving_dtype, config.shard_mb, shared
     )
     try:
-        await publish_weights(
-            lr.bus.js, directory, shards, version=progress.version, step=progress.step,
-            dtype=config.serving_dtype, keep_versions=config.keep_versions,
-        )  # fmt: skip
+        delay = 0.5
+        while True:
+            try:
+                await publish_weights(
+                    lr.bus.js, directory, shards, version=progress.version, step=progress.step,
+                    dtype=config.serving_dtype, keep_versions=config.keep_versions,
+                )  # fmt: skip
+                break
+            except LEASE_ERRORS as e:  # server restarting: the same objects may be put again
+                if delay > PUBLISH_RETRY_S:
+                    raise
+                log.warning("weight publish failed: retrying", error=repr(e), delay=delay)
+                await asyncio.sleep(delay)
+                delay *= 2
     finally:
         if not shared:
             shutil.rmtree(directory, ignore_errors=True)

@@ -444,43 +444,11 @@ def test_extract_program():
 
 def test_code_tests_humaneval_style():
     good = "```python\ndef add(a, b):\n    return a + b\n```"
-    assert code_tests(good, ADD_TEST) == 1.0
-    assert code_tests("def add(a, b):\n    return None\n", ADD_TEST) == 0.0
-    assert code_tests("def add(a, b):\n    return a +\n", ADD_TEST) == 0.0  # syntax error
-
-
-def test_code_tests_hacking_attempts():
-    # exiting cleanly before the tests run is not passing them
-    for exit_early in [
-        "import sys; sys.exit(0)",
-        "import os; os._exit(0)",
-        "exit()",
-        "raise SystemExit",
-    ]:
-        assert code_tests(f"def add(a, b):\n    return 0\n{exit_early}\n", ADD_TEST) == 0.0, (
-            exit_early
-        )
-    # an object equal to everything does not pass `assert candidate(x) == y`
-    always_equal = (
-        "class E:\n    def __eq__(self, o): return True\ndef add(a, b):\n    return E()\n"
-    )
-    assert code_tests(always_equal, ADD_TEST) == 0.0
-    # nor an int subclass that does the same
-    int_equal = (
-        "class I(int):\n    def __eq__(self, o): return True\ndef add(a, b):\n    return I(0)\n"
-    )
-    assert code_tests(int_equal, ADD_TEST) == 0.0
-    # patching builtins while defining the function is undone before the tests
-    near = {
-        "entry_point": "half",
-        "test": "def check(candidate):\n    assert abs(candidate(3) - 1.5) < 1e-6\n",
-    }
-    assert code_tests("def half(x):\n    return x / 2\n", near) == 1.0
-    patch = "import builtins\nbuiltins.abs = lambda x: 0\ndef half(x):\n    return 0.0\n"
-    assert code_tests(patch, near) == 0.0
-    # printing what looks like a verdict does not help: the checker's is on its own fd
-    assert code_tests("print('passed')\nimport os; os._exit(0)\n", ADD_TEST) == 0.0
-    # (many more in test_code_hacking.py)
+    assert graded(good, ADD_TEST, "code_tests") == (1.0, None)
+    assert graded("def add(a, b):\n    return None\n", ADD_TEST, "code_tests") == (0.0, None)
+    reward, note = graded("def add(a, b):\n    return a +\n", ADD_TEST, "code_tests")
+    assert reward == 0.0 and "SyntaxError" in note
+    # hacking attempts, each a 0: test_code_hacking.py
 
 
 def test_code_tests_stdin_stdout_cases():

@@ -226,6 +226,7 @@ def _gold(reference: str) -> tuple[list, bool]:
     in time: only then is a failure on a predicted answer the prediction's doing.
     """
     from math_verify import verify
+    from math_verify.utils import timeout as within
 
     timeout = 5 if _in_main_thread() else None
     try:
@@ -233,6 +234,7 @@ def _gold(reference: str) -> tuple[list, bool]:
         fine = bool(gold) and all(
             verify(g, g, timeout_seconds=timeout, raise_on_error=True) for g in gold
         )
+        huge = within(timeout)(_is_huge)(gold)
     except BaseException as e:  # math_verify's TimeoutException is a BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
@@ -241,7 +243,7 @@ def _gold(reference: str) -> tuple[list, bool]:
         ) from e
     if not fine:
         raise VerifierError(f"could not parse the reference {reference[:80]!r}")
-    return gold, _is_huge(gold)
+    return gold, huge
 
 
 def _matches(
@@ -260,7 +262,7 @@ def _matches(
         return False  # not mathematics: a wrong answer
     if not pred:
         return False
-    if _is_huge(pred) and not gold_huge:
+    if _huge_in_time(pred, deadline) and not gold_huge:
         raise Disqualified(f"the answer has a number of over {HUGE_DIGITS:,} digits")
     errors = []
     for g in gold:
@@ -312,12 +314,24 @@ def _check_sides_agree(values: list[str], deadline: float) -> None:
         raise Disqualified("parsing the answer timed out") from e
     except Exception:
         last = []
-    huge = bool(last) and _is_huge(last)
+    huge = bool(last) and _huge_in_time(last, deadline)
     if not last or not all(
         _matches(last, huge, side, deadline, "its last side") for side in values[:-1]
     ):
         shown = "=".join(values).strip()
         raise Disqualified(f"the sides of {shown[:80]!r} are not all equal")
+
+
+def _huge_in_time(parsed: list, deadline: float) -> bool:
+    """`_is_huge` within the answer's budget: sympy's numeric evaluation of an exponent
+    (`2^{\\prod_{k=1}^{3000} …}`) can take minutes."""
+    from math_verify.errors import TimeoutException
+    from math_verify.utils import timeout
+
+    try:
+        return timeout(_seconds_left(deadline))(_is_huge)(parsed)
+    except TimeoutException as e:
+        raise Disqualified("sizing the numbers of the answer timed out") from e
 
 
 def math_equal(reference: str, answer: str) -> bool:

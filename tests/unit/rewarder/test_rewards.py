@@ -191,10 +191,13 @@ def test_math_an_answer_that_stalls_math_verify_scores_zero_not_null(monkeypatch
     # comparing this product with 5 makes sympy work for minutes; the reference verifies fine,
     # so the stall is the completion's: 0 with the reason (it was `null`: no reward, a dodge)
     monkeypatch.setattr(rewards, "ANSWER_BUDGET_S", 2)
-    start = time.perf_counter()
-    reward, note = graded(r"\boxed{\prod_{k=1}^{3000} (1 + \frac{1}{k^2})}", "5")
-    assert reward == 0.0 and "timed out" in note
-    assert time.perf_counter() - start < 15
+    product = r"\prod_{k=1}^{3000} (1 + \frac{1}{k^2})"
+    # comparing it; sizing it as an exponent (sympy evaluates it numerically)
+    for answer in [product, f"2^{{{product}}}"]:
+        start = time.perf_counter()
+        reward, note = graded(rf"\boxed{{{answer}}}", "5")
+        assert reward == 0.0 and "timed out" in note, answer
+        assert time.perf_counter() - start < 15
     # a pool worker fits the budget into its per-call timeout: a third of it, 1 to 10 s
     for timeout_s, budget in [(6, 2), (2, 1), (30, 10), (300, 10)]:
         rewards.fit_answer_budget(timeout_s)

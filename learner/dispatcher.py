@@ -292,10 +292,17 @@ class Dispatcher:
                 "deploy/nats/nats.conf, Helm nats.config.merge.max_payload) or lower them"
             )
         self.max_payload, self.too_large = max_payload, {}
+        shared = len(json.dumps([d.rewards, d.meta], default=str)) + 1024  # same in every task
         for row, problem in enumerate(self.problems):
-            task = self._task(problem, task_id(self.key, len(self.problems)), 0)
             ids = len(problem.prompt_token_ids or ())
-            needed = estimate_scored_bytes(d.group_size, d.max_tokens, len(encode(task)), ids)
+            # A bound without encoding (msgpack is no longer than JSON for these fields);
+            # only a row near the limit is encoded to measure it.
+            task_bytes = (len(problem.prompt.encode()) + 4 * ids + shared
+                          + len(json.dumps(problem.reference, default=str)))  # fmt: skip
+            if estimate_scored_bytes(d.group_size, d.max_tokens, task_bytes, ids) <= max_payload:
+                continue
+            task_bytes = len(encode(self._task(problem, task_id(self.key, 0), 0)))
+            needed = estimate_scored_bytes(d.group_size, d.max_tokens, task_bytes, ids)
             if needed > max_payload:
                 self.too_large[row] = needed
         if len(self.too_large) == len(self.problems):
@@ -372,6 +379,9 @@ async def top_up(
     whose group could exceed the bus's `max_payload` is not published: its position is
     issued and dropped at once, and its id returned in `too_large` for the count.
     """
+    from nats.errors import MaxPayloadError
+
+    from protocol.codec import encode
     from protocol.names import TASKS
 
     issued = Issued()
@@ -383,6 +393,11 @@ async def top_up(
             ledger.reserved = max(ledger.reserved, position + 1)
         task = dispatcher.task(position, version)
         needed = dispatcher.too_large.get(dispatcher.row(position))
+        if needed is None:
+            try:
+                await bus.publish(TASKS, task)
+            except MaxPayloadError:  # the task itself, larger than `fit` estimated
+                needed = len(encode(task))
         if needed is not None:
             ledger.lose(ledger.issue())
             issued.too_large.append(task.task_id)
@@ -390,7 +405,6 @@ async def top_up(
                         prompt_id=task.prompt_id, needs_bytes=needed,
                         max_payload=dispatcher.max_payload)  # fmt: skip
             continue
-        await bus.publish(TASKS, task)
         ledger.issue()  # only once the server has it: a failed publish is retried by position
         issued.published += 1
     return issued

@@ -207,3 +207,19 @@ def test_a_row_too_large_for_the_bus_is_skipped_and_counted(tmp_path):
     only_big = Dispatcher(small, [load_problems(dataset)[3]], "run1")
     with pytest.raises(ConfigError, match="learner.dataset.path: no row's scored group fits"):
         only_big.fit(256 * 1024)
+
+
+def test_a_task_the_server_refuses_as_too_large_is_skipped_not_a_crash(tmp_path):
+    # The backstop behind `fit`'s estimate: nats-py's MaxPayloadError on the publish.
+    from nats.errors import MaxPayloadError
+
+    class SmallBus(FakeBus):
+        async def publish(self, stage, message):
+            if message.task_id == "run1-1":
+                raise MaxPayloadError
+            await super().publish(stage, message)
+
+    dispatcher, bus, ledger = make_dispatcher(tmp_path), SmallBus(), Ledger()
+    issued = asyncio.run(top_up(bus, dispatcher, ledger, 3, version=0))
+    assert issued.too_large == ["run1-1"] and bus.published == ["run1-0", "run1-2", "run1-3"]
+    assert ledger.in_flight == 3 and ledger.issued == 4

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from rewarder.errors import VerifierError
+from rewarder.errors import Disqualified, VerifierError
 from rewarder.sandbox import Checker, RunResult, SandboxLimits, run_program, run_python
 
 FENCE = "```"
@@ -87,9 +87,18 @@ def _humaneval(program: str, reference: dict) -> float:
     verdict = (result.verdict or "").strip()
     if verdict.startswith("fault:"):
         raise VerifierError(f"code_tests: {verdict}")
-    # anything but the checker's own "passed" is the program's doing: a failed test, a
-    # crash, a hang past the wall time (the checker waits on the program), memory
-    return 1.0 if result.ok and verdict == "passed" else 0.0
+    if result.ok and verdict == "passed":
+        return 1.0
+    # anything else is the program's doing, a 0: a wrong result (an assertion of the tests)
+    # is a plain 0; a hang past the wall time (the checker waits on the program), a crash,
+    # an exception or a reply that is not plain data is a 0 with its reason
+    if result.timed_out:
+        raise Disqualified(
+            f"the program ran past the wall time ({_sandbox_limits.wall_seconds:g} s)"
+        )
+    if verdict.startswith("failed: AssertionError"):
+        return 0.0
+    raise Disqualified(verdict or f"the tests ended without a verdict (exit {result.returncode})")
 
 
 def _same_output(got: str, expected: str) -> bool:
@@ -134,5 +143,3 @@ def code_tests(completion: str, reference: Any, task: Any = None) -> float:
         result = run_python(program, stdin, _sandbox_limits)
         passed += result.ok and _same_output(result.stdout, str(expected))
     return passed / len(inputs)
-
-

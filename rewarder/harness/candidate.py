@@ -15,6 +15,8 @@ def serve(entry_point):
         with open("solution.py") as f:
             source = f.read()
         exec(compile(source, "solution.py", "exec"), namespace)
+        if entry_point not in namespace:
+            raise NameError("the program defines no {}".format(entry_point))
         function = namespace[entry_point]
     except BaseException as e:
         reply_error(e)

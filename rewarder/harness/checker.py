@@ -28,13 +28,13 @@ class Candidate:
         try:
             request = ["call", encode(list(args)), encode(kwargs)]
         except WireError as e:
-            raise Fault("the tests pass something that cannot cross to the candidate: %s" % e)
+            raise Fault("the tests pass something that cannot cross to the candidate: {}".format(e))
         self.calls += 1
         try:
             write_frame(REQUESTS, request)
             reply = read_frame(REPLIES)
         except (OSError, WireError) as e:
-            raise CandidateError("the candidate's process: %s" % e) from None
+            raise CandidateError("the candidate's process: {}".format(e)) from None
         if reply is None:
             raise CandidateError("the candidate's process ended")
         if type(reply) is list and len(reply) == 2 and reply[0] == "ok":
@@ -44,7 +44,7 @@ class Candidate:
             cls = getattr(builtins, name, None)
             if isinstance(cls, type) and issubclass(cls, Exception):
                 raise cls(message)
-            raise CandidateError("%s: %s" % (name, message))
+            raise CandidateError("{}: {}".format(name, message))
         raise CandidateError("the candidate replied with something that is not a result")
 
 
@@ -69,17 +69,17 @@ def main(entry_point):
         if not callable(check):
             raise Fault("the tests define no check(candidate)")
     except BaseException as e:
-        say("fault: the tests did not load: %s: %s" % (type(e).__name__, e))
+        say("fault: the tests did not load: {}: {}".format(type(e).__name__, e))
         return 3
     candidate = Candidate(entry_point)
     namespace[entry_point] = candidate
     try:
         check(candidate)
     except Fault as e:
-        say("fault: %s" % e)
+        say("fault: {}".format(e))
         return 3
     except BaseException as e:
-        say("failed: %s: %s" % (type(e).__name__, e))
+        say("failed: {}: {}".format(type(e).__name__, e))
         return 1
     if candidate.calls == 0:
         say("fault: check() never called the candidate")

@@ -37,7 +37,7 @@ def encode(value, depth=0):
         return [tag, [encode(v, depth + 1) for v in value]]
     if kind is dict:
         return ["d", [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in value.items()]]
-    raise WireError("a %s is not plain data" % kind.__name__)
+    raise WireError("a {} is not plain data".format(kind.__name__))
 
 
 def decode(item, depth=0):
@@ -72,8 +72,8 @@ def decode(item, depth=0):
     except WireError:
         raise
     except Exception as e:  # bad hex, unhashable key, missing field
-        raise WireError("malformed %r value: %s" % (tag, e)) from None
-    raise WireError("malformed %r value" % tag)
+        raise WireError("malformed {!r} value: {}".format(tag, e)) from None
+    raise WireError("malformed {!r} value".format(tag))
 
 
 def write_frame(fd, message):
@@ -97,7 +97,7 @@ def read_frame(fd):
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as e:
-        raise WireError("not JSON: %s" % e) from None
+        raise WireError("not JSON: {}".format(e)) from None
 
 
 def _read_exactly(fd, n):
@@ -111,4 +111,3 @@ def _read_exactly(fd, n):
         chunks.append(chunk)
         got += len(chunk)
     return b"".join(chunks)
-

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from rewarder.code import code_tests, configure_sandbox, run_tests
+from rewarder.rewards import grade
 from rewarder.sandbox import SandboxLimits, isolation
 from tests.unit.rewarder.leftovers import assert_nothing_left
 
@@ -117,6 +118,14 @@ HACKS = {
     "memory for the checker": "x = bytearray(900 << 20)\ny = [bytearray(900 << 20) for _ in range(4)]\n",
 }
 
+def score(program: str, reference: dict = ADD) -> float:
+    """The `code_tests` reward as the rewarder gives it: a 0 may carry a reason (its note),
+    but it is never "no reward" (an error)."""
+    result = grade(program, reference, {"code_tests": 1.0})
+    assert result.error is None, result.error
+    return result.reward
+
+
 needs_namespaces = pytest.mark.skipif(
     isolation() != "namespaces", reason="needs root and network/PID/mount namespaces (unshare)"
 )
@@ -136,8 +145,25 @@ def test_a_hacking_attempt_scores_zero(hack):
     program = HACKS[hack]
     # before the wrong definition (the attack runs at import) and after it (a redefinition)
     for source in (program + WRONG, WRONG + program):
-        assert code_tests(source, ADD) == 0.0, hack
+        assert score(source) == 0.0, hack
     assert_nothing_left()
+
+
+@needs_namespaces
+def test_a_zero_says_why_unless_it_is_a_wrong_result():
+    """A failed assertion is a plain 0; a hang, a crash or a reply that is not plain data is a
+    0 with its reason (`Disqualified`: never "no reward", which would escape the 0)."""
+
+    def note(program):
+        result = grade(program, ADD, {"code_tests": 1.0})
+        assert result.reward == 0.0 and result.error is None
+        return result.note or ""
+
+    assert note(WRONG) == ""
+    assert "wall time" in note(HACKS["hang"])
+    assert "defines no add" in note("def sub(a, b):\n    return a - b\n")
+    assert "not plain data" in note(HACKS["always-equal object"])
+    assert "KeyError" in note("def add(a, b):\n    return {}[a]\n")
 
 
 @needs_namespaces
@@ -149,7 +175,7 @@ def test_a_correct_program_still_passes_beside_noise():
         "threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n"
         "def add(a, b):\n    print('called', a, b)\n    return a + b\n"
     )
-    assert code_tests(noisy, ADD) == 1.0
+    assert score(noisy) == 1.0
     assert_nothing_left()
 
 
@@ -202,16 +228,13 @@ def test_broken_tests_are_no_reward_not_a_zero():
 def test_helpers_of_the_prompt_come_from_the_prompt_not_the_program():
     """HumanEval/32 checks `poly(coeffs, candidate(coeffs))`: a program that redefines `poly`
     to return 0 must not pass when the reference carries the prompt."""
-    row = next(
-        json.loads(line)
-        for line in open(Path(__file__).parents[2] / "data" / "humaneval.jsonl")
-        if '"HumanEval/32"' in line
-    )
+    lines = (Path(__file__).parents[2] / "data" / "humaneval.jsonl").read_text().splitlines()
+    row = next(json.loads(line) for line in lines if '"HumanEval/32"' in line)
     reference = {"entry_point": row["entry_point"], "test": row["test"], "prompt": row["prompt"]}
     good = row["prompt"] + row["canonical_solution"]
     cheat = "def poly(xs, x):\n    return 0\ndef find_zero(xs):\n    return 0.0\n"
-    assert code_tests(good, reference) == 1.0
-    assert code_tests(cheat, reference) == 0.0
+    assert score(good, reference) == 1.0
+    assert score(cheat, reference) == 0.0
 
 
 PROCESS_MODE = [
@@ -230,11 +253,11 @@ PROCESS_MODE = [
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="process isolation drops to the sandbox uids as root")
 def test_without_namespaces_the_checker_still_holds():
-    """"process" isolation (a container without CAP_SYS_ADMIN): no chroot, no private /tmp,
+    """ "process" isolation (a container without CAP_SYS_ADMIN): no chroot, no private /tmp,
     but the checker is still another uid in a directory of its own."""
     configure_sandbox(LIMITS.model_copy(update={"isolation": "process"}))
-    assert code_tests("def add(a, b):\n    return a + b\n", ADD) == 1.0
+    assert score("def add(a, b):\n    return a + b\n") == 1.0
     for hack in PROCESS_MODE:
         for source in (HACKS[hack] + WRONG, WRONG + HACKS[hack]):
-            assert code_tests(source, ADD) == 0.0, hack
+            assert score(source) == 0.0, hack
     assert_nothing_left(within=5.0)

@@ -122,7 +122,10 @@ class VerifierPool:
         self._ctx = mp.get_context(start_method)
         if start_method == "forkserver":
             self._ctx.set_forkserver_preload(PRELOAD)
-        if sandbox.checker_uid - workers < sandbox.uid and sandbox.uid - workers < sandbox.checker_uid:
+        if (
+            sandbox.checker_uid - workers < sandbox.uid
+            and sandbox.uid - workers < sandbox.checker_uid
+        ):
             raise ValueError(
                 f"sandbox uids {sandbox.uid} and checker_uid {sandbox.checker_uid} are fewer"
                 f" than {workers} (workers) apart: workers would share a uid"

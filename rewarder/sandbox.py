@@ -340,11 +340,13 @@ def _script(
                 " && chmod 700 $R/check && mkfifo -m 600 /tmp/requests /tmp/replies"
             )
         fifos = "/tmp/requests", "/tmp/replies"
-        lines.append("mkdir -m 755 $R/.aha && cp seccomp.py $R/.aha/ && chmod 644 $R/.aha/seccomp.py")
+        lines.append(
+            "mkdir -m 755 $R/.aha && cp seccomp.py $R/.aha/ && chmod 644 $R/.aha/seccomp.py"
+        )
         seccomp = "/.aha/seccomp.py"
 
         def launch(where: str, uid: int, argv: str) -> str:
-            inner = shlex.quote(f"cd /{where} && exec \"$@\"")
+            inner = shlex.quote(f'cd /{where} && exec "$@"')
             chroot = shlex.quote(shutil.which("chroot") or "chroot")  # often in /usr/sbin
             return f'{chroot} "$R" /bin/sh -c {inner} sandbox {_drop(uid)} {argv}'
     else:

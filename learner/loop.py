@@ -449,7 +449,9 @@ async def admit(lr: Learner, delivery: Delivery) -> tuple[Group, str] | None:
         group = Group.of(scored, p)
         why = refusal(scored, lr.progress.version, vocab_size(lr.pe))
         if why is not None:
-            await bury(lr, delivery, f"refused by the learner: {why}")
+            if not await bury(lr, delivery, f"refused by the learner: {why}"):
+                await release(lr, p)
+                return None
             return group, "refused"
         config = lr.config
         return group, judge(
@@ -469,18 +471,31 @@ async def admit(lr: Learner, delivery: Delivery) -> tuple[Group, str] | None:
     return None
 
 
-async def bury(lr: Learner, delivery: Delivery, reason: str) -> None:
-    """Put a scored group on the dead-letter subject with `reason` (it stays leased)."""
+async def bury(lr: Learner, delivery: Delivery, reason: str) -> bool:
+    """Put a scored group on the dead-letter subject with `reason` (it stays leased);
+    False when the server could not take it (the caller hands the group back)."""
     meta = delivery.msg.metadata
-    await lr.bus.dead_letter(
-        SCORED, delivery.msg.data, reason, subject=delivery.msg.subject,
-        stream_seq=meta.sequence.stream, deliveries=meta.num_delivered,
-    )  # fmt: skip
+    try:
+        await lr.bus.dead_letter(
+            SCORED, delivery.msg.data, reason, subject=delivery.msg.subject,
+            stream_seq=meta.sequence.stream, deliveries=meta.num_delivered,
+        )  # fmt: skip
+    except LEASE_ERRORS as e:  # the server away: the group comes back and is refused again
+        log.warning("dead letter failed", task_id=delivery.message.task_id, error=repr(e))
+        return False
+    return True
+
+
+async def release(lr: Learner, p: int) -> None:
+    """Hand one held group back untrained (it comes back and is judged again)."""
+    lr.ledger.release(p)
+    await lr.leases.release([p])
 
 
 async def refuse_foreign(lr: Learner, delivery: Delivery, why: str) -> None:
     """Dead-letter a group this run never issued and forget it (`term`): it takes no place."""
-    await bury(lr, delivery, f"{FOREIGN}{why}")
+    if not await bury(lr, delivery, f"{FOREIGN}{why}"):
+        return
     lr.progress.groups_foreign += 1
     try:
         await delivery.term()
@@ -502,8 +517,13 @@ async def refuse_update(
     reason = (f"refused by the learner: non-finite {result['nonfinite']} in the update at "
               f"policy version {lr.progress.version}; nothing was applied")  # fmt: skip
     for p in sorted(blamed):
-        await bury(lr, lr.leases.held[p], reason)
-    lr.carried = [(g, "refused" if g.position in blamed else v) for g, v in collected]
+        if not await bury(lr, lr.leases.held[p], reason):
+            await release(lr, p)
+    lr.carried = [
+        (g, "refused" if g.position in blamed else v)
+        for g, v in collected
+        if g.position in lr.leases.held
+    ]
     lr.progress.steps_nonfinite += 1
     lr.nonfinite_streak += 1
     log.error("update skipped: non-finite " + result["nonfinite"], step=lr.progress.step + 1,

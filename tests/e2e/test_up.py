@@ -52,6 +52,7 @@ def test_aha_up_learns_through_the_async_loop(run):
         + run["groups_dropped_stale"]
         + run["groups_dropped_zero_variance"]
         + run["groups_dropped_no_reward"]
+        + run["groups_dropped_too_large"]
         + run["groups_dead"]
         + run["groups_in_flight_at_stop"]
     ), run

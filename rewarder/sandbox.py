@@ -67,8 +67,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from protocol.config import CONFIG
 from rewarder.errors import VerifierError
 
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -89,9 +90,9 @@ class SandboxError(VerifierError):
 class SandboxLimits(BaseModel):
     """What one run of an untrusted program may use."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = CONFIG
 
-    wall_seconds: float = Field(10.0, gt=0, allow_inf_nan=False)
+    wall_seconds: float = Field(10.0, gt=0)
     """Wall-clock limit; the whole process tree is killed when it passes."""
     cpu_seconds: int = Field(10, ge=1)
     """CPU time per process (RLIMIT_CPU)."""

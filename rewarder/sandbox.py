@@ -25,7 +25,8 @@ What holds:
   even 127.0.0.1 is unreachable; abstract unix sockets are per network namespace.
 - **The host's files are out of sight**: the program sees only the system's executables and
   libraries (read-only), not /home, /root, /srv, /run, /var, the project or its data, nor a
-  host unix socket. In a chroot the kernel also refuses new user namespaces (`unshare -U`).
+  host unix socket; every Python `site-packages` / `dist-packages` under /usr is an empty
+  mount (an image may install aha, its benchmarks and their answers there). In a chroot the kernel also refuses new user namespaces (`unshare -U`).
 - **Nothing outlives the run**: when PID 1 (the `sh`) exits, the kernel kills every process
   left in its PID namespace, double-forked daemons included; when the run is killed at its
   wall time, `unshare` dies, its `--kill-child` kills the `sh`, and the namespace with it; if
@@ -317,6 +318,9 @@ for f in {etc}; do
   if [ -f /etc/$f ]; then
     : > $R/etc/$f && mount --bind /etc/$f $R/etc/$f && mount -o remount,bind,ro $R/etc/$f
   fi
+done
+for d in $R/usr/lib/python3*/*-packages $R/usr/local/lib/python3*/*-packages; do
+  if [ -d "$d" ]; then mount -t tmpfs -o ro,size=4k,nr_inodes=16 tmpfs "$d"; fi
 done
 for n in {dev}; do : > $R/dev/$n && mount --bind /dev/$n $R/dev/$n; done
 mount -t proc -o nosuid,nodev,noexec proc $R/proc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -378,4 +379,31 @@ def test_the_seccomp_filter_refuses_what_a_program_has_no_business_calling(tmp_p
             "thread ok",
             "subprocess ok",
         ], mode
+    assert_nothing_left()
+
+
+@needs_namespaces
+def test_installed_packages_are_out_of_sight():
+    """An image may install aha (and the benchmarks it ships, answers included) into a
+    site-packages under /usr: the program sees every such folder empty."""
+    token = secrets.token_hex(8)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    planted = Path("/usr/local/lib") / version / "site-packages" / f"aha-test-{token}.txt"
+    made = [p for p in (planted.parent.parent, planted.parent) if not p.exists()]
+    for path in made:
+        path.mkdir()
+    planted.write_text(token)
+    program = (
+        "import sys, os\n"
+        "seen = [p for p in sys.path if p.endswith('-packages') and os.path.isdir(p) and os.listdir(p)]\n"
+        f"print(seen, os.path.exists({str(planted)!r}))\n"
+    )
+    try:
+        result = run_python(program, limits=LIMITS)
+    finally:
+        planted.unlink()
+        for path in reversed(made):
+            path.rmdir()
+    assert result.ok, result.stderr
+    assert result.stdout.strip() == "[] False"
     assert_nothing_left()

@@ -69,7 +69,7 @@ def main() -> None:
     code = [
         Job(
             r["prompt"] + r["canonical_solution"],
-            {"entry_point": r["entry_point"], "test": r["test"]},
+            {"entry_point": r["entry_point"], "test": r["test"], "prompt": r["prompt"]},
             {"code_tests": 1.0},
         )
         for r in humaneval

@@ -470,32 +470,58 @@ def run_program(
 
 
 def _run(host, files, argv, stdin, limits, checker, mode, cgroup) -> dict:
-    _place(host / "work", files)
-    _place(host / "check", checker.files if checker else {})
-    if mode == "namespaces":
-        home = "/work"
-        prefix = ["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child", "--"]
-    else:
-        home = str(host / "work")
-        prefix = []
-        if os.geteuid() == 0:
-            os.chown(host, 0, 0)
-            os.chmod(host, 0o711)  # each uid reaches its own dir, lists nothing
-            for where, uid in (("work", limits.uid), ("check", limits.checker_uid)):
-                for path in [host / where, *(host / where).iterdir()]:
-                    os.chown(path, uid, uid)
-                os.chmod(host / where, 0o700)
+    """One run in the host dir `host`: lay out the files, start PID 1, collect the outcome."""
+    _lay_out(host, files, limits, checker, mode)
     env = {
         "PATH": SANDBOX_PATH,
-        "HOME": home,
+        "HOME": "/work" if mode == "namespaces" else str(host / "work"),
         "LANG": "C.UTF-8",
         "PYTHONDONTWRITEBYTECODE": "1",
     }
     setpriv = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
-    (host / "seccomp.py").write_text(SECCOMP.read_text())
-    os.chmod(host / "seccomp.py", 0o644)
+    prefix = []
+    if mode == "namespaces":
+        prefix = ["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child", "--"]
     script = _script(mode, limits, host, cgroup, checker)
     cmd = [*setpriv, *prefix, "sh", "-c", script, "sandbox", *argv]
+    returncode, timed_out = _execute(cmd, host, env, stdin, limits.wall_seconds, mode)
+    if not (host / "ready").exists():
+        raise SandboxError(
+            f"the sandbox did not start (exit {returncode}): "
+            + _read_head(host / "stderr", 2000).strip()
+        )
+    verdict = None
+    if checker is not None:
+        verdict = _read_head(host / "verdict", 4096) if (host / "verdict").exists() else ""
+    return {
+        "returncode": returncode,
+        "stdout": _read_head(host / "stdout", limits.output_bytes),
+        "stderr": _read_head(host / "stderr", limits.output_bytes),
+        "timed_out": timed_out,
+        "verdict": verdict,
+    }
+
+
+def _lay_out(host: Path, files, limits: SandboxLimits, checker: Checker | None, mode: str) -> None:
+    """`work/` (the program's files), `check/` (the checker's) and the seccomp launcher."""
+    _place(host / "work", files)
+    _place(host / "check", checker.files if checker else {})
+    (host / "seccomp.py").write_text(SECCOMP.read_text())
+    os.chmod(host / "seccomp.py", 0o644)
+    if mode != "namespaces" and os.geteuid() == 0:  # namespaces: PID 1 copies and chowns
+        os.chown(host, 0, 0)
+        os.chmod(host, 0o711)  # each uid reaches its own dir, lists nothing
+        for where, uid in (("work", limits.uid), ("check", limits.checker_uid)):
+            for path in [host / where, *(host / where).iterdir()]:
+                os.chown(path, uid, uid)
+            os.chmod(host / where, 0o700)
+
+
+def _execute(
+    cmd: list[str], host: Path, env: dict, stdin: bytes, wall_seconds: float, mode: str
+) -> tuple[int | None, bool]:
+    """(exit status, timed out): run PID 1 with stdin fed through a pipe, killed at the wall
+    time with everything it started."""
     with open(host / "stdout", "wb") as fout, open(host / "stderr", "wb") as ferr:
         try:
             proc = subprocess.Popen(
@@ -514,7 +540,7 @@ def _run(host, files, argv, stdin, limits, checker, mode, cgroup) -> dict:
         feeder.start()
         timed_out = False
         try:
-            returncode: int | None = proc.wait(timeout=limits.wall_seconds)
+            returncode: int | None = proc.wait(timeout=wall_seconds)
         except subprocess.TimeoutExpired:
             timed_out, returncode = True, None
             pid1 = _children(proc.pid)
@@ -528,21 +554,7 @@ def _run(host, files, argv, stdin, limits, checker, mode, cgroup) -> dict:
         feeder.join(timeout=1.0)
     if returncode is not None and returncode < 0:
         returncode = 128 - returncode
-    if not (host / "ready").exists():
-        raise SandboxError(
-            f"the sandbox did not start (exit {returncode}): "
-            + _read_head(host / "stderr", 2000).strip()
-        )
-    verdict = None
-    if checker is not None:
-        verdict = _read_head(host / "verdict", 4096) if (host / "verdict").exists() else ""
-    return {
-        "returncode": returncode,
-        "stdout": _read_head(host / "stdout", limits.output_bytes),
-        "stderr": _read_head(host / "stderr", limits.output_bytes),
-        "timed_out": timed_out,
-        "verdict": verdict,
-    }
+    return returncode, timed_out
 
 
 def _kill(proc: subprocess.Popen, mode: str) -> None:

@@ -317,13 +317,18 @@ def estimate_scored_bytes(
     return task_bytes + 4 * prompt_tokens + group_size * completion + MESSAGE_BYTES
 
 
+NATS_MAX_PAYLOAD = 64 << 20
+"""nats-server refuses a larger `max_payload`."""
+
+
 def payload_limit(group_size: int, max_tokens: int, prompt_bytes: int = 64 * 1024) -> int:
     """The `max_payload` a NATS server needs for groups of `group_size` × `max_tokens` with
     prompts of up to `prompt_bytes` (text and tokens): the estimate plus a quarter, rounded up
-    to a MiB, never below the 8 MiB aha's deployments set."""
+    to a MiB, never below the 8 MiB aha's deployments set nor above what NATS allows (the
+    learner then says at start which settings are too large)."""
     needed = estimate_scored_bytes(group_size, max_tokens, 2 * prompt_bytes, prompt_bytes // 4)
     mib = 1 << 20
-    return max(8 * mib, -(-needed * 5 // 4 // mib) * mib)
+    return min(NATS_MAX_PAYLOAD, max(8 * mib, -(-needed * 5 // 4 // mib) * mib))
 
 
 class Shard(BaseModel):

@@ -19,11 +19,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from protocol.messages import NATS_MAX_PAYLOAD
+
 MIN_VERSION = (2, 10)
 DEFAULT_MAX_PAYLOAD = 8 << 20
 """Largest message an embedded server accepts unless told otherwise (what compose sets)."""
-MAX_PAYLOAD_CAP = 64 << 20
-"""nats-server refuses a larger `max_payload`."""
 
 
 class ServerError(RuntimeError):
@@ -96,8 +96,8 @@ class NatsServer:
         self.config_file = Path(config_file) if config_file else None
         self.binary = Path(binary) if binary else find_binary()
         self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
-        if not 0 < max_payload <= MAX_PAYLOAD_CAP:
-            raise ServerError(f"max_payload {max_payload} is outside 1 … {MAX_PAYLOAD_CAP} bytes")
+        if not 0 < max_payload <= NATS_MAX_PAYLOAD:
+            raise ServerError(f"max_payload {max_payload} is outside 1 … {NATS_MAX_PAYLOAD} bytes")
         self.max_payload = max_payload
         self.process: subprocess.Popen | None = None
 

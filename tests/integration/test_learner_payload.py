@@ -41,6 +41,7 @@ def test_servers_are_sized_for_long_reasoning_groups():
     # 16 completions × 32k tokens: ~8 MiB of ids, log-probs and text, plus a quarter.
     assert payload_limit(16, 32 * 1024) == 11 * 2**20
     assert payload_limit(8, 256) == 8 * 2**20  # never below what compose and Helm set
+    assert payload_limit(256, 32 * 1024) == 64 * 2**20  # nor above what NATS allows
     deploy = Path(__file__).parents[2] / "deploy"
     compose = re.search(r'"max_payload": (\d+)', (deploy / "nats" / "nats.conf").read_text())
     helm = yaml.safe_load((deploy / "helm" / "aha" / "values.yaml").read_text())

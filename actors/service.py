@@ -1,7 +1,7 @@
 """`aha actor`: tasks in, rollouts out, weights swapped in as the learner publishes them.
 
     run()
-      1. connect, start the engine on `actor.model`
+      1. start the engine on `actor.model`, then connect
       2. load the published `latest` weights, if any, before taking a task
       3. watch `latest`: each new version is fetched, verified and loaded between generations
       4. the stage loop: each task -> G completions -> one Rollout tagged with the version
@@ -282,18 +282,23 @@ async def run(config: ActorConfig, stop: asyncio.Event | None = None) -> int:
     stop = stop_on_signals(stop)  # first: a signal while connecting or loading stops at once
     from transformers import AutoTokenizer
 
-    bus = await Bus.connect(config.bus, name=f"aha-actor-{config.actor_id}")
     structlog.contextvars.bind_contextvars(actor_id=config.actor_id)
+    # The engine first: its start blocks the event loop (minutes on a busy CPU), and a NATS
+    # connection opened before would miss the server's pings and be dropped meanwhile.
+    engine = await setup_actor_engine(config)
     try:
-        engine = await setup_actor_engine(config)
-        actor = Actor(config, engine, AutoTokenizer.from_pretrained(config.model), bus)
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        bus = await Bus.connect(config.bus, name=f"aha-actor-{config.actor_id}")
         try:
-            await actor.run(stop)
+            actor = Actor(config, engine, tokenizer, bus)
+            try:
+                await actor.run(stop)
+            finally:
+                actor.close()
         finally:
-            actor.close()
-            await engine.close()
+            await bus.close()
     finally:
-        await bus.close()
+        await engine.close()
     return 0
 
 

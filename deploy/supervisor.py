@@ -81,7 +81,8 @@ class Supervisor:
         self.running: dict[str, Running] = {}
 
         self.server: NatsServer | None = None
-        self.server_restarts = 0
+        self.restarts: dict[str, int] = {}
+        """Restarts so far, by part name (the server's under `SERVER`)."""
 
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
@@ -131,6 +132,7 @@ class Supervisor:
                         processes_left_killed=left)  # fmt: skip
             del self.running[name]
             if again:
+                self.restarts[name] = self.restarts.get(name, 0) + 1
                 self.start(run.part, run.restarts + 1)
         return exits
 
@@ -143,18 +145,18 @@ class Supervisor:
         if server is None or server.process is None or server.process.poll() is None:
             return None
         code = server.process.returncode
-        again = self.server_restarts < self.max_restarts
+        again = self.restarts.get(SERVER, 0) < self.max_restarts
         log.warning("nats-server exited", returncode=code, restarting=again, url=server.url)
         tail = server._log_tail()
         if again:
-            self.server_restarts += 1
+            self.restarts[SERVER] = self.restarts.get(SERVER, 0) + 1
             try:
                 server.start()
             except ServerError as e:
                 log.error("nats-server could not be restarted", error=str(e))
                 again = False
             else:
-                log.info("nats-server restarted", url=server.url, restarts=self.server_restarts)
+                log.info("nats-server restarted", url=server.url, restarts=self.restarts[SERVER])
         if not again:
             self.server = None
         return Exit(SERVER, code, again, tail)

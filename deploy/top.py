@@ -18,7 +18,15 @@ from rich.table import Table
 
 from protocol.bus import Bus
 from protocol.config import BusConfig
-from protocol.depth import FIELDS, STALL_AFTER_S, Depth, Stall, StallWatch, export_depth, queue_depth
+from protocol.depth import (
+    FIELDS,
+    STALL_AFTER_S,
+    Depth,
+    Stall,
+    StallWatch,
+    export_depth,
+    queue_depth,
+)
 from protocol.log import setup_logging
 from protocol.stage import Stopped, stop_on_signals
 

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import structlog
 from pydantic import BaseModel, Field, model_validator
 
-from deploy.supervisor import Part, Supervisor
+from deploy.supervisor import SERVER, Part, Supervisor
 from protocol.config import CONFIG, BusConfig, load_config, merge, read_file, read_jsonl
 
 from protocol.messages import payload_limit
@@ -94,6 +94,8 @@ class UpConfig(BaseModel):
     """Control experiment: rewards permuted across each batch; the model should not improve."""
     restart: bool = True
     """Restart actors and rewarders that die (the learner ending or dying ends the run)."""
+    stall_after_s: float = Field(60.0, gt=0)
+    """Seconds a stage may have work waiting without progress before it is reported stalled."""
 
     @model_validator(mode="after")
     def _dataset_needs_model(self):
@@ -308,7 +310,7 @@ class MetricsTail:
         return [r for r in self.rows if r.get("event") == "step"]
 
 
-def render(up: UpConfig, steps: list[dict], depth: dict | None, elapsed: float):
+def render(up: UpConfig, steps: list[dict], depth: dict | None, elapsed: float, stalls=None):
     from rich.table import Table
 
     table = Table(title=f"aha up — {elapsed:.0f}s", title_justify="left")
@@ -332,20 +334,27 @@ def render(up: UpConfig, steps: list[dict], depth: dict | None, elapsed: float):
             if stage != "dead"
         )
         table.caption = f"{queues}  dead: {depth['dead']['messages']}"
+        for stall in (stalls or {}).values():
+            table.caption += (
+                f"\n[red]{stall.stage} stalled: {stall.pending} pending, {stall.ack_pending} "
+                f"leased, no progress for {stall.seconds:.0f}s[/]"
+            )
     return table
 
 
-async def _connect(bus_config):
+async def _connect(bus_config, timeout: float = 30.0):
     from protocol.bus import Bus
 
-    return await Bus.connect(bus_config, name="aha-up", setup=False)
+    # Bounded: connecting retries forever, and a server that is gone must not hang the run.
+    return await asyncio.wait_for(Bus.connect(bus_config, name="aha-up", setup=False), timeout)
 
 
-async def _depth(bus) -> dict | None:
+async def _read_depth(bus):
+    """`queue_depth` now, None if the server does not answer (it may be restarting)."""
     from protocol.depth import queue_depth
 
     try:
-        return {k: v.as_dict() for k, v in (await queue_depth(bus.js)).items()}
+        return await queue_depth(bus.js)
     except Exception as e:  # a view must not end the run
         log.warning("queue depth unavailable", error=repr(e))
         return None
@@ -361,15 +370,22 @@ async def _setup_streams(bus_config) -> None:
 async def watch(
     up: UpConfig, sup: Supervisor, metrics: MetricsTail, bus_config, started: float
 ) -> tuple[str, int | None]:
-    """Live table until the learner exits. Returns why the run ended and the learner's code."""
+    """Live table until the learner exits. Returns why the run ended and the learner's code.
+
+    Every second: parts and the server that died are reported (and restarted by the
+    supervisor), queue depth is read, and stages that stalled are reported.
+    """
     from rich.console import Console
     from rich.live import Live
+
+    from protocol.depth import StallWatch
 
     console = Console(stderr=True)
     live = Live(console=console, auto_refresh=False) if console.is_terminal else None
     if live:
         live.start()
     bus = await _connect(bus_config)
+    stalled = StallWatch(up.stall_after_s)
     reported = 0
     try:
         while True:
@@ -381,11 +397,16 @@ async def watch(
                 if ex.name == "learner":
                     ok = ex.returncode == 0
                     return ("finished" if ok else f"learner exited with {ex.returncode}"), ex.returncode
+                if ex.name == SERVER and not ex.restarted:
+                    return "nats-server died and could not be restarted", None
             metrics.read()
             steps = metrics.steps
-            depth = await _depth(bus)
+            reading = await _read_depth(bus)
+            stalls = stalled.update(reading) if reading else {}
+            depth = {k: v.as_dict() for k, v in reading.items()} if reading else None
             if live:
-                live.update(render(up, steps, depth, time.monotonic() - started), refresh=True)
+                table = render(up, steps, depth, time.monotonic() - started, stalls)
+                live.update(table, refresh=True)
             else:
                 for row in steps[reported:]:
                     keys = ("step", "version", "reward", "accuracy", "response_length")
@@ -428,15 +449,20 @@ def plot(steps: list[dict], path: Path) -> Path | None:
 
 
 async def in_flight(bus_config) -> int | None:
-    """Tasks still somewhere in the loop: messages left in the three work queues."""
-    bus = await _connect(bus_config)
+    """Tasks still somewhere in the loop: messages left in the three work queues (None,
+    logged, when the server cannot be reached)."""
     try:
-        depth = await _depth(bus)
+        bus = await _connect(bus_config)
+    except Exception as e:
+        log.error("in-flight count unavailable: no server", error=repr(e))
+        return None
+    try:
+        depth = await _read_depth(bus)
     finally:
         await bus.close()
     if depth is None:
         return None
-    return sum(depth[s]["messages"] for s in ("tasks", "rollouts", "scored"))
+    return sum(depth[s].messages for s in ("tasks", "rollouts", "scored"))
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -445,16 +471,16 @@ async def in_flight(bus_config) -> int | None:
 @contextlib.contextmanager
 def nats_server(
     run_dir: Path, url: str | None = None, max_payload: int = 8 << 20
-) -> Iterator[str]:
+) -> Iterator[tuple[str, Any]]:
     """`NATS_URL`, else `url` (the config's `[bus] url`), else an embedded server for the
-    run (stopped at the end)."""
+    run (stopped at the end). Yields the URL and the embedded server (None for another)."""
     from protocol.server import NatsServer
 
     if os.environ.get("NATS_URL") or url:
-        yield os.environ.get("NATS_URL") or url
+        yield os.environ.get("NATS_URL") or url, None
         return
     with NatsServer(run_dir / "nats", max_payload=max_payload) as server:
-        yield server.url
+        yield server.url, server
 
 
 def held_out_accuracy(model: Path, held_out: list[dict], up: UpConfig, when: str):
@@ -472,15 +498,20 @@ def held_out_accuracy(model: Path, held_out: list[dict], up: UpConfig, when: str
 class LoopResult:
     ended: str
     exit_codes: dict[str, int]
+    restarts: dict[str, int]
     seconds: float
     in_flight: int | None
     metrics: MetricsTail
 
 
-def run_loop(up: UpConfig, run_dir: Path, config: Path, bus_config, started: float) -> LoopResult:
+def run_loop(
+    up: UpConfig, run_dir: Path, config: Path, bus_config, started: float, server=None
+) -> LoopResult:
     """Learner, actors and rewarders as processes until the learner is done; then stop all
-    and count what is left in the queues."""
+    and count what is left in the queues. An embedded `server` that dies is restarted."""
     sup = Supervisor(run_dir / "logs")
+    if server is not None:
+        sup.watch_server(server)
     metrics = MetricsTail(run_dir / "metrics.jsonl")
     loop_started = time.monotonic()
     learner_code = None
@@ -489,13 +520,19 @@ def run_loop(up: UpConfig, run_dir: Path, config: Path, bus_config, started: flo
         ended, learner_code = asyncio.run(watch(up, sup, metrics, bus_config, started))
     except KeyboardInterrupt:
         ended = "interrupted"
+    except Exception as e:  # the run still ends with its parts stopped and a summary
+        log.exception("supervision failed")
+        ended = f"supervision failed: {e!r}"
     finally:
         codes = sup.stop()
+        sup.poll_server()  # the count below needs the server up
     if learner_code is not None:
         codes["learner"] = learner_code
     seconds = time.monotonic() - loop_started
     metrics.read()
-    return LoopResult(ended, codes, seconds, asyncio.run(in_flight(bus_config)), metrics)
+    return LoopResult(
+        ended, codes, sup.restarts, seconds, asyncio.run(in_flight(bus_config)), metrics
+    )
 
 
 def summarize(up: UpConfig, name: str, run_dir: Path, loop: LoopResult, before, after,
@@ -511,6 +548,7 @@ def summarize(up: UpConfig, name: str, run_dir: Path, loop: LoopResult, before, 
         "name": name,
         "ended": loop.ended,
         "exit_codes": loop.exit_codes,
+        "restarts": loop.restarts,
         "accuracy_before": of(before, "accuracy"),
         "accuracy_after": of(after, "accuracy"),
         "pass_at_1_before": of(before, "pass_at_1"),
@@ -555,7 +593,7 @@ def run(up: UpConfig, *, json_out: bool, config_file: str | None = None) -> dict
     parts = read_file(config_file) if config_file else {}
     # Sized for the configured groups (NATS's default of 1 MiB is too small for long ones).
     max_payload = payload_limit(up.group_size, up.max_tokens)
-    with nats_server(run_dir, (parts.get("bus") or {}).get("url"), max_payload) as url:
+    with nats_server(run_dir, (parts.get("bus") or {}).get("url"), max_payload) as (url, server):
         bus_config = load_config(BusConfig, overrides={**(parts.get("bus") or {}), "url": url})
         asyncio.run(_setup_streams(bus_config))
         log.info("run", dir=str(run_dir), nats=url)
@@ -566,7 +604,7 @@ def run(up: UpConfig, *, json_out: bool, config_file: str | None = None) -> dict
         model = Path(up.model) if up.model else cold_start_model(up, run_dir, held_out, sys.executable)
         before = held_out_accuracy(model, held_out, up, "before")
         config = write_run_config(up, run_dir, model, dataset, url, parts)
-        loop = run_loop(up, run_dir, config, bus_config, started)
+        loop = run_loop(up, run_dir, config, bus_config, started, server)
     after = held_out_accuracy(run_dir / "final", held_out, up, "after")
     summary = summarize(up, name, run_dir, loop, before, after, started)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -101,5 +101,6 @@ def learner(args: argparse.Namespace) -> int:
     except Stopped as e:  # before its first fetch (loading, connecting): nothing to save
         import structlog
 
-        structlog.get_logger("learner").info("learner stopped before its first step", signal=e.signal)
+        log = structlog.get_logger("learner")
+        log.info("learner stopped before its first step", signal=e.signal)
         return 0

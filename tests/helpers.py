@@ -69,3 +69,25 @@ async def check_stop_strings(engine, tokenizer, prompt_text: str) -> None:
             assert stop not in tokenizer.decode(s.token_ids[:-1], skip_special_tokens=True)
         else:
             assert s.token_ids[-1] == tokenizer.eos_token_id
+
+
+def processes_with(marker: str) -> set[int]:
+    """Pids of the live processes whose environment holds `AHA_PART=<marker>` (every process
+    of a part that `deploy.supervisor` started, its children included)."""
+    from pathlib import Path
+
+    from deploy.supervisor import PART_ENV
+
+    found = set()
+    needle = f"{PART_ENV}={marker}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in environ and state != "Z":
+            found.add(int(entry.name))
+    return found

@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from deploy.supervisor import PART_ENV, SERVER, Part, Supervisor
+from deploy.supervisor import SERVER, Part, Supervisor
+from tests.helpers import processes_with
 
 PY = sys.executable
 
@@ -67,29 +68,13 @@ def test_stop_terminates_in_order_and_kills_what_ignores_sigterm(tmp_path):
     assert marker.read_text().split() == ["learner", "rewarder"]
 
 
-def processes_with(marker: str) -> set[int]:
-    """Pids of live processes whose environment holds `AHA_PART=<marker>`."""
-    found = set()
-    needle = f"{PART_ENV}={marker}".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle in environ and state != "Z":
-            found.add(int(entry.name))
-    return found
-
-
 # A part that starts children the way vLLM starts its EngineCore (multiprocessing, fork and
 # spawn), prints their pids, and sleeps.
 TREE = (
     "import multiprocessing as mp, os, sys, time\n"
     "if __name__ == '__main__':\n"
-    "    kids = [mp.get_context(m).Process(target=time.sleep, args=(60,)) for m in ('fork', 'spawn')]\n"
+    "    kids = [mp.get_context(m).Process(target=time.sleep, args=(60,))\n"
+    "            for m in ('fork', 'spawn')]\n"
     "    for k in kids: k.start()\n"
     "    print('kids', *[k.pid for k in kids], flush=True)\n"
     "    time.sleep(60)\n"

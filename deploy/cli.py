@@ -116,6 +116,25 @@ def _score(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+@command("eval", "R1's evaluation (pass@1, pass@k, cons@k, lengths, reflection) of a samples file")
+def _eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--samples-from", required=True, metavar="FILE", help='JSONL, a line per problem: {"id", "reference", "samples": [{"text", "n_tokens"?, "finish_reason"?}]}; scored again with the benchmark\'s rewards')
+    p.add_argument("--bench", required=True, help="gsm8k, math500, aime24, amc23 or humaneval (its rewards and how answers vote)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for summary.json and scored.jsonl (never overwritten)")
+    p.add_argument("--k", type=_positive(int), help="samples per problem: the first K of each line (default: all; every line must then have as many)")
+    p.add_argument("--workers", type=_positive(int), default=2, help="verifier processes")
+    p.add_argument("--timeout", type=_positive(float), default=30.0, help="seconds per verifier call before a sample gets no reward")
+    p.add_argument("--reflection-words", default="wait,recheck,re-check,double-check,re-evaluate,reconsider", metavar="W1,W2", help="words inside <think> that count as reflecting")
+    p.add_argument("--json", action="store_true", help="print summary.json as the last line of stdout")
+
+    def run(args):
+        from pipeline.evaluation import main
+
+        return main(args)
+
+    p.set_defaults(func=run)
+
+
 @command("export", "write a learner checkpoint as an HF folder that from_pretrained loads")
 def _export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="config file with a [learner] section")

@@ -1,0 +1,204 @@
+"""`aha eval --samples-from FILE --bench NAME -o DIR`: R1's evaluation of samples that
+already exist (no generation).
+
+Steps: read and check every line of the samples file (`pipeline.samples`) and the output
+folder, before any scoring; score every sample with the benchmark's rewards in the rewarder's
+verifier pool (per-call timeout, sandbox, `reward: null` with the reason when a verifier
+cannot decide); extract each sample's final answer and group equivalent answers for the vote
+(Math-Verify's comparisons run in the same pool, under the same timeout); compute the metrics
+(`pipeline.metrics`); write `DIR/summary.json` and `DIR/scored.jsonl`; print a table.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.benchmarks import Benchmark, get_benchmark
+from pipeline.metrics import REFLECTION_WORDS, ScoredSample, group_answers, summarize
+from pipeline.samples import ProblemSamples, SamplesError, read_samples
+from protocol.messages import Score
+from rewarder.errors import Disqualified
+from rewarder.pool import Job, VerifierPool
+from rewarder.rewards import final_answer, gsm8k_answer
+
+SUMMARY, SCORED = "summary.json", "scored.jsonl"
+"""What `aha eval` writes in its output folder."""
+
+
+def extract_answer(bench: Benchmark, text: str) -> str | None:
+    """The answer a sample votes with: its final answer (`math`, whitespace runs made one
+    space), its number (`number`, as a fraction's text: `7/2`), or None (no answer, or a
+    benchmark without votes)."""
+    if bench.vote == "math":
+        answer = " ".join((final_answer(text) or "").split())
+        return answer or None
+    if bench.vote == "number":
+        try:
+            value = gsm8k_answer(text)
+        except Disqualified:  # a number too long to be an answer
+            return None
+        return None if value is None else str(value)
+    return None
+
+
+def _as_answer(answer: str) -> str:
+    """`answer` as a completion whose final answer is exactly `answer`."""
+    return f"<answer>{answer}</answer>"
+
+
+def check_output(folder: Path) -> None:
+    """Raise `SamplesError` unless `folder` can take the results (made if missing); results
+    already there are never overwritten."""
+    if folder.exists() and not folder.is_dir():
+        raise SamplesError(f"-o: not a directory ({folder})")
+    for name in (SUMMARY, SCORED):
+        if (folder / name).exists():
+            raise SamplesError(f"-o: {name} exists; choose another folder ({folder / name})")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SamplesError(f"-o: cannot make the folder: {e.strerror or e} ({folder})") from e
+
+
+def check_problem(problem: ProblemSamples, bench: Benchmark) -> None:
+    """Raise ValueError for a line of another benchmark or a reference the benchmark's
+    rewards cannot read."""
+    if problem.bench is not None and problem.bench != bench.name:
+        raise ValueError(f"bench: {problem.bench!r}, but --bench is {bench.name!r}")
+    bench.check_reference(problem.reference)
+
+
+def _run(
+    pool: VerifierPool, jobs: list[Job], what: str, progress: bool
+) -> tuple[list[Score], dict]:
+    """Scores of `jobs` in order, and the pool's notes by job index."""
+    if not progress or not jobs:
+        return pool.map(jobs), dict(pool.notes)
+    from rich.progress import Progress
+
+    with Progress(transient=False) as bar:
+        task = bar.add_task(what, total=len(jobs))
+        scores = pool.map(jobs, on_score=lambda i, s: bar.advance(task))
+    return scores, dict(pool.notes)
+
+
+def vote_groups(
+    answers: list[list[str | None]], pool: VerifierPool, progress: bool
+) -> list[list[int | None]]:
+    """Each problem's vote groups (`pipeline.metrics.group_answers`): distinct answers of one
+    problem are compared by `accuracy_math` in the pool, the earlier one as the reference."""
+    pairs: dict[tuple[str, str], int] = {}
+    for problem in answers:
+        distinct = list(dict.fromkeys(a for a in problem if a is not None))
+        for i, first in enumerate(distinct):
+            for later in distinct[i + 1 :]:
+                if final_answer(_as_answer(later)) == later:  # else only equal text is one vote
+                    pairs.setdefault((first, later), len(pairs))
+    jobs = [Job(_as_answer(b), a, {"accuracy_math": 1.0}) for a, b in pairs]
+    scores, _ = _run(pool, jobs, "comparing answers", progress)
+    same = {pair for pair, i in pairs.items() if scores[i].reward == 1.0}
+    return [group_answers(problem, lambda a, b: (a, b) in same) for problem in answers]
+
+
+def evaluate(
+    problems: Sequence[ProblemSamples],
+    bench: Benchmark,
+    workers: int = 2,
+    timeout_s: float = 30.0,
+    words: Sequence[str] = REFLECTION_WORDS,
+    progress: bool = False,
+) -> tuple[dict, list[dict]]:
+    """(the benchmark's metrics, one result row per sample) for `problems`."""
+    jobs = [Job(s.text, p.reference, bench.rewards) for p in problems for s in p.samples]
+    answers = [[extract_answer(bench, s.text) for s in p.samples] for p in problems]
+    with VerifierPool(workers=workers, timeout_s=timeout_s) as pool:
+        scores, notes = _run(pool, jobs, f"scoring {bench.name}", progress)
+        if bench.vote == "math":
+            groups = vote_groups(answers, pool, progress)
+        else:
+            groups = [group_answers(a, lambda x, y: False) for a in answers]
+    scored: list[list[ScoredSample]] = []
+    rows: list[dict] = []
+    index = 0
+    for problem, problem_answers, problem_groups in zip(problems, answers, groups):
+        scored.append([])
+        for number, (sample, answer, group) in enumerate(
+            zip(problem.samples, problem_answers, problem_groups)
+        ):
+            score = scores[index]
+            correct = None if score.reward is None else score.components.get(bench.accuracy) == 1.0
+            scored[-1].append(
+                ScoredSample(
+                    sample.text, correct, score.reward, group, sample.finish_reason, sample.n_tokens
+                )
+            )
+            rows.append({
+                "id": problem.id, "sample": number, "reward": score.reward,
+                "components": score.components, "error": score.error, "note": notes.get(index),
+                "correct": correct, "answer": answer, "vote": group,
+                "finish_reason": sample.finish_reason, "n_tokens": sample.n_tokens,
+            })  # fmt: skip
+            index += 1
+    return summarize(scored, vote=bench.vote is not None, words=words), rows
+
+
+def print_table(name: str, metrics: dict[str, Any]) -> None:
+    """The summary as a rich table on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    table = Table(title=f"{name}: {metrics['problems']} problems × {metrics['k']} samples")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    stderr = metrics["pass_at_1_stderr"]
+    spread = "" if stderr is None else f" ± {pct(stderr)}"
+    table.add_row("pass@1 (%), ± standard error", pct(metrics["pass_at_1"]) + spread)
+    for k, value in list(metrics["pass_at_k"].items())[1:]:  # pass@1 above
+        table.add_row(f"pass@{k} (%)", pct(value))
+    for k, value in (metrics["cons_at_k"] or {}).items():
+        table.add_row(f"cons@{k} (%)", pct(value))
+    for key in ("undecided", "truncated", "unrewarded", "no_answer", "reflection_share"):
+        table.add_row(f"{key.replace('_', ' ')} (%)", pct(metrics[key]))
+    unit, think = metrics["length_unit"], metrics["think_length_unit"]
+    table.add_row(
+        f"length, mean / median ({unit})",
+        f"{metrics['mean_length']:.1f} / {metrics['median_length']:g}",
+    )
+    table.add_row(
+        f"thought, mean / median ({think})",
+        f"{metrics['mean_think_length']:.1f} / {metrics['median_think_length']:g}",
+    )
+    Console().print(table)
+
+
+def main(args) -> int:
+    """The `aha eval` command (only `--samples-from` exists so far)."""
+    bench = get_benchmark(args.bench)
+    source, out = Path(args.samples_from), Path(args.output)
+    words = tuple(w.strip() for w in args.reflection_words.split(",") if w.strip())
+    problems = read_samples(source, args.k, lambda problem: check_problem(problem, bench))
+    check_output(out)
+    progress = sys.stderr.isatty()
+    metrics, rows = evaluate(problems, bench, args.workers, args.timeout, words, progress)
+    metrics["settings"] = {
+        "samples_from": str(source), "rewards": bench.rewards, "correct": f"{bench.accuracy} = 1",
+        "template": bench.template, "workers": args.workers, "timeout_s": args.timeout,
+        "reflection_words": list(words),
+        "ties": "the answer given first among the n samples",
+    }  # fmt: skip
+    summary = {bench.name: metrics}
+    with open(out / SCORED, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    print_table(bench.title, metrics)
+    print(f"{len(rows)} samples of {len(problems)} problems scored -> {out}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary, allow_nan=False))
+    return 0

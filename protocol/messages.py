@@ -163,9 +163,7 @@ class Sample(BaseModel):
     @model_validator(mode="after")
     def _aligned(self):
         if len(self.token_ids) != len(self.logprobs):
-            raise ValueError(
-                f"{len(self.token_ids)} token ids but {len(self.logprobs)} log-probs"
-            )
+            raise ValueError(f"{len(self.token_ids)} token ids but {len(self.logprobs)} log-probs")
         # NaN or +inf would poison the importance weight of every update it enters; -inf (a
         # token the engine gave no mass) is only truncated by `is_cap`.
         bad = np.isnan(self.logprobs) | (self.logprobs == np.inf)
@@ -236,6 +234,9 @@ class Score(BaseModel):
     """Each named reward's value before weighting (None where that verifier failed)."""
     error: str | None = None
     """Why `reward` is None (verifier error or timeout); None otherwise."""
+    note: str | None = None
+    """Why a component is 0 by a rule, for what the completion did (`name: reason`, e.g. an
+    answer that stalled its verifier or hedged, code that hung); None otherwise."""
 
     @model_validator(mode="after")
     def _reward_or_reason(self):
@@ -245,20 +246,25 @@ class Score(BaseModel):
 
     @classmethod
     def of(
-        cls, reward: float | None, components: dict[str, float | None], error: str | None
+        cls,
+        reward: float | None,
+        components: dict[str, float | None],
+        error: str | None,
+        note: str | None = None,
     ) -> Score:
-        """The score of a verifier's `(reward, components, error)`, where a non-finite value
-        becomes None with its reason (a verifier that returns NaN could not decide)."""
+        """The score of a verifier's `(reward, components, error, note)`, where a non-finite
+        value becomes None with its reason (a verifier that returns NaN could not decide)."""
         bad = {n: v for n, v in components.items() if v is not None and not math.isfinite(v)}
         if reward is not None and not math.isfinite(reward):
             bad["reward"] = reward
         if not bad:
-            return cls(reward=reward, components=components, error=error)
+            return cls(reward=reward, components=components, error=error, note=note)
         reason = "non-finite " + ", ".join(f"{n} {v}" for n, v in bad.items())
         return cls(
             reward=None,
             components={n: None if n in bad else v for n, v in components.items()},
             error=f"{error}; {reason}" if error else reason,
+            note=note,
         )
 
 
@@ -288,9 +294,7 @@ class ScoredRollout(_Message):
     @model_validator(mode="after")
     def _one_per_sample(self):
         if len(self.scores) != len(self.rollout.samples):
-            raise ValueError(
-                f"{len(self.scores)} scores for {len(self.rollout.samples)} samples"
-            )
+            raise ValueError(f"{len(self.scores)} scores for {len(self.rollout.samples)} samples")
         return self
 
 

@@ -223,7 +223,7 @@ class VerifierPool:
         if note is not None:
             self.stats.disqualified += 1
             self.notes[key] = note
-        return key, Score.of(reward, components, error)  # NaN from a verifier: no reward
+        return key, Score.of(reward, components, error, note)  # NaN from a verifier: no reward
 
     def _expire(self, worker: _Worker, busy: dict[int, _Worker]) -> tuple[int, Score]:
         key = worker.key

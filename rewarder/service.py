@@ -41,6 +41,11 @@ QUEUE_WAIT = Histogram(
     buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
 )
 SCORING = Histogram("aha_rewarder_group_seconds", "Wall time to score one rollout's group")
+DISQUALIFIED = Counter(
+    "aha_rewarder_disqualified_total",
+    "Completions scored 0 by a rule, for what they did (stalled a verifier, hedged, hung)",
+    ["reward"],
+)
 
 
 async def score_rollout(
@@ -63,6 +68,10 @@ async def score_rollout(
     VERIFIER_FAILURES.labels("crash").inc(new_crashes)
     VERIFIER_FAILURES.labels("error").inc(len(failed) - new_timeouts - new_crashes)
     COMPLETIONS.inc(len(scores))
+    disqualified = [s.note for s in scores if s.note]
+    for note in disqualified:  # `name: reason; name: reason`
+        for part in note.split("; "):
+            DISQUALIFIED.labels(part.split(":", 1)[0]).inc()
     SCORING.observe(seconds)
     components = defaultdict(list)
     for score in scores:
@@ -80,6 +89,8 @@ async def score_rollout(
         components={k: round(sum(v) / len(v), 4) for k, v in components.items()},
         no_reward=len(failed),
         errors=sorted({s.error for s in failed})[:3],
+        disqualified=len(disqualified),
+        notes=sorted(set(disqualified))[:3],
         seconds=round(seconds, 3),
         queue_wait_s=round(queue_wait, 3),
     )

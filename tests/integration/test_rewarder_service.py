@@ -47,6 +47,26 @@ async def test_score_rollout_scores_every_completion_of_the_group():
     assert scored.rewarder_id == "r-test" and scored.rollout.task_id == rollout.task_id
 
 
+async def test_a_zero_by_rule_carries_its_reason_on_the_wire():
+    """A hedge (`x = 6 = 5`) scores 0, not no reward, and the scored group says why: the reason
+    travels in the message and is counted per reward."""
+    from protocol.codec import decode, encode
+    from protocol.messages import ScoredRollout
+    from rewarder.service import DISQUALIFIED
+
+    before = DISQUALIFIED.labels("accuracy_math")._value.get()
+    rollout = rollout_with(
+        [r"<think>a</think> \boxed{x = 6 = 5}", r"<think>a</think> \boxed{5}"], "5"
+    )
+    with VerifierPool(workers=2, timeout_s=20) as pool:
+        scored = await score_rollout(pool, rollout, "r-test")
+    hedge, right = decode(encode(scored), ScoredRollout).scores
+    assert hedge.reward == pytest.approx(0.1) and hedge.error is None
+    assert hedge.note.startswith("accuracy_math: ") and "not all equal" in hedge.note
+    assert right.reward == pytest.approx(1.1) and right.note is None
+    assert DISQUALIFIED.labels("accuracy_math")._value.get() == before + 1
+
+
 async def test_the_rewarder_process_consumes_rollouts_and_publishes_scores(tmp_path):
     with NatsServer(tmp_path / "nats") as server:
         config = RewarderConfig(workers=2, bus=BusConfig(url=server.url), rewarder_id="r-1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,36 @@ PYTHON_TAGS = ("", "python", "py", "python3")
 LANGUAGE = re.compile(r"[ \t]*([\w+-]*)")
 HARNESS = Path(__file__).parent / "harness"
 _sandbox_limits = SandboxLimits()
+_budget_s: float | None = None
+"""All of one completion's sandboxed runs together, in seconds (`fit_code_budget`)."""
 
 
 def configure_sandbox(limits: SandboxLimits) -> None:
     """Set the limits `code_tests` runs programs under in this process (one per pool worker)."""
     global _sandbox_limits
     _sandbox_limits = limits
+
+
+def fit_code_budget(timeout_s: float) -> None:
+    """Fit the time all of one completion's runs may take to a per-call timeout of
+    `timeout_s` (half of it): a program that hangs on every case is a 0 before the verifier
+    pool's timeout would make it "no reward", which escapes the 0 (a stalled verifier)."""
+    global _budget_s
+    _budget_s = timeout_s / 2
+
+
+def _limits(deadline: float | None) -> SandboxLimits:
+    """The sandbox limits for the next run: the wall time cut to what the budget has left."""
+    if deadline is None:
+        return _sandbox_limits
+    left = deadline - time.monotonic()
+    if left >= _sandbox_limits.wall_seconds:
+        return _sandbox_limits
+    return _sandbox_limits.model_copy(update={"wall_seconds": max(left, 0.05)})
+
+
+def _deadline() -> float | None:
+    return None if _budget_s is None else time.monotonic() + _budget_s
 
 
 def code_blocks(text: str) -> list[tuple[str, str]]:
@@ -65,7 +90,7 @@ def run_tests(program: str, test: str, entry_point: str, setup: str | None = Non
     checker first: a helper such as HumanEval/32's `poly` comes from it, not from the
     program, which could redefine it.
     """
-    limits = _sandbox_limits
+    limits = _limits(_deadline())
     checker_files = {"main.py": _harness("checker"), "tests.py": test}
     if setup is not None:
         checker_files["setup.py"] = setup
@@ -93,9 +118,7 @@ def _humaneval(program: str, reference: dict) -> float:
     # is a plain 0; a hang past the wall time (the checker waits on the program), a crash,
     # an exception or a reply that is not plain data is a 0 with its reason
     if result.timed_out:
-        raise Disqualified(
-            f"the program ran past the wall time ({_sandbox_limits.wall_seconds:g} s)"
-        )
+        raise Disqualified(f"the program ran past the wall time ({result.seconds:.3g} s)")
     if verdict.startswith("failed: AssertionError"):
         return 0.0
     raise Disqualified(verdict or f"the tests ended without a verdict (exit {result.returncode})")
@@ -138,8 +161,17 @@ def code_tests(completion: str, reference: Any, task: Any = None) -> float:
         raise VerifierError(
             "code_tests needs {entry_point, test} or equally long non-empty {inputs, outputs}"
         )
-    passed = 0
-    for stdin, expected in zip(inputs, outputs):
-        result = run_python(program, stdin, _sandbox_limits)
+    passed, deadline = 0, _deadline()
+    for ran, (stdin, expected) in enumerate(zip(inputs, outputs)):
+        if deadline is not None and time.monotonic() >= deadline:
+            # the cases left count as failed; a program that hung on every one is a 0 that
+            # says so, not a timeout of the whole call ("no reward")
+            if passed == 0:
+                raise Disqualified(
+                    f"the time for all cases ({_budget_s:g} s) was spent after {ran} of"
+                    f" {len(inputs)}, none passed"
+                )
+            break
+        result = run_python(program, stdin, _limits(deadline))
         passed += result.ok and _same_output(result.stdout, str(expected))
     return passed / len(inputs)

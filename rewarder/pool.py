@@ -68,11 +68,13 @@ class PoolStats:
 
 def _serve(conn: Connection, sandbox: SandboxLimits, timeout_s: float) -> None:
     """A worker: score jobs from `conn` in this process's main thread until told to stop."""
+    from rewarder.code import fit_code_budget
     from rewarder.rewards import configure_sandbox, fit_answer_budget, grade
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     configure_sandbox(sandbox)
     fit_answer_budget(timeout_s)  # a completion that stalls Math-Verify: 0 before the timeout
+    fit_code_budget(timeout_s)  # likewise a program that hangs on every test case
     while True:
         try:
             item = conn.recv()

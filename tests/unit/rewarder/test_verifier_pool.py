@@ -54,13 +54,19 @@ def test_math_verify_times_out_in_worker_main_threads_not_in_ours():
 
 
 @pytest.mark.skipif(isolation() != "namespaces", reason="checks sandbox cleanup after a kill")
-def test_a_stuck_worker_is_killed_and_replaced_and_its_sandbox_dies_with_it():
-    # the program would run 60 s (its sandbox allows it); the pool's 1 s timeout kills the worker
+def test_a_stuck_worker_is_killed_and_replaced_and_its_sandbox_dies_with_it(monkeypatch):
+    # the program would run 60 s: its sandbox allows it and, patched out here (the workers are
+    # forked from this process), so does code_tests' budget, as a verifier bug would; the
+    # pool's 1 s timeout kills the worker
+    import rewarder._preload  # noqa: F401  (forked workers start warm, as the forkserver's do)
+    from rewarder import code
+
+    monkeypatch.setattr(code, "fit_code_budget", lambda timeout_s: None)
     slow = SandboxLimits(wall_seconds=60, cpu_seconds=60)
     stuck = Job(
         "import time\ntime.sleep(60)\n", {"inputs": [""], "outputs": [""]}, {"code_tests": 1.0}
     )
-    with VerifierPool(workers=2, timeout_s=1.0, sandbox=slow) as pool:
+    with VerifierPool(workers=2, timeout_s=1.0, sandbox=slow, start_method="fork") as pool:
         start = time.monotonic()
         scores = pool.map([stuck, Job(r"\boxed{2}", "2", {"accuracy_math": 1.0}), stuck])
         assert time.monotonic() - start < 10
@@ -75,3 +81,30 @@ def test_a_stuck_worker_is_killed_and_replaced_and_its_sandbox_dies_with_it():
 async def test_score_async_keeps_the_event_loop_free(pool):
     scores = await pool.score_async([Job("<think>a</think> 5", None, {"format_think": 1.0})])
     assert scores[0].reward == 1.0
+
+
+@pytest.mark.skipif(isolation() != "namespaces", reason="runs model-style code")
+def test_a_program_that_hangs_is_a_zero_before_the_pools_timeout():
+    """ "No reward" is left out of the advantage: a program must not reach it by hanging on every
+    test case. code_tests spends at most half the per-call timeout on one completion's runs,
+    so it is a 0 with the reason, whatever the sandbox's own wall time."""
+    slow = SandboxLimits(wall_seconds=60, cpu_seconds=60)
+    cases = {"inputs": ["1", "2", "3", "4"], "outputs": ["1", "2", "3", "4"]}
+    humaneval = {"entry_point": "f", "test": "def check(candidate):\n    assert candidate()\n"}
+    hang = "import time\ntime.sleep(60)\ndef f():\n    return 1\n"
+    echo = "import sys\nv = input()\nif v == '3':\n    import time; time.sleep(60)\nprint(v)\n"
+    with VerifierPool(workers=2, timeout_s=6.0, sandbox=slow) as pool:
+        start = time.monotonic()
+        stalled, partial, tests = pool.map(
+            [
+                Job(hang, cases, {"code_tests": 1.0}),
+                Job(echo, cases, {"code_tests": 1.0}),
+                Job(hang, humaneval, {"code_tests": 1.0}),
+            ]
+        )
+        assert time.monotonic() - start < 6.0 + 2
+        assert pool.stats.timeouts == 0
+    assert stalled.reward == 0.0 and "none passed" in stalled.note
+    assert partial.reward == 0.5  # 1 and 2 passed, 3 hung until the budget ran out, 4 never ran
+    assert tests.reward == 0.0 and "wall time" in tests.note
+    assert_nothing_left()

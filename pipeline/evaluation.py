@@ -78,9 +78,10 @@ def _run(
     """Scores of `jobs` in order, and the pool's notes by job index."""
     if not progress or not jobs:
         return pool.map(jobs), dict(pool.notes)
+    from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(transient=False) as bar:
+    with Progress(console=Console(stderr=True)) as bar:  # stdout is for the table and --json
         task = bar.add_task(what, total=len(jobs))
         scores = pool.map(jobs, on_score=lambda i, s: bar.advance(task))
     return scores, dict(pool.notes)

@@ -75,7 +75,7 @@ def test_eval_samples_from_math500_gives_the_hand_worked_summary(tmp_path):
     src = write_jsonl(tmp_path / "samples.jsonl", math500_samples())
     # a 6 s timeout: Math-Verify gets 2 s of it, so the stall is a 0 in time, not a null
     result = aha("eval", "--samples-from", src, "--bench", "math500", "-o", tmp_path / "out",
-                 "--timeout", 6, "--json")  # fmt: skip
+                 "--timeout", 6, "--json", "--reflection-words", "wait, recheck")  # fmt: skip
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary == json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -102,6 +102,7 @@ def test_eval_samples_from_math500_gives_the_hand_worked_summary(tmp_path):
         pytest.approx(1047 / 12), 65, "tokens")  # fmt: skip
     assert s["reflection_share"] == pytest.approx(1 / 12)  # "Wait" inside the first thought
     assert s["settings"]["rewards"] == {"accuracy_math": 1.0}
+    assert s["settings"]["reflection_words"] == ["wait", "recheck"]
     # the table, and the per-sample results
     assert "pass@1" in result.stdout and "cons@4" in result.stdout
     scored = [

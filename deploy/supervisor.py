@@ -147,7 +147,7 @@ class Supervisor:
         code = server.process.returncode
         again = self.restarts.get(SERVER, 0) < self.max_restarts
         log.warning("nats-server exited", returncode=code, restarting=again, url=server.url)
-        tail = server._log_tail()
+        tail = read_tail(server.log_file)
         if again:
             self.restarts[SERVER] = self.restarts.get(SERVER, 0) + 1
             try:
@@ -166,11 +166,7 @@ class Supervisor:
         return run is not None and run.process.poll() is None
 
     def tail(self, name: str, lines: int = 20) -> str:
-        try:
-            text = self.log_path(name).read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return read_tail(self.log_path(name), lines)
 
     def stop(self, grace_s: float = 30.0) -> dict[str, int]:
         """SIGTERM each part in `stop_order` groups and wait up to `grace_s` for the group;
@@ -195,6 +191,15 @@ class Supervisor:
                 codes[run.part.name] = run.process.returncode
         self.running.clear()
         return codes
+
+
+def read_tail(path: Path, lines: int = 20) -> str:
+    """The last `lines` lines of a log file ("" if it cannot be read)."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def group_members(pgid: int) -> list[int]:

@@ -93,6 +93,7 @@ class _Worker:
         self.process.start()
         child.close()
         self.key: int | None = None
+        self.job: Job | None = None
         self.deadline = 0.0
 
     def kill(self) -> None:
@@ -159,6 +160,7 @@ class VerifierPool:
             self.notes = {}
             pending = deque(enumerate(jobs))
             busy: dict[int, _Worker] = {}  # key -> worker
+            self._crashed: set[int] = set()  # keys whose first try killed its worker
             try:
                 yield from self._run(pending, busy)
             finally:
@@ -176,13 +178,16 @@ class VerifierPool:
                     except (BrokenPipeError, OSError):
                         worker = self._replace(slot)
                         worker.conn.send((key, job))
-                    worker.key, worker.deadline = key, time.monotonic() + self.timeout_s
+                    worker.key, worker.job = key, job
+                    worker.deadline = time.monotonic() + self.timeout_s
                     busy[key] = worker
             timeout = max(0.0, min(w.deadline for w in busy.values()) - time.monotonic())
             ready = wait([w.conn for w in busy.values()], timeout=timeout)
             for worker in list(busy.values()):
                 if worker.conn in ready:
-                    yield self._collect(worker, busy)
+                    scored = self._collect(worker, busy, pending)
+                    if scored is not None:
+                        yield scored
                 elif time.monotonic() >= worker.deadline:
                     yield self._expire(worker, busy)
 
@@ -201,11 +206,13 @@ class VerifierPool:
         """`map` off the event loop."""
         return await asyncio.to_thread(self.map, jobs)
 
-    def _collect(self, worker: _Worker, busy: dict[int, _Worker]) -> tuple[int, Score]:
-        key = worker.key
-        assert key is not None
+    def _collect(
+        self, worker: _Worker, busy: dict[int, _Worker], pending: deque
+    ) -> tuple[int, Score] | None:
+        key, job = worker.key, worker.job
+        assert key is not None and job is not None
         del busy[key]
-        worker.key = None
+        worker.key = worker.job = None
         try:
             _, (reward, components, error, note) = worker.conn.recv()
         except (EOFError, OSError):
@@ -214,7 +221,7 @@ class VerifierPool:
             self.stats.crashes += 1
             self._count_failure("crash")
             self._replace(self._workers.index(worker))
-            return key, Score(reward=None, error=f"verifier worker died (exit code {code})")
+            return self._crashed_once_or_twice(key, job, code, pending)
         if error is None:
             self.stats.scored += 1
         else:
@@ -226,6 +233,21 @@ class VerifierPool:
             self.stats.disqualified += 1
             self.notes[key] = note
         return key, Score.of(reward, components, error, note)  # NaN from a verifier: no reward
+
+    def _crashed_once_or_twice(
+        self, key: int, job: Job, code: int | None, pending: deque
+    ) -> tuple[int, Score] | None:
+        """A crash may be the machine's (memory) or the completion's (an answer that kills the
+        parser): the job is scored once more on a fresh worker, and a second crash is the
+        completion's 0 with the reason. "No reward" would leave it out of the advantage, so a
+        policy could learn to crash the verifier to escape its zeros."""
+        if key not in self._crashed:
+            self._crashed.add(key)
+            pending.appendleft((key, job))
+            return None
+        self.stats.disqualified += 1
+        self.notes[key] = note = f"the completion killed its verifier twice (exit code {code})"
+        return key, Score(reward=0.0, components={name: 0.0 for name in job.rewards}, note=note)
 
     def _expire(self, worker: _Worker, busy: dict[int, _Worker]) -> tuple[int, Score]:
         key = worker.key

@@ -32,7 +32,8 @@ REWARD = Histogram(
 )
 VERIFIER_FAILURES = Counter(
     "aha_rewarder_verifier_failures_total",
-    "Completions left without reward, by kind (error, timeout, crash)",
+    "Verifier failures, by kind: completions left without reward (error, timeout) and worker"
+    " deaths (crash; the completion is scored again, a second death is its 0)",
     ["kind"],
 )
 QUEUE_WAIT = Histogram(
@@ -66,7 +67,8 @@ async def score_rollout(
     new_crashes = pool.stats.crashes - crashes
     VERIFIER_FAILURES.labels("timeout").inc(new_timeouts)
     VERIFIER_FAILURES.labels("crash").inc(new_crashes)
-    VERIFIER_FAILURES.labels("error").inc(len(failed) - new_timeouts - new_crashes)
+    # a crash is scored again (a second one is the completion's 0): it is no failed score
+    VERIFIER_FAILURES.labels("error").inc(max(0, len(failed) - new_timeouts))
     COMPLETIONS.inc(len(scores))
     disqualified = [s.note for s in scores if s.note]
     for note in disqualified:  # `name: reason; name: reason`

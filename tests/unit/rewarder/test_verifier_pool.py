@@ -108,3 +108,40 @@ def test_a_program_that_hangs_is_a_zero_before_the_pools_timeout():
     assert partial.reward == 0.5  # 1 and 2 passed, 3 hung until the budget ran out, 4 never ran
     assert tests.reward == 0.0 and "wall time" in tests.note
     assert_nothing_left()
+
+
+def test_a_completion_that_kills_its_verifier_twice_is_a_zero_not_no_reward(monkeypatch, tmp_path):
+    """A worker that dies is replaced and the completion scored once more: a crash that does
+    not come back (the machine's) is forgotten; one that does is the completion's 0 with the
+    reason, since "no reward" would be an escape from its 0. The verifier bug is injected
+    into the forked workers' registry."""
+    import os
+
+    import rewarder._preload  # noqa: F401  (forked workers start warm)
+    from rewarder import rewards
+
+    flag = tmp_path / "crashed-once"
+    real = rewards.REWARDS["accuracy_math"]
+
+    def fragile(completion, reference, task=None):
+        if "ALWAYS" in completion or ("ONCE" in completion and not flag.exists()):
+            flag.touch()
+            os._exit(3)
+        return real(completion, reference, task)
+
+    monkeypatch.setitem(rewards.REWARDS, "accuracy_math", fragile)
+    rewards_of = {"accuracy_math": 1.0, "format_think": 0.5}
+    with VerifierPool(workers=2, timeout_s=20, start_method="fork") as pool:
+        once, always, fine = pool.map(
+            [
+                Job(r"<think>ONCE</think> \boxed{2}", "2", rewards_of),
+                Job(r"<think>ALWAYS</think> \boxed{2}", "2", rewards_of),
+                Job(r"<think>a</think> \boxed{2}", "2", rewards_of),
+            ]
+        )
+        assert pool.stats.crashes == 3 and pool.stats.restarts == 3
+    assert once.reward == 1.5 and once.note is None
+    assert always.reward == 0.0 and always.error is None
+    assert always.components == {"accuracy_math": 0.0, "format_think": 0.0}
+    assert "killed its verifier twice (exit code 3)" in always.note
+    assert fine.reward == 1.5

@@ -89,6 +89,25 @@ def test_the_actor_stops_on_sigterm_while_connecting(tiny_model_dir, tmp_path):
     assert "stopped before its first task" in proc.stderr.read()
 
 
+def test_the_learner_stops_on_sigterm_while_connecting(tiny_model_dir, tmp_path):
+    data = tmp_path / "rl.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q:{i}+1=", "answer": str(i + 1)}) + "\n"
+                            for i in range(8)))  # fmt: skip
+    config = tmp_path / "aha.toml"
+    config.write_text(
+        f'[learner]\nbatch = 2\nserving_dtype = "float32"\ncheckpoint_dir = "{tmp_path / "ckpt"}"\n'
+        f'[learner.model]\npath = "{tiny_model_dir}"\n'
+        '[learner.deepspeed]\nprecision = "fp32"\nmicro_batch = 2\n'
+        f'[learner.dataset]\npath = "{data}"\nprompt_field = "prompt"\nanswer_field = "answer"\n'
+        'template = "none"\ngroup_size = 2\nmax_tokens = 8\nrewards = {accuracy_gsm8k = 1.0}\n'
+    )
+    proc = start([*AHA, "learner", "--config", str(config),
+                  "--nats-url", f"nats://127.0.0.1:{free_port()}"])  # fmt: skip
+    wait_for_line(proc.stderr, "nats error", timeout=120)  # model and DeepSpeed loaded first
+    assert_stops_on(proc, signal.SIGTERM, within=5)
+    assert "stopped before its first step" in proc.stderr.read()
+
+
 async def test_a_stopped_rewarder_is_reported_as_a_stall_by_aha_top(tmp_path):
     with NatsServer(tmp_path / "nats") as server:
         bus = await Bus.connect(BusConfig(url=server.url), name="test")

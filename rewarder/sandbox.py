@@ -186,6 +186,28 @@ def isolation() -> str:
     return "process"
 
 
+def describe(limits: SandboxLimits) -> tuple[bool, str]:
+    """(whether `code_tests` can run here, one line saying how): what a rewarder logs at start."""
+    if os.geteuid() != 0 and not limits.allow_own_user:
+        return False, (
+            "not root and sandbox.allow_own_user is false: code_tests gives no reward (run the"
+            " rewarder as root with the sandbox's capabilities, or allow running untrusted code"
+            " as the rewarder's own user)"
+        )
+    mode = isolation() if limits.isolation != "process" else "process"
+    if mode != "namespaces" and limits.isolation == "namespaces":
+        return False, "isolation='namespaces' is set and namespaces are not available here"
+    cgroup = memory_cgroup()
+    parts = [
+        mode,
+        "chroot" if mode == "namespaces" else "host files visible",
+        "seccomp" if os.uname().machine in ("x86_64", "aarch64") else "no seccomp filter",
+        f"memory cgroup {cgroup[0]}" if cgroup else "no memory cgroup (memory per process only)",
+        "program and checker as uids" if os.geteuid() == 0 else "as the rewarder's own user",
+    ]
+    return True, ", ".join(parts)
+
+
 # --- the memory cgroup ---------------------------------------------------------------------
 
 

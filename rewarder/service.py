@@ -20,6 +20,7 @@ from prometheus_client import Counter, Histogram
 from protocol.messages import Rollout, ScoredRollout
 from rewarder.config import RewarderConfig
 from rewarder.pool import Job, VerifierPool
+from rewarder.sandbox import describe
 
 log = structlog.get_logger("rewarder")
 
@@ -114,6 +115,8 @@ async def run(
 
         start_http_server(config.metrics_port)
     stop = stop_on_signals(stop)
+    can_run_code, sandbox = describe(config.sandbox)
+    (log.info if can_run_code else log.warning)("code sandbox", how=sandbox)
     pool = VerifierPool(config.workers, config.timeout_s, config.sandbox)
     bus = await Bus.connect(config.bus, name=f"aha-rewarder-{config.rewarder_id}")
     try:

@@ -318,12 +318,13 @@ def test_not_root_refuses_to_run_as_the_rewarders_own_user():
     NATS password); refused unless allowed."""
     script = (
         "import os, sys\n"
-        "from rewarder.sandbox import run_python, SandboxLimits, SandboxError\n"
+        "from rewarder.sandbox import run_python, SandboxLimits, SandboxError, describe\n"
         "os.setgid(65534); os.setuid(65534)  # after the imports: the venv may be under /root\n"
         "try:\n    run_python('print(1)', limits=SandboxLimits(isolation='process'))\n"
         "    print('ran')\nexcept SandboxError as e:\n    print('refused:', e)\n"
         "r = run_python('print(1)', limits=SandboxLimits(isolation='process', allow_own_user=True))\n"
         "print('allowed', r.stdout.strip())\n"
+        "print('can run code:', describe(SandboxLimits())[0])\n"
     )
     if os.geteuid() != 0:
         pytest.skip("the test drops from root to show it")
@@ -339,6 +340,7 @@ def test_not_root_refuses_to_run_as_the_rewarders_own_user():
     )
     assert "refused: not root" in out.stdout, out.stdout + out.stderr
     assert "allowed 1" in out.stdout, out.stdout + out.stderr
+    assert "can run code: False" in out.stdout  # what the rewarder warns about at start
 
 
 SYSCALLS = r"""

@@ -334,6 +334,21 @@ def test_dockerfiles_are_pinned_non_root_and_run_aha():
     assert "'.[cpu]'" in (DOCKER / "Dockerfile.cpu").read_text()
 
 
+def test_every_image_copies_every_package():
+    """A package left out of an image (pipeline/ once was) breaks `pip install .` there, or
+    the commands that import it."""
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"
+    ]["find"]["include"]
+    packages = sorted(p.rstrip("*") for p in include)
+    for path in DOCKERFILES:
+        text = path.read_text()
+        ignore = (DOCKER / f"{path.name}.dockerignore").read_text().splitlines()
+        for package in packages:
+            assert f"COPY {package} {package}" in text, f"{path.name} does not copy {package}/"
+            assert f"!{package}" in ignore, f"{path.name}.dockerignore leaves out {package}/"
+
+
 def test_rewarder_image_needs_no_torch():
     """requirements-rewarder.txt is pinned, a subset of the project's dependencies, and enough:
     the rewarder, exporter and set-up code import nothing heavy."""

@@ -59,7 +59,7 @@ from protocol.config import ConfigError
 from protocol.codec import DecodeError, decode_named, peek_task_id
 from protocol.messages import ScoredRollout
 from protocol.names import SCORED, STAGES
-from protocol.stage import Delivery, StageConsumer, stop_on_signals
+from protocol.stage import Delivery, StageConsumer, mark_holding, stop_on_signals
 
 log = structlog.get_logger("learner")
 
@@ -217,6 +217,7 @@ async def run(
     )
     progress, ledger = restore(pe, config, reservation.read())
     if pe.rank != 0:
+        mark_holding()  # a signal must not end a rank mid-collective: rank 0 stops it
         return follow(pe)
     serve_metrics(config)
     bus = await Bus.connect(config.bus, name="aha-learner")

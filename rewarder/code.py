@@ -157,9 +157,12 @@ def code_tests(completion: str, reference: Any, task: Any = None) -> float:
         or not isinstance(inputs, list)
         or not isinstance(outputs, list)
         or len(inputs) != len(outputs)
+        or not all(isinstance(i, str) for i in inputs)
+        or not all(isinstance(o, (str, int, float)) for o in outputs)
     ):
         raise VerifierError(
             "code_tests needs {entry_point, test} or equally long non-empty {inputs, outputs}"
+            " (inputs text, outputs text or numbers)"
         )
     passed, deadline = 0, _deadline()
     for ran, (stdin, expected) in enumerate(zip(inputs, outputs)):

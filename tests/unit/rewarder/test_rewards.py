@@ -464,6 +464,8 @@ def test_code_tests_stdin_stdout_cases():
         code_tests("print(5)", {"inputs": ["1"], "outputs": []})
     with pytest.raises(VerifierError):
         code_tests("print(5)", "not json")
+    with pytest.raises(VerifierError, match="inputs text"):
+        code_tests("print(5)", {"inputs": [1], "outputs": ["5"]})
 
 
 # --- the total -----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -586,6 +587,8 @@ def run(up: UpConfig, *, json_out: bool, config_file: str | None = None) -> dict
     from protocol.log import setup_logging
 
     setup_logging("up")
+    # SIGTERM (`timeout`, a service manager) as Ctrl-C: the parts stopped in order, a summary.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     started = time.monotonic()
     name = up.name or time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(up.runs_dir).resolve() / name

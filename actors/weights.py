@@ -2,8 +2,8 @@
 
 A `WeightManifest` (KV `aha-policy` / `latest`) names a version's shards with their sha256.
 An actor gets the files from the shared volume when the manifest carries paths that are
-there and verify, else from the object store (every shard at once, each streamed to its
-file with `get(name, writeinto=f)`), verifies every sha256, and only then asks the engine
+there and verify, else from the object store (every shard at once, each hashed while it
+arrives and written once), verifies every sha256, and only then asks the engine
 to load them. Any missing or corrupt shard, or weights that do not fit the model, raise
 `WeightsRejected` before the engine is touched: it keeps serving the version it had.
 """
@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from actors.engine import Engine
-from protocol.messages import Shard, WeightManifest
+from protocol.messages import WeightManifest
 from protocol.names import OBJECT_STORE_WEIGHTS
-from protocol.weights import ShardError, local_shards, object_name, verify_shard
+from protocol.weights import ShardError, check_objects, download_shard, local_shards, object_name, widen_reads
 
 
 class WeightsRejected(RuntimeError):
@@ -31,29 +31,27 @@ class WeightsRejected(RuntimeError):
 
 
 async def download_shards(js, manifest: WeightManifest, directory: str | Path) -> list[Path]:
-    """Download every shard of `manifest` from the object store into `directory`, in parallel,
-    and verify each. Raises `ShardError` for a missing or corrupt shard."""
-    from nats.js.errors import DigestMismatchError, NotFoundError
+    """Download every shard of `manifest` from the object store into `directory`, each verified
+    while it arrives (`protocol.weights.download_shard`). Raises `ShardError` for a missing or
+    corrupt shard, whose file is then removed: a version is taken whole or not at all.
 
+    One shard at a time: the server pushes an object's chunks as fast as flow control lets it,
+    and several objects pushed at once to one connection overflow the server's per-client
+    buffer (`max_pending`), which then drops the connection as a slow consumer. One stream
+    already keeps the socket full; the hashing and writing run beside it in a thread.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    widen_reads()
     store = await js.object_store(OBJECT_STORE_WEIGHTS)
-
-    async def fetch(shard: Shard) -> Path:
-        path = directory / shard.name
+    # Every object's size and sha256 are checked against the manifest before any download,
+    # so a replaced or missing shard is refused before a byte of the others is fetched.
+    await check_objects(store, manifest)
+    paths = []
+    for shard in manifest.shards:
         name = object_name(manifest.version, shard.name)
-        try:
-            with open(path, "wb") as f:
-                await store.get(name, writeinto=f)
-        except NotFoundError as e:
-            raise ShardError(f"shard {shard.name}: object {name} is not in the store") from e
-        except DigestMismatchError as e:
-            raise ShardError(f"shard {shard.name}: object {name} is corrupt in the store") from e
-        # Hashing a large shard is CPU work: keep the event loop (and heartbeats) free.
-        await asyncio.to_thread(verify_shard, path, shard)
-        return path
-
-    return list(await asyncio.gather(*(fetch(s) for s in manifest.shards)))
+        paths.append(await download_shard(js, store, name, shard, directory / shard.name))
+    return paths
 
 
 async def fetch_shards(

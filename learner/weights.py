@@ -7,6 +7,7 @@ only once every object is stored. `export_model` writes an HF folder `from_pretr
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 import time
@@ -27,6 +28,7 @@ from protocol.weights import (
     object_version,
     plan_shards,
     shard_name,
+    upload_file,
     write_index,
 )
 
@@ -119,9 +121,14 @@ async def publish_weights(
     directory = Path(directory)
     started = time.perf_counter()
     store = await js.object_store(OBJECT_STORE_WEIGHTS)
-    for name in [s.name for s in shards] + [INDEX_NAME]:
-        with open(directory / name, "rb") as f:
-            await store.put(object_name(version, name), f)
+    # All objects at once: each put waits for the server's ack of every chunk, so parallel
+    # puts keep the connection busy while one waits.
+    await asyncio.gather(
+        *(
+            upload_file(js, store, object_name(version, name), directory / name)
+            for name in [s.name for s in shards] + [INDEX_NAME]
+        )
+    )
     manifest = WeightManifest(version=version, step=step, shards=shards, dtype=dtype)
     kv = await js.key_value(KV_POLICY)
     await kv.put(KEY_LATEST, encode(manifest))

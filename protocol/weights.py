@@ -11,6 +11,8 @@ plus `v{v}/model.safetensors.index.json` (HF's format: `{"metadata": {"total_siz
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import hashlib
 import json
 import re
@@ -141,24 +143,154 @@ def iter_tensors(paths: Sequence[str | Path], device: str = "cpu") -> Iterator[t
                 yield name, f.get_tensor(name)
 
 
+OBJECT_CHUNK_BYTES = 4 << 20
+"""Chunk size of the weight objects the learner uploads. nats-py's default (128 KiB) costs a
+server round trip and a Python message per 128 KiB: 8,192 of each per GB. 4 MiB chunks are
+256 per GB and stay well under the bus's `max_payload` (8 MiB in our server configs); a server
+with a smaller limit gets chunks of half its limit."""
+
+RECEIVE_BUFFER_BYTES = 1 << 20
+"""Socket read size of a connection that downloads weights (nats-py reads 32 KiB at a time:
+one event-loop turn and one parser pass per 32 KiB)."""
+
+
+def chunk_bytes(max_payload: int) -> int:
+    """The object chunk size for a server whose largest message is `max_payload` bytes."""
+    return min(OBJECT_CHUNK_BYTES, max(1 << 16, max_payload // 2))
+
+
+def widen_reads() -> None:
+    """Let nats-py read `RECEIVE_BUFFER_BYTES` per socket read in this process.
+
+    nats-py reads its module constant on every read, so this applies to connections already
+    open. Small messages are unaffected (a read returns what is there); large ones take 32x
+    fewer event-loop turns.
+    """
+    import nats.aio.client
+
+    nats.aio.client.DEFAULT_BUFFER_SIZE = max(nats.aio.client.DEFAULT_BUFFER_SIZE, RECEIVE_BUFFER_BYTES)
+
+
+def _digest_of(info) -> str | None:
+    """The hex sha256 the object store recorded for an object (`SHA-256=<base64url>`)."""
+    raw = (info.digest or "").split("=", 1)
+    if len(raw) != 2 or raw[0].upper() != "SHA-256":
+        return None
+    try:
+        return base64.urlsafe_b64decode(raw[1] + "=" * (-len(raw[1]) % 4)).hex()
+    except ValueError:
+        return None
+
+
+async def upload_file(js, store, name: str, path: str | Path) -> None:
+    """Put file `path` as object `name`, in chunks of `chunk_bytes` of the server's limit."""
+    from nats.js import api
+
+    size = chunk_bytes(js._nc.max_payload or OBJECT_CHUNK_BYTES * 2)
+    meta = api.ObjectMeta(name=name, options=api.ObjectMetaOptions(max_chunk_size=size))
+    with open(path, "rb") as f:
+        await store.put(name, f, meta=meta)
+
+
+async def check_object(store, name: str, shard: Shard):
+    """The store's info for object `name`, if its recorded size and sha256 are `shard`'s;
+    `ShardError` otherwise (missing, replaced or corrupt), before any byte is fetched."""
+    from nats.js.errors import NotFoundError
+
+    try:
+        info = await store.get_info(name)
+    except NotFoundError as e:
+        raise ShardError(f"shard {shard.name}: object {name} is not in the store") from e
+    recorded = _digest_of(info)
+    if info.size != shard.bytes:
+        raise ShardError(
+            f"shard {shard.name}: object {name} has {info.size} bytes, the manifest says {shard.bytes}"
+        )
+    if recorded != shard.sha256:
+        raise ShardError(
+            f"shard {shard.name}: sha256 mismatch for object {name}: the store has {recorded}, "
+            f"the manifest says {shard.sha256} (corrupted or from another version)"
+        )
+    return info
+
+
+async def check_objects(store, manifest: WeightManifest) -> None:
+    """`check_object` for every shard of `manifest`."""
+    for shard in manifest.shards:
+        await check_object(store, object_name(manifest.version, shard.name), shard)
+
+
+async def download_shard(js, store, name: str, shard: Shard, path: str | Path) -> Path:
+    """Download object `name` to `path`, hashing while it arrives; raise `ShardError` unless
+    its bytes are exactly `shard`'s (size and sha256). Nothing is left at `path` on error.
+
+    The object's recorded size and sha256 are checked against the manifest before a byte is
+    fetched (a replaced or corrupt object is refused at once); the bytes received are hashed
+    as they arrive, in a worker thread together with the file write, so the event loop keeps
+    reading the socket and the file is never read back. Chunks arrive in order on an ordered
+    consumer (a gap restarts it from the last chunk seen, which nats-py handles).
+    """
+    path = Path(path)
+    info = await check_object(store, name, shard)
+    digest = hashlib.sha256()
+    received = 0
+    subject = f"$O.{store._name}.C.{info.nuid}"
+    sub = await js.subscribe(
+        subject, ordered_consumer=True, pending_bytes_limit=max(1 << 28, 4 * OBJECT_CHUNK_BYTES)
+    )
+
+    def take(f, data: bytes) -> None:
+        digest.update(data)
+        f.write(data)
+
+    try:
+        with open(path, "wb") as f:
+            while received < info.size:
+                msg = await sub.next_msg(timeout=CHUNK_TIMEOUT_S)
+                if not msg.data:  # flow-control and heartbeat messages carry no data
+                    continue
+                received += len(msg.data)
+                if received > info.size:
+                    break
+                await asyncio.to_thread(take, f, msg.data)
+        got = digest.hexdigest()
+        if received != shard.bytes or got != shard.sha256:
+            raise ShardError(
+                f"shard {shard.name}: sha256 mismatch for {name}: received {received} bytes "
+                f"hashing to {got}, the manifest says {shard.bytes} bytes, {shard.sha256}"
+            )
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    finally:
+        try:
+            await sub.unsubscribe()
+        except Exception:  # the connection may be gone; nothing to release then
+            pass
+    return path
+
+
+CHUNK_TIMEOUT_S = 30.0
+"""How long a download waits for the next chunk before giving the shard up."""
+
+
 async def download_weights(js, manifest: WeightManifest, directory: str | Path) -> list[Path]:
     """Fetch and verify every shard (and the index) of `manifest` into `directory`.
 
-    Streams each object to its file (`get(..., writeinto=)`: an in-memory `get` is quadratic
-    in nats-py). Raises `ShardError` if a shard does not match the manifest. Returns the
+    Raises `ShardError` if a shard is missing or does not match the manifest. Returns the
     shard paths in manifest order.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     store = await js.object_store(OBJECT_STORE_WEIGHTS)
-    paths = []
-    for name in [s.name for s in manifest.shards] + [manifest.index_name]:
-        with open(directory / name, "wb") as f:
-            await store.get(object_name(manifest.version, name), writeinto=f)
-    for shard in manifest.shards:
-        verify_shard(directory / shard.name, shard)
-        paths.append(directory / shard.name)
-    return paths
+    await check_objects(store, manifest)
+    paths = [
+        await download_shard(js, store, object_name(manifest.version, s.name), s, directory / s.name)
+        for s in manifest.shards
+    ]  # one at a time: see `actors.weights.download_shards`
+    with open(directory / manifest.index_name, "wb") as f:
+        await store.get(object_name(manifest.version, manifest.index_name), writeinto=f)
+    return list(paths)
 
 
 def local_shards(manifest: WeightManifest) -> list[Path] | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,14 +12,14 @@ import pytest
 import torch
 
 from actors.hf_engine import HfEngine
-from actors.weights import WeightsRejected, load_manifest
+from actors.weights import WeightsRejected, download_shards, load_manifest
 from deploy.tiny_model import TinySpec, save_tiny_model
 from learner.weights import publish_weights, write_shards
 from protocol.config import BusConfig
 from protocol.messages import Sampling
 from protocol.names import OBJECT_STORE_WEIGHTS
 from protocol.streams import connect, ensure_streams
-from protocol.weights import object_name
+from protocol.weights import iter_tensors, object_name, verify_shard
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -142,3 +145,71 @@ async def test_weights_of_another_model_are_rejected(js, tiny_model_dir, tmp_pat
         await load_manifest(engine, js, manifest, tmp_path / "actor")
 
     assert engine.version == 0
+
+
+async def test_bytes_that_differ_from_the_recorded_digest_are_refused_whole(
+    js, tiny_model_dir, new_model, tmp_path
+):
+    """The store's metadata says the right size and sha256, the chunks it serves are other
+    bytes (a corrupt chunk on the server's disk, a bad relay): the hash taken while receiving
+    refuses the shard, no file of the version is left, and the engine keeps its version."""
+    engine = HfEngine(tiny_model_dir)
+    before = _weights(engine)
+    manifest = await _publish(js, new_model, tmp_path / "learner" / "v7", version=7)
+    store = await js.object_store(OBJECT_STORE_WEIGHTS)
+    target = object_name(7, manifest.shards[1].name)
+    good = await store.get_info(target)
+    data = bytearray((await store.get(target)).data)
+    data[len(data) // 2] ^= 0xFF
+    bad = await store.put("scratch/corrupt", bytes(data))
+    # Point the shard's metadata at the corrupt chunks, keeping its recorded digest.
+    info = bad.as_dict()
+    info.update(name=target, digest=good.digest)
+    meta_subject = f"$O.{OBJECT_STORE_WEIGHTS}.M." + base64.urlsafe_b64encode(target.encode()).decode()
+    await js.publish(meta_subject, json.dumps(info).encode(), headers={"Nats-Rollup": "sub"})
+
+    with pytest.raises(WeightsRejected, match="sha256 mismatch .* received"):
+        await load_manifest(engine, js, manifest, tmp_path / "actor")
+
+    assert engine.version == 0
+    after = _weights(engine)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert not (tmp_path / "actor" / "v7").exists()
+
+
+async def test_three_actors_fetch_one_version_at_once(nats_server, new_model, tmp_path, monkeypatch):
+    """Fan-out through the server: the learner uploads a version once; three actors, each on its
+    own connection, download it at the same time through the actors' code path, every shard in
+    several chunks, and each gets every byte verified."""
+    import protocol.weights
+
+    monkeypatch.setattr(protocol.weights, "OBJECT_CHUNK_BYTES", 8 << 10)  # 40 KiB shards: 5 chunks
+    config = BusConfig(url=nats_server.url)
+    learner_nc = await connect(config)
+    learner_js = learner_nc.jetstream()
+    await ensure_streams(learner_js, config)
+    manifest = await _publish(learner_js, new_model, tmp_path / "learner" / "v8", version=8)
+    store = await learner_js.object_store(OBJECT_STORE_WEIGHTS)
+    assert (await store.get_info(object_name(8, manifest.shards[0].name))).chunks >= 4
+
+    actors = [await connect(config) for _ in range(3)]
+    try:
+        results = await asyncio.gather(
+            *(
+                download_shards(nc.jetstream(), manifest, tmp_path / f"actor{i}")
+                for i, nc in enumerate(actors)
+            )
+        )
+    finally:
+        for nc in actors:
+            await nc.close()
+        await learner_nc.close()
+
+    for paths in results:
+        assert [p.name for p in paths] == [s.name for s in manifest.shards]
+        for path, shard in zip(paths, manifest.shards):
+            verify_shard(path, shard)  # re-read and re-hashed from disk, independently
+    tensors = dict(iter_tensors(results[2]))
+    for name, tensor in new_model.state_dict().items():
+        if name in tensors:
+            assert torch.equal(tensors[name], tensor), name

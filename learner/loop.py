@@ -41,7 +41,13 @@ from nats.errors import Error as NatsError
 from learner.config import LearnerConfig
 from learner.dispatcher import Dispatcher, Ledger, Reservation, load_problems, run_key, top_up
 from learner.engine import PolicyEngine, load_checkpoint, setup_engine
-from learner.metrics import STEP_KEYS, append_line, export_gauges
+from learner.metrics import (
+    STEP_KEYS,
+    WEIGHT_PUBLISH_BYTES,
+    WEIGHT_PUBLISH_SECONDS,
+    append_line,
+    export_gauges,
+)
 from learner.ranks import collective, follow, stop_followers
 from learner.step import (
     Group,
@@ -604,6 +610,7 @@ def prune_checkpoints(directory: str | Path, keep: int) -> None:
 async def publish(lr: Learner) -> None:
     """Write the weights as shards (on the shared volume when set) and point `latest` at them."""
     config, progress = lr.config, lr.progress
+    started = time.perf_counter()
     directory, shared = version_dir(config.weights_dir, progress.version)
     shards = await asyncio.to_thread(
         collective, lr.pe, "write_shards", directory, config.serving_dtype, config.shard_mb, shared
@@ -629,6 +636,8 @@ async def publish(lr: Learner) -> None:
     if shared:
         prune_dirs(config.weights_dir, config.keep_versions)
     progress.published_version = progress.version
+    WEIGHT_PUBLISH_SECONDS.set(time.perf_counter() - started)
+    WEIGHT_PUBLISH_BYTES.set(sum(s.bytes for s in shards))
 
 
 def step_record(

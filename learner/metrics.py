@@ -39,6 +39,11 @@ STEP_SECONDS = Gauge(f"{_G}step_seconds", "Wall time of the last step, waiting i
 WAIT_SHARE = Gauge(f"{_G}wait_share", "Share of the last step's wall time spent waiting for data")
 STEP = Gauge(f"{_G}step", "Optimizer steps taken")
 VERSION = Gauge(f"{_G}policy_version", "Policy version being trained")
+WEIGHT_PUBLISH_SECONDS = Gauge(
+    f"{_G}weight_publish_seconds",
+    "Last weight publish: gather + cast + write + hash shards, upload, manifest put",
+)
+WEIGHT_PUBLISH_BYTES = Gauge(f"{_G}weight_publish_bytes", "Bytes of the last published weight version")
 
 STEP_KEYS = (
     "event", "step", "version", "reward", "accuracy", "response_length", "kl", "clip_fraction",

@@ -228,8 +228,11 @@ async def test_learner_steps_publish_weights_and_stop_at_max_steps(
         "aha_learner_staleness_bucket",
         'aha_learner_reward_mean{component="accuracy_gsm8k"}',
         'aha_learner_groups{outcome="trained"} 6.0',
+        "aha_learner_weight_publish_seconds",  # the dashboard's weights panel
     ):
         assert name in scraped, name
+    publish = [line for line in scraped.splitlines() if line.startswith("aha_learner_weight_publish_")]
+    assert all(float(line.split()[-1]) > 0 for line in publish), publish
 
 
 async def test_stop_hands_back_the_partial_batch_and_checkpoints_trained_steps(

@@ -1,0 +1,200 @@
+"""Weight broadcast without a shared volume: learner publish, actor transfer, fan-out, load.
+
+    python benchmarks/weights.py [--gb 1.0] [--shard-mb 256] [--runs 3] [--actors 3] [--json]
+
+A model of `--gb` GB in bf16 (fp32 master weights, a few large tensors) goes the way a real
+run sends it, through an embedded nats-server:
+
+- learner side: `write_shards` (gather, cast, write safetensors, sha256) then `publish_weights`
+  (upload to the object store, manifest to KV `aha-policy`), as s/GB;
+- transfer: an actor's `download_shards` from "manifest seen" (KV get) to every shard verified,
+  in GB/s next to a raw file copy of the same bytes (`shutil.copyfile`) in the same run;
+- fan-out: `--actors` connections downloading the same version at once (aggregate GB/s), and
+  the bytes the learner's connection sent for it, which do not depend on the actor count;
+- engine load, separately: reading the verified shards into torch tensors (`load_file`, what
+  the HF engine does before copying them in).
+
+Each figure is min/median/max over `--runs`; `--json` prints one line per figure:
+`{"figure", "value", "unit", "baseline", "ratio", "runs"}` (value and baseline: medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path and its `weights` module name
+# would be fine, but `learner` would not: keep the repository's packages first.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--gb", type=float, default=1.0, help="model size in GB of bf16 weights")
+    p.add_argument("--shard-mb", type=float, default=256.0, help="shard size in MiB")
+    p.add_argument("--runs", type=int, default=3, help="timed runs of each figure")
+    p.add_argument("--actors", type=int, default=3, help="concurrent downloads in the fan-out")
+    p.add_argument("--json", action="store_true", help="one JSON line per figure")
+    return p.parse_args()
+
+
+def make_module(gb: float, tensor_mb: float):
+    """A module whose parameters are `gb` GB in bf16, in tensors of about `tensor_mb` MiB."""
+    import torch
+
+    numel = int(gb * 1e9 / 2)
+    per = max(1, int(tensor_mb * 2**20 / 2))
+    module = torch.nn.Module()
+    for i in range(0, numel, per):
+        n = min(per, numel - i)
+        module.register_parameter(f"w{i // per}", torch.nn.Parameter(torch.randn(n) * 0.02))
+    return module
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.3g}/{statistics.median(values):.3g}/{max(values):.3g}"
+
+
+def figure(name: str, unit: str, runs: list[float], baseline: list[float] | None, higher: bool):
+    value = statistics.median(runs)
+    base = statistics.median(baseline) if baseline else None
+    ratio = None
+    if base:
+        ratio = value / base if higher else base / value
+    return {"figure": name, "value": value, "unit": unit, "baseline": base, "ratio": ratio, "runs": runs}
+
+
+async def run(args) -> list[dict]:
+    from actors.weights import download_shards
+    from learner.weights import publish_weights, write_shards
+    from protocol.codec import decode
+    from protocol.config import BusConfig
+    from protocol.messages import WeightManifest
+    from protocol.names import KEY_LATEST, KV_POLICY
+    from protocol.server import NatsServer
+    from protocol.streams import connect, ensure_streams
+    from safetensors.torch import load_file
+
+    scratch = Path(tempfile.mkdtemp(prefix="aha-bench-weights-"))
+    module = make_module(args.gb, tensor_mb=64)
+    publish_s, write_s, upload_s, copy_s, transfer_s, load_s, fanout_s = [], [], [], [], [], [], []
+    sent_per_version: list[int] = []
+    received_per_actor: list[int] = []
+    total = 0
+    try:
+        with NatsServer(scratch / "nats") as server:
+            config = BusConfig(url=server.url)
+            learner = await connect(config)
+            js = learner.jetstream()
+            await ensure_streams(js, config)
+            for run_ in range(args.runs):
+                version = run_ + 1
+                directory = scratch / f"learner-v{version}"
+                # Learner side: gather + cast + write + hash, then upload + manifest.
+                start = time.perf_counter()
+                shards = write_shards(module, directory, "bfloat16", args.shard_mb)
+                written = time.perf_counter()
+                sent_before = learner.stats["out_bytes"]
+                manifest = await publish_weights(
+                    js, directory, shards, version=version, step=version, dtype="bfloat16",
+                    keep_versions=2,
+                )  # fmt: skip
+                done = time.perf_counter()
+                sent_per_version.append(learner.stats["out_bytes"] - sent_before)
+                total = manifest.total_bytes
+                gb = total / 1e9
+                write_s.append((written - start) / gb)
+                upload_s.append((done - written) / gb)
+                publish_s.append((done - start) / gb)
+
+                # Baseline: a raw copy of the same files, same disk, same moment.
+                copy_dir = scratch / "copy"
+                copy_dir.mkdir()
+                start = time.perf_counter()
+                for shard in shards:
+                    shutil.copyfile(directory / shard.name, copy_dir / shard.name)
+                copy_s.append(gb / (time.perf_counter() - start))
+                shutil.rmtree(copy_dir)
+
+                # One actor: manifest seen -> every shard verified.
+                actor = await connect(config)
+                try:
+                    start = time.perf_counter()
+                    kv = await actor.jetstream().key_value(KV_POLICY)
+                    seen = decode((await kv.get(KEY_LATEST)).value, WeightManifest)
+                    paths = await download_shards(actor.jetstream(), seen, scratch / "actor")
+                    transfer_s.append(gb / (time.perf_counter() - start))
+                finally:
+                    await actor.close()
+                start = time.perf_counter()
+                for path in paths:
+                    load_file(str(path))
+                load_s.append((time.perf_counter() - start) / gb)
+                shutil.rmtree(scratch / "actor")
+
+                # Fan-out: several actors on their own connections, the same version at once.
+                actors = [await connect(config) for _ in range(args.actors)]
+                try:
+                    before = [nc.stats["in_bytes"] for nc in actors]
+                    start = time.perf_counter()
+                    await asyncio.gather(
+                        *(
+                            download_shards(nc.jetstream(), manifest, scratch / f"fan{i}")
+                            for i, nc in enumerate(actors)
+                        )
+                    )
+                    fanout_s.append(args.actors * gb / (time.perf_counter() - start))
+                    received_per_actor += [nc.stats["in_bytes"] - b for nc, b in zip(actors, before)]
+                finally:
+                    for nc in actors:
+                        await nc.close()
+                for i in range(args.actors):
+                    shutil.rmtree(scratch / f"fan{i}", ignore_errors=True)
+                shutil.rmtree(directory)
+            await learner.close()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    figures = [
+        figure("weight_transfer", "GB/s", transfer_s, copy_s, higher=True),
+        figure("weight_publish", "s/GB", publish_s, [1 / c for c in copy_s], higher=False),
+        figure("weight_publish_write", "s/GB", write_s, None, higher=False),
+        figure("weight_publish_upload", "s/GB", upload_s, None, higher=False),
+        figure("weight_fanout", "GB/s", fanout_s, transfer_s, higher=True),
+        figure("weight_engine_load", "s/GB", load_s, None, higher=False),
+    ]
+    learner_out = statistics.median(sent_per_version) / total
+    actor_in = statistics.median(received_per_actor) / total
+    if args.json:
+        for f in figures:
+            print(json.dumps(f))
+        print(json.dumps({
+            "figure": "weight_fanout_bytes", "value": learner_out, "unit": "learner bytes out / version bytes",
+            "baseline": actor_in, "ratio": None, "runs": sent_per_version, "actors": args.actors,
+        }))  # fmt: skip
+        return figures
+    print(f"{total / 1e9:.2f} GB of bf16 weights in {len(shards)} shards; min/median/max of {args.runs} runs")
+    print(f"  raw file copy (baseline)       {spread(copy_s)} GB/s")
+    print(f"  actor transfer (seen->verified) {spread(transfer_s)} GB/s  = {figures[0]['ratio']:.2f} x copy")
+    print(f"  learner publish (all)           {spread(publish_s)} s/GB  = {figures[1]['ratio']:.2f} x copy speed")
+    print(f"    gather+cast+write+hash        {spread(write_s)} s/GB")
+    print(f"    upload + manifest             {spread(upload_s)} s/GB")
+    print(f"  fan-out, {args.actors} actors at once       {spread(fanout_s)} GB/s in all")
+    print(f"    learner sent {learner_out:.3f} x the version's bytes; each actor received {actor_in:.3f} x")
+    print(f"  engine load (safetensors->torch) {spread(load_s)} s/GB")
+    return figures
+
+
+def main() -> None:
+    asyncio.run(run(parse_args()))
+
+
+if __name__ == "__main__":
+    main()

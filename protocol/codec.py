@@ -41,6 +41,14 @@ class EncodeError(ValueError):
     """A message holding something msgpack cannot carry (an int beyond 64 bits, an object)."""
 
 
+def _pack_array(obj: np.ndarray) -> msgpack.ExtType:
+    code = _CODE_OF.get(obj.dtype)  # little-endian int32/float32/...: no conversion
+    if code is None or obj.ndim != 1 or not obj.flags.c_contiguous:
+        return _pack_default(obj)
+    # One copy: the header and the array's own buffer straight into the ext payload.
+    return msgpack.ExtType(ARRAY_EXT, _HEADER_1D.pack(code, 1, obj.shape[0]) + obj.data)
+
+
 def _pack_default(obj):
     if isinstance(obj, np.ndarray):
         code = _CODE_OF.get(obj.dtype)  # little-endian int32/float32/...: no conversion
@@ -63,6 +71,13 @@ def _unpack_ext(code: int, data: bytes):
     if code != ARRAY_EXT:
         raise ValueError(f"unknown msgpack extension type {code}")
     dtype_code, ndim = data[0], data[1]
+    if ndim == 1 and dtype_code in _LE_OF:  # the common case: token ids, log-probs
+        dtype = _LE_OF[dtype_code]
+        length = _HEADER_1D.unpack_from(data)[2]
+        array = np.frombuffer(data, dtype=dtype, offset=_HEADER_1D.size)
+        if array.size != length:
+            raise ValueError(f"array header says {length} elements, the data holds {array.size}")
+        return array
     if dtype_code not in _LE_OF:
         raise ValueError(f"unknown array dtype code {dtype_code}")
     shape = struct.unpack_from(f"<{ndim}I", data, 2)
@@ -88,6 +103,8 @@ def _plain(value):
     if isinstance(value, BaseModel):
         keys = _keys(type(value))
         return {keys[k]: _plain(v) for k, v in value.__dict__.items()}
+    if isinstance(value, np.ndarray):
+        return _pack_array(value)
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):

@@ -166,8 +166,9 @@ class Sample(BaseModel):
             raise ValueError(f"{len(self.token_ids)} token ids but {len(self.logprobs)} log-probs")
         # NaN or +inf would poison the importance weight of every update it enters; -inf (a
         # token the engine gave no mass) is only truncated by `is_cap`.
-        bad = np.isnan(self.logprobs) | (self.logprobs == np.inf)
-        if bad.any():
+        # One reduction on the common (clean) path: max is NaN if any is, +inf if any is.
+        if len(self.logprobs) and not self.logprobs.max() < np.inf:
+            bad = np.isnan(self.logprobs) | (self.logprobs == np.inf)
             raise ValueError(f"log-prob {self.logprobs[bad][0]} at token {int(np.argmax(bad))}")
         return self
 

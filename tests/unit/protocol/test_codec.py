@@ -231,4 +231,7 @@ def test_a_verifier_that_returns_nan_gives_no_reward_with_the_reason():
 def test_a_nan_log_prob_is_not_a_sample(value):
     with pytest.raises(ValueError, match=f"log-prob {value} at token 1"):
         Sample(token_ids=[1, 2], logprobs=[-0.5, value], text="", finish_reason="stop")
+    with pytest.raises(ValueError, match=f"log-prob {value} at token 2"):  # behind a -inf
+        Sample(token_ids=[1, 2, 3], logprobs=[-np.inf, -1.0, value], text="", finish_reason="stop")
     Sample(token_ids=[1], logprobs=[-np.inf], text="", finish_reason="stop")  # truncated by is_cap
+    Sample(token_ids=[], logprobs=[], text="", finish_reason="stop")

@@ -56,6 +56,19 @@ def nats_server_pid(run_dir: Path) -> int:
     raise AssertionError("no nats-server for the run")
 
 
+def leader(pids: set[int]) -> int:
+    """The part's own process: the leader of the process group its children share."""
+    leaders = []
+    for pid in pids:
+        try:
+            if os.getpgid(pid) == pid:
+                leaders.append(pid)
+        except ProcessLookupError:  # a short-lived helper that just exited
+            pass
+    [pid] = leaders
+    return pid
+
+
 def is_json(line: str) -> bool:
     """A log line of `aha up` (JSON off a terminal), not a part's log tail it printed."""
     try:
@@ -88,7 +101,7 @@ def test_aha_up_rides_out_a_stopped_rewarder_a_killed_actor_and_a_killed_server(
         # 1. The rewarder stopped for longer than stall_after_s while rollouts wait for it:
         #    reported, then it resumes.
         wait_until(lambda: steps_done(run_dir) >= 1, proc, err, 900)
-        [rewarder] = [p for p in processes_with(marker("rewarder-0")) if os.getpgid(p) == p]
+        rewarder = leader(processes_with(marker("rewarder-0")))
         os.kill(rewarder, signal.SIGSTOP)
         time.sleep(8)
         os.kill(rewarder, signal.SIGCONT)
@@ -96,8 +109,7 @@ def test_aha_up_rides_out_a_stopped_rewarder_a_killed_actor_and_a_killed_server(
         # 2. An actor killed with SIGKILL: its whole tree (vLLM's EngineCore) goes with it.
         tree = processes_with(marker("actor-0"))
         assert len(tree) >= 2, tree  # the actor and its engine process
-        [leader] = [pid for pid in tree if os.getpgid(pid) == pid]
-        os.kill(leader, signal.SIGKILL)
+        os.kill(leader(tree), signal.SIGKILL)
         wait_until(lambda: not tree & processes_with(marker("actor-0")), proc, err, 15)
 
         # 3. The nats-server killed with SIGKILL once every part is connected again (the

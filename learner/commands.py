@@ -1,7 +1,8 @@
-"""`aha export` and `aha sft`: parse the config first, then import torch and DeepSpeed.
+"""`aha learner`, `aha export` and `aha sft`: parse the config first, then import torch and DeepSpeed.
 
-Both run as one process, or under `torchrun --nproc_per_node=N -m deploy.cli ...` with the
-same number of ranks the checkpoint was written with (ZeRO shards are per rank).
+`aha learner` starts its own ranks (`learner.launch`). `aha export` and `aha sft` run as one
+process, or under `torchrun --nproc_per_node=N -m deploy.cli ...` with the same number of ranks
+the checkpoint was written with (ZeRO shards are per rank).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def sft(args: argparse.Namespace) -> int:
 
 
 def learner(args: argparse.Namespace) -> int:
-    """`aha learner`: the GRPO learner process (single rank)."""
+    """`aha learner`: the GRPO learner; with several ranks or nodes, the launcher of its ranks."""
     import asyncio
     import os
 
@@ -89,6 +90,10 @@ def learner(args: argparse.Namespace) -> int:
     setup_logging("learner")
     # One torch thread per process on CPU: more were 2-35x slower here (DEMO.md, issue 4).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from learner.launch import is_worker, launch, local_ranks
+
+    if not is_worker() and (config.nodes > 1 or local_ranks(config) > 1):
+        return launch(config, args)  # starts this command again once per rank
     import torch
 
     if not torch.cuda.is_available():

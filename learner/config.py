@@ -182,6 +182,23 @@ class LearnerConfig(BaseModel):
     """Serve the `aha_learner_*` Prometheus gauges on this port."""
     bus: BusConfig = Field(default_factory=BusConfig)
     """NATS connection and stream settings (the file's `[bus]` section)."""
+    ranks: int | None = Field(None, ge=1)
+    """Training processes this node starts (`aha learner` launches them with PyTorch's
+    elastic launcher), one per GPU; None: one per visible GPU, 1 without a GPU."""
+    nodes: int = Field(1, ge=1)
+    """Learner nodes (pods) training together, each starting `ranks` ranks; global rank 0
+    does all the bus work."""
+    node_rank: int | None = Field(None, ge=0)
+    """This node's index, 0 to `nodes` − 1; None: the number after the last `-` of the host
+    name (a StatefulSet pod's ordinal). Node 0 hosts the rendezvous."""
+    rendezvous: str | None = None
+    """`host:port` where node 0 listens and the other nodes meet it (needed with `nodes` > 1;
+    one node uses a free local port)."""
+    rendezvous_timeout_s: float = Field(900.0, gt=0)
+    """How long a node waits at the rendezvous for all `nodes` to arrive."""
+    stop_timeout_s: float = Field(300.0, ge=0)
+    """With several ranks: on SIGTERM, how long they get to checkpoint and exit before the
+    launcher kills them (keep it under the orchestrator's kill timeout)."""
 
     @model_validator(mode="after")
     def _scored_leases_fit(self):
@@ -192,6 +209,18 @@ class LearnerConfig(BaseModel):
                 f"batch × checkpoint_every = {held} scored groups are held until a checkpoint, "
                 f"more than bus.scored.max_ack_pending = {self.bus.scored.max_ack_pending}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _nodes_meet(self):
+        if self.nodes > 1 and self.rendezvous is None:
+            raise ValueError("nodes > 1 needs rendezvous (host:port of node 0)")
+        if self.node_rank is not None and self.node_rank >= self.nodes:
+            raise ValueError(f"node_rank {self.node_rank} is not below nodes = {self.nodes}")
+        if self.rendezvous is not None:
+            host, _, port = self.rendezvous.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"rendezvous {self.rendezvous!r} is not host:port")
         return self
 
     @property

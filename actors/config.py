@@ -34,6 +34,9 @@ class ActorConfig(BaseModel):
     """vLLM: no CUDA graphs / compilation (slower, starts faster)."""
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     """vLLM: share of GPU memory for weights and KV cache."""
+    gpus: int = Field(1, ge=1)
+    """vLLM: GPUs one copy of the model is served over (its `tensor_parallel_size`); the
+    actor's pod must be given that many."""
     download_dir: str | None = None
     """Where shards fetched from the object store are written before loading (default: a
     temporary folder)."""

@@ -274,6 +274,7 @@ async def setup_actor_engine(config: ActorConfig):
             enforce_eager=config.enforce_eager,
             seed=config.seed,
             gpu_memory_utilization=config.gpu_memory_utilization,
+            tensor_parallel_size=config.gpus,
         )
     return await setup_engine(config.backend, config.model, **kwargs)
 

@@ -104,12 +104,14 @@ class VllmEngine:
         enforce_eager: bool = False,
         seed: int = 0,
         gpu_memory_utilization: float = 0.9,
+        tensor_parallel_size: int = 1,
         **engine_args,
     ) -> VllmEngine:
         """Start an engine on `model` (an HF folder) and serve its weights as `version`.
 
-        `engine_args` go to `vllm.AsyncEngineArgs` (e.g. `max_num_seqs`,
-        `tensor_parallel_size`). On CPU, `VLLM_CPU_KVCACHE_SPACE` (GiB) sizes the KV cache.
+        `tensor_parallel_size` GPUs share one copy of the model (a weight reload runs on each
+        worker, which takes its slice). `engine_args` go to `vllm.AsyncEngineArgs` (e.g.
+        `max_num_seqs`). On CPU, `VLLM_CPU_KVCACHE_SPACE` (GiB) sizes the KV cache.
         """
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import AsyncEngineArgs
@@ -122,6 +124,7 @@ class VllmEngine:
             enforce_eager=enforce_eager,
             seed=seed,
             gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
             logprobs_mode=LOGPROBS_MODE,
             worker_extension_cls="actors.vllm_worker.WeightReloadExtension",
             disable_log_stats=True,

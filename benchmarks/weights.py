@@ -11,8 +11,12 @@ run sends it, through an embedded nats-server:
   in GB/s next to a raw file copy of the same bytes (`shutil.copyfile`) in the same run;
 - fan-out: `--actors` connections downloading the same version at once (aggregate GB/s), and
   the bytes the learner's connection sent for it, which do not depend on the actor count;
-- engine load, separately: reading the verified shards into torch tensors (`load_file`, what
-  the HF engine does before copying them in).
+- engine load, separately: reading the verified shards into torch tensors and copying each
+  once (`load_file` + a copy: what the HF engine does; vLLM's reload is its own figure);
+- before/after in the same run: the previous download path (nats-py `get(writeinto=)`, whose
+  own digest check hashes once, then `verify_shard` reading the file back and hashing again),
+  with each path's CPU seconds per GB in this process (steadier than wall time on a shared
+  machine).
 
 Each figure is min/median/max over `--runs`; `--json` prints one line per figure:
 `{"figure", "value", "unit", "baseline", "ratio", "runs"}` (value and baseline: medians).
@@ -58,6 +62,19 @@ def make_module(gb: float, tensor_mb: float):
     return module
 
 
+async def download_with_get(js, manifest, directory: Path) -> None:
+    """The download path before: nats-py's `get` into a file, then `verify_shard` re-reading it."""
+    from protocol.names import OBJECT_STORE_WEIGHTS
+    from protocol.weights import object_name, verify_shard
+
+    directory.mkdir(parents=True, exist_ok=True)
+    store = await js.object_store(OBJECT_STORE_WEIGHTS)
+    for shard in manifest.shards:
+        with open(directory / shard.name, "wb") as f:
+            await store.get(object_name(manifest.version, shard.name), writeinto=f)
+        await asyncio.to_thread(verify_shard, directory / shard.name, shard)
+
+
 def spread(values: list[float]) -> str:
     return f"{min(values):.3g}/{statistics.median(values):.3g}/{max(values):.3g}"
 
@@ -85,6 +102,7 @@ async def run(args) -> list[dict]:
     scratch = Path(tempfile.mkdtemp(prefix="aha-bench-weights-"))
     module = make_module(args.gb, tensor_mb=64)
     publish_s, write_s, upload_s, copy_s, transfer_s, load_s, fanout_s = [], [], [], [], [], [], []
+    old_s, cpu_new, cpu_old = [], [], []
     sent_per_version: list[int] = []
     received_per_actor: list[int] = []
     total = 0
@@ -129,13 +147,22 @@ async def run(args) -> list[dict]:
                     start = time.perf_counter()
                     kv = await actor.jetstream().key_value(KV_POLICY)
                     seen = decode((await kv.get(KEY_LATEST)).value, WeightManifest)
+                    cpu = time.process_time()
                     paths = await download_shards(actor.jetstream(), seen, scratch / "actor")
                     transfer_s.append(gb / (time.perf_counter() - start))
+                    cpu_new.append((time.process_time() - cpu) / gb)
+                    # The previous path, same version, same connection.
+                    start, cpu = time.perf_counter(), time.process_time()
+                    await download_with_get(actor.jetstream(), seen, scratch / "old")
+                    old_s.append(gb / (time.perf_counter() - start))
+                    cpu_old.append((time.process_time() - cpu) / gb)
+                    shutil.rmtree(scratch / "old")
                 finally:
                     await actor.close()
                 start = time.perf_counter()
                 for path in paths:
-                    load_file(str(path))
+                    for tensor in load_file(str(path)).values():
+                        tensor.clone()
                 load_s.append((time.perf_counter() - start) / gb)
                 shutil.rmtree(scratch / "actor")
 
@@ -169,6 +196,8 @@ async def run(args) -> list[dict]:
         figure("weight_publish_upload", "s/GB", upload_s, None, higher=False),
         figure("weight_fanout", "GB/s", fanout_s, transfer_s, higher=True),
         figure("weight_engine_load", "s/GB", load_s, None, higher=False),
+        figure("weight_transfer_vs_nats_py_get", "GB/s", transfer_s, old_s, higher=True),
+        figure("weight_transfer_cpu", "CPU s/GB", cpu_new, cpu_old, higher=False),
     ]
     learner_out = statistics.median(sent_per_version) / total
     actor_in = statistics.median(received_per_actor) / total
@@ -189,10 +218,16 @@ async def run(args) -> list[dict]:
     print(f"  fan-out, {args.actors} actors at once       {spread(fanout_s)} GB/s in all")
     print(f"    learner sent {learner_out:.3f} x the version's bytes; each actor received {actor_in:.3f} x")
     print(f"  engine load (safetensors->torch) {spread(load_s)} s/GB")
+    print(f"  before: nats-py get + re-read   {spread(old_s)} GB/s (this path: {figures[-2]['ratio']:.2f} x)")
+    print(f"  actor CPU: {spread(cpu_new)} s/GB now, {spread(cpu_old)} s/GB before")
     return figures
 
 
 def main() -> None:
+    import structlog
+
+    # Logs to stderr: stdout carries the figures (one JSON line each with --json).
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     asyncio.run(run(parse_args()))
 
 

@@ -67,6 +67,7 @@ VALUES = {
         "actor": {"engine": "cpu"},
         "rewarder": {"namespaceSandbox": False},
     },
+    "multi-node": {"learner": {"nodes": 2, "gpus": 8}, "actor": {"gpus": 4}},
 }
 
 
@@ -241,6 +242,8 @@ def test_values_schema_refuses_bad_values():
             {"actor": {"replicas": -1}},
             {"rewarder": {"gpus": 1}},  # rewarders never get GPUs
             {"learner": {"engine": "tpu"}},
+            {"learner": {"nodes": 0}},
+            {"learner": {"collectivePorts": {"from": 80, "to": 90}}},
             {"autoscaling": {"enabled": "yes"}},
             {"unknown": 1},
         ):
@@ -323,6 +326,8 @@ def test_only_learner_and_actor_pods_request_gpus():
                     gpus[role] = n
         if name == "cpu-only":
             assert gpus == {}
+        elif name == "multi-node":
+            assert gpus == {"learner": 8, "actor": 4}
         else:
             assert gpus == {"learner": 1, "actor": 1}, name
     docs = render({"learner": {"gpus": 8}, "actor": {"gpus": 2}})
@@ -646,3 +651,78 @@ def test_passwords_stay_the_same_across_upgrades(kube_api):
         "data": {k: base64.b64encode(v.encode()).decode() for k, v in installed.items()},
     }
     assert rendered_secret() == installed  # every password, and auth.conf built from them
+
+
+def test_learner_nodes_train_together_and_actors_spread_over_their_gpus(tmp_path):
+    """`learner.nodes: 2, gpus: 8`: two pods of eight ranks meeting at pod 0's stable name,
+    one shared checkpoint volume, learner pods reaching each other on the rendezvous and
+    collective ports only; `actor.gpus: 4`: vLLM over four GPUs, and four requested."""
+    from actors.config import ActorConfig
+    from learner.config import LearnerConfig
+    from protocol.config import load_config
+
+    docs = render(VALUES["multi-node"])
+    (learner,) = of_kind(docs, "StatefulSet").values()
+    assert learner["spec"]["replicas"] == 2
+    spec = learner["spec"]["template"]["spec"]
+    env = env_of(spec)
+    assert env["AHA_LEARNER__RANKS"]["value"] == "8" and env["AHA_LEARNER__NODES"]["value"] == "2"
+    assert env["AHA_LEARNER__RENDEZVOUS"]["value"] == "aha-learner-0.aha-learner.rl.svc:29400"
+    index = "metadata.labels['apps.kubernetes.io/pod-index']"  # the pod's StatefulSet ordinal
+    assert env["AHA_LEARNER__NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == index
+    stop = int(env["AHA_LEARNER__STOP_TIMEOUT_S"]["value"])
+    assert stop < spec["terminationGracePeriodSeconds"]  # the launcher stops its ranks first
+    (container,) = spec["containers"]
+    assert {"name": "rendezvous", "containerPort": 29400} in container["ports"]
+    service = of_kind(docs, "Service")[learner["spec"]["serviceName"]]
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"]
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["rendezvous"] == 29400
+    # the config the pods load, with their environment: it validates, node rank from the index
+    config = of_kind(docs, "ConfigMap")["aha-config"]["data"]["aha.toml"]
+    (tmp_path / "aha.toml").write_text(config)
+    pod_env = {k: e["value"] for k, e in env.items() if "value" in e}
+    loaded = load_config(
+        LearnerConfig, tmp_path / "aha.toml", section="learner",
+        environ={**pod_env, "AHA_LEARNER__NODE_RANK": "1"},
+    )  # fmt: skip
+    assert (loaded.ranks, loaded.nodes, loaded.node_rank) == (8, 2, 1)
+    assert loaded.rendezvous == "aha-learner-0.aha-learner.rl.svc:29400"
+    # one checkpoint folder for all nodes (DeepSpeed writes and reads every rank's shards there)
+    assert "volumeClaimTemplates" not in learner["spec"]
+    (claim,) = of_kind(docs, "PersistentVolumeClaim").values()
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["checkpoints"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    # learner pods reach each other on the rendezvous and collective ports, and nothing else new
+    policies = {component(d): d["spec"] for d in of_kind(docs, "NetworkPolicy").values()}
+    peers = {"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "aha", "app.kubernetes.io/instance": "aha",
+        "app.kubernetes.io/component": "learner",
+    }}}  # fmt: skip
+    ports = [
+        {"port": 29400, "protocol": "TCP"},
+        {"port": 32768, "endPort": 60999, "protocol": "TCP"},
+    ]
+    learner_policy = policies["learner"]
+    assert {"to": [peers], "ports": ports} in learner_policy["egress"]
+    assert {"from": [peers], "ports": ports} in learner_policy["ingress"]
+    one_node = {component(d): d["spec"] for d in of_kind(render({}), "NetworkPolicy").values()}
+    added = [r for r in learner_policy["egress"] if r not in one_node["learner"]["egress"]]
+    assert added == [{"to": [peers], "ports": ports}]
+    added = [r for r in learner_policy["ingress"] if r not in one_node["learner"]["ingress"]]
+    assert added == [{"from": [peers], "ports": ports}]
+    for role, policy in policies.items():  # no other pod may reach the learners' new ports
+        if role != "learner":
+            assert one_node[role] == policy, role
+    # the actor: tensor parallelism over the GPUs it requests
+    (actor,) = [d for d in of_kind(docs, "Deployment").values() if component(d) == "actor"]
+    (container,) = actor["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+    actor_env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    actor_config = load_config(ActorConfig, tmp_path / "aha.toml", section="actor",
+                               environ=actor_env)  # fmt: skip
+    assert actor_config.gpus == 4
+    plain = pod_specs(render({}))
+    assert "AHA_ACTOR__GPUS" not in env_of(plain["actor"])
+    assert env_of(plain["learner"])["AHA_LEARNER__RANKS"]["value"] == "1"
+    assert "AHA_LEARNER__RENDEZVOUS" not in env_of(plain["learner"])

@@ -57,14 +57,14 @@ def compose_binary() -> Path:
     return binary
 
 
-def compose_config(*files: str, profiles: tuple[str, ...] = ()) -> dict:
+def compose_config(*files: str, profiles: tuple[str, ...] = (), **env_extra: str) -> dict:
     """What `docker compose config` makes of the files: validated, merged, interpolated."""
     cmd = [str(compose_binary())]
     for f in files:
         cmd += ["-f", str(DEPLOY / f)]
     for p in profiles:
         cmd += ["--profile", p]
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(ROOT), **ENV}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(ROOT), **ENV, **env_extra}
     out = subprocess.run(
         cmd + ["config", "--format", "json"],
         capture_output=True,
@@ -382,3 +382,17 @@ def test_rewarder_image_needs_no_torch():
         check=False,
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_the_learner_starts_one_rank_per_gpu_it_reserves(tmp_path):
+    from learner.config import LearnerConfig
+    from protocol.config import load_config
+
+    for gpus_env, ranks in (({}, 1), ({"AHA_LEARNER_GPUS": "4"}, 4)):
+        learner = compose_config("compose.yaml", **gpus_env)["services"]["learner"]
+        assert gpus(learner)[0]["count"] == ranks
+        environ = {k: str(v) for k, v in learner["environment"].items()}
+        config = load_config(LearnerConfig, DEPLOY / "aha.toml", section="learner", environ=environ)
+        assert (config.ranks, config.nodes) == (ranks, 1)
+    cpu = compose_config("compose.yaml", "compose.cpu.yaml")["services"]["learner"]
+    assert cpu["environment"]["AHA_LEARNER__RANKS"] == "1"

@@ -235,3 +235,35 @@ async def test_a_rank_that_dies_stops_the_learner_and_a_restart_trains_each_grou
     scored = {task_id for task_id, _, _ in played}
     left = await left_in_stream(bus)
     assert scored == set(trained) | set(dropped) | set(left), "a scored group was lost"
+
+
+async def test_sigterm_to_aha_learner_stops_every_rank_after_a_checkpoint(
+    nats_server, bus, tmp_path, tiny_model_dir
+):
+    _, config_path = write_config(
+        tmp_path, tiny_model_dir, nats_server.url, max_steps=None, ranks=2, final_model_dir=None
+    )
+    stop, played = asyncio.Event(), []
+    actor = asyncio.create_task(
+        play_actor_and_rewarder(bus, tiny_model_dir, tmp_path / "dl", stop, played)
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    try:
+        proc = await start_learner(config_path)
+        waited = 0.0
+        while not (metrics.exists() and read_lines(metrics)) and waited < TIMEOUT_S:
+            await asyncio.sleep(0.2)
+            waited += 0.2
+        ranks = [rank_process(proc.pid, r) for r in (0, 1)]
+        proc.send_signal(signal.SIGTERM)  # as Kubernetes stops the pod: to the launcher only
+        code, output = await finish(proc)
+    finally:
+        stop.set()
+        await actor
+    assert code == 0, output[-3000:]
+    assert "learner ranks stopped" in output and "failed" not in output, output[-3000:]
+    assert '"event": "learner stopped"' in output  # rank 0's own stop: checkpoint, hand back
+    for rank in ranks:
+        assert rank is not None and not rank.is_running()
+    steps = [r["step"] for r in read_lines(metrics) if r["event"] == "step"]
+    assert steps and steps == list(range(1, len(steps) + 1))

@@ -220,15 +220,19 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def kill_group(pgid: int) -> int:
-    """SIGKILL every process left in the group `pgid`; returns how many there were. The
-    group's leader must already be gone or about to be killed too: the kernel keeps its
-    pid from being reused while the group has members."""
+def kill_group(pgid: int, wait_s: float = 5.0) -> int:
+    """SIGKILL every process left in the group `pgid` and wait (up to `wait_s`) until they
+    are gone; returns how many there were. The group's leader must already be gone or about
+    to be killed too: the kernel keeps its pid from being reused while the group has members."""
     left = len(group_members(pgid)) if sys.platform == "linux" else 0
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
-        pass
+        return left
+    deadline = time.monotonic() + wait_s
+    # SIGKILL takes effect when the process next runs: on a busy machine, a moment later.
+    while sys.platform == "linux" and group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)
     return left
 
 

@@ -118,7 +118,11 @@ async def run(
     can_run_code, sandbox = describe(config.sandbox)
     (log.info if can_run_code else log.warning)("code sandbox", how=sandbox)
     pool = VerifierPool(config.workers, config.timeout_s, config.sandbox)
-    bus = await Bus.connect(config.bus, name=f"aha-rewarder-{config.rewarder_id}")
+    try:
+        bus = await Bus.connect(config.bus, name=f"aha-rewarder-{config.rewarder_id}")
+    except BaseException:  # stopped (or failed) while connecting: the workers go too
+        pool.close()
+        raise
     try:
 
         async def handle(rollout: Rollout) -> ScoredRollout:

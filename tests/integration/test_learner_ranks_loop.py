@@ -3,7 +3,8 @@
 - `learner.ranks = 2`: the command starts both ranks itself; rank 0 does the bus work and
   hands rank 1 every batch; both exit 0 at max_steps.
 - Two "nodes" (two `aha learner` processes, node ranks 0 and 1, one rank each, meeting on
-  127.0.0.1) train the same batches to the same loss and weights as one rank.
+  127.0.0.1; ZeRO-3, stopped after step 1 and resumed from their checkpoint) train the same
+  batches to the same loss and weights as one rank running straight through.
 - A rank killed mid-run stops the whole learner (exit 1, one line naming it); restarted, it
   trains every scored group exactly once.
 """
@@ -47,12 +48,12 @@ pytestmark = [
 TIMEOUT_S = 300
 
 
-def write_config(tmp_path, model_dir, url, **overrides):
+def write_config(tmp_path, model_dir, url, zero_stage=2, **overrides):
     from learner.config import DeepSpeedSettings, OptimConfig
 
     config = learner_config(
         tmp_path, model_dir, url,
-        deepspeed=DeepSpeedSettings(zero_stage=2, precision="fp32", micro_batch=2),
+        deepspeed=DeepSpeedSettings(zero_stage=zero_stage, precision="fp32", micro_batch=2),
         # Adam's ε well above fp32 rounding: the key biases' gradient is exactly 0 in exact
         # arithmetic (softmax ignores a shift), so theirs is rounding noise, which with
         # ε = 1e-8 becomes a step of ±lr whose sign depends on the order of the sums.
@@ -134,36 +135,44 @@ async def play_fixed_actor(bus, model_dir, stop: asyncio.Event) -> None:
     await tasks.close()
 
 
-async def train_with_fixed_actor(workdir, model_dir, node_ranks: list[int]) -> list[dict]:
-    """One learner run (its own nats-server) of `len(node_ranks)` nodes of one rank each;
-    returns its metrics lines."""
+async def train_with_fixed_actor(
+    workdir, model_dir, node_ranks: list[int], runs: list[tuple[str, ...]]
+) -> list[dict]:
+    """Learner runs (ZeRO-3, sharing one nats-server and checkpoint folder) of
+    `len(node_ranks)` nodes of one rank each, one per flags in `runs`; returns the metrics lines."""
     workdir.mkdir()
     with NatsServer(workdir / "nats") as server:
         nodes = {"nodes": 2, "rendezvous": f"127.0.0.1:{free_port()}"} if len(node_ranks) > 1 else {}
-        _, config_path = write_config(workdir, model_dir, server.url, max_steps=2, ranks=1, **nodes)
+        _, config_path = write_config(
+            workdir, model_dir, server.url, zero_stage=3, max_steps=2, ranks=1, **nodes
+        )
         bus = await Bus.connect(learner_bus(server.url), name="test")
         stop = asyncio.Event()
         actor = asyncio.create_task(play_fixed_actor(bus, model_dir, stop))
         try:
-            procs = [
-                await start_learner(config_path, AHA_LEARNER__NODE_RANK=str(n)) for n in node_ranks
-            ]
-            results = await asyncio.gather(*(finish(p) for p in procs))
+            for flags in runs:
+                procs = [
+                    await start_learner(config_path, *flags, AHA_LEARNER__NODE_RANK=str(n))
+                    for n in node_ranks
+                ]
+                for code, output in await asyncio.gather(*(finish(p) for p in procs)):
+                    assert code == 0, output[-3000:]
         finally:
             stop.set()
             await actor
             await bus.close()
-    for code, output in results:
-        assert code == 0, output[-3000:]
     return read_lines(workdir / "metrics.jsonl")
 
 
-async def test_two_nodes_train_like_one_rank(tmp_path, tiny_model_dir):
+async def test_two_nodes_train_and_resume_like_one_rank(tmp_path, tiny_model_dir):
     import torch
     from safetensors.torch import load_file
 
-    two = await train_with_fixed_actor(tmp_path / "two", tiny_model_dir, [0, 1])
-    one = await train_with_fixed_actor(tmp_path / "one", tiny_model_dir, [0])
+    # two nodes: step 1, stop, then resume from the ZeRO-3 checkpoint both wrote for step 2
+    two = await train_with_fixed_actor(
+        tmp_path / "two", tiny_model_dir, [0, 1], [("--max-steps", "1"), ("--resume",)]
+    )
+    one = await train_with_fixed_actor(tmp_path / "one", tiny_model_dir, [0], [()])
     steps_two = [r for r in two if r["event"] == "step"]
     steps_one = [r for r in one if r["event"] == "step"]
     assert [r["step"] for r in steps_two] == [r["step"] for r in steps_one] == [1, 2]

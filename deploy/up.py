@@ -219,6 +219,7 @@ def write_run_config(
             "metrics_file": str(run_dir / "metrics.jsonl"),
             "final_model_dir": str(run_dir / "final"),
             "seed": up.seed,
+            "ranks": 1,  # the actors share this machine's GPUs: one learner rank, not one per GPU
             "optim": {"lr": up.lr},
             "deepspeed": {"precision": "fp32", "micro_batch": 32},
             "grpo": {

@@ -1,7 +1,7 @@
-"""`aha learner` starting its own ranks (ZeRO-2, gloo, CPU) against a real nats-server.
+"""`aha learner` starting its own ranks (gloo, CPU) against a real nats-server.
 
 - `learner.ranks = 2`: the command starts both ranks itself; rank 0 does the bus work and
-  hands rank 1 every batch; both exit 0 at max_steps.
+  hands rank 1 every batch; SIGTERM stops both after a checkpoint.
 - Two "nodes" (two `aha learner` processes, node ranks 0 and 1, one rank each, meeting on
   127.0.0.1; ZeRO-3, stopped after step 1 and resumed from their checkpoint) train the same
   batches to the same loss and weights as one rank running straight through.
@@ -79,32 +79,6 @@ async def start_learner(config_path, *flags, **env_extra):
 async def finish(proc) -> tuple[int, str]:
     output, _ = await asyncio.wait_for(proc.communicate(), timeout=TIMEOUT_S)
     return proc.returncode, output.decode(errors="replace")
-
-
-async def test_aha_learner_with_two_ranks_starts_them_itself(
-    nats_server, bus, tmp_path, tiny_model_dir
-):
-    _, config_path = write_config(tmp_path, tiny_model_dir, nats_server.url, max_steps=2, ranks=2)
-    stop, played = asyncio.Event(), []
-    actor = asyncio.create_task(
-        play_actor_and_rewarder(bus, tiny_model_dir, tmp_path / "dl", stop, played)
-    )
-    try:
-        code, output = await finish(await start_learner(config_path))
-    finally:
-        stop.set()
-        await actor
-    assert code == 0, output[-3000:]
-    assert "starting learner ranks" in output and '"world_size": 2' in output, output[-3000:]
-    assert "following rank 0" in output  # rank 1 ran, and took its orders from rank 0
-    lines = read_lines(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in lines if r["event"] == "step"] == [1, 2]
-    assert lines[-1]["event"] == "done" and lines[-1]["groups_trained"] == 4
-    kv = await bus.js.key_value(KV_POLICY)
-    assert decode((await kv.get(KEY_LATEST)).value, WeightManifest).version == 2
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_pretrained(lines[-1]["final_model"])
 
 
 async def play_fixed_actor(bus, model_dir, stop: asyncio.Event) -> None:
@@ -205,13 +179,25 @@ def rank_process(launcher_pid: int, rank: int) -> psutil.Process | None:
     return None
 
 
-async def test_a_rank_that_dies_stops_the_learner_and_a_restart_trains_each_group_once(
+async def wait_for_steps(metrics, n: int) -> None:
+    """Until the metrics file has `n` step lines (each written after its checkpoint)."""
+    for _ in range(int(TIMEOUT_S / 0.1)):
+        if metrics.exists() and sum(r["event"] == "step" for r in read_lines(metrics)) >= n:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"no step {n} in {metrics}")
+
+
+async def test_two_rank_learner_stops_on_sigterm_or_a_dead_rank_and_resumes_exactly_once(
     nats_server, bus, tmp_path, tiny_model_dir
 ):
+    """`learner.ranks = 2`, started by `aha learner` itself: SIGTERM to the command stops
+    both ranks after rank 0's checkpoint (exit 0); a rank killed mid-run stops the whole
+    learner (exit 1, one line naming it); each restart resumes, and in the end every scored
+    group was trained exactly once."""
     config, config_path = write_config(
-        tmp_path, tiny_model_dir, nats_server.url, max_steps=3, ranks=2, stop_timeout_s=10,
-        final_model_dir=None,
-    )  # fmt: skip
+        tmp_path, tiny_model_dir, nats_server.url, max_steps=6, ranks=2, stop_timeout_s=10
+    )
     stop, played = asyncio.Event(), []
     actor = asyncio.create_task(
         play_actor_and_rewarder(bus, tiny_model_dir, tmp_path / "dl", stop, played)
@@ -219,60 +205,46 @@ async def test_a_rank_that_dies_stops_the_learner_and_a_restart_trains_each_grou
     metrics = tmp_path / "metrics.jsonl"
     try:
         proc = await start_learner(config_path)
-        waited = 0.0
-        while not (metrics.exists() and read_lines(metrics)) and waited < TIMEOUT_S:
-            await asyncio.sleep(0.2)  # step 1 is checkpointed; step 2 is on its way
-            waited += 0.2
+        await wait_for_steps(metrics, 1)
+        ranks = [rank_process(proc.pid, r) for r in (0, 1)]
+        proc.send_signal(signal.SIGTERM)  # as Kubernetes stops the pod: to the launcher only
+        code, output = await finish(proc)
+        assert code == 0, output[-3000:]
+        assert "starting learner ranks" in output and '"world_size": 2' in output, output[-3000:]
+        assert "following rank 0" in output  # rank 1 ran, and took its orders from rank 0
+        assert '"event": "learner stopped"' in output  # rank 0's own stop: checkpoint, hand back
+        assert "learner ranks stopped" in output and "failed" not in output, output[-3000:]
+        for rank in ranks:
+            assert rank is not None and not rank.is_running()
+
+        done = sum(r["event"] == "step" for r in read_lines(metrics))
+        proc = await start_learner(config_path, "--resume")
+        await wait_for_steps(metrics, done + 1)
         follower = rank_process(proc.pid, 1)
         assert follower is not None
         follower.send_signal(signal.SIGKILL)
         code, output = await finish(proc)
         assert code == 1, output[-3000:]
         assert "learner rank 1 failed (killed by SIGKILL)" in output, output[-3000:]
+
         code, output = await finish(await start_learner(config_path, "--resume"))
         assert code == 0, output[-3000:]
     finally:
         stop.set()
         await actor
 
-    steps = [r for r in read_lines(metrics) if r["event"] == "step"]
-    assert [r["step"] for r in steps] == [1, 2, 3]
+    lines = read_lines(metrics)
+    steps = [r for r in lines if r["event"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     trained = [t for r in steps for t in r["task_ids"]]
     dropped = [t for r in steps for t in r["task_ids_dropped"]]
-    assert len(trained) == 3 * config.batch
+    assert len(trained) == 6 * config.batch
     assert len(set(trained)) == len(trained), "a group was trained twice"
     scored = {task_id for task_id, _, _ in played}
     left = await left_in_stream(bus)
     assert scored == set(trained) | set(dropped) | set(left), "a scored group was lost"
+    kv = await bus.js.key_value(KV_POLICY)
+    assert decode((await kv.get(KEY_LATEST)).value, WeightManifest).version == 6
+    from transformers import AutoModelForCausalLM
 
-
-async def test_sigterm_to_aha_learner_stops_every_rank_after_a_checkpoint(
-    nats_server, bus, tmp_path, tiny_model_dir
-):
-    _, config_path = write_config(
-        tmp_path, tiny_model_dir, nats_server.url, max_steps=None, ranks=2, final_model_dir=None
-    )
-    stop, played = asyncio.Event(), []
-    actor = asyncio.create_task(
-        play_actor_and_rewarder(bus, tiny_model_dir, tmp_path / "dl", stop, played)
-    )
-    metrics = tmp_path / "metrics.jsonl"
-    try:
-        proc = await start_learner(config_path)
-        waited = 0.0
-        while not (metrics.exists() and read_lines(metrics)) and waited < TIMEOUT_S:
-            await asyncio.sleep(0.2)
-            waited += 0.2
-        ranks = [rank_process(proc.pid, r) for r in (0, 1)]
-        proc.send_signal(signal.SIGTERM)  # as Kubernetes stops the pod: to the launcher only
-        code, output = await finish(proc)
-    finally:
-        stop.set()
-        await actor
-    assert code == 0, output[-3000:]
-    assert "learner ranks stopped" in output and "failed" not in output, output[-3000:]
-    assert '"event": "learner stopped"' in output  # rank 0's own stop: checkpoint, hand back
-    for rank in ranks:
-        assert rank is not None and not rank.is_running()
-    steps = [r["step"] for r in read_lines(metrics) if r["event"] == "step"]
-    assert steps and steps == list(range(1, len(steps) + 1))
+    AutoModelForCausalLM.from_pretrained(lines[-1]["final_model"])

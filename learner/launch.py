@@ -83,6 +83,12 @@ def launch(config: LearnerConfig, args: argparse.Namespace) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from learner.loop import has_checkpoint, load_tokenizer
+
+    # Bad input is one line here, not the same error from every rank.
+    if args.resume and not has_checkpoint(config):
+        raise ConfigError(f"--resume: no checkpoint in {config.checkpoint_dir}")
+    load_tokenizer(config)  # learner.dataset is there (and the tokenizer loads)
     ranks, node = local_ranks(config), node_rank(config)
     endpoint = config.rendezvous if config.nodes > 1 else f"127.0.0.1:{_free_port()}"
     launch_config = LaunchConfig(

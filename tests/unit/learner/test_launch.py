@@ -45,3 +45,28 @@ def test_each_rank_runs_the_same_learner_command():
         "-m", "deploy.cli", "learner", "--config", "/etc/aha/aha.toml", "--resume",
         "--max-steps", "5",
     ]  # fmt: skip
+
+
+def test_bad_input_is_one_line_from_the_command_not_one_per_rank(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "aha.toml"
+    path.write_text(
+        "[learner]\nranks = 2\n"
+        f'checkpoint_dir = "{tmp_path / "none"}"\n'
+        "[learner.model]\nqwen2 = { hidden_size = 64, num_hidden_layers = 2 }\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")}
+    for flags, error in (
+        (["--resume"], f"--resume: no checkpoint in {tmp_path / 'none'}"),
+        ([], "learner.dataset: aha learner needs a prompt dataset"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "deploy.cli", "learner", "--config", str(path), *flags],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1] == f"aha learner: error: {error}"
+        assert "starting learner ranks" not in done.stdout + done.stderr

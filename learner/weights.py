@@ -121,13 +121,13 @@ async def publish_weights(
     directory = Path(directory)
     started = time.perf_counter()
     store = await js.object_store(OBJECT_STORE_WEIGHTS)
-    # All objects at once: each put waits for the server's ack of every chunk, so parallel
-    # puts keep the connection busy while one waits.
+    # All objects at once, each with its chunks pipelined, hashed once (in `describe_shard`).
     await asyncio.gather(
+        upload_file(js, store, object_name(version, INDEX_NAME), directory / INDEX_NAME),
         *(
-            upload_file(js, store, object_name(version, name), directory / name)
-            for name in [s.name for s in shards] + [INDEX_NAME]
-        )
+            upload_file(js, store, object_name(version, s.name), directory / s.name, s.sha256)
+            for s in shards
+        ),
     )
     manifest = WeightManifest(version=version, step=step, shards=shards, dtype=dtype)
     kv = await js.key_value(KV_POLICY)

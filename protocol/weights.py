@@ -17,6 +17,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -182,14 +183,75 @@ def _digest_of(info) -> str | None:
         return None
 
 
-async def upload_file(js, store, name: str, path: str | Path) -> None:
-    """Put file `path` as object `name`, in chunks of `chunk_bytes` of the server's limit."""
-    from nats.js import api
+UPLOAD_WINDOW = 8
+"""Chunks an upload keeps in flight before it waits for the oldest one's acknowledgement."""
 
-    size = chunk_bytes(js._nc.max_payload or OBJECT_CHUNK_BYTES * 2)
-    meta = api.ObjectMeta(name=name, options=api.ObjectMetaOptions(max_chunk_size=size))
-    with open(path, "rb") as f:
-        await store.put(name, f, meta=meta)
+ACK_TIMEOUT_S = 30.0
+"""How long an upload waits for the server to acknowledge one chunk."""
+
+
+async def upload_file(js, store, name: str, path: str | Path, sha256: str | None = None) -> None:
+    """Put file `path` as object `name` of `store`, readable by nats-py's object store.
+
+    The layout is nats-py's (chunks on `$O.<bucket>.C.<nuid>`, then the object's info on
+    `$O.<bucket>.M.<name>` with the size, chunk count and `SHA-256=` digest), written here
+    because nats-py's `put` waits for each chunk's acknowledgement before sending the next
+    and hashes the file again. Chunks are `chunk_bytes` of the server's limit, up to
+    `UPLOAD_WINDOW` of them in flight. `sha256` (hex, from the shard's manifest entry) is
+    recorded as the digest when given, so the file is not hashed twice; if the file changed
+    since, actors refuse it (their hash of what they receive will not match). On failure the
+    chunks sent are purged and no info is written: the object is absent, never partial.
+    """
+    from nats.js import api
+    from nats.js.errors import NotFoundError
+
+    nc = js._nc
+    bucket = store._name
+    stream = f"OBJ_{bucket}"
+    size = chunk_bytes(nc.max_payload or OBJECT_CHUNK_BYTES * 2)
+    nuid = nc._nuid.next().decode()
+    subject = f"$O.{bucket}.C.{nuid}"
+    try:
+        previous = await store.get_info(name)
+    except NotFoundError:
+        previous = None
+    digest = hashlib.sha256() if sha256 is None else None
+    total = chunks = 0
+    in_flight: list = []
+    try:
+        with open(path, "rb") as f:
+            while data := await asyncio.to_thread(f.read, size):
+                if digest is not None:
+                    digest.update(data)
+                in_flight.append(await js.publish_async(subject, data, stream=stream))
+                chunks += 1
+                total += len(data)
+                if len(in_flight) >= UPLOAD_WINDOW:
+                    await asyncio.wait_for(in_flight.pop(0), ACK_TIMEOUT_S)
+        for future in in_flight:
+            await asyncio.wait_for(future, ACK_TIMEOUT_S)
+        hexdigest = sha256 if digest is None else digest.hexdigest()
+        info = api.ObjectInfo(
+            name=name,
+            bucket=bucket,
+            nuid=nuid,
+            size=total,
+            chunks=chunks,
+            mtime=datetime.now(timezone.utc).isoformat(),
+            digest="SHA-256=" + base64.urlsafe_b64encode(bytes.fromhex(hexdigest)).decode(),
+            options=api.ObjectMetaOptions(max_chunk_size=size),
+        )
+        meta = f"$O.{bucket}.M." + base64.urlsafe_b64encode(name.encode()).decode()
+        await js.publish(
+            meta, json.dumps(info.as_dict()).encode(), headers={api.Header.ROLLUP: "sub"}
+        )
+    except BaseException:
+        for future in in_flight:
+            future.cancel()
+        await js.purge_stream(stream, subject=subject)
+        raise
+    if previous is not None and not previous.deleted and previous.nuid != nuid:
+        await js.purge_stream(stream, subject=f"$O.{bucket}.C.{previous.nuid}")
 
 
 async def check_object(store, name: str, shard: Shard):

@@ -99,3 +99,32 @@ async def test_keep_versions_prunes_older_objects_and_dirs(js, tmp_path):
     assert latest.version == 3 and latest == manifest
     # shared volume: the manifest carries paths the actor can read directly, verified
     assert local_shards(latest) == [weights_dir / "v3" / s.name for s in latest.shards]
+
+
+async def test_uploaded_objects_read_back_through_nats_py_in_many_chunks(js, tmp_path, monkeypatch):
+    """`upload_file` writes nats-py's object layout: nats-py's own `get` reads every byte back
+    and its digest check passes; the chunks were pipelined; putting the same name again leaves
+    only the new chunks in the stream (the old ones are purged)."""
+    import hashlib
+
+    import protocol.weights
+    from protocol.weights import upload_file
+
+    monkeypatch.setattr(protocol.weights, "OBJECT_CHUNK_BYTES", 4 << 10)
+    monkeypatch.setattr(protocol.weights, "UPLOAD_WINDOW", 3)
+    store = await js.object_store(OBJECT_STORE_WEIGHTS)
+    path = tmp_path / "blob"
+    data = bytes(range(256)) * 150 + b"tail"  # 38,404 bytes: 10 chunks, the last one short
+    path.write_bytes(data)
+
+    await upload_file(js, store, "v9/blob", path)  # hashed here
+    info = await store.get_info("v9/blob")
+    assert (info.size, info.chunks) == (len(data), 10)
+    assert (await store.get("v9/blob")).data == data  # nats-py verifies the digest we recorded
+
+    again = data[::-1]
+    path.write_bytes(again)
+    await upload_file(js, store, "v9/blob", path, hashlib.sha256(again).hexdigest())  # given
+    assert (await store.get("v9/blob")).data == again
+    stream = await js.stream_info(f"OBJ_{OBJECT_STORE_WEIGHTS}")
+    assert stream.state.messages == 10 + 1  # the new chunks and the object's info

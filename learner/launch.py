@@ -2,8 +2,8 @@
 
 A learner of `ranks` × `nodes` processes is started by `aha learner` itself: on each node it
 runs `torch.distributed.launcher.api.elastic_launch`, which starts `ranks` copies of the same
-`aha learner` command as workers (they see `TORCHELASTIC_RUN_ID` and train; `learner.ranks`
-maps each to a role). Nodes meet through torch's static rendezvous: node 0 hosts a c10d
+`aha learner` command as workers (they see `TORCHELASTIC_RUN_ID` and train: global rank 0
+runs the loop, the others follow it, `learner.ranks`). Nodes meet through torch's static rendezvous: node 0 hosts a c10d
 TCPStore at `learner.rendezvous`, the others dial it, and node `n`'s ranks are
 `n·ranks … n·ranks + ranks − 1`, so the same pod always holds the same ZeRO shards.
 
@@ -96,7 +96,7 @@ def launch(config: LearnerConfig, args: argparse.Namespace) -> int:
         max_nodes=config.nodes,
         nproc_per_node=ranks,
         run_id="aha-learner",
-        rdzv_backend="static",  # fixed node ranks: a pod keeps its ranks' checkpoint shards
+        rdzv_backend="static",  # node ranks as configured: pod n always holds the same ranks
         rdzv_endpoint=endpoint,
         rdzv_configs={"rank": node, "timeout": int(config.rendezvous_timeout_s)},
         max_restarts=0,  # a rank that dies stops the learner; the next start resumes

@@ -3,7 +3,7 @@
 A learner of `ranks` × `nodes` processes is started by `aha learner` itself: on each node it
 runs `torch.distributed.launcher.api.elastic_launch`, which starts `ranks` copies of the same
 `aha learner` command as workers; they see `TORCHELASTIC_RUN_ID` and train (global rank 0
-runs the loop, the others follow it: `learner.ranks`). Nodes meet through torch's static
+runs the loop, the others follow it; module `learner.ranks`). Nodes meet through torch's static
 rendezvous: node 0 hosts a c10d TCPStore at `learner.rendezvous`, the others dial it, and node
 `n`'s ranks are `n·ranks … n·ranks + ranks − 1` on every start.
 

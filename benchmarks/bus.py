@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -175,6 +176,10 @@ def main() -> None:
     p.add_argument("--small-group", type=int, default=2, help="G of the small messages")
     p.add_argument("--small-tokens", type=int, default=16, help="tokens of the small messages")
     p.add_argument("--json", action="store_true", help="one JSON line per figure")
+    import structlog
+
+    # Logs to stderr: stdout carries the figures (one JSON line each with --json).
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     asyncio.run(run(p.parse_args()))
 
 

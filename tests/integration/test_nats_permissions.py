@@ -46,7 +46,7 @@ from protocol.names import (
 )
 from protocol.server import NatsServer
 from protocol.stage import StageConsumer, run_stage, watch_max_deliveries
-from protocol.weights import describe_shard, object_name
+from protocol.weights import describe_shard, object_name, upload_file
 from tests.helpers import make_rollout, make_task
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -144,8 +144,7 @@ async def publish_weights_as_learner(bus: Bus, directory: Path) -> WeightManifes
     path.write_bytes(np.arange(4096, dtype=np.float32).tobytes())
     shard = describe_shard(path, ["w"])
     store = await bus.js.object_store(OBJECT_STORE_WEIGHTS)
-    with open(path, "rb") as f:
-        await store.put(object_name(1, shard.name), f)
+    await upload_file(bus.js, store, object_name(1, shard.name), path, shard.sha256)
     manifest = WeightManifest(version=1, step=1, shards=[shard], dtype="float32")
     kv = await bus.js.key_value(KV_POLICY)
     await kv.put(KEY_LATEST, encode(manifest))

@@ -18,7 +18,14 @@ from pathlib import Path
 from actors.engine import Engine
 from protocol.messages import WeightManifest
 from protocol.names import OBJECT_STORE_WEIGHTS
-from protocol.weights import ShardError, check_objects, download_shard, local_shards, object_name, widen_reads
+from protocol.weights import (
+    ShardError,
+    check_objects,
+    download_shard,
+    local_shards,
+    object_name,
+    widen_reads,
+)
 
 
 class WeightsRejected(RuntimeError):

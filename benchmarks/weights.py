@@ -89,6 +89,8 @@ def figure(name: str, unit: str, runs: list[float], baseline: list[float] | None
 
 
 async def run(args) -> list[dict]:
+    from safetensors.torch import load_file
+
     from actors.weights import download_shards
     from learner.weights import publish_weights, write_shards
     from protocol.codec import decode
@@ -97,7 +99,6 @@ async def run(args) -> list[dict]:
     from protocol.names import KEY_LATEST, KV_POLICY
     from protocol.server import NatsServer
     from protocol.streams import connect, ensure_streams
-    from safetensors.torch import load_file
 
     scratch = Path(tempfile.mkdtemp(prefix="aha-bench-weights-"))
     module = make_module(args.gb, tensor_mb=64)

@@ -187,7 +187,20 @@ def test_math_an_answer_too_long_to_be_one_scores_zero_with_its_reason():
     assert graded(rf"\boxed{{{'+'.join(['1'] * 400)}}}", "400") == (1.0, None)  # 799: compared
 
 
-def test_math_an_answer_that_stalls_math_verify_scores_zero_not_null(monkeypatch):
+@pytest.fixture
+def no_gc_callbacks():
+    """Hypothesis (another test file's) leaves a gc callback in this process; Math-Verify's
+    SIGALRM timeout raised inside it is swallowed ("Exception ignored in gc_callback") and the
+    stall then runs for minutes. Verifier workers have no gc callbacks."""
+    import gc
+
+    saved = gc.callbacks[:]
+    gc.callbacks.clear()
+    yield
+    gc.callbacks.extend(saved)
+
+
+def test_math_an_answer_that_stalls_math_verify_scores_zero_not_null(monkeypatch, no_gc_callbacks):
     # comparing this product with 5 makes sympy work for minutes; the reference verifies fine,
     # so the stall is the completion's: 0 with the reason (it was `null`: no reward, a dodge)
     monkeypatch.setattr(rewards, "ANSWER_BUDGET_S", 2)

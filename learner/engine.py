@@ -55,7 +55,16 @@ def init_distributed() -> None:
     comm_torch = importlib.import_module("deepspeed.comm.torch")  # the module, not the package attr
     comm_torch.build_shm_op = lambda: None
     import deepspeed
+    import torch.distributed as dist
 
+    if os.environ["WORLD_SIZE"] == "1" and not dist.is_initialized():
+        # A world of one needs no rendezvous: an in-memory store, so no port to pick and lose
+        # to another process between choosing it and binding it (EADDRINUSE, seen under load).
+        # DeepSpeed then uses this process group as it is.
+        from deepspeed.accelerator import get_accelerator
+
+        backend = get_accelerator().communication_backend_name()
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed()
 
 

@@ -32,6 +32,9 @@ class Candidate:
         self.calls += 1
         try:
             write_frame(REQUESTS, request)
+        except OSError:
+            pass  # the candidate's process is gone; its last reply may still be in the pipe
+        try:
             reply = read_frame(REPLIES)
         except (OSError, WireError) as e:
             raise CandidateError("the candidate's process: {}".format(e)) from None

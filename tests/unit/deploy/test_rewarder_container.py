@@ -51,6 +51,13 @@ print("sandbox ok")
 
 CONFINE = r"""
 set -e
+# The checkout and its venv, where they live under /tmp (a CI clone), stay visible: the image
+# has them in its root, not in its /tmp. Held aside under /dev/shm, put back over the tmpfs.
+i=0
+for keep in $AHA_KEEP; do
+  mkdir -p /dev/shm/aha-keep-$i && mount --rbind "$keep" /dev/shm/aha-keep-$i
+  i=$((i + 1))
+done
 # Every mount read-only (as a container's read-only root and its read-only mounts), but /proc
 # and /dev, which a container gets fresh; /tmp a new noexec tmpfs (compose `tmpfs: [/tmp]`).
 awk '{print $5}' /proc/self/mountinfo | sort -u | while read -r m; do
@@ -58,6 +65,11 @@ awk '{print $5}' /proc/self/mountinfo | sort -u | while read -r m; do
   mount -o remount,bind,ro "$m" 2>/dev/null || true
 done
 mount -t tmpfs -o noexec,nosuid,nodev tmpfs /tmp
+i=0
+for keep in $AHA_KEEP; do
+  mkdir -p "$keep" && mount --rbind /dev/shm/aha-keep-$i "$keep"
+  i=$((i + 1))
+done
 caps=$1; shift
 exec setpriv --no-new-privs --inh-caps=-all --bounding-set="-all,$caps" -- "$@"
 """
@@ -66,7 +78,17 @@ exec setpriv --no-new-privs --inh-caps=-all --bounding-set="-all,$caps" -- "$@"
 def confined(capabilities: set[str]) -> subprocess.CompletedProcess:
     """The probe, as root with only `capabilities`, read-only root, tmpfs /tmp, no_new_privs."""
     caps = ",".join(f"+{c.lower()}" for c in sorted(capabilities))
-    env = {"PATH": os.environ["PATH"], "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8"}
+    keep = {
+        str(path)
+        for path in (ROOT, Path(sys.prefix).resolve(), Path(sys.executable).resolve().parent)
+        if path.is_relative_to("/tmp")
+    }
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "LANG": "C.UTF-8",
+        "AHA_KEEP": " ".join(sorted(keep)),
+    }
     return subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", CONFINE, "confine"]
         + [caps, sys.executable, "-c", PROBE],
@@ -104,3 +126,4 @@ def test_the_sandbox_works_in_the_rewarder_container(can_confine):
 def test_the_sandbox_needs_every_capability_it_is_given(can_confine, capability):
     out = confined(SANDBOX_CAPABILITIES - {capability})
     assert out.returncode != 0, f"the sandbox works without {capability}: drop it everywhere"
+    assert "Traceback" in out.stderr, out.stderr  # the probe ran, and the sandbox failed in it

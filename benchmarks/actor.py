@@ -34,7 +34,7 @@ from pathlib import Path
 
 from actors.config import ActorConfig
 from actors.service import Actor, setup_actor_engine
-from deploy.tiny_model import TinySpec, save_tiny_model
+from pipeline.tiny_model import TinySpec, save_tiny_model
 from protocol.bus import Bus
 from protocol.codec import decode
 from protocol.config import BusConfig

@@ -27,7 +27,7 @@ What is measured, for every contender alike:
   over `--window` steps of the training-sample accuracy (temperature 1, fresh prompts every
   step, so an online pass@1 on unseen problems) first reaches `--target`. aha's samples can
   be up to `max_staleness` versions old, so its curve lags its policy by that much;
-- `greedy` / `pass@1`: held-out accuracy of the final model, `deploy.evaluate.evaluate` on the
+- `greedy` / `pass@1`: held-out accuracy of the final model, `pipeline.heldout.evaluate` on the
   same held-out problems (greedy, and `--eval-samples` samples at temperature 1);
 - `wait`: the learner's share of wall time waiting for data (P2). aha: the learner's
   `wait_share` per step, weighted by `step_seconds`, steps 2..N. TRL: the share of `train()`
@@ -257,7 +257,7 @@ def run_trl(args, bench_dir: Path, model: Path, dataset: Path, held_out: list[di
         tail = (out / "trl.log").read_text()[-3000:]
         return {"contender": "TRL GRPOTrainer", "skipped": f"TRL run exited {proc.returncode}: {tail}"}
     res = json.loads((out / "result.json").read_text())
-    from deploy.evaluate import evaluate
+    from pipeline.heldout import evaluate
 
     say("evaluating TRL's final model")
     after = evaluate(out / "final", held_out, max_tokens=64, samples=args.eval_samples)

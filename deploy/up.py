@@ -1,6 +1,6 @@
 """`aha up`: the whole loop on one machine, as separate processes talking through NATS.
 
-With no arguments it runs the built-in demo (`deploy/demo.py`): a 160k-parameter Qwen2
+With no arguments it runs the built-in demo (`pipeline/demo.py`): a 160k-parameter Qwen2
 built from a config, a cold start on imperfect chains of thought, then GRPO through the
 asynchronous loop — embedded NATS, one learner, N actors, M rewarders — with a live table,
 and held-out accuracy before and after. Everything lands in `runs/<name>/`:
@@ -117,7 +117,7 @@ def _json_default(o: Any):
 
 def demo_data(up: UpConfig, run_dir: Path) -> tuple[Path, list[dict]]:
     """The demo's RL prompts (a file) and its held-out set, which never meet."""
-    from deploy import demo
+    from pipeline import demo
 
     evaluation = demo.held_out(up.eval_problems)
     exclude = {r["prompt"] for r in evaluation}
@@ -128,8 +128,8 @@ def demo_data(up: UpConfig, run_dir: Path) -> tuple[Path, list[dict]]:
 
 def cold_start_model(up: UpConfig, run_dir: Path, held_out: list[dict], python: str) -> Path:
     """The tiny model from a config, then `aha sft` on imperfect chains (DEMO.md recipes)."""
-    from deploy import demo
-    from deploy.tiny_model import TinySpec, save_tiny_model
+    from pipeline import demo
+    from pipeline.tiny_model import TinySpec, save_tiny_model
 
     base = save_tiny_model(run_dir / "base", TinySpec(seed=up.seed))
     if up.cold_start_steps == 0:
@@ -489,7 +489,7 @@ def held_out_accuracy(model: Path, held_out: list[dict], up: UpConfig, when: str
     """Greedy accuracy (and pass@1) on the demo's held-out set; None without one."""
     if not held_out or not (Path(model) / "config.json").exists():
         return None
-    from deploy.evaluate import evaluate
+    from pipeline.heldout import evaluate
 
     result = evaluate(model, held_out, max_tokens=up.max_tokens, samples=up.eval_samples)
     log.info(f"accuracy {when}", **result.as_dict())

@@ -1,4 +1,4 @@
-"""The evaluation sets aha ships (the files in `pipeline/benchmarks/`, provenance in its
+"""The evaluation sets aha ships (the files in `pipeline/data/`, provenance in its
 README) and, for each, how a row becomes a problem: its id, its text in the prompt template,
 the reference its rewards compare with, and how its answers vote (`pipeline.metrics`)."""
 
@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from protocol.config import ConfigError
 
-DATA = Path(__file__).with_name("benchmarks")
+DATA = Path(__file__).with_name("data")
 """Where the benchmark files are (shipped as package data)."""
 
 HUMANEVAL_TASK = (
@@ -54,7 +54,7 @@ class Benchmark:
     """What `--bench` calls it."""
     title: str
     file: str
-    """Its file in `pipeline/benchmarks/`."""
+    """Its file in `pipeline/data/`."""
     rows: int
     """How many problems it has (checked when it is read)."""
     id_field: str | None

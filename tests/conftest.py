@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """An HF folder with the demo's tiny Qwen2 and char-level tokenizer (deploy/tiny_model.py)."""
-    from deploy.tiny_model import save_tiny_model
+    """An HF folder with the demo's tiny Qwen2 and char-level tokenizer (pipeline/tiny_model.py)."""
+    from pipeline.tiny_model import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))

@@ -13,7 +13,7 @@ import torch
 
 from actors.hf_engine import HfEngine
 from actors.weights import WeightsRejected, download_shards, load_manifest
-from deploy.tiny_model import TinySpec, save_tiny_model
+from pipeline.tiny_model import TinySpec, save_tiny_model
 from learner.weights import publish_weights, write_shards
 from protocol.config import BusConfig
 from protocol.messages import Sampling

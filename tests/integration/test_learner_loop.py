@@ -48,7 +48,7 @@ def learner_bus(url: str) -> BusConfig:
 
 
 def write_dataset(path: Path, n: int = 24) -> Path:
-    from deploy.demo import rl_prompts, write_jsonl
+    from pipeline.demo import rl_prompts, write_jsonl
 
     return write_jsonl(rl_prompts(n, seed=7, exclude=set()), path)
 

@@ -555,7 +555,7 @@ async def test_the_loop_runs_with_every_part_under_its_own_user(
     (where this host can build it) the confinement compose gives each container: read-only
     root, writable only its tmpfs, only the capabilities it adds, no-new-privileges. Two GRPO
     steps go round the whole loop and no permission is violated."""
-    from deploy.demo import rl_prompts, write_jsonl
+    from pipeline.demo import rl_prompts, write_jsonl
     from deploy.up import _toml
     from protocol.config import merge, read_file
 

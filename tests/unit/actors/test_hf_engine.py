@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from actors.hf_engine import HfEngine
-from deploy.tiny_model import TinySpec, save_tiny_model
+from pipeline.tiny_model import TinySpec, save_tiny_model
 from learner.logprobs import completion_logprobs, pad_batch
 from protocol.messages import Sampling
 from tests.helpers import check_stop_strings

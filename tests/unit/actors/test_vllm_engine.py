@@ -20,7 +20,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed: pip install '.[cpu]' 
 
 from actors.hf_engine import HfEngine  # noqa: E402
 from actors.vllm_engine import VllmEngine  # noqa: E402
-from deploy.tiny_model import TinySpec, save_tiny_model  # noqa: E402
+from pipeline.tiny_model import TinySpec, save_tiny_model  # noqa: E402
 from learner.logprobs import completion_logprobs, pad_batch  # noqa: E402
 from protocol.messages import Sampling  # noqa: E402
 from tests.helpers import check_stop_strings  # noqa: E402

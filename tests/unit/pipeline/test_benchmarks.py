@@ -1,4 +1,4 @@
-"""The shipped benchmarks (pipeline/benchmarks.py and the files in pipeline/benchmarks/)."""
+"""The shipped benchmarks (pipeline/benchmarks.py and the files in pipeline/data/)."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_the_package_ships_every_benchmark_file():
     globs = pyproject["tool"]["setuptools"]["package-data"]["pipeline"]
     packages = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     assert any(fnmatch.fnmatch("pipeline", p) for p in packages)
-    shipped = [f"benchmarks/{b.file}" for b in BENCHMARKS.values()] + ["benchmarks/README.md"]
+    shipped = [f"data/{b.file}" for b in BENCHMARKS.values()] + ["data/README.md"]
     for name in shipped:
         assert (DATA.parent / name).is_file(), name
         assert any(fnmatch.fnmatch(name, g) for g in globs), name

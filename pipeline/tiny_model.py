@@ -12,7 +12,7 @@ them in the text the rewarders parse. There is no `<unk>`: a character outside t
 vocabulary is dropped when encoding (Qwen2's byte-level BPE does that), so give `TinySpec`
 every character your task uses.
 
-    python -m deploy.tiny_model /tmp/tiny          # build one with the demo's defaults
+    python -m pipeline.tiny_model /tmp/tiny          # build one with the demo's defaults
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from deploy.demo import answer_of_chain, chain, cold_start, held_out, prompt, response, rl_prompts
+from pipeline.demo import answer_of_chain, chain, cold_start, held_out, prompt, response, rl_prompts
 
 
 def test_the_chain_adds_column_by_column_from_the_right():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from deploy.tiny_model import TAGS, TinySpec, build_tokenizer
+from pipeline.tiny_model import TAGS, TinySpec, build_tokenizer
 
 RESPONSE = "<think>3+6+0=9,2+5+0=7,1+4+0=5</think><answer>579</answer>"
 

@@ -32,6 +32,8 @@ up: install
 	$(BIN)/aha up
 
 test: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 bench: install-dev

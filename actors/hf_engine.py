@@ -140,6 +140,7 @@ class HfEngine:
             )
         else:
             files = [Path(f) for f in weights]
+
         def load() -> None:
             state = {}
             for f in files:

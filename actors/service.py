@@ -169,8 +169,12 @@ class Actor:
         except WeightsRejected as e:
             self.rejected.add(manifest.version)
             REJECTED.labels(self.config.actor_id).inc()
-            log.error("weights rejected: still serving the old version", version=manifest.version,
-                      serving=self.engine.version, reason=e.reason)  # fmt: skip
+            log.error(
+                "weights rejected: still serving the old version",
+                version=manifest.version,
+                serving=self.engine.version,
+                reason=e.reason,
+            )
             return False
         VERSION.labels(self.config.actor_id).set(self.engine.version)
         LOAD_SECONDS.labels(self.config.actor_id).set(cost["fetch_seconds"] + cost["load_seconds"])
@@ -220,10 +224,17 @@ class Actor:
             advisories = await watch_max_deliveries(self.bus, TASKS)
             log.info("actor ready", backend=self.config.backend, policy_version=self.engine.version)
             stage = asyncio.create_task(
-                run_stage(self.bus, TASKS, self.rollout, output=ROLLOUTS, stop=stop,
-                          concurrency=self.config.concurrency,
-                          grace_s=self.config.shutdown_grace_s, max_messages=max_messages)
-            )  # fmt: skip
+                run_stage(
+                    self.bus,
+                    TASKS,
+                    self.rollout,
+                    output=ROLLOUTS,
+                    stop=stop,
+                    concurrency=self.config.concurrency,
+                    grace_s=self.config.shutdown_grace_s,
+                    max_messages=max_messages,
+                )
+            )
             # Following weights must not die quietly: an actor serving a frozen version
             # would look healthy. Its failure stops the loop and propagates.
             await asyncio.wait({stage, follower}, return_when=asyncio.FIRST_COMPLETED)
@@ -239,8 +250,13 @@ class Actor:
             REGISTRY.unregister(collector)
             if advisories is not None:
                 await advisories.unsubscribe()
-        log.info("actor stopped", handled=stats.handled, released=stats.released,
-                 failed=stats.failed, policy_version=self.engine.version)  # fmt: skip
+        log.info(
+            "actor stopped",
+            handled=stats.handled,
+            released=stats.released,
+            failed=stats.failed,
+            policy_version=self.engine.version,
+        )
         return stats
 
     def close(self) -> None:

@@ -151,8 +151,10 @@ class VllmEngine:
             final = None
             prompt = {"prompt_token_ids": [int(t) for t in prompt_token_ids]}
             request_id = f"aha-{next(self._request_ids)}"
-            async for final in self._llm.generate(prompt, sampling_params(sampling, n), request_id):
-                pass
+            async for output in self._llm.generate(
+                prompt, sampling_params(sampling, n), request_id
+            ):
+                final = output  # the last one carries every sample, finished
             if final is None:
                 raise RuntimeError(f"vLLM returned nothing for request {request_id}")
             samples = [_sample(o) for o in final.outputs]

@@ -79,8 +79,13 @@ def cpu_by_process() -> dict[str, float]:
 def big_spec(args) -> TinySpec:
     """A random Qwen2 of `--big-*` size (heads of 64), with the tiny model's tokenizer."""
     heads = args.big_hidden // 64
-    return TinySpec(hidden_size=args.big_hidden, num_layers=args.big_layers, num_heads=heads,
-                    num_kv_heads=heads, intermediate_size=args.big_intermediate)  # fmt: skip
+    return TinySpec(
+        hidden_size=args.big_hidden,
+        num_layers=args.big_layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        intermediate_size=args.big_intermediate,
+    )
 
 
 # --- 1. throughput -------------------------------------------------------------------------
@@ -112,7 +117,7 @@ async def direct(engine, tokenizer, tasks: list[Task], concurrency: int) -> tupl
             return (await engine.generate(prompt, task.sampling, task.group_size)).num_tokens
 
     started = time.perf_counter()
-    tokens = await asyncio.gather(*(one(p, t) for p, t in zip(prompts, tasks)))
+    tokens = await asyncio.gather(*(one(p, t) for p, t in zip(prompts, tasks, strict=True)))
     return sum(tokens), time.perf_counter() - started
 
 
@@ -135,9 +140,14 @@ async def through_nats(actor: Actor, bus: Bus, tasks: list[Task]) -> tuple[int, 
     started = time.perf_counter()
     consumer = asyncio.create_task(consume())
     stats = await run_stage(
-        bus, TASKS, actor.rollout, output=ROLLOUTS, stop=asyncio.Event(),
-        concurrency=actor.config.concurrency, max_messages=len(tasks),
-    )  # fmt: skip
+        bus,
+        TASKS,
+        actor.rollout,
+        output=ROLLOUTS,
+        stop=asyncio.Event(),
+        concurrency=actor.config.concurrency,
+        max_messages=len(tasks),
+    )
     tokens = await consumer
     seconds = time.perf_counter() - started
     assert stats.handled == len(tasks), stats
@@ -149,8 +159,14 @@ async def throughput(args, workdir: Path, bus: Bus) -> None:
 
     spec = TinySpec() if args.model == "tiny" else big_spec(args)
     model = save_tiny_model(workdir / args.model, spec)
-    config = ActorConfig(model=str(model), backend=args.engine, enforce_eager=True,
-                         max_model_len=256, concurrency=args.concurrency, actor_id="bench")  # fmt: skip
+    config = ActorConfig(
+        model=str(model),
+        backend=args.engine,
+        enforce_eager=True,
+        max_model_len=256,
+        concurrency=args.concurrency,
+        actor_id="bench",
+    )
     engine = await setup_actor_engine(config)
     tokenizer = AutoTokenizer.from_pretrained(model)
     actor = Actor(config, engine, tokenizer, bus)
@@ -172,14 +188,19 @@ async def throughput(args, workdir: Path, bus: Bus) -> None:
                 cpu = {k: v - cpu[k] for k, v in cpu_by_process().items()}
                 rows[side].append(tokens / seconds)
                 cpus[side].append(cpu)
-                print(f"  round {r} {side:6s} {tokens:6d} tokens {seconds:6.2f} s "
-                      f"{tokens / seconds:8.0f} tokens/s   CPU s: "
-                      + " ".join(f"{k} {v:.2f}" for k, v in cpu.items())
-                      + f"   load {load_average()}", flush=True)  # fmt: skip
+                print(
+                    f"  round {r} {side:6s} {tokens:6d} tokens {seconds:6.2f} s "
+                    f"{tokens / seconds:8.0f} tokens/s   CPU s: "
+                    + " ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+                    + f"   load {load_average()}",
+                    flush=True,
+                )
         best = {side: max(v) for side, v in rows.items()}
-        per_round = [n / d for n, d in zip(rows["nats"], rows["direct"])]
-        print(f"throughput ({args.engine}, {args.model} model, {args.prompts} prompts x G={args.group} x "
-              f"<={args.tokens} tokens, concurrency {args.concurrency}):")  # fmt: skip
+        per_round = [n / d for n, d in zip(rows["nats"], rows["direct"], strict=True)]
+        print(
+            f"throughput ({args.engine}, {args.model} model, {args.prompts} prompts x G={args.group} x "
+            f"<={args.tokens} tokens, concurrency {args.concurrency}):"
+        )
         print(f"  direct       best {best['direct']:8.0f} tokens/s")
         print(f"  through NATS best {best['nats']:8.0f} tokens/s")
         print(f"  ratio (best/best) {best['nats'] / best['direct']:.3f}   goal >= 0.95")
@@ -204,8 +225,13 @@ async def hot_swap(args, workdir: Path, bus: Bus) -> None:
 
     folder = save_tiny_model(workdir / "big", big_spec(args))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    config = ActorConfig(model=str(folder), backend=args.engine, enforce_eager=True,
-                         max_model_len=256, actor_id="bench")  # fmt: skip
+    config = ActorConfig(
+        model=str(folder),
+        backend=args.engine,
+        enforce_eager=True,
+        max_model_len=256,
+        actor_id="bench",
+    )
     engine = await setup_actor_engine(config)
     actor = Actor(config, engine, None, bus)
     kv = await bus.js.key_value(KV_POLICY)
@@ -226,7 +252,7 @@ async def hot_swap(args, workdir: Path, bus: Bus) -> None:
     total_bytes = 0
     try:
         version = 0
-        for swap in range(args.swaps):
+        for _ in range(args.swaps):
             for source in ("store", "shared"):
                 version += 1
                 with torch.no_grad():
@@ -237,24 +263,34 @@ async def hot_swap(args, workdir: Path, bus: Bus) -> None:
                 )
                 shards = write_shards(model, directory, "float32", shard_mb=50, shared=shared)
                 manifest = await publish_weights(
-                    bus.js, directory, shards, version=version, step=version, dtype="float32",
+                    bus.js,
+                    directory,
+                    shards,
+                    version=version,
+                    step=version,
+                    dtype="float32",
                     keep_versions=2,
-                )  # fmt: skip
+                )
                 while engine.version != version or version not in seen:
                     await asyncio.sleep(0.002)
                 seconds = time.time() - seen[version]
                 total_bytes = manifest.total_bytes
                 results[source].append(seconds)
-                print(f"  swap v{version} via {source:6s} {manifest.total_bytes / 1e6:6.1f} MB "
-                      f"in {len(shards)} shards: {seconds:6.2f} s from manifest to served   "
-                      f"load {load_average()}", flush=True)  # fmt: skip
+                print(
+                    f"  swap v{version} via {source:6s} {manifest.total_bytes / 1e6:6.1f} MB "
+                    f"in {len(shards)} shards: {seconds:6.2f} s from manifest to served   "
+                    f"load {load_average()}",
+                    flush=True,
+                )
                 if not shared:
                     shutil.rmtree(directory, ignore_errors=True)
         gb = total_bytes / 1e9
         print(f"hot swap ({args.engine}, {total_bytes / 1e6:.1f} MB fp32 weights):")
         for source, times in results.items():
-            print(f"  {source:6s} best {min(times):6.2f} s = {min(times) / gb:6.2f} s/GB "
-                  f"(all: {' '.join(f'{t:.2f}' for t in times)})")  # fmt: skip
+            print(
+                f"  {source:6s} best {min(times):6.2f} s = {min(times) / gb:6.2f} s/GB "
+                f"(all: {' '.join(f'{t:.2f}' for t in times)})"
+            )
     finally:
         for task in (follower, clock):
             task.cancel()
@@ -283,8 +319,12 @@ async def amain(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
-    p.add_argument("--model", choices=["tiny", "big"], default="tiny",
-                   help="throughput on the tiny model (overhead worst case) or the --big-* one")  # fmt: skip
+    p.add_argument(
+        "--model",
+        choices=["tiny", "big"],
+        default="tiny",
+        help="throughput on the tiny model (overhead worst case) or the --big-* one",
+    )
     p.add_argument("--prompts", type=int, default=32, help="tasks per round")
     p.add_argument("--group", type=int, default=8, help="G, completions per task")
     p.add_argument("--tokens", type=int, default=64, help="max tokens per completion")

@@ -72,7 +72,7 @@ async def consume_raw(bus: Bus, n: int, batch: int) -> int:
     while got < n:
         try:
             msgs = await sub.fetch(batch, timeout=5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             break
         for msg in msgs:
             await msg.ack()
@@ -110,7 +110,11 @@ async def measure(args, group: int, tokens: int) -> dict[str, list[float]]:
     gc.collect()
     gc.freeze()
     results: dict[str, list[float]] = {
-        "raw": [], "aha": [], "raw_cpu": [], "aha_cpu": [], "bytes": [size / args.messages]
+        "raw": [],
+        "aha": [],
+        "raw_cpu": [],
+        "aha_cpu": [],
+        "bytes": [size / args.messages],
     }
     with NatsServer() as server:
         bus = await Bus.connect(BusConfig(url=server.url), name="bench")
@@ -119,7 +123,7 @@ async def measure(args, group: int, tokens: int) -> dict[str, list[float]]:
                 await bus.js.purge_stream(ROLLOUTS.stream)
                 start, cpu = time.perf_counter(), time.process_time()
                 if name == "raw":
-                    for r, data in zip(rounds[name, round_], payloads[name, round_]):
+                    for r, data in zip(rounds[name, round_], payloads[name, round_], strict=True):
                         await bus.js.publish(
                             ROLLOUTS.subject, data, headers={"Nats-Msg-Id": r.msg_id}
                         )
@@ -137,21 +141,36 @@ async def measure(args, group: int, tokens: int) -> dict[str, list[float]]:
 
 
 async def run(args) -> None:
-    sizes = {"bus_rollout": (args.group, args.tokens), "bus_small": (args.small_group, args.small_tokens)}
+    sizes = {
+        "bus_rollout": (args.group, args.tokens),
+        "bus_small": (args.small_group, args.small_tokens),
+    }
     for figure, (group, tokens) in sizes.items():
         results = await measure(args, group, tokens)
         raw = [args.messages / t for t in results["raw"]]
         aha = [args.messages / t for t in results["aha"]]
-        ratios = [a / r for a, r in zip(aha, raw)]  # same round, back to back
+        ratios = [a / r for a, r in zip(aha, raw, strict=True)]  # same round, back to back
         cpu = {k: statistics.median(results[f"{k}_cpu"]) * 1e6 for k in ("raw", "aha")}
         if args.json:
-            print(json.dumps({
-                "figure": figure, "value": statistics.median(aha), "unit": "messages/s",
-                "baseline": statistics.median(raw), "ratio": statistics.median(ratios),
-                "runs": aha, "baseline_runs": raw, "ratios": ratios,
-                "best_of_ratio": max(aha) / max(raw), "client_cpu_us_per_message": cpu,
-                "message_bytes": results["bytes"][0], "group": group, "tokens": tokens,
-            }))  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "figure": figure,
+                        "value": statistics.median(aha),
+                        "unit": "messages/s",
+                        "baseline": statistics.median(raw),
+                        "ratio": statistics.median(ratios),
+                        "runs": aha,
+                        "baseline_runs": raw,
+                        "ratios": ratios,
+                        "best_of_ratio": max(aha) / max(raw),
+                        "client_cpu_us_per_message": cpu,
+                        "message_bytes": results["bytes"][0],
+                        "group": group,
+                        "tokens": tokens,
+                    }
+                )
+            )
             continue
         print(
             f"{figure}: {args.messages} Rollouts of G={group} x {tokens} tokens, "
@@ -159,7 +178,9 @@ async def run(args) -> None:
         )
         print(f"  raw nats-py  {spread(raw)} msg/s")
         print(f"  aha          {spread(aha)} msg/s")
-        print(f"  aha / raw    {spread(ratios)} (each round against the raw round beside it; goal >= 0.9)")
+        print(
+            f"  aha / raw    {spread(ratios)} (each round against the raw round beside it; goal >= 0.9)"
+        )
         print(f"  best / best  {max(aha) / max(raw):.3g}")
         print(
             f"  this process's CPU per message (median): raw {cpu['raw']:.0f} us, "

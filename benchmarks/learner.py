@@ -16,8 +16,8 @@ import asyncio
 import json
 import shutil
 import statistics
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +32,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
     p.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
     p.add_argument("--stage", type=int, default=0, help="ZeRO stage")
-    p.add_argument("--precision", default=None, help="fp32/bf16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument(
+        "--precision", default=None, help="fp32/bf16 (default: bf16 on GPU, fp32 on CPU)"
+    )
     p.add_argument("--n", type=int, default=8, help="completions per step")
     p.add_argument("--micro-batch", type=int, default=4, help="completions per micro-batch")
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens")
@@ -66,7 +68,11 @@ def main() -> None:
             )
         },
         optim={"lr": 1e-6},
-        deepspeed={"zero_stage": args.stage, "precision": precision, "micro_batch": args.micro_batch},
+        deepspeed={
+            "zero_stage": args.stage,
+            "precision": precision,
+            "micro_batch": args.micro_batch,
+        },
         grpo={"beta": 0.0},
     )
     pe = setup_engine(config)

@@ -71,12 +71,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=5, help="steps in the rolling mean for --target")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", choices=["vllm", "hf"], help="aha actors' engine (default: aha's)")
-    p.add_argument("--trl-venv", default="/tmp/aha-trl-venv", help="TRL's own venv (made if missing)")
+    p.add_argument(
+        "--trl-venv", default="/tmp/aha-trl-venv", help="TRL's own venv (made if missing)"
+    )
     p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where the benchmark's runs go")
     p.add_argument("--name", help="benchmark run name (default: bench-up-<time>)")
     p.add_argument("--out", help="results JSON (default: benchmarks/results/up-<date>.json)")
-    p.add_argument("--source", choices=["head", "worktree"], default="head",
-                   help="code to benchmark: the committed HEAD (a snapshot) or the working tree")
+    p.add_argument(
+        "--source",
+        choices=["head", "worktree"],
+        default="head",
+        help="code to benchmark: the committed HEAD (a snapshot) or the working tree",
+    )
     p.add_argument("--trl-worker", help=argparse.SUPPRESS)  # internal: run TRL from a spec file
     return p.parse_args(argv)
 
@@ -134,15 +140,21 @@ def prepare(args, bench_dir: Path):
     from deploy.up import UpConfig, cold_start_model, demo_data
 
     up = UpConfig(
-        runs_dir=str(bench_dir.parent), name=bench_dir.name, max_steps=args.steps,
-        eval_problems=args.eval_problems, seed=args.seed, cold_start_steps=args.cold_start_steps,
-    )  # fmt: skip
+        runs_dir=str(bench_dir.parent),
+        name=bench_dir.name,
+        max_steps=args.steps,
+        eval_problems=args.eval_problems,
+        seed=args.seed,
+        cold_start_steps=args.cold_start_steps,
+    )
     (bench_dir / "logs").mkdir(parents=True, exist_ok=True)
     dataset, held_out = demo_data(up, bench_dir)
     if args.cold_start:
         return Path(args.cold_start).resolve(), dataset, held_out, None
     t = time.monotonic()
-    say(f"cold start: {args.cold_start_steps} SFT steps (log: {bench_dir / 'logs' / 'cold-start.log'})")
+    say(
+        f"cold start: {args.cold_start_steps} SFT steps (log: {bench_dir / 'logs' / 'cold-start.log'})"
+    )
     model = cold_start_model(up, bench_dir, held_out, sys.executable)
     return model, dataset, held_out, round(time.monotonic() - t, 1)
 
@@ -160,9 +172,22 @@ def run_aha(args, bench_dir: Path, name: str, staleness: int, model: Path) -> di
         f"seed = {args.seed}\n"
     )
     cmd = [
-        sys.executable, "-m", "deploy.cli", "up", "--json", "--name", name, "--config", str(config),
-        "--model", str(model), "--max-steps", str(args.steps), "--max-staleness", str(staleness),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "deploy.cli",
+        "up",
+        "--json",
+        "--name",
+        name,
+        "--config",
+        str(config),
+        "--model",
+        str(model),
+        "--max-steps",
+        str(args.steps),
+        "--max-staleness",
+        str(staleness),
+    ]
     if args.engine:
         cmd += ["--engine", args.engine]
     env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}  # its own embedded server
@@ -176,9 +201,11 @@ def run_aha(args, bench_dir: Path, name: str, staleness: int, model: Path) -> di
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     try:
         summary = json.loads(lines[-1])
-    except (IndexError, json.JSONDecodeError):
-        raise SystemExit(f"aha up {name} exited {proc.returncode} without a summary; see "
-                         f"{bench_dir / (name + '.stderr.log')}")  # fmt: skip
+    except (IndexError, json.JSONDecodeError) as e:
+        raise SystemExit(
+            f"aha up {name} exited {proc.returncode} without a summary; see "
+            f"{bench_dir / (name + '.stderr.log')}"
+        ) from e
     steps = [r for r in read_jsonl(bench_dir / name / "metrics.jsonl") if r.get("event") == "step"]
     later = steps[1:]
     weighted = sum(r["wait_share"] * r["step_seconds"] for r in later)
@@ -196,7 +223,9 @@ def run_aha(args, bench_dir: Path, name: str, staleness: int, model: Path) -> di
         "pass_at_1": summary.get("pass_at_1_after"),
         "length_after": summary.get("length_after"),
         "wait": round(weighted / total, 4) if total else None,
-        "wait_mean_unweighted": round(statistics.fmean(r["wait_share"] for r in later), 4) if later else None,
+        "wait_mean_unweighted": round(statistics.fmean(r["wait_share"] for r in later), 4)
+        if later
+        else None,
         "wait_step1": round(steps[0]["wait_share"], 4) if steps else None,
         "step1_s": round(steps[0]["step_seconds"], 2) if steps else None,
         "groups_trained": summary.get("groups_trained"),
@@ -226,9 +255,13 @@ def trl_python(venv: Path) -> Path:
     subprocess.run([base, "-m", "venv", str(venv)], check=True)
     site = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
-    Path(site, "aha-project.pth").write_text(sysconfig.get_paths()["purelib"] + "\n" + str(ROOT) + "\n")
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    Path(site, "aha-project.pth").write_text(
+        sysconfig.get_paths()["purelib"] + "\n" + str(ROOT) + "\n"
+    )
     subprocess.run([str(python), "-m", "pip", "install", "-q", f"trl=={TRL_VERSION}"], check=True)
     return python
 
@@ -238,24 +271,51 @@ def run_trl(args, bench_dir: Path, model: Path, dataset: Path, held_out: list[di
     out = bench_dir / "trl"
     out.mkdir(parents=True, exist_ok=True)
     spec = out / "spec.json"
-    spec.write_text(json.dumps({
-        "model": str(model), "dataset": str(dataset), "out": str(out), "steps": args.steps,
-        "seed": args.seed, "group_size": 8, "prompts_per_step": 16, "lr": 1e-4, "beta": 0.01,
-        "max_tokens": 64, "ppo_epochs": 2, "micro_batch": 32,
-    }))  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(SRC)}  # fmt: skip
+    spec.write_text(
+        json.dumps(
+            {
+                "model": str(model),
+                "dataset": str(dataset),
+                "out": str(out),
+                "steps": args.steps,
+                "seed": args.seed,
+                "group_size": 8,
+                "prompts_per_step": 16,
+                "lr": 1e-4,
+                "beta": 0.01,
+                "max_tokens": 64,
+                "ppo_epochs": 2,
+                "micro_batch": 32,
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(SRC),
+    }
     load_before = load()
     say(f"TRL GRPOTrainer: {args.steps} steps (log: {out / 'trl.log'})")
     t = time.monotonic()
     with open(out / "trl.log", "w") as log:
-        proc = subprocess.run([str(python), str(Path(__file__).resolve()), "--trl-worker", str(spec)],
-                              stdout=log, stderr=subprocess.STDOUT, cwd=SRC, env=env)  # fmt: skip
+        proc = subprocess.run(
+            [str(python), str(Path(__file__).resolve()), "--trl-worker", str(spec)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=SRC,
+            env=env,
+        )
     wall = time.monotonic() - t
     if proc.returncode != 0 or not (out / "result.json").exists():
         tail = (out / "trl.log").read_text()[-3000:]
-        return {"contender": "TRL GRPOTrainer", "skipped": f"TRL run exited {proc.returncode}: {tail}"}
+        return {
+            "contender": "TRL GRPOTrainer",
+            "skipped": f"TRL run exited {proc.returncode}: {tail}",
+        }
     res = json.loads((out / "result.json").read_text())
     from pipeline.heldout import evaluate
 
@@ -307,17 +367,22 @@ def trl_worker(spec_path: str) -> None:
     def accuracy(completions, answer, completion_ids=None, **_):
         scores = [accuracy_gsm8k(c, a, task) for c, a in zip(completions, answer, strict=True)]
         lengths = [len(ids) for ids in completion_ids] if completion_ids is not None else []
-        batches.append({
-            "accuracy": statistics.fmean(scores), "n": len(scores),
-            "response_length": statistics.fmean(lengths) if lengths else float("nan"),
-        })  # fmt: skip
+        batches.append(
+            {
+                "accuracy": statistics.fmean(scores),
+                "n": len(scores),
+                "response_length": statistics.fmean(lengths) if lengths else float("nan"),
+            }
+        )
         return scores
 
     def format_(completions, **_):
         return [format_think(c, None, task) for c in completions]
 
     rows = [json.loads(line) for line in open(spec["dataset"])]
-    data = datasets.Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
+    data = datasets.Dataset.from_list(
+        [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows]
+    )
     G, P, mb = spec["group_size"], spec["prompts_per_step"], spec["micro_batch"]
     accum = G * P // mb  # 4 micro-batches of 32 = one optimizer step on the whole batch (as aha)
     config = GRPOConfig(
@@ -379,9 +444,13 @@ def trl_worker(spec_path: str) -> None:
 
     accuracy.__name__, format_.__name__ = "accuracy_gsm8k", "format_think"
     trainer = Timed(
-        model=model, reward_funcs=[accuracy, format_], args=config, train_dataset=data,
-        processing_class=tokenizer, callbacks=[Clock()],
-    )  # fmt: skip
+        model=model,
+        reward_funcs=[accuracy, format_],
+        args=config,
+        train_dataset=data,
+        processing_class=tokenizer,
+        callbacks=[Clock()],
+    )
     setup_s = time.monotonic() - t_start
     t = time.monotonic()
     t_epoch = time.time()
@@ -399,10 +468,12 @@ def trl_worker(spec_path: str) -> None:
     result = {
         "trl_version": trl.__version__,
         "versions": {
-            "trl": trl.__version__, "transformers": transformers.__version__,
-            "torch": torch.__version__, "accelerate": accelerate.__version__,
+            "trl": trl.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "accelerate": accelerate.__version__,
             "datasets": datasets.__version__,
-        },  # fmt: skip
+        },
         "steps": steps,
         "optimizer_steps": trainer.state.global_step,
         "setup_s": round(setup_s, 2),
@@ -440,12 +511,20 @@ def table(rows: list[dict], baseline: dict) -> str:
                 cells.append("—")
                 continue
             cell = fmt.format(v)
-            if row is not baseline and key != "to_target_step" and isinstance(b, (int, float)) and b:
+            if (
+                row is not baseline
+                and key != "to_target_step"
+                and isinstance(b, (int, float))
+                and b
+            ):
                 cell += f" ({v / b:.2f}×)"
             cells.append(cell)
         lines.append(cells)
-    widths = [max(len(str(c)) for c in col) for col in zip(head, *lines)]
-    fmt_row = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *lines, strict=True)]
+
+    def fmt_row(cells):
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
     out = [fmt_row(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     return "\n".join(out + [fmt_row(c) for c in lines])
 
@@ -489,7 +568,10 @@ def main(argv=None) -> int:
     model, dataset, held_out, cold_s = prepare(args, bench_dir)
     say(f"cold-start model: {model}")
 
-    rows = [run_aha(args, bench_dir, "aha-async", 2, model), run_aha(args, bench_dir, "aha-sync", 0, model)]
+    rows = [
+        run_aha(args, bench_dir, "aha-async", 2, model),
+        run_aha(args, bench_dir, "aha-sync", 0, model),
+    ]
     async_, sync = rows
     trl_skipped = "--skip-trl" if args.skip_trl else None
     if not args.skip_trl:
@@ -509,7 +591,9 @@ def main(argv=None) -> int:
     p6 = {
         "steps_s_async_over_sync": round(async_["steps_s"] / sync["steps_s"], 3) if ok else None,
         "rl_s_async_over_sync": round(async_["rl_s"] / sync["rl_s"], 3) if ok else None,
-        "speedup_async_over_sync_steps": round(sync["steps_s"] / async_["steps_s"], 3) if ok else None,
+        "speedup_async_over_sync_steps": round(sync["steps_s"] / async_["steps_s"], 3)
+        if ok
+        else None,
     }
     notes = [
         f"N = {args.steps} steps, 16 prompts × G 8; target: rolling mean of {args.window} steps' "
@@ -523,16 +607,26 @@ def main(argv=None) -> int:
     ]
     if trl_skipped:
         notes.append(f"P3 skipped: {trl_skipped}")
-    failed = [r["contender"] for r in rows if r.get("ended", "finished") != "finished" or r.get("steps", 0) < args.steps]
+    failed = [
+        r["contender"]
+        for r in rows
+        if r.get("ended", "finished") != "finished" or r.get("steps", 0) < args.steps
+    ]
     if failed:
-        notes.append(f"FAILED (fewer than {args.steps} steps or an abnormal end): {', '.join(failed)}")
+        notes.append(
+            f"FAILED (fewer than {args.steps} steps or an abnormal end): {', '.join(failed)}"
+        )
     notes.append(f"code: {source['commit']} ({source['source']})")
     print(text)
     print("\n".join("- " + n for n in notes))
 
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
         "load_start": load_start,
         "load_end": load(),
         "args": {k: v for k, v in vars(args).items() if k != "trl_worker"},
@@ -547,7 +641,11 @@ def main(argv=None) -> int:
         "total_s": round(time.monotonic() - started, 1),
         "bench_dir": str(bench_dir),
     }
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"up-{time.strftime('%Y%m%d')}.json"
+    out = (
+        Path(args.out)
+        if args.out
+        else ROOT / "benchmarks" / "results" / f"up-{time.strftime('%Y%m%d')}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     say(f"results: {out}")

@@ -85,7 +85,14 @@ def figure(name: str, unit: str, runs: list[float], baseline: list[float] | None
     ratio = None
     if base:
         ratio = value / base if higher else base / value
-    return {"figure": name, "value": value, "unit": unit, "baseline": base, "ratio": ratio, "runs": runs}
+    return {
+        "figure": name,
+        "value": value,
+        "unit": unit,
+        "baseline": base,
+        "ratio": ratio,
+        "runs": runs,
+    }
 
 
 async def run(args) -> list[dict]:
@@ -122,9 +129,14 @@ async def run(args) -> list[dict]:
                 written = time.perf_counter()
                 sent_before = learner.stats["out_bytes"]
                 manifest = await publish_weights(
-                    js, directory, shards, version=version, step=version, dtype="bfloat16",
+                    js,
+                    directory,
+                    shards,
+                    version=version,
+                    step=version,
+                    dtype="bfloat16",
                     keep_versions=2,
-                )  # fmt: skip
+                )
                 done = time.perf_counter()
                 sent_per_version.append(learner.stats["out_bytes"] - sent_before)
                 total = manifest.total_bytes
@@ -179,7 +191,9 @@ async def run(args) -> list[dict]:
                         )
                     )
                     fanout_s.append(args.actors * gb / (time.perf_counter() - start))
-                    received_per_actor += [nc.stats["in_bytes"] - b for nc, b in zip(actors, before)]
+                    received_per_actor += [
+                        nc.stats["in_bytes"] - b for nc, b in zip(actors, before, strict=True)
+                    ]
                 finally:
                     for nc in actors:
                         await nc.close()
@@ -205,21 +219,40 @@ async def run(args) -> list[dict]:
     if args.json:
         for f in figures:
             print(json.dumps(f))
-        print(json.dumps({
-            "figure": "weight_fanout_bytes", "value": learner_out, "unit": "learner bytes out / version bytes",
-            "baseline": actor_in, "ratio": None, "runs": sent_per_version, "actors": args.actors,
-        }))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "figure": "weight_fanout_bytes",
+                    "value": learner_out,
+                    "unit": "learner bytes out / version bytes",
+                    "baseline": actor_in,
+                    "ratio": None,
+                    "runs": sent_per_version,
+                    "actors": args.actors,
+                }
+            )
+        )
         return figures
-    print(f"{total / 1e9:.2f} GB of bf16 weights in {len(shards)} shards; min/median/max of {args.runs} runs")
+    print(
+        f"{total / 1e9:.2f} GB of bf16 weights in {len(shards)} shards; min/median/max of {args.runs} runs"
+    )
     print(f"  raw file copy (baseline)       {spread(copy_s)} GB/s")
-    print(f"  actor transfer (seen->verified) {spread(transfer_s)} GB/s  = {figures[0]['ratio']:.2f} x copy")
-    print(f"  learner publish (all)           {spread(publish_s)} s/GB  = {figures[1]['ratio']:.2f} x copy speed")
+    print(
+        f"  actor transfer (seen->verified) {spread(transfer_s)} GB/s  = {figures[0]['ratio']:.2f} x copy"
+    )
+    print(
+        f"  learner publish (all)           {spread(publish_s)} s/GB  = {figures[1]['ratio']:.2f} x copy speed"
+    )
     print(f"    gather+cast+write+hash        {spread(write_s)} s/GB")
     print(f"    upload + manifest             {spread(upload_s)} s/GB")
     print(f"  fan-out, {args.actors} actors at once       {spread(fanout_s)} GB/s in all")
-    print(f"    learner sent {learner_out:.3f} x the version's bytes; each actor received {actor_in:.3f} x")
+    print(
+        f"    learner sent {learner_out:.3f} x the version's bytes; each actor received {actor_in:.3f} x"
+    )
     print(f"  engine load (safetensors->torch) {spread(load_s)} s/GB")
-    print(f"  before: nats-py get + re-read   {spread(old_s)} GB/s (this path: {figures[-2]['ratio']:.2f} x)")
+    print(
+        f"  before: nats-py get + re-read   {spread(old_s)} GB/s (this path: {figures[-2]['ratio']:.2f} x)"
+    )
     print(f"  actor CPU: {spread(cpu_new)} s/GB now, {spread(cpu_old)} s/GB before")
     return figures
 

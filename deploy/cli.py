@@ -73,7 +73,12 @@ def _top(p: argparse.ArgumentParser) -> None:
     p.add_argument("--once", action="store_true", help="print once and exit")
     p.add_argument("--json", action="store_true", help="print a JSON object keyed by stage")
     p.add_argument("--interval", type=float, default=1.0, help="refresh seconds")
-    p.add_argument("--stall-after", type=float, metavar="S", help="report a stage with work waiting and no progress for S seconds (default 60)")
+    p.add_argument(
+        "--stall-after",
+        type=float,
+        metavar="S",
+        help="report a stage with work waiting and no progress for S seconds (default 60)",
+    )
     p.add_argument(
         "--prometheus", type=int, metavar="PORT", help="serve the numbers as Prometheus gauges"
     )
@@ -86,7 +91,10 @@ def _top(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
-@command("rewarder", "score rollouts from the bus with the rule-based rewards (a verifier pool per process)")
+@command(
+    "rewarder",
+    "score rollouts from the bus with the rule-based rewards (a verifier pool per process)",
+)
 def _rewarder(p: argparse.ArgumentParser) -> None:
     _add_bus_args(p)
     p.add_argument("--workers", type=int, help="verifier processes (default: rewarder.workers)")
@@ -103,10 +111,24 @@ def _rewarder(p: argparse.ArgumentParser) -> None:
 @command("score", "score completions offline with aha's rewards (JSONL in, JSONL out)")
 def _score(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help='JSONL: {"completion", "reference", "rewards": {name: weight}}')
-    p.add_argument("-o", "--output", required=True, help="JSONL out: each line plus reward, components, error (written as scored, in input order)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run: keep OUTPUT's lines, score only the rest (without it an existing OUTPUT is refused)")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="JSONL out: each line plus reward, components, error (written as scored, in input order)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run: keep OUTPUT's lines, score only the rest (without it an existing OUTPUT is refused)",
+    )
     p.add_argument("--workers", type=_positive(int), default=2, help="verifier processes")
-    p.add_argument("--timeout", type=_positive(float), default=30.0, help="seconds per completion before it gets no reward")
+    p.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=30.0,
+        help="seconds per completion before it gets no reward",
+    )
 
     def run(args):
         from rewarder.score import main
@@ -118,14 +140,45 @@ def _score(p: argparse.ArgumentParser) -> None:
 
 @command("eval", "R1's evaluation (pass@1, pass@k, cons@k, lengths, reflection) of a samples file")
 def _eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samples-from", required=True, metavar="FILE", help='JSONL, a line per problem: {"id", "reference", "samples": [{"text", "n_tokens"?, "finish_reason"?}]}; scored again with the benchmark\'s rewards')
-    p.add_argument("--bench", required=True, help="gsm8k, math500, aime24, amc23 or humaneval (its rewards and how answers vote)")
-    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for summary.json and scored.jsonl (never overwritten)")
-    p.add_argument("--k", type=_positive(int), help="samples per problem: the first K of each line (default: all; every line must then have as many)")
+    p.add_argument(
+        "--samples-from",
+        required=True,
+        metavar="FILE",
+        help='JSONL, a line per problem: {"id", "reference", "samples": [{"text", "n_tokens"?, "finish_reason"?}]}; scored again with the benchmark\'s rewards',
+    )
+    p.add_argument(
+        "--bench",
+        required=True,
+        help="gsm8k, math500, aime24, amc23 or humaneval (its rewards and how answers vote)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="folder for summary.json and scored.jsonl (never overwritten)",
+    )
+    p.add_argument(
+        "--k",
+        type=_positive(int),
+        help="samples per problem: the first K of each line (default: all; every line must then have as many)",
+    )
     p.add_argument("--workers", type=_positive(int), default=2, help="verifier processes")
-    p.add_argument("--timeout", type=_positive(float), default=30.0, help="seconds per verifier call before a sample gets no reward")
-    p.add_argument("--reflection-words", default="wait,recheck,re-check,double-check,re-evaluate,reconsider", metavar="W1,W2", help="words inside <think> that count as reflecting")
-    p.add_argument("--json", action="store_true", help="print summary.json as the last line of stdout")
+    p.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=30.0,
+        help="seconds per verifier call before a sample gets no reward",
+    )
+    p.add_argument(
+        "--reflection-words",
+        default="wait,recheck,re-check,double-check,re-evaluate,reconsider",
+        metavar="W1,W2",
+        help="words inside <think> that count as reflecting",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print summary.json as the last line of stdout"
+    )
 
     def run(args):
         from pipeline.evaluation import main
@@ -188,8 +241,14 @@ def _actor(p: argparse.ArgumentParser) -> None:
 @command("learner", "the GRPO learner: issue tasks, train on scored groups, publish weights")
 def _learner(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="config file with [learner] and [bus] sections")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint (required to exist); without it, one found is resumed too")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (default: learner.max_steps)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint (required to exist); without it, one found is resumed too",
+    )
+    p.add_argument(
+        "--max-steps", type=int, help="stop after this many steps (default: learner.max_steps)"
+    )
     p.add_argument("--nats-url", help="NATS server URL (default: bus.url or $NATS_URL)")
 
     def run(args):
@@ -209,15 +268,20 @@ def _up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rewarders", type=int, help="rewarder processes (default 1)")
     p.add_argument("--max-steps", type=int, help="GRPO steps (default 60)")
     p.add_argument("--max-staleness", type=int, help="off-policy bound in versions (default 2)")
-    p.add_argument("--engine", choices=["vllm", "hf"], help="actors' engine (default: vllm if installed)")
+    p.add_argument(
+        "--engine", choices=["vllm", "hf"], help="actors' engine (default: vllm if installed)"
+    )
     p.add_argument("--cold-start-steps", type=int, help="demo cold-start SFT steps (default 1400)")
     p.add_argument("--name", help="run name: runs/<name>/ (default: the start time)")
     p.add_argument("--seed", type=int, help="seed (default 0)")
-    p.add_argument("--json", action="store_true", help="print the summary as the last line of stdout")
     p.add_argument(
-        "--shuffle-rewards", action="store_true",
+        "--json", action="store_true", help="print the summary as the last line of stdout"
+    )
+    p.add_argument(
+        "--shuffle-rewards",
+        action="store_true",
         help="control experiment: rewards permuted across each batch (nothing should be learned)",
-    )  # fmt: skip
+    )
 
     def run(args):
         from deploy.up import main

@@ -128,8 +128,13 @@ class Supervisor:
             left = kill_group(run.process.pid)
             again = run.part.restart and code != 0 and run.restarts < self.max_restarts
             exits.append(Exit(name, code, again, self.tail(name)))
-            log.warning("part exited", part=name, returncode=code, restarting=again,
-                        processes_left_killed=left)  # fmt: skip
+            log.warning(
+                "part exited",
+                part=name,
+                returncode=code,
+                restarting=again,
+                processes_left_killed=left,
+            )
             del self.running[name]
             if again:
                 self.restarts[name] = self.restarts.get(name, 0) + 1

@@ -86,7 +86,7 @@ async def run(args: argparse.Namespace, config: BusConfig) -> int:
                     print(as_json(depth, stalls), flush=True)
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=args.interval)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             if live:

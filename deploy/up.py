@@ -34,7 +34,6 @@ from pydantic import BaseModel, Field, model_validator
 
 from deploy.supervisor import SERVER, Part, Supervisor
 from protocol.config import CONFIG, BusConfig, load_config, merge, read_file, read_jsonl
-
 from protocol.messages import payload_limit
 
 log = structlog.get_logger("deploy.up")
@@ -101,8 +100,10 @@ class UpConfig(BaseModel):
     @model_validator(mode="after")
     def _dataset_needs_model(self):
         if self.dataset is not None and self.model is None:
-            raise ValueError("dataset: a real dataset needs a real model (--model PATH); "
-                             "the demo's tiny model only knows digits")
+            raise ValueError(
+                "dataset: a real dataset needs a real model (--model PATH); "
+                "the demo's tiny model only knows digits"
+            )
         return self
 
 
@@ -165,10 +166,25 @@ def cold_start_model(up: UpConfig, run_dir: Path, held_out: list[dict], python: 
     log.info("cold start", steps=up.cold_start_steps, recipe=up.cold_start_recipe)
     with open(run_dir / "logs" / "cold-start.log", "wb") as f:
         subprocess.run(
-            [python, "-m", "deploy.cli", "sft", "--config", str(config), "--data", str(pairs),
-             "--out", str(out), "--steps", str(up.cold_start_steps)],
-            stdout=f, stderr=subprocess.STDOUT, check=True, env={**os.environ, **_part_env()},
-        )  # fmt: skip
+            [
+                python,
+                "-m",
+                "deploy.cli",
+                "sft",
+                "--config",
+                str(config),
+                "--data",
+                str(pairs),
+                "--out",
+                str(out),
+                "--steps",
+                str(up.cold_start_steps),
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            check=True,
+            env={**os.environ, **_part_env()},
+        )
     return out
 
 
@@ -251,7 +267,9 @@ def _toml(data: dict, prefix: str = "") -> str:
     scalars = {k: v for k, v in data.items() if not isinstance(v, dict) and v is not None}
     tables = {k: v for k, v in data.items() if isinstance(v, dict)}
     out = f"[{prefix}]\n" if prefix and (scalars or not tables) else ""
-    out += "".join(f"{_key(k)} = {json.dumps(v, default=_json_default)}\n" for k, v in scalars.items())
+    out += "".join(
+        f"{_key(k)} = {json.dumps(v, default=_json_default)}\n" for k, v in scalars.items()
+    )
     out += "\n" if out else ""
     for key, value in tables.items():
         out += _toml(value, f"{prefix}.{_key(key)}" if prefix else _key(key))
@@ -279,14 +297,24 @@ def start_parts(up: UpConfig, sup: Supervisor, config: Path, python: str) -> Non
     sup.start(Part("learner", [*aha, "learner", "--config", str(config)], env, stop_order=0))
     for i in range(up.actors):
         sup.start(
-            Part(f"actor-{i}", [*aha, "actor", "--config", str(config), "--actor-id", f"actor-{i}"],
-                 env, restart=up.restart, stop_order=1)
-        )  # fmt: skip
+            Part(
+                f"actor-{i}",
+                [*aha, "actor", "--config", str(config), "--actor-id", f"actor-{i}"],
+                env,
+                restart=up.restart,
+                stop_order=1,
+            )
+        )
     for i in range(up.rewarders):
         sup.start(
-            Part(f"rewarder-{i}", [*aha, "rewarder", "--config", str(config)], env,
-                 restart=up.restart, stop_order=2)
-        )  # fmt: skip
+            Part(
+                f"rewarder-{i}",
+                [*aha, "rewarder", "--config", str(config)],
+                env,
+                restart=up.restart,
+                stop_order=2,
+            )
+        )
 
 
 class MetricsTail:
@@ -398,7 +426,9 @@ async def watch(
                 )
                 if ex.name == "learner":
                     ok = ex.returncode == 0
-                    return ("finished" if ok else f"learner exited with {ex.returncode}"), ex.returncode
+                    return (
+                        "finished" if ok else f"learner exited with {ex.returncode}"
+                    ), ex.returncode
                 if ex.name == SERVER and not ex.restarted:
                     return "nats-server died and could not be restarted", None
             metrics.read()
@@ -437,7 +467,7 @@ def plot(steps: list[dict], path: Path) -> Path | None:
         ("kl", "KL to reference (k3)"),
     ]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
-    for ax, (key, title) in zip(axes.flat, panels):
+    for ax, (key, title) in zip(axes.flat, panels, strict=True):
         ax.plot(x, [r.get(key, float("nan")) for r in steps], marker=".", linewidth=1)
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -537,8 +567,9 @@ def run_loop(
     )
 
 
-def summarize(up: UpConfig, name: str, run_dir: Path, loop: LoopResult, before, after,
-              started: float) -> dict:  # fmt: skip
+def summarize(
+    up: UpConfig, name: str, run_dir: Path, loop: LoopResult, before, after, started: float
+) -> dict:
     steps = loop.metrics.steps
     done = next((r for r in reversed(loop.metrics.rows) if r.get("event") == "done"), {})
     final = run_dir / "final"
@@ -605,7 +636,9 @@ def run(up: UpConfig, *, json_out: bool, config_file: str | None = None) -> dict
             dataset, held_out = demo_data(up, run_dir)
         else:
             dataset, held_out = Path(up.dataset), []
-        model = Path(up.model) if up.model else cold_start_model(up, run_dir, held_out, sys.executable)
+        model = (
+            Path(up.model) if up.model else cold_start_model(up, run_dir, held_out, sys.executable)
+        )
         before = held_out_accuracy(model, held_out, up, "before")
         config = write_run_config(up, run_dir, model, dataset, url, parts)
         loop = run_loop(up, run_dir, config, bus_config, started, server)

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import structlog
 
 from learner.config import DatasetConfig
@@ -297,8 +296,12 @@ class Dispatcher:
             ids = len(problem.prompt_token_ids or ())
             # A bound without encoding (msgpack is no longer than JSON for these fields);
             # only a row near the limit is encoded to measure it.
-            task_bytes = (len(problem.prompt.encode()) + 4 * ids + shared
-                          + len(json.dumps(problem.reference, default=str)))  # fmt: skip
+            task_bytes = (
+                len(problem.prompt.encode())
+                + 4 * ids
+                + shared
+                + len(json.dumps(problem.reference, default=str))
+            )
             if estimate_scored_bytes(d.group_size, d.max_tokens, task_bytes, ids) <= max_payload:
                 continue
             task_bytes = len(encode(self._task(problem, task_id(self.key, 0), 0)))
@@ -311,7 +314,6 @@ class Dispatcher:
                 f"max_payload of {max_payload / 2**20:.1f} MiB (prompts too long for "
                 f"group_size × max_tokens = {d.group_size} × {d.max_tokens})"
             )
-
 
     def row(self, position: int) -> int:
         """Dataset row of `position`."""
@@ -347,8 +349,12 @@ class Dispatcher:
     def mismatch(self, task: Task, position: int) -> str | None:
         """How `task` differs from the task issued at `position` (None when it does not)."""
         problem = self.problems[self.row(position)]
-        expected = {"prompt_id": problem.prompt_id, "prompt": problem.prompt,
-                    "group_size": self.dataset.group_size, "sampling": self.sampling}  # fmt: skip
+        expected = {
+            "prompt_id": problem.prompt_id,
+            "prompt": problem.prompt,
+            "group_size": self.dataset.group_size,
+            "sampling": self.sampling,
+        }
         for name, value in expected.items():
             if getattr(task, name) != value:
                 return f"its task's {name} is not the one issued as {task.task_id}"
@@ -370,9 +376,13 @@ class Issued:
 
 
 async def top_up(
-    bus, dispatcher: Dispatcher, ledger: Ledger, limit: int, version: int,
+    bus,
+    dispatcher: Dispatcher,
+    ledger: Ledger,
+    limit: int,
+    version: int,
     reservation: Reservation | None = None,
-) -> Issued:  # fmt: skip
+) -> Issued:
     """Publish tasks until `limit` groups are in flight.
 
     Each position is reserved first (`reservation`; without one, in memory only). A task
@@ -401,9 +411,13 @@ async def top_up(
         if needed is not None:
             ledger.lose(ledger.issue())
             issued.too_large.append(task.task_id)
-            log.warning("task skipped: its group cannot fit the bus", task_id=task.task_id,
-                        prompt_id=task.prompt_id, needs_bytes=needed,
-                        max_payload=dispatcher.max_payload)  # fmt: skip
+            log.warning(
+                "task skipped: its group cannot fit the bus",
+                task_id=task.task_id,
+                prompt_id=task.prompt_id,
+                needs_bytes=needed,
+                max_payload=dispatcher.max_payload,
+            )
             continue
         ledger.issue()  # only once the server has it: a failed publish is retried by position
         issued.published += 1

@@ -213,13 +213,13 @@ class PolicyBatch:
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 
-    def rows(self, index: slice) -> "PolicyBatch":
+    def rows(self, index: slice) -> PolicyBatch:
         return self._map(lambda t: t[index])
 
-    def to(self, device: torch.device) -> "PolicyBatch":
+    def to(self, device: torch.device) -> PolicyBatch:
         return self._map(lambda t: t.to(device))
 
-    def _map(self, fn) -> "PolicyBatch":
+    def _map(self, fn) -> PolicyBatch:
         names = [f.name for f in fields(self) if f.name != "temperature"]
         return replace(self, **{name: fn(getattr(self, name)) for name in names})
 

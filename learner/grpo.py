@@ -43,7 +43,9 @@ def group_advantages(
     if scale != "std":
         raise ValueError(f"unknown advantage scale {scale!r}")
     if group_size < 2:
-        raise ValueError("scale='std' needs group_size >= 2 (the sample std of one reward is undefined)")
+        raise ValueError(
+            "scale='std' needs group_size >= 2 (the sample std of one reward is undefined)"
+        )
     std = r.std(dim=1, keepdim=True)  # [N/G, 1]
     return (centred / (std + eps)).view(-1)  # [N]
 
@@ -156,7 +158,9 @@ def grpo_loss(
     each a token mean over `mask`: `clip_fraction` (tokens whose clipped term is active),
     `ratio` (π_θ/π_old), `is_weight` (w), `kl` (k3; 0 when there is no reference).
     """
-    per_token = policy_loss(logp, logp_old, logp_behaviour, adv, eps_low, eps_high, is_cap)  # [N, T]
+    per_token = policy_loss(
+        logp, logp_old, logp_behaviour, adv, eps_low, eps_high, is_cap
+    )  # [N, T]
     if beta != 0:
         if logp_ref is None:
             raise ValueError("beta != 0 needs logp_ref")

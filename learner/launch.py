@@ -104,20 +104,30 @@ def launch(config: LearnerConfig, args: argparse.Namespace) -> int:
         start_method="spawn",
         shutdown_timeout=int(config.stop_timeout_s),
     )
-    log.info("starting learner ranks", ranks=ranks, nodes=config.nodes, node_rank=node,
-             world_size=ranks * config.nodes, rendezvous=endpoint)  # fmt: skip
+    log.info(
+        "starting learner ranks",
+        ranks=ranks,
+        nodes=config.nodes,
+        node_rank=node,
+        world_size=ranks * config.nodes,
+        rendezvous=endpoint,
+    )
     try:
         elastic_launch(launch_config, sys.executable)(*worker_argv(args))
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         how = (
-            f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exit {failure.exitcode}"
+            f"killed by {failure.signal_name()}"
+            if failure.exitcode < 0
+            else f"exit {failure.exitcode}"
         )
         log.error(
             f"learner rank {rank} failed ({how}): all ranks stopped; "
             "the next start resumes from the last checkpoint",
-            rank=rank, node_rank=node, exitcode=failure.exitcode,
-        )  # fmt: skip
+            rank=rank,
+            node_rank=node,
+            exitcode=failure.exitcode,
+        )
         return 1
     except SignalException as e:  # the ranks got the signal too: rank 0 checkpointed and stopped
         log.info("learner ranks stopped", signal=signal.Signals(e.sigval).name)

@@ -108,7 +108,7 @@ def pad_batch(
     prompt_mask = torch.zeros((N, P), dtype=torch.long)  # [N, P]
     completion_ids = torch.full((N, T), pad_id, dtype=torch.long)  # [N, T]
     completion_mask = torch.zeros((N, T), dtype=torch.long)  # [N, T]
-    for n, (p, c) in enumerate(zip(prompts, completions)):
+    for n, (p, c) in enumerate(zip(prompts, completions, strict=True)):
         if len(p):
             prompt_ids[n, P - len(p) :] = torch.as_tensor(p, dtype=torch.long)
             prompt_mask[n, P - len(p) :] = 1

@@ -61,8 +61,8 @@ from learner.step import (
 )
 from learner.weights import prune_dirs, publish_weights, version_dir
 from protocol.bus import Bus
-from protocol.config import ConfigError
 from protocol.codec import DecodeError, decode_named, peek_task_id
+from protocol.config import ConfigError
 from protocol.messages import ScoredRollout
 from protocol.names import SCORED, STAGES
 from protocol.stage import Delivery, StageConsumer, mark_holding, stop_on_signals
@@ -273,8 +273,11 @@ def fit_payload(lr: Learner) -> None:
     noted (and skipped when their turn comes)."""
     lr.dispatcher.fit(lr.bus.nc.max_payload)
     if lr.dispatcher.too_large:
-        log.warning("dataset rows whose group cannot fit the bus are skipped",
-                    rows=len(lr.dispatcher.too_large), max_payload=lr.bus.nc.max_payload)  # fmt: skip
+        log.warning(
+            "dataset rows whose group cannot fit the bus are skipped",
+            rows=len(lr.dispatcher.too_large),
+            max_payload=lr.bus.nc.max_payload,
+        )
 
 
 async def hand_back(lr: Learner) -> None:
@@ -340,7 +343,9 @@ async def step(lr: Learner, stop: asyncio.Event) -> bool:
     waited = time.perf_counter() - started
     trained = [g for g, verdict in collected if verdict == "train"]
     if lr.config.grpo.shuffle_rewards:
-        trained = shuffle_rewards(trained, random.Random(lr.config.seed * 1_000_003 + lr.progress.step))
+        trained = shuffle_rewards(
+            trained, random.Random(lr.config.seed * 1_000_003 + lr.progress.step)
+        )
     batch = build_batch(trained, lr.config.grpo.scale)
     train_started = time.perf_counter()
     metrics = await asyncio.to_thread(collective, lr.pe, "train", batch)
@@ -428,8 +433,12 @@ async def forget_dead(lr: Learner) -> None:
         p = lr.dispatcher.position(tid) if tid is not None else None
         if p is not None and lr.ledger.lose(p):
             lr.progress.groups_dead += 1
-            log.warning("task dead-lettered: its place is freed", task_id=tid,
-                        stage=letter.stage, error=letter.error)  # fmt: skip
+            log.warning(
+                "task dead-lettered: its place is freed",
+                task_id=tid,
+                stage=letter.stage,
+                error=letter.error,
+            )
 
 
 async def admit(lr: Learner, delivery: Delivery) -> tuple[Group, str] | None:
@@ -484,9 +493,13 @@ async def bury(lr: Learner, delivery: Delivery, reason: str) -> bool:
     meta = delivery.msg.metadata
     try:
         await lr.bus.dead_letter(
-            SCORED, delivery.msg.data, reason, subject=delivery.msg.subject,
-            stream_seq=meta.sequence.stream, deliveries=meta.num_delivered,
-        )  # fmt: skip
+            SCORED,
+            delivery.msg.data,
+            reason,
+            subject=delivery.msg.subject,
+            stream_seq=meta.sequence.stream,
+            deliveries=meta.num_delivered,
+        )
     except LEASE_ERRORS as e:  # the server away: the group comes back and is refused again
         log.warning("dead letter failed", task_id=delivery.message.task_id, error=repr(e))
         return False
@@ -521,8 +534,10 @@ async def refuse_update(
     blame, keep the others for the next attempt, stop after too many in a row."""
     owners = batch_owners(trained)
     blamed = {trained[owners[r]].position for r in result["rows"]}
-    reason = (f"refused by the learner: non-finite {result['nonfinite']} in the update at "
-              f"policy version {lr.progress.version}; nothing was applied")  # fmt: skip
+    reason = (
+        f"refused by the learner: non-finite {result['nonfinite']} in the update at "
+        f"policy version {lr.progress.version}; nothing was applied"
+    )
     for p in sorted(blamed):
         if not await bury(lr, lr.leases.held[p], reason):
             await release(lr, p)
@@ -533,8 +548,12 @@ async def refuse_update(
     ]
     lr.progress.steps_nonfinite += 1
     lr.nonfinite_streak += 1
-    log.error("update skipped: non-finite " + result["nonfinite"], step=lr.progress.step + 1,
-              groups=len(blamed), in_a_row=lr.nonfinite_streak)  # fmt: skip
+    log.error(
+        "update skipped: non-finite " + result["nonfinite"],
+        step=lr.progress.step + 1,
+        groups=len(blamed),
+        in_a_row=lr.nonfinite_streak,
+    )
     limit = lr.config.max_nonfinite_steps
     if lr.nonfinite_streak >= limit:
         raise NonFiniteSteps(
@@ -620,9 +639,14 @@ async def publish(lr: Learner) -> None:
         while True:
             try:
                 await publish_weights(
-                    lr.bus.js, directory, shards, version=progress.version, step=progress.step,
-                    dtype=config.serving_dtype, keep_versions=config.keep_versions,
-                )  # fmt: skip
+                    lr.bus.js,
+                    directory,
+                    shards,
+                    version=progress.version,
+                    step=progress.step,
+                    dtype=config.serving_dtype,
+                    keep_versions=config.keep_versions,
+                )
                 break
             except LEASE_ERRORS as e:  # server restarting: the same objects may be put again
                 if delay > PUBLISH_RETRY_S:
@@ -703,9 +727,14 @@ async def finish(lr: Learner) -> None:
     final = None
     if config.final_model_dir:
         final = await asyncio.to_thread(
-            collective, lr.pe, "export", config.final_model_dir, config.serving_dtype, config.shard_mb,
+            collective,
+            lr.pe,
+            "export",
+            config.final_model_dir,
+            config.serving_dtype,
+            config.shard_mb,
             config.model.path,
-        )  # fmt: skip
+        )
     append_line(
         config.metrics_file,
         {

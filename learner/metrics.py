@@ -43,26 +43,52 @@ WEIGHT_PUBLISH_SECONDS = Gauge(
     f"{_G}weight_publish_seconds",
     "Last weight publish: gather + cast + write + hash shards, upload, manifest put",
 )
-WEIGHT_PUBLISH_BYTES = Gauge(f"{_G}weight_publish_bytes", "Bytes of the last published weight version")
+WEIGHT_PUBLISH_BYTES = Gauge(
+    f"{_G}weight_publish_bytes", "Bytes of the last published weight version"
+)
 
 STEP_KEYS = (
-    "event", "step", "version", "reward", "accuracy", "response_length", "kl", "clip_fraction",
-    "staleness_mean", "staleness_max", "policy_versions", "groups_trained",
-    "groups_dropped_stale", "groups_dropped_zero_variance", "tasks_issued", "tokens_per_s",
-    "step_seconds", "wait_share", "time",
-)  # fmt: skip
+    "event",
+    "step",
+    "version",
+    "reward",
+    "accuracy",
+    "response_length",
+    "kl",
+    "clip_fraction",
+    "staleness_mean",
+    "staleness_max",
+    "policy_versions",
+    "groups_trained",
+    "groups_dropped_stale",
+    "groups_dropped_zero_variance",
+    "tasks_issued",
+    "tokens_per_s",
+    "step_seconds",
+    "wait_share",
+    "time",
+)
 """Keys every step line carries (`aha up` reads them); lines may have more."""
 
 
 def export_gauges(record: dict[str, Any], in_flight: int) -> None:
     """Set every gauge from a step record (see `loop.step_record`)."""
     for gauge, key in (
-        (LOSS, "loss"), (KL, "kl"), (CLIP_FRACTION, "clip_fraction"), (RATIO, "ratio"),
-        (IS_WEIGHT, "is_weight"), (ACCURACY, "accuracy"), (RESPONSE_LENGTH, "response_length"),
-        (TOKENS_PER_S, "tokens_per_s"), (STEP_SECONDS, "step_seconds"),
-        (WAIT_SHARE, "wait_share"), (STEP, "step"), (VERSION, "version"),
-        (TASKS_ISSUED, "tasks_issued"), (STEPS_NONFINITE, "steps_nonfinite"),
-    ):  # fmt: skip
+        (LOSS, "loss"),
+        (KL, "kl"),
+        (CLIP_FRACTION, "clip_fraction"),
+        (RATIO, "ratio"),
+        (IS_WEIGHT, "is_weight"),
+        (ACCURACY, "accuracy"),
+        (RESPONSE_LENGTH, "response_length"),
+        (TOKENS_PER_S, "tokens_per_s"),
+        (STEP_SECONDS, "step_seconds"),
+        (WAIT_SHARE, "wait_share"),
+        (STEP, "step"),
+        (VERSION, "version"),
+        (TASKS_ISSUED, "tasks_issued"),
+        (STEPS_NONFINITE, "steps_nonfinite"),
+    ):
         if record.get(key) is not None:
             gauge.set(record[key])
     if record.get("reward") is not None:

@@ -38,7 +38,10 @@ def read_pairs(
     path: str | Path, prompt_field: str = "prompt", response_field: str = "response"
 ) -> list[tuple[str, str]]:
     """(prompt, response) texts from a JSONL file, one object per line."""
-    return [(prompt, str(response)) for prompt, response in read_rows(path, prompt_field, response_field)]
+    return [
+        (prompt, str(response))
+        for prompt, response in read_rows(path, prompt_field, response_field)
+    ]
 
 
 def tokenize_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[Example]:

@@ -129,7 +129,7 @@ def advantages(rewards: list[float | None], scale: str) -> list[float | None]:
         out[index[0]] = 0.0
     elif index:
         r = torch.tensor([rewards[i] for i in index], dtype=torch.float64)  # [k]
-        for i, a in zip(index, group_advantages(r, len(index), scale).tolist()):
+        for i, a in zip(index, group_advantages(r, len(index), scale).tolist(), strict=True):
             out[i] = a
     return out
 
@@ -141,9 +141,9 @@ def shuffle_rewards(groups: list[Group], rng) -> list[Group]:
     values = [groups[i].rewards[j] for i, j in slots]
     rng.shuffle(values)
     rewards = [list(g.rewards) for g in groups]
-    for (i, j), value in zip(slots, values):
+    for (i, j), value in zip(slots, values, strict=True):
         rewards[i][j] = value
-    return [dataclasses.replace(g, rewards=r) for g, r in zip(groups, rewards)]
+    return [dataclasses.replace(g, rewards=r) for g, r in zip(groups, rewards, strict=True)]
 
 
 def batch_owners(groups: list[Group]) -> list[int]:
@@ -154,7 +154,9 @@ def batch_owners(groups: list[Group]) -> list[int]:
 def _rows(groups: list[Group], scale: str):
     """(group index, completion ids, log μ, advantage) of every rewarded, non-empty completion."""
     for i, g in enumerate(groups):
-        for ids, logp, a in zip(g.completions, g.logp_behaviour, advantages(g.rewards, scale)):
+        for ids, logp, a in zip(
+            g.completions, g.logp_behaviour, advantages(g.rewards, scale), strict=True
+        ):
             if a is not None and len(ids) > 0:
                 yield i, ids, logp, a
 

@@ -51,7 +51,9 @@ def response(think: str, answer: str) -> str:
     return f"<think>{think}</think><answer>{answer}</answer>"
 
 
-def problems(seed: int, digits: int = DIGITS, exclude: set[str] = frozenset()) -> Iterator[tuple[int, int]]:
+def problems(
+    seed: int, digits: int = DIGITS, exclude: set[str] = frozenset()
+) -> Iterator[tuple[int, int]]:
     """An endless stream of problems, none of whose prompts is in `exclude`."""
     rng = random.Random(seed)
     while True:
@@ -84,7 +86,9 @@ def cold_start(
     for a, b in problems(seed, exclude=exclude):
         if rng.random() < chain_share:
             think = chain(a, b, drop_carry=drop_carry, rng=rng)
-            rows.append({"prompt": prompt(a, b), "response": response(think, answer_of_chain(think))})
+            rows.append(
+                {"prompt": prompt(a, b), "response": response(think, answer_of_chain(think))}
+            )
         else:
             rows.append({"prompt": prompt(a, b), "response": response("", str(a + b))})
         if len(rows) == n:

@@ -125,10 +125,10 @@ def evaluate(
     scored: list[list[ScoredSample]] = []
     rows: list[dict] = []
     index = 0
-    for problem, problem_answers, problem_groups in zip(problems, answers, groups):
+    for problem, problem_answers, problem_groups in zip(problems, answers, groups, strict=True):
         scored.append([])
         for number, (sample, answer, group) in enumerate(
-            zip(problem.samples, problem_answers, problem_groups)
+            zip(problem.samples, problem_answers, problem_groups, strict=True)
         ):
             score = scores[index]
             correct = None if score.reward is None else score.components.get(bench.accuracy) == 1.0
@@ -137,12 +137,21 @@ def evaluate(
                     sample.text, correct, score.reward, group, sample.finish_reason, sample.n_tokens
                 )
             )
-            rows.append({
-                "id": problem.id, "sample": number, "reward": score.reward,
-                "components": score.components, "error": score.error, "note": notes.get(index),
-                "correct": correct, "answer": answer, "vote": group,
-                "finish_reason": sample.finish_reason, "n_tokens": sample.n_tokens,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "id": problem.id,
+                    "sample": number,
+                    "reward": score.reward,
+                    "components": score.components,
+                    "error": score.error,
+                    "note": notes.get(index),
+                    "correct": correct,
+                    "answer": answer,
+                    "vote": group,
+                    "finish_reason": sample.finish_reason,
+                    "n_tokens": sample.n_tokens,
+                }
+            )
             index += 1
     return summarize(scored, vote=bench.vote is not None, words=words), rows
 
@@ -189,11 +198,15 @@ def main(args) -> int:
     progress = sys.stderr.isatty()
     metrics, rows = evaluate(problems, bench, args.workers, args.timeout, words, progress)
     metrics["settings"] = {
-        "samples_from": str(source), "rewards": bench.rewards, "correct": f"{bench.accuracy} = 1",
-        "template": bench.template, "workers": args.workers, "timeout_s": args.timeout,
+        "samples_from": str(source),
+        "rewards": bench.rewards,
+        "correct": f"{bench.accuracy} = 1",
+        "template": bench.template,
+        "workers": args.workers,
+        "timeout_s": args.timeout,
         "reflection_words": list(words),
         "ties": "the answer given first among the n samples",
-    }  # fmt: skip
+    }
     summary = {bench.name: metrics}
     with open(out / SCORED, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)

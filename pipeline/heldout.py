@@ -65,7 +65,9 @@ def evaluate(
         thinking += "<think></think>" not in sample.text and "<think>" in sample.text
     pass_at_1 = None
     if samples:
-        sampled = asyncio.run(run(Sampling(temperature=1.0, max_tokens=max_tokens, seed=0), samples))
+        sampled = asyncio.run(
+            run(Sampling(temperature=1.0, max_tokens=max_tokens, seed=0), samples)
+        )
         hits = sum(
             score(s.text, row["answer"]) == 1.0
             for row, gen in zip(rows, sampled, strict=True)

@@ -67,7 +67,7 @@ class Bus:
     @classmethod
     async def connect(
         cls, config: BusConfig, *, name: str = "aha", url: str | None = None, setup: bool = True
-    ) -> "Bus":
+    ) -> Bus:
         """Connect and (by default) make sure every stream, consumer and bucket exists.
 
         Set-up runs only when both `setup` and `config.setup_streams` are true.

@@ -109,9 +109,7 @@ def _plain(value):
         return value
     if isinstance(value, BaseModel):
         keys = _keys(kind)
-        return {
-            keys[k]: v if type(v) in _LEAVES else _plain(v) for k, v in value.__dict__.items()
-        }
+        return {keys[k]: v if type(v) in _LEAVES else _plain(v) for k, v in value.__dict__.items()}
     if kind is np.ndarray:
         return _pack_array(value)
     if isinstance(value, (list, tuple)):

@@ -62,7 +62,8 @@ async def queue_depth(js: JetStreamContext) -> dict[str, Depth]:
             consumer = await js.consumer_info(stage.stream, stage.durable)
         except NotFoundError:
             consumer = None
-        def count(field: str) -> int:
+
+        def count(field: str, consumer=consumer) -> int:
             return (getattr(consumer, field, None) or 0) if consumer else 0
 
         delivered = getattr(consumer, "delivered", None) if consumer else None
@@ -149,8 +150,12 @@ class StallWatch:
             if seen is None or seen[0] != d.progress or d.waiting_work == 0:
                 self._last[stage] = (d.progress, now)
                 if self._reported.pop(stage, None) is not None:
-                    log.info("stage progressing again", stage=stage, pending=d.pending,
-                             ack_pending=d.ack_pending)  # fmt: skip
+                    log.info(
+                        "stage progressing again",
+                        stage=stage,
+                        pending=d.pending,
+                        ack_pending=d.ack_pending,
+                    )
                 continue
             seconds = now - seen[1]
             if seconds < self.after_s:
@@ -158,7 +163,11 @@ class StallWatch:
             stalls[stage] = Stall(stage, d.pending, d.ack_pending, round(seconds, 1))
             if seconds - self._reported.get(stage, -self.after_s) >= self.after_s:
                 self._reported[stage] = seconds
-                log.warning("stage stalled: work waiting, no progress", stage=stage,
-                            pending=d.pending, ack_pending=d.ack_pending,
-                            seconds_without_progress=round(seconds, 1))  # fmt: skip
+                log.warning(
+                    "stage stalled: work waiting, no progress",
+                    stage=stage,
+                    pending=d.pending,
+                    ack_pending=d.ack_pending,
+                    seconds_without_progress=round(seconds, 1),
+                )
         return stalls

@@ -8,7 +8,9 @@ import sys
 import structlog
 
 
-def setup_logging(process: str, *, json: bool | None = None, level: str = "info", **context) -> None:
+def setup_logging(
+    process: str, *, json: bool | None = None, level: str = "info", **context
+) -> None:
     """Configure structlog once per process and bind `process` (plus `context`) to every line.
 
     `json=None` picks JSON unless stderr is a terminal.

@@ -111,7 +111,7 @@ class NatsServer:
     def monitor_url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
 
-    def start(self, timeout: float = 15.0) -> "NatsServer":
+    def start(self, timeout: float = 15.0) -> NatsServer:
         if self.process and self.process.poll() is None:
             return self
         version = _version(self.binary)
@@ -123,13 +123,18 @@ class NatsServer:
         ports_dir = Path(tempfile.mkdtemp(prefix="ports-", dir=self.store_dir))
         cmd = [
             str(self.binary),
-            "-a", self.host,
-            "-p", str(self.port),
-            "-m", str(self.http_port),
+            "-a",
+            self.host,
+            "-p",
+            str(self.port),
+            "-m",
+            str(self.http_port),
             "-js",
-            "-sd", str(self.store_dir / "jetstream"),
-            "--ports_file_dir", str(ports_dir),
-        ]  # fmt: skip
+            "-sd",
+            str(self.store_dir / "jetstream"),
+            "--ports_file_dir",
+            str(ports_dir),
+        ]
         if self.config_file:
             cmd += ["-c", str(self.config_file)]
         else:  # nats-server has no flag for it; max_pending must hold one message at least
@@ -215,7 +220,7 @@ class NatsServer:
         if self._tmp is not None:
             self._tmp.cleanup()
 
-    def __enter__(self) -> "NatsServer":
+    def __enter__(self) -> NatsServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

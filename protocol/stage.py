@@ -108,7 +108,7 @@ class StageConsumer(Generic[M]):
             self.bus.track(self._sub)
         try:
             msgs = await self._sub.fetch(batch, timeout=timeout)
-        except asyncio.TimeoutError:  # nats-py raises asyncio's, not nats.errors'
+        except TimeoutError:  # nats-py raises asyncio's, not nats.errors'
             return []
         deliveries = []
         for msg in msgs:
@@ -159,7 +159,7 @@ class StageConsumer(Generic[M]):
         while not done.is_set():
             try:
                 await asyncio.wait_for(done.wait(), timeout=every)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 await delivery.in_progress()
 
 

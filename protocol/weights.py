@@ -102,7 +102,9 @@ def verify_shard(path: str | Path, shard: Shard) -> None:
         raise ShardError(f"shard {shard.name}: {path} does not exist")
     size = path.stat().st_size
     if size != shard.bytes:
-        raise ShardError(f"shard {shard.name}: {path} has {size} bytes, the manifest says {shard.bytes}")
+        raise ShardError(
+            f"shard {shard.name}: {path} has {size} bytes, the manifest says {shard.bytes}"
+        )
     digest = sha256_file(path)
     if digest != shard.sha256:
         raise ShardError(
@@ -170,7 +172,9 @@ def widen_reads() -> None:
     """
     import nats.aio.client
 
-    nats.aio.client.DEFAULT_BUFFER_SIZE = max(nats.aio.client.DEFAULT_BUFFER_SIZE, RECEIVE_BUFFER_BYTES)
+    nats.aio.client.DEFAULT_BUFFER_SIZE = max(
+        nats.aio.client.DEFAULT_BUFFER_SIZE, RECEIVE_BUFFER_BYTES
+    )
 
 
 def _digest_of(info) -> str | None:
@@ -348,7 +352,9 @@ async def download_weights(js, manifest: WeightManifest, directory: str | Path) 
     store = await js.object_store(OBJECT_STORE_WEIGHTS)
     await check_objects(store, manifest)
     paths = [
-        await download_shard(js, store, object_name(manifest.version, s.name), s, directory / s.name)
+        await download_shard(
+            js, store, object_name(manifest.version, s.name), s, directory / s.name
+        )
         for s in manifest.shards
     ]  # one at a time: see `actors.weights.download_shards`
     with open(directory / manifest.index_name, "wb") as f:

@@ -165,7 +165,7 @@ def code_tests(completion: str, reference: Any, task: Any = None) -> float:
             " (inputs text, outputs text or numbers)"
         )
     passed, deadline = 0, _deadline()
-    for ran, (stdin, expected) in enumerate(zip(inputs, outputs)):
+    for ran, (stdin, expected) in enumerate(zip(inputs, outputs, strict=True)):
         if deadline is not None and time.monotonic() >= deadline:
             # the cases left count as failed; a program that hung on every one is a 0 that
             # says so, not a timeout of the whole call ("no reward")

@@ -476,6 +476,7 @@ def accuracy_gsm8k(completion: str, reference: Any, task: Any = None) -> float:
 
 # --- format_think --------------------------------------------------------------------------
 
+
 def format_think(completion: str, reference: Any = None, task: Any = None) -> float:
     """1 if the completion follows the R1-Zero template, else 0: exactly one non-empty
     `<think>…</think>` first, then a non-empty answer; with `task.meta["answer_tag"]` the
@@ -621,9 +622,7 @@ class Grade(NamedTuple):
     when none is."""
 
 
-def grade(
-    completion: str, reference: Any, rewards: dict[str, float], task: Any = None
-) -> Grade:
+def grade(completion: str, reference: Any, rewards: dict[str, float], task: Any = None) -> Grade:
     """Every reward in `rewards` on `completion`, their weighted total and the reasons.
 
     Every component is kept; one that raises `VerifierError` (or has a bug) leaves its

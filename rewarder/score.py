@@ -122,8 +122,10 @@ def read_done(path: Path, rows: list[dict[str, Any]]) -> tuple[list[dict[str, An
             raise InputError(f"more lines than the input has ({path}:{number})")
         row = rows[number - 1]
         kept = {k: v for k, v in row.items() if k not in SCORE_FIELDS}
-        if not isinstance(out, dict) or "reward" not in out or any(
-            out.get(k) != v for k, v in kept.items()
+        if (
+            not isinstance(out, dict)
+            or "reward" not in out
+            or any(out.get(k) != v for k, v in kept.items())
         ):
             raise InputError(f"not the output of input line {number} ({path}:{number})")
         done.append(out)
@@ -145,8 +147,13 @@ class InOrder:
         self.notes[n] = note
         while self.next in self.ready:
             score, note = self.ready.pop(self.next), self.notes.pop(self.next)
-            out = {**self.rows[self.next], "reward": score.reward,
-                   "components": score.components, "error": score.error, "note": note}  # fmt: skip
+            out = {
+                **self.rows[self.next],
+                "reward": score.reward,
+                "components": score.components,
+                "error": score.error,
+                "note": note,
+            }
             self.f.write(json.dumps(out, ensure_ascii=False, allow_nan=False) + "\n")
             self.f.flush()
             if score.reward is not None:

@@ -48,7 +48,9 @@ def panel(
         "datasource": {"type": "prometheus", "uid": "${datasource}"},
         "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
         "options": {"legend": {"displayMode": "list", "placement": "bottom"}},
-        "targets": [_target(e, l, chr(ord("A") + i)) for i, (e, l) in enumerate(targets)],
+        "targets": [
+            _target(expr, legend, chr(ord("A") + i)) for i, (expr, legend) in enumerate(targets)
+        ],
     }
 
 

@@ -16,7 +16,7 @@ def serve(entry_point):
             source = f.read()
         exec(compile(source, "solution.py", "exec"), namespace)
         if entry_point not in namespace:
-            raise NameError("the program defines no {}".format(entry_point))
+            raise NameError(f"the program defines no {entry_point}")
         function = namespace[entry_point]
     except BaseException as e:
         reply_error(e)

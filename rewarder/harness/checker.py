@@ -28,7 +28,7 @@ class Candidate:
         try:
             request = ["call", encode(list(args)), encode(kwargs)]
         except WireError as e:
-            raise Fault("the tests pass something that cannot cross to the candidate: {}".format(e))
+            raise Fault(f"the tests pass something that cannot cross to the candidate: {e}") from e
         self.calls += 1
         try:
             write_frame(REQUESTS, request)
@@ -37,7 +37,7 @@ class Candidate:
         try:
             reply = read_frame(REPLIES)
         except (OSError, WireError) as e:
-            raise CandidateError("the candidate's process: {}".format(e)) from None
+            raise CandidateError(f"the candidate's process: {e}") from None
         if reply is None:
             raise CandidateError("the candidate's process ended")
         if type(reply) is list and len(reply) == 2 and reply[0] == "ok":
@@ -47,7 +47,7 @@ class Candidate:
             cls = getattr(builtins, name, None)
             if isinstance(cls, type) and issubclass(cls, Exception):
                 raise cls(message)
-            raise CandidateError("{}: {}".format(name, message))
+            raise CandidateError(f"{name}: {message}")
         raise CandidateError("the candidate replied with something that is not a result")
 
 
@@ -72,17 +72,17 @@ def main(entry_point):
         if not callable(check):
             raise Fault("the tests define no check(candidate)")
     except BaseException as e:
-        say("fault: the tests did not load: {}: {}".format(type(e).__name__, e))
+        say(f"fault: the tests did not load: {type(e).__name__}: {e}")
         return 3
     candidate = Candidate(entry_point)
     namespace[entry_point] = candidate
     try:
         check(candidate)
     except Fault as e:
-        say("fault: {}".format(e))
+        say(f"fault: {e}")
         return 3
     except BaseException as e:
-        say("failed: {}: {}".format(type(e).__name__, e))
+        say(f"failed: {type(e).__name__}: {e}")
         return 1
     if candidate.calls == 0:
         say("fault: check() never called the candidate")

@@ -86,7 +86,7 @@ def main():
     if machine in ARCHES:
         install(machine)
     elif os.environ.get("AHA_SECCOMP") == "required":
-        sys.exit("seccomp.py: no filter for {}".format(machine))
+        sys.exit(f"seccomp.py: no filter for {machine}")
     os.execvp(sys.argv[1], sys.argv[1:])
 
 

@@ -16,7 +16,7 @@ class WireError(Exception):
 
 def encode(value, depth=0):
     if depth > MAX_DEPTH:
-        raise WireError("nested deeper than %d" % MAX_DEPTH)
+        raise WireError(f"nested deeper than {MAX_DEPTH}")
     kind = type(value)
     if value is None:
         return ["n"]
@@ -37,7 +37,7 @@ def encode(value, depth=0):
         return [tag, [encode(v, depth + 1) for v in value]]
     if kind is dict:
         return ["d", [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in value.items()]]
-    raise WireError("a {} is not plain data".format(kind.__name__))
+    raise WireError(f"a {kind.__name__} is not plain data")
 
 
 def decode(item, depth=0):
@@ -72,8 +72,8 @@ def decode(item, depth=0):
     except WireError:
         raise
     except Exception as e:  # bad hex, unhashable key, missing field
-        raise WireError("malformed {!r} value: {}".format(tag, e)) from None
-    raise WireError("malformed {!r} value".format(tag))
+        raise WireError(f"malformed {tag!r} value: {e}") from None
+    raise WireError(f"malformed {tag!r} value")
 
 
 def write_frame(fd, message):
@@ -90,14 +90,14 @@ def read_frame(fd):
         return None
     (size,) = struct.unpack(">I", head)
     if size > MAX_FRAME:
-        raise WireError("a frame of %d bytes (at most %d)" % (size, MAX_FRAME))
+        raise WireError(f"a frame of {size} bytes (at most {MAX_FRAME})")
     body = _read_exactly(fd, size)
     if body is None:
         raise WireError("stream ended inside a frame")
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as e:
-        raise WireError("not JSON: {}".format(e)) from None
+        raise WireError(f"not JSON: {e}") from None
 
 
 def _read_exactly(fd, n):

@@ -19,10 +19,27 @@ def aha_up(cwd: Path, *args: str) -> dict:
     config = cwd / "up.toml"
     config.write_text('[up]\nruns_dir = "runs"\neval_problems = 300\neval_samples = 4\n')
     proc = subprocess.run(
-        [sys.executable, "-m", "deploy.cli", "up", "--json", "--seed", "0",
-         "--max-steps", str(STEPS), "--max-staleness", "2", "--config", str(config), *args],
-        capture_output=True, text=True, timeout=1500, cwd=cwd,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "deploy.cli",
+            "up",
+            "--json",
+            "--seed",
+            "0",
+            "--max-steps",
+            str(STEPS),
+            "--max-staleness",
+            "2",
+            "--config",
+            str(config),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        cwd=cwd,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert json.loads((Path(summary["run_dir"]) / "summary.json").read_text()) == summary

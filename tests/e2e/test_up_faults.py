@@ -93,10 +93,25 @@ def test_aha_up_rides_out_a_stopped_rewarder_a_killed_actor_and_a_killed_server(
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     with open(out, "w") as o, open(err, "w") as e:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", "up", "--json", "--seed", "0", "--name", "faults",
-             "--max-steps", str(STEPS), "--config", "up.toml"],
-            stdout=o, stderr=e, cwd=tmp_path,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "deploy.cli",
+                "up",
+                "--json",
+                "--seed",
+                "0",
+                "--name",
+                "faults",
+                "--max-steps",
+                str(STEPS),
+                "--config",
+                "up.toml",
+            ],
+            stdout=o,
+            stderr=e,
+            cwd=tmp_path,
+        )
     try:
         # 1. The rewarder stopped for longer than stall_after_s while rollouts wait for it:
         #    reported, then it resumes.
@@ -140,9 +155,9 @@ def test_aha_up_rides_out_a_stopped_rewarder_a_killed_actor_and_a_killed_server(
 
     logs = [json.loads(line) for line in err.read_text().splitlines() if is_json(line)]
     stalls = [r for r in logs if r["event"].startswith("stage stalled")]
-    assert any(
-        r["stage"] == "rollouts" and r["seconds_without_progress"] >= 3 for r in stalls
-    ), stalls
+    assert any(r["stage"] == "rollouts" and r["seconds_without_progress"] >= 3 for r in stalls), (
+        stalls
+    )
     assert any(r["event"] == "nats-server restarted" for r in logs)
 
     # Nothing of any part outlives the run.

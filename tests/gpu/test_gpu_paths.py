@@ -17,9 +17,10 @@ from protocol.messages import Sampling
 
 async def test_vllm_on_gpu_reports_the_learners_logprobs(tiny_model_dir):
     pytest.importorskip("vllm")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from actors.vllm_engine import VllmEngine
     from learner.logprobs import completion_logprobs, pad_batch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompt = tokenizer("Q:123+456=")["input_ids"]
@@ -33,7 +34,9 @@ async def test_vllm_on_gpu_reports_the_learners_logprobs(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).cuda()
     ids = pad_batch([prompt] * 8, [s.token_ids.tolist() for s in group.samples])
     with torch.no_grad():
-        logp = completion_logprobs(model, *(t.cuda() for t in ids[:2]), 1.0, *(t.cuda() for t in ids[2:]))
+        logp = completion_logprobs(
+            model, *(t.cuda() for t in ids[:2]), 1.0, *(t.cuda() for t in ids[2:])
+        )
     for i, s in enumerate(group.samples):
         # fp32 on both sides; GPU kernels differ from the CPU ones, so 1e-3 rather than 1e-4.
         np.testing.assert_allclose(logp[i, : len(s.token_ids)].cpu().numpy(), s.logprobs, atol=1e-3)

@@ -17,7 +17,9 @@ def nats_server(tmp_path):
 
 def fast_config(**stage_overrides) -> BusConfig:
     """Short ack waits and back-offs so redelivery happens within a test."""
-    settings = StageSettings(**{"ack_wait_s": 1.0, "max_deliver": 3, "backoff_s": [0.1], **stage_overrides})
+    settings = StageSettings(
+        **{"ack_wait_s": 1.0, "max_deliver": 3, "backoff_s": [0.1], **stage_overrides}
+    )
     return BusConfig(tasks=settings, rollouts=settings, scored=settings, duplicate_window_s=60)
 
 

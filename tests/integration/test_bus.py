@@ -282,7 +282,7 @@ async def test_acknowledged_publishes_survive_kill_9_of_the_server(nats_server, 
 
     publisher = asyncio.create_task(publish_all(1500))
     for at in (300, 800):
-        await until(lambda: _async(len(acked) >= at))
+        await until(lambda at=at: _async(len(acked) >= at))
         nats_server.kill()  # SIGKILL mid-stream
         await asyncio.sleep(0.3)
         nats_server.start()  # same port and store: the client reconnects by itself

@@ -40,9 +40,17 @@ async def learner_process(
         env["AHA_FAULT"] = fault
     pipe = asyncio.subprocess.PIPE if capture else None
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "deploy.cli", "learner", "--config", str(config_path), *flags,
-        env=env, stdout=pipe, stderr=asyncio.subprocess.STDOUT if capture else None,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "deploy.cli",
+        "learner",
+        "--config",
+        str(config_path),
+        *flags,
+        env=env,
+        stdout=pipe,
+        stderr=asyncio.subprocess.STDOUT if capture else None,
+    )
     if not capture:
         return await asyncio.wait_for(proc.wait(), timeout=240)
     output, _ = await asyncio.wait_for(proc.communicate(), timeout=240)

@@ -84,9 +84,14 @@ def learner_config(tmp_path: Path, model_dir: Path, url: str, **overrides) -> Le
 
 
 async def play_actor_and_rewarder(
-    bus, model_dir: Path, scratch: Path, stop: asyncio.Event, log: list, bury: int = 0,
+    bus,
+    model_dir: Path,
+    scratch: Path,
+    stop: asyncio.Event,
+    log: list,
+    bury: int = 0,
     tamper=None,
-):  # fmt: skip
+):
     """Take tasks, sample with the newest published weights, score, publish scored groups.
 
     Appends `(task_id, policy_version, learner_version_at_issue)` per group to `log`. The
@@ -111,8 +116,13 @@ async def play_actor_and_rewarder(
         deliveries = await tasks.fetch(4, timeout=0.5)
         while deliveries and bury > 0:
             d, deliveries, bury = deliveries[0], deliveries[1:], bury - 1
-            await bus.dead_letter(TASKS, d.msg.data, "handler failed on all deliveries: test",
-                                  stream_seq=d.stream_seq, deliveries=d.deliveries)  # fmt: skip
+            await bus.dead_letter(
+                TASKS,
+                d.msg.data,
+                "handler failed on all deliveries: test",
+                stream_seq=d.stream_seq,
+                deliveries=d.deliveries,
+            )
             await d.term()
         if not deliveries:
             continue
@@ -120,7 +130,7 @@ async def play_actor_and_rewarder(
         generations = await engine.generate_batch(
             [d.message.prompt_token_ids for d in deliveries], first.sampling, first.group_size
         )
-        for delivery, generation in zip(deliveries, generations):
+        for delivery, generation in zip(deliveries, generations, strict=True):
             task = delivery.message
             rollout = Rollout(
                 task=task,
@@ -231,7 +241,9 @@ async def test_learner_steps_publish_weights_and_stop_at_max_steps(
         "aha_learner_weight_publish_seconds",  # the dashboard's weights panel
     ):
         assert name in scraped, name
-    publish = [line for line in scraped.splitlines() if line.startswith("aha_learner_weight_publish_")]
+    publish = [
+        line for line in scraped.splitlines() if line.startswith("aha_learner_weight_publish_")
+    ]
     assert all(float(line.split()[-1]) > 0 for line in publish), publish
 
 
@@ -297,8 +309,11 @@ async def test_dead_lettered_tasks_free_their_place_and_are_counted(
     done = read_lines(tmp_path / "metrics.jsonl")[-1]
     assert done["event"] == "done" and done["groups_trained"] == 4 and done["groups_dead"] == 2
     assert done["tasks_issued"] == (
-        done["groups_trained"] + done["groups_dropped_stale"]
-        + done["groups_dropped_zero_variance"] + done["groups_dropped_no_reward"]
-        + done["groups_dead"] + done["groups_in_flight_at_stop"]
-    )  # fmt: skip
+        done["groups_trained"]
+        + done["groups_dropped_stale"]
+        + done["groups_dropped_zero_variance"]
+        + done["groups_dropped_no_reward"]
+        + done["groups_dead"]
+        + done["groups_in_flight_at_stop"]
+    )
     assert len(await bus.dead_letters()) == 2

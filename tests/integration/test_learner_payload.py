@@ -56,10 +56,13 @@ async def test_groups_the_server_cannot_carry_stop_the_learner_at_start(
     config = learner_config(tmp_path, tiny_model_dir, small_server.url)
     dataset = config.dataset.model_copy(update={"group_size": 16, "max_tokens": 4096})
     config = config.model_copy(update={"dataset": dataset})
-    with pytest.raises(ConfigError, match=(
-        r"learner\.dataset\.group_size × learner\.dataset\.max_tokens = 16 × 4096 makes scored "
-        r"groups of up to 1\.0 MiB, more than the NATS server's max_payload of 0\.2 MiB"
-    )):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=(
+            r"learner\.dataset\.group_size × learner\.dataset\.max_tokens = 16 × 4096 makes scored "
+            r"groups of up to 1\.0 MiB, more than the NATS server's max_payload of 0\.2 MiB"
+        ),
+    ):
         await asyncio.wait_for(run(config), timeout=120)
 
 
@@ -68,8 +71,9 @@ async def test_a_row_too_large_for_the_bus_is_skipped_and_counted(
 ):
     from learner.loop import run
 
-    config = learner_config(tmp_path, tiny_model_dir, small_server.url, max_steps=2,
-                            final_model_dir=None)  # fmt: skip
+    config = learner_config(
+        tmp_path, tiny_model_dir, small_server.url, max_steps=2, final_model_dir=None
+    )
     # Three ordinary rows and one whose prompt alone is 300 kB (with its tokens, far more
     # than the server takes): every pass over the data meets it once.
     rows = [json.loads(line) for line in open(config.dataset.path)][:3]
@@ -96,7 +100,11 @@ async def test_a_row_too_large_for_the_bus_is_skipped_and_counted(
     assert done["event"] == "done" and done["groups_trained"] == 4
     assert done["groups_dropped_too_large"] >= 1
     assert done["tasks_issued"] == (
-        done["groups_trained"] + done["groups_dropped_stale"]
-        + done["groups_dropped_zero_variance"] + done["groups_dropped_no_reward"]
-        + done["groups_dropped_too_large"] + done["groups_dead"] + done["groups_in_flight_at_stop"]
-    )  # fmt: skip
+        done["groups_trained"]
+        + done["groups_dropped_stale"]
+        + done["groups_dropped_zero_variance"]
+        + done["groups_dropped_no_reward"]
+        + done["groups_dropped_too_large"]
+        + done["groups_dead"]
+        + done["groups_in_flight_at_stop"]
+    )

@@ -46,16 +46,22 @@ def forged(scored: ScoredRollout, task_id: str) -> ScoredRollout:
 
 
 def with_nan_reward(scored: ScoredRollout) -> bytes:
-    nan = Score.model_construct(reward=math.nan, components={"accuracy_gsm8k": math.nan}, error=None)
+    nan = Score.model_construct(
+        reward=math.nan, components={"accuracy_gsm8k": math.nan}, error=None
+    )
     return encode(scored.model_copy(update={"scores": [nan, *scored.scores[1:]]}))
 
 
 def accounted(done: dict) -> int:
     return (
-        done["groups_trained"] + done["groups_dropped_stale"] + done["groups_dropped_zero_variance"]
-        + done["groups_dropped_no_reward"] + done["groups_dropped_too_large"] + done["groups_dead"]
+        done["groups_trained"]
+        + done["groups_dropped_stale"]
+        + done["groups_dropped_zero_variance"]
+        + done["groups_dropped_no_reward"]
+        + done["groups_dropped_too_large"]
+        + done["groups_dead"]
         + done["groups_in_flight_at_stop"]
-    )  # fmt: skip
+    )
 
 
 def final_weights_finite(folder: str) -> bool:
@@ -71,8 +77,11 @@ async def test_poisoned_scored_groups_are_dead_lettered_counted_and_never_traine
     from learner.loop import run
 
     config = learner_config(tmp_path, tiny_model_dir, nats_server.url, max_steps=2)
-    key = run_key(Path(config.checkpoint_dir).resolve(), Path(config.dataset.path).resolve(),
-                  config.dataset.seed)  # fmt: skip
+    key = run_key(
+        Path(config.checkpoint_dir).resolve(),
+        Path(config.dataset.path).resolve(),
+        config.dataset.seed,
+    )
     tampered: dict[str, str] = {}
 
     async def forge_foreign() -> None:
@@ -96,8 +105,9 @@ async def test_poisoned_scored_groups_are_dead_lettered_counted_and_never_traine
         return with_nan_reward(scored) if i == 1 else overflowing(scored)
 
     stop, played = asyncio.Event(), []
-    actor = asyncio.create_task(play_actor_and_rewarder(
-        bus, tiny_model_dir, tmp_path / "dl", stop, played, tamper=tamper))  # fmt: skip
+    actor = asyncio.create_task(
+        play_actor_and_rewarder(bus, tiny_model_dir, tmp_path / "dl", stop, played, tamper=tamper)
+    )
     forger = asyncio.create_task(forge_foreign())
     try:
         assert await asyncio.wait_for(run(config), timeout=240) == 0
@@ -121,7 +131,9 @@ async def test_poisoned_scored_groups_are_dead_lettered_counted_and_never_traine
 
     errors = [letter.error for letter in await bus.dead_letters()]
     assert sum(e.startswith("foreign: ") for e in errors) == 2
-    assert any("behaviour policy_version 1000000 is newer than the learner's version" in e for e in errors)
+    assert any(
+        "behaviour policy_version 1000000 is newer than the learner's version" in e for e in errors
+    )
     assert any("scores.0.reward: Input should be a finite number" in e for e in errors)
     assert any("non-finite loss in the update at policy version" in e for e in errors)
     # The update with the overflowing group applied nothing: two steps, two versions, and
@@ -136,9 +148,14 @@ async def test_repeated_non_finite_updates_stop_the_learner_and_keep_the_last_ch
     # After the first step every group overflows: two updates in a row apply nothing and
     # `aha learner` exits 1 with one clear line; the checkpoint of step 1 stays the latest.
     config = learner_config(
-        tmp_path, tiny_model_dir, nats_server.url, max_steps=5, final_model_dir=None,
-        max_nonfinite_steps=2, max_staleness=0,
-    )  # fmt: skip
+        tmp_path,
+        tiny_model_dir,
+        nats_server.url,
+        max_steps=5,
+        final_model_dir=None,
+        max_nonfinite_steps=2,
+        max_staleness=0,
+    )
     config_path = tmp_path / "aha.yaml"  # JSON is YAML
     config_path.write_text(json.dumps({"learner": config.model_dump(mode="json")}))
 
@@ -146,8 +163,9 @@ async def test_repeated_non_finite_updates_stop_the_learner_and_keep_the_last_ch
         return scored if i < config.batch else overflowing(scored)
 
     stop, played = asyncio.Event(), []
-    actor = asyncio.create_task(play_actor_and_rewarder(
-        bus, tiny_model_dir, tmp_path / "dl", stop, played, tamper=tamper))  # fmt: skip
+    actor = asyncio.create_task(
+        play_actor_and_rewarder(bus, tiny_model_dir, tmp_path / "dl", stop, played, tamper=tamper)
+    )
     try:
         code, output = await learner_process(config_path, capture=True)
     finally:

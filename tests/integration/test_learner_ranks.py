@@ -23,9 +23,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def _torchrun(nproc: int, out: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu")
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc}", __file__, str(out),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        __file__,
+        str(out),
+    ]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -37,9 +42,12 @@ def test_two_ranks_zero2_stay_identical_and_match_one_rank(tmp_path):
     rank0 = torch.load(tmp_path / "two" / "rank0.pt")
     rank1 = torch.load(tmp_path / "two" / "rank1.pt")
     alone = torch.load(tmp_path / "one" / "rank0.pt")
-    assert rank0["refused"] == rank1["refused"] == alone["refused"] == {
-        "nonfinite": "loss", "rows": [2]
-    }
+    assert (
+        rank0["refused"]
+        == rank1["refused"]
+        == alone["refused"]
+        == {"nonfinite": "loss", "rows": [2]}
+    )
     assert rank0["metrics"] == rank1["metrics"]
     for name, p in rank0["params"].items():
         assert torch.equal(p, rank1["params"][name]), name
@@ -57,12 +65,16 @@ def worker(out: Path) -> None:
     from learner.engine import load_policy
 
     batch = make_batch(load_policy(config.model, config.seed))  # 6 rows, micro 2: 3 micro-batches
-    poisoned = dataclasses.replace(batch, adv=batch.adv.clone().index_fill_(0, torch.tensor([2]), math.nan))
+    poisoned = dataclasses.replace(
+        batch, adv=batch.adv.clone().index_fill_(0, torch.tensor([2]), math.nan)
+    )
     refused = train_step(pe, poisoned)  # row 2 is in micro-batch 1: rank 1's with 2 ranks
     metrics = [train_step(pe, batch) for _ in range(2)]
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"params": full_params(pe), "metrics": metrics, "refused": refused},
-               out / f"rank{pe.rank}.pt")  # fmt: skip
+    torch.save(
+        {"params": full_params(pe), "metrics": metrics, "refused": refused},
+        out / f"rank{pe.rank}.pt",
+    )
 
 
 if __name__ == "__main__":

@@ -52,14 +52,16 @@ def write_config(tmp_path, model_dir, url, zero_stage=2, **overrides):
     from learner.config import DeepSpeedSettings, OptimConfig
 
     config = learner_config(
-        tmp_path, model_dir, url,
+        tmp_path,
+        model_dir,
+        url,
         deepspeed=DeepSpeedSettings(zero_stage=zero_stage, precision="fp32", micro_batch=2),
         # Adam's ε well above fp32 rounding: the key biases' gradient is exactly 0 in exact
         # arithmetic (softmax ignores a shift), so theirs is rounding noise, which with
         # ε = 1e-8 becomes a step of ±lr whose sign depends on the order of the sums.
         optim=OptimConfig(lr=1e-3, eps=1e-4),
         **overrides,
-    )  # fmt: skip
+    )
     path = tmp_path / "aha.yaml"  # JSON is YAML
     path.write_text(json.dumps({"learner": config.model_dump(mode="json")}))
     return config, path
@@ -71,9 +73,17 @@ async def start_learner(config_path, *flags, **env_extra):
         env.pop(key, None)
     env.update(env_extra)
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "deploy.cli", "learner", "--config", str(config_path), *flags,
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "deploy.cli",
+        "learner",
+        "--config",
+        str(config_path),
+        *flags,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
 
 
 async def finish(proc) -> tuple[int, str]:
@@ -99,9 +109,12 @@ async def play_fixed_actor(bus, model_dir, stop: asyncio.Event) -> None:
                 [task.prompt_token_ids], sampling, task.group_size
             )
             rollout = Rollout(
-                task=task, policy_version=generation.policy_version, actor_id="fixed",
-                prompt_token_ids=task.prompt_token_ids, samples=generation.samples,
-            )  # fmt: skip
+                task=task,
+                policy_version=generation.policy_version,
+                actor_id="fixed",
+                prompt_token_ids=task.prompt_token_ids,
+                samples=generation.samples,
+            )
             # rewards that differ within every group (the tiny model earns none of its own)
             scores = [Score(reward=float(i % 2)) for i in range(len(generation.samples))]
             await bus.publish(SCORED, ScoredRollout(rollout=rollout, scores=scores))
@@ -116,7 +129,9 @@ async def train_with_fixed_actor(
     `len(node_ranks)` nodes of one rank each, one per flags in `runs`; returns the metrics lines."""
     workdir.mkdir()
     with NatsServer(workdir / "nats") as server:
-        nodes = {"nodes": 2, "rendezvous": f"127.0.0.1:{free_port()}"} if len(node_ranks) > 1 else {}
+        nodes = (
+            {"nodes": 2, "rendezvous": f"127.0.0.1:{free_port()}"} if len(node_ranks) > 1 else {}
+        )
         _, config_path = write_config(
             workdir, model_dir, server.url, zero_stage=3, max_steps=2, ranks=1, **nodes
         )
@@ -153,13 +168,16 @@ async def test_two_nodes_train_and_resume_like_one_rank(tmp_path, tiny_model_dir
     for key in ("reward", "response_length"):  # the same batches
         assert [r[key] for r in steps_two] == [r[key] for r in steps_one], key
     # fp32 sums over two ranks in another order: equal to ~1e-6 relative
-    for a, b in zip(steps_two, steps_one):
+    for a, b in zip(steps_two, steps_one, strict=True):
         assert a["loss"] != 0 and a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
     weights_two, weights_one = (
-        {k: v for f in sorted((tmp_path / run / "final").glob("*.safetensors"))
-         for k, v in load_file(f).items()}
+        {
+            k: v
+            for f in sorted((tmp_path / run / "final").glob("*.safetensors"))
+            for k, v in load_file(f).items()
+        }
         for run in ("two", "one")
-    )  # fmt: skip
+    )
     assert weights_two.keys() == weights_one.keys()
     initial = load_file(next(tiny_model_dir.glob("*.safetensors")))
     assert any(not torch.equal(w, initial[n]) for n, w in weights_one.items() if n in initial)

@@ -83,9 +83,14 @@ async def test_keep_versions_prunes_older_objects_and_dirs(js, tmp_path):
     for version in (1, 2, 3):
         shards = write_shards(model, weights_dir / f"v{version}", "bfloat16", 1.0, shared=True)
         manifest = await publish_weights(
-            js, weights_dir / f"v{version}", shards, version=version, step=version,
-            dtype="bfloat16", keep_versions=2,
-        )  # fmt: skip
+            js,
+            weights_dir / f"v{version}",
+            shards,
+            version=version,
+            step=version,
+            dtype="bfloat16",
+            keep_versions=2,
+        )
         assert prune_dirs(weights_dir, keep_versions=2) == ([1] if version == 3 else [])
     store = await js.object_store(OBJECT_STORE_WEIGHTS)
     names = {i.name for i in await store.list(ignore_deletes=True)}

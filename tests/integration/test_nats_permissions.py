@@ -397,8 +397,9 @@ async def test_compose_services_run_as_local_processes(server, passwords, tiny_m
     run needs a dataset and model the tiny one cannot serve under the compose config; the
     loop itself is tested in tests/integration with open NATS.
     """
-    from learner.weights import publish_weights, version_dir, write_shards
     from transformers import AutoModelForCausalLM
+
+    from learner.weights import publish_weights, version_dir, write_shards
 
     services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
     aha = [sys.executable, "-m", "deploy.cli"]
@@ -555,8 +556,8 @@ async def test_the_loop_runs_with_every_part_under_its_own_user(
     (where this host can build it) the confinement compose gives each container: read-only
     root, writable only its tmpfs, only the capabilities it adds, no-new-privileges. Two GRPO
     steps go round the whole loop and no permission is violated."""
-    from pipeline.demo import rl_prompts, write_jsonl
     from deploy.up import _toml
+    from pipeline.demo import rl_prompts, write_jsonl
     from protocol.config import merge, read_file
 
     services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
@@ -574,23 +575,33 @@ async def test_the_loop_runs_with_every_part_under_its_own_user(
             "serving_dtype": "float32",
             "deepspeed": {"precision": "fp32", "micro_batch": 4},
             "dataset": {
-                "path": str(dataset), "prompt_field": "prompt", "template": "none",
-                "group_size": 2, "max_tokens": 8, "meta": {"answer_tag": True},
+                "path": str(dataset),
+                "prompt_field": "prompt",
+                "template": "none",
+                "group_size": 2,
+                "max_tokens": 8,
+                "meta": {"answer_tag": True},
             },
         },
         "actor": {"model": str(tiny_model_dir), "backend": "hf", "metrics_port": _free_port()},
         "rewarder": {"workers": 1},
-    }  # fmt: skip
+    }
     config = tmp_path / "aha.toml"
     config.write_text(_toml(merge(read_file(DEPLOY / "aha.toml"), local)))
 
     def start(service: str) -> subprocess.Popen:
-        args = [str(config) if a == "/etc/aha/aha.toml" else a for a in services[service]["command"]]
+        args = [
+            str(config) if a == "/etc/aha/aha.toml" else a for a in services[service]["command"]
+        ]
         args = [a for a in args if not a.isdigit() and a != "--metrics-port"]  # ports: config
         env = {
-            **os.environ, **service_environment(service, passwords), "NATS_URL": server.url,
-            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
-        }  # fmt: skip
+            **os.environ,
+            **service_environment(service, passwords),
+            "NATS_URL": server.url,
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "DS_ACCELERATOR": "cpu",
+        }
         for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(var, None)
         argv, confinement = contained(

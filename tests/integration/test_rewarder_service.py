@@ -27,7 +27,9 @@ def rollout_with(texts: list[str], reference="2", rewards=None):
         }
     )
     rollout = make_rollout(task)
-    samples = [s.model_copy(update={"text": t}) for s, t in zip(rollout.samples, texts)]
+    samples = [
+        s.model_copy(update={"text": t}) for s, t in zip(rollout.samples, texts, strict=True)
+    ]
     return rollout.model_copy(update={"samples": samples})
 
 

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from protocol.bus import Bus
 from protocol.config import BusConfig
@@ -35,8 +34,9 @@ def free_port() -> int:
 
 def start(argv: list[str], **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, **kw)  # fmt: skip
+    return subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw
+    )
 
 
 def wait_for_line(stream, needle: str, timeout: float) -> list[str]:
@@ -58,9 +58,9 @@ def assert_stops_on(proc: subprocess.Popen, sig: signal.Signals, within: float) 
     started = time.monotonic()
     try:
         proc.wait(timeout=within)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as e:
         proc.kill()
-        raise AssertionError(f"still running {within}s after {sig.name}")
+        raise AssertionError(f"still running {within}s after {sig.name}") from e
     assert proc.returncode == 0, proc.stderr.read()[-3000:]
     assert time.monotonic() - started < within
 
@@ -82,8 +82,9 @@ def test_the_rewarder_stops_on_sigint_while_connecting_too():
 def test_the_actor_stops_on_sigterm_while_connecting(tiny_model_dir, tmp_path):
     config = tmp_path / "aha.toml"
     config.write_text(f'[actor]\nmodel = "{tiny_model_dir}"\nbackend = "hf"\n')
-    proc = start([*AHA, "actor", "--config", str(config),
-                  "--nats-url", f"nats://127.0.0.1:{free_port()}"])  # fmt: skip
+    proc = start(
+        [*AHA, "actor", "--config", str(config), "--nats-url", f"nats://127.0.0.1:{free_port()}"]
+    )
     wait_for_line(proc.stderr, "nats error", timeout=90)
     assert_stops_on(proc, signal.SIGTERM, within=5)
     assert "stopped before its first task" in proc.stderr.read()
@@ -91,8 +92,9 @@ def test_the_actor_stops_on_sigterm_while_connecting(tiny_model_dir, tmp_path):
 
 def test_the_learner_stops_on_sigterm_while_connecting(tiny_model_dir, tmp_path):
     data = tmp_path / "rl.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Q:{i}+1=", "answer": str(i + 1)}) + "\n"
-                            for i in range(8)))  # fmt: skip
+    data.write_text(
+        "".join(json.dumps({"prompt": f"Q:{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(8))
+    )
     config = tmp_path / "aha.toml"
     config.write_text(
         f'[learner]\nbatch = 2\nserving_dtype = "float32"\ncheckpoint_dir = "{tmp_path / "ckpt"}"\n'
@@ -101,8 +103,9 @@ def test_the_learner_stops_on_sigterm_while_connecting(tiny_model_dir, tmp_path)
         f'[learner.dataset]\npath = "{data}"\nprompt_field = "prompt"\nanswer_field = "answer"\n'
         'template = "none"\ngroup_size = 2\nmax_tokens = 8\nrewards = {accuracy_gsm8k = 1.0}\n'
     )
-    proc = start([*AHA, "learner", "--config", str(config),
-                  "--nats-url", f"nats://127.0.0.1:{free_port()}"])  # fmt: skip
+    proc = start(
+        [*AHA, "learner", "--config", str(config), "--nats-url", f"nats://127.0.0.1:{free_port()}"]
+    )
     wait_for_line(proc.stderr, "nats error", timeout=120)  # model and DeepSpeed loaded first
     assert_stops_on(proc, signal.SIGTERM, within=5)
     assert "stopped before its first step" in proc.stderr.read()
@@ -123,8 +126,19 @@ async def test_a_stopped_rewarder_is_reported_as_a_stall_by_aha_top(tmp_path):
             for i in range(3):
                 await bus.publish(ROLLOUTS, make_rollout(make_task(i)))
 
-            top = start([*AHA, "top", "--nats-url", server.url, "--json", "--interval", "0.5",
-                         "--stall-after", "2"])  # fmt: skip
+            top = start(
+                [
+                    *AHA,
+                    "top",
+                    "--nats-url",
+                    server.url,
+                    "--json",
+                    "--interval",
+                    "0.5",
+                    "--stall-after",
+                    "2",
+                ]
+            )
             lines = await asyncio.to_thread(wait_for_line, top.stderr, "stage stalled", 60)
             warning = json.loads(lines[-1])  # logs are JSON lines off a terminal
             assert warning["level"] == "warning" and warning["stage"] == "rollouts"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from actors.hf_engine import HfEngine
-from pipeline.tiny_model import TinySpec, save_tiny_model
 from learner.logprobs import completion_logprobs, pad_batch
+from pipeline.tiny_model import TinySpec, save_tiny_model
 from protocol.messages import Sampling
 from tests.helpers import check_stop_strings
 
@@ -84,7 +84,7 @@ async def test_logprobs_match_the_learner(engine, temperature):
     )
 
     expected = _learner_logprobs(engine.model, prompt, group.samples, temperature)
-    for s, logp in zip(group.samples, expected):
+    for s, logp in zip(group.samples, expected, strict=True):
         np.testing.assert_allclose(s.logprobs, logp, atol=1e-4, rtol=0)
 
 
@@ -103,7 +103,7 @@ async def test_load_weights_changes_outputs_and_version(tiny_model_dir, other_we
     ]
     reference = HfEngine(other_weights)
     for s, logp in zip(
-        after.samples, _learner_logprobs(reference.model, prompt, after.samples, 1.0)
+        after.samples, _learner_logprobs(reference.model, prompt, after.samples, 1.0), strict=True
     ):
         np.testing.assert_allclose(s.logprobs, logp, atol=1e-4, rtol=0)
 

@@ -20,8 +20,8 @@ pytest.importorskip("vllm", reason="vLLM is not installed: pip install '.[cpu]' 
 
 from actors.hf_engine import HfEngine  # noqa: E402
 from actors.vllm_engine import VllmEngine  # noqa: E402
-from pipeline.tiny_model import TinySpec, save_tiny_model  # noqa: E402
 from learner.logprobs import completion_logprobs, pad_batch  # noqa: E402
+from pipeline.tiny_model import TinySpec, save_tiny_model  # noqa: E402
 from protocol.messages import Sampling  # noqa: E402
 from tests.helpers import check_stop_strings  # noqa: E402
 
@@ -111,13 +111,17 @@ async def test_logprobs_parity_vllm_hf_learner(engine, hf, temperature):
 
     for group in (from_vllm, from_hf):
         expected = _learner_logprobs(hf.model, prompt, group.samples, temperature)
-        for s, logp in zip(group.samples, expected):
+        for s, logp in zip(group.samples, expected, strict=True):
             np.testing.assert_allclose(s.logprobs, logp, atol=1e-4, rtol=0)
     # Temperature is applied: at 0.7 these are not the untempered log-probs.
     if temperature != 1.0:
         untempered = _learner_logprobs(hf.model, prompt, from_vllm.samples, 1.0)
         assert (
-            max(np.abs(s.logprobs - u).max() for s, u in zip(from_vllm.samples, untempered)) > 1e-2
+            max(
+                np.abs(s.logprobs - u).max()
+                for s, u in zip(from_vllm.samples, untempered, strict=True)
+            )
+            > 1e-2
         )
 
 
@@ -155,13 +159,15 @@ async def test_reload_changes_outputs_and_matches_hf_on_new_weights(
     assert [s.logprobs.tolist() for s in before.samples] != [
         s.logprobs.tolist() for s in after.samples
     ]
-    for s, logp in zip(after.samples, _learner_logprobs(hf_new.model, prompt, after.samples, 1.0)):
+    for s, logp in zip(
+        after.samples, _learner_logprobs(hf_new.model, prompt, after.samples, 1.0), strict=True
+    ):
         np.testing.assert_allclose(s.logprobs, logp, atol=1e-4, rtol=0)
 
     # Back to the original weights, given as a list of files this time.
     await engine.load_weights([tiny_model_dir / "model.safetensors"], version=old_version + 2)
     again = await engine.generate(prompt, sampling, n=4)
-    for s, t in zip(before.samples, again.samples):
+    for s, t in zip(before.samples, again.samples, strict=True):
         assert s.token_ids.tolist() == t.token_ids.tolist()
         np.testing.assert_allclose(s.logprobs, t.logprobs, atol=1e-5, rtol=0)
 
@@ -195,7 +201,7 @@ async def test_weights_that_do_not_fit_are_refused(engine, hf, tmp_path):
 
     still = await engine.generate(prompt, sampling, 2)
     assert engine.version == still.policy_version == version
-    for a, b in zip(served.samples, still.samples):
+    for a, b in zip(served.samples, still.samples, strict=True):
         np.testing.assert_array_equal(a.logprobs, b.logprobs)
 
 

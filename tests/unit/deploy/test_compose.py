@@ -359,8 +359,8 @@ def test_rewarder_image_needs_no_torch():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     names = {re.split(r"[<>=!~\[ ]", d)[0].lower().replace("_", "-") for d in deps}
     reqs = [
-        l.split("#")[0].strip()
-        for l in (DOCKER / "requirements-rewarder.txt").read_text().splitlines()
+        line.split("#")[0].strip()
+        for line in (DOCKER / "requirements-rewarder.txt").read_text().splitlines()
     ]
     reqs = [r for r in reqs if r]
     for req in reqs:

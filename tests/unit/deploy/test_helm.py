@@ -33,7 +33,6 @@ from protocol.names import (
     Stage,
     inbox_prefix,
 )
-
 from tests.unit.deploy.test_compose import SANDBOX_CAPABILITIES, load_every_section
 
 helm = pytest.importorskip("helm_python", reason="pip install helm-python-sdk (the dev extra)")
@@ -192,9 +191,9 @@ def users_of(conf: dict) -> dict[str, dict[str, list[str]]]:
 def compose_nats_conf() -> dict:
     """deploy/nats/nats.conf as data: JSON once comments go and $VARIABLES are quoted."""
     lines = [
-        l
-        for l in (DEPLOY / "nats" / "nats.conf").read_text().splitlines()
-        if not l.lstrip().startswith("#")
+        line
+        for line in (DEPLOY / "nats" / "nats.conf").read_text().splitlines()
+        if not line.lstrip().startswith("#")
     ]
     return json.loads(re.sub(r"(?<![\"\w])(\$[A-Z_]+)", r'"\1"', "\n".join(lines)))
 
@@ -682,9 +681,11 @@ def test_learner_nodes_train_together_and_actors_spread_over_their_gpus(tmp_path
     (tmp_path / "aha.toml").write_text(config)
     pod_env = {k: e["value"] for k, e in env.items() if "value" in e}
     loaded = load_config(
-        LearnerConfig, tmp_path / "aha.toml", section="learner",
+        LearnerConfig,
+        tmp_path / "aha.toml",
+        section="learner",
         environ={**pod_env, "AHA_LEARNER__NODE_RANK": "1"},
-    )  # fmt: skip
+    )
     assert (loaded.ranks, loaded.nodes, loaded.node_rank) == (8, 2, 1)
     assert loaded.rendezvous == "aha-learner-0.aha-learner.rl.svc:29400"
     # one checkpoint folder for all nodes (DeepSpeed writes and reads every rank's shards there)
@@ -695,10 +696,15 @@ def test_learner_nodes_train_together_and_actors_spread_over_their_gpus(tmp_path
     assert volumes["checkpoints"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
     # learner pods reach each other on the rendezvous and collective ports, and nothing else new
     policies = {component(d): d["spec"] for d in of_kind(docs, "NetworkPolicy").values()}
-    peers = {"podSelector": {"matchLabels": {
-        "app.kubernetes.io/name": "aha", "app.kubernetes.io/instance": "aha",
-        "app.kubernetes.io/component": "learner",
-    }}}  # fmt: skip
+    peers = {
+        "podSelector": {
+            "matchLabels": {
+                "app.kubernetes.io/name": "aha",
+                "app.kubernetes.io/instance": "aha",
+                "app.kubernetes.io/component": "learner",
+            }
+        }
+    }
     ports = [
         {"port": 29400, "protocol": "TCP"},
         {"port": 32768, "endPort": 60999, "protocol": "TCP"},
@@ -719,8 +725,9 @@ def test_learner_nodes_train_together_and_actors_spread_over_their_gpus(tmp_path
     (container,) = actor["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
     actor_env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
-    actor_config = load_config(ActorConfig, tmp_path / "aha.toml", section="actor",
-                               environ=actor_env)  # fmt: skip
+    actor_config = load_config(
+        ActorConfig, tmp_path / "aha.toml", section="actor", environ=actor_env
+    )
     assert actor_config.gpus == 4
     plain = pod_specs(render({}))
     assert "AHA_ACTOR__GPUS" not in env_of(plain["actor"])

@@ -59,7 +59,7 @@ def test_stop_terminates_in_order_and_kills_what_ignores_sigterm(tmp_path):
     sup.start(Part("learner", [PY, "-c", graceful, "learner"], stop_order=0))
     sup.start(Part("actor-0", [PY, "-c", stubborn], stop_order=1))
     for name in ("rewarder-0", "learner", "actor-0"):
-        wait_for(lambda: "ready" in sup.tail(name))
+        wait_for(lambda name=name: "ready" in sup.tail(name))
     start = time.monotonic()
     codes = sup.stop(grace_s=0.5)
     assert codes["learner"] == 0 and codes["rewarder-0"] == 0

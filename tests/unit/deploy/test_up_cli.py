@@ -52,22 +52,32 @@ def assert_failed_at_start(result: subprocess.CompletedProcess, cwd: Path, messa
         ("[learner]\nbatchh = 3\n", "learner.batchh: Extra inputs are not permitted (CONFIG)"),
         ("[learner.grpo]\nbeta = nan\n", "learner.grpo.beta: nan is not a finite number (CONFIG)"),
         ("[learner.optim]\nlr = inf\n", "learner.optim.lr: inf is not a finite number (CONFIG)"),
-        ("[learner.dataset.rewards]\naccuracy_gsm8k = -inf\n",
-         "learner.dataset.rewards.accuracy_gsm8k: -inf is not a finite number (CONFIG)"),
-        ("[learner.dataset.rewards]\naccuracy_gsm8k = 1.0\naccuracy = 1.0\n",
-         "learner.dataset.rewards: unknown reward(s) ['accuracy']; known: ['accuracy_gsm8k', "
-         "'accuracy_math', 'code_tests', 'format_think', 'language_consistency'] (CONFIG)"),
-        ("[learner.deepspeed]\nzero_stage = 4\n",
-         "learner.deepspeed.zero_stage: Input should be less than or equal to 3 (CONFIG)"),
-        ("[actor]\ndtype = \"fp8\"\n",
-         "actor.dtype: Input should be 'float32', 'bfloat16' or 'float16' (CONFIG)"),
-        ("[rewarder]\nworkers = 0\n",
-         "rewarder.workers: Input should be greater than or equal to 1 (CONFIG)"),
+        (
+            "[learner.dataset.rewards]\naccuracy_gsm8k = -inf\n",
+            "learner.dataset.rewards.accuracy_gsm8k: -inf is not a finite number (CONFIG)",
+        ),
+        (
+            "[learner.dataset.rewards]\naccuracy_gsm8k = 1.0\naccuracy = 1.0\n",
+            "learner.dataset.rewards: unknown reward(s) ['accuracy']; known: ['accuracy_gsm8k', "
+            "'accuracy_math', 'code_tests', 'format_think', 'language_consistency'] (CONFIG)",
+        ),
+        (
+            "[learner.deepspeed]\nzero_stage = 4\n",
+            "learner.deepspeed.zero_stage: Input should be less than or equal to 3 (CONFIG)",
+        ),
+        (
+            '[actor]\ndtype = "fp8"\n',
+            "actor.dtype: Input should be 'float32', 'bfloat16' or 'float16' (CONFIG)",
+        ),
+        (
+            "[rewarder]\nworkers = 0\n",
+            "rewarder.workers: Input should be greater than or equal to 1 (CONFIG)",
+        ),
         ("[up]\nlr = nan\n", "up.lr: nan is not a finite number (CONFIG)"),
-        (b"[up]\nname = \"\xe9t\xe9\"\n", "not UTF-8: byte 0xe9 (CONFIG:2)"),
+        (b'[up]\nname = "\xe9t\xe9"\n', "not UTF-8: byte 0xe9 (CONFIG:2)"),
         (b"x = " + b"[" * 50_000 + b"]" * 50_000, "nested too deeply to be a config (CONFIG)"),
     ],
-)  # fmt: skip
+)
 def test_a_bad_config_file_fails_before_the_cold_start(tmp_path, config, message):
     path = tmp_path / "aha.toml"
     path.write_bytes(config if isinstance(config, bytes) else config.encode())
@@ -85,9 +95,12 @@ def test_a_model_that_is_not_a_model_folder_fails_before_anything_loads(tmp_path
     for model, message in [
         (missing, f"--model: no such folder ({missing})"),
         (empty, f"--model: not an HF model folder, no config.json ({empty})"),
-        (not_transformers, f"--model: not a transformers config, no model_type ({not_transformers / 'config.json'})"),
+        (
+            not_transformers,
+            f"--model: not a transformers config, no model_type ({not_transformers / 'config.json'})",
+        ),
         (no_weights, f"--model: no weights (*.safetensors or pytorch_model*.bin) ({no_weights})"),
-    ]:  # fmt: skip
+    ]:
         assert_failed_at_start(aha_up(tmp_path, "--model", model), tmp_path, message)
 
 
@@ -95,20 +108,30 @@ def test_a_dataset_with_wrong_fields_fails_before_anything_loads(tmp_path):
     model = fake_model(tmp_path / "model")
     rows = tmp_path / "rows.jsonl"
     cases = [
-        (b'{"prompt": "1+1", "answer": "2"}\n',
-         "no \"problem\" field; the row has ['answer', 'prompt'] "
-         "(learner.dataset.prompt_field, ROWS:1)"),
-        (b'\n{"question": "1+1"}\n',  # the format is read from the first row, not line
-         "no \"answer\" field; the row has ['question'] (learner.dataset.answer_field, ROWS:2)"),
-        (b'{"question": "1+1", "answer": "#### 2"}\n\n{"question": "2+2", "answer": null}\n',
-         "no \"answer\" field; the row has ['answer', 'question'] "
-         "(learner.dataset.answer_field, ROWS:3)"),
-        (b'{"question": "1+1", "answer": "#### 2"}\n{"question": "\xff"}\n',
-         "not UTF-8: byte 0xff (ROWS:2)"),
-        (b'{"question": "1+1", "answer": "#### 2"}\n{"question": \n',
-         "not JSON: Expecting value at column 14 (ROWS:2)"),
+        (
+            b'{"prompt": "1+1", "answer": "2"}\n',
+            "no \"problem\" field; the row has ['answer', 'prompt'] "
+            "(learner.dataset.prompt_field, ROWS:1)",
+        ),
+        (
+            b'\n{"question": "1+1"}\n',  # the format is read from the first row, not line
+            "no \"answer\" field; the row has ['question'] (learner.dataset.answer_field, ROWS:2)",
+        ),
+        (
+            b'{"question": "1+1", "answer": "#### 2"}\n\n{"question": "2+2", "answer": null}\n',
+            "no \"answer\" field; the row has ['answer', 'question'] "
+            "(learner.dataset.answer_field, ROWS:3)",
+        ),
+        (
+            b'{"question": "1+1", "answer": "#### 2"}\n{"question": "\xff"}\n',
+            "not UTF-8: byte 0xff (ROWS:2)",
+        ),
+        (
+            b'{"question": "1+1", "answer": "#### 2"}\n{"question": \n',
+            "not JSON: Expecting value at column 14 (ROWS:2)",
+        ),
         (b"\n", "the dataset has no rows (ROWS)"),
-    ]  # fmt: skip
+    ]
     for content, message in cases:
         rows.write_bytes(content)
         result = aha_up(tmp_path, "--model", model, "--dataset", rows)

@@ -31,7 +31,10 @@ def test_the_run_config_drives_every_part(tmp_path):
 
 @pytest.mark.parametrize(
     "file, prompt_field, accuracy",
-    [("gsm8k_test.jsonl", "question", "accuracy_gsm8k"), ("math500_test.jsonl", "problem", "accuracy_math")],
+    [
+        ("gsm8k_test.jsonl", "question", "accuracy_gsm8k"),
+        ("math500_test.jsonl", "problem", "accuracy_math"),
+    ],
 )
 def test_real_datasets_work_as_they_are(file, prompt_field, accuracy):
     up = UpConfig(model="/models/any", dataset=str(DATA / file))

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from learner.config import DatasetConfig, LearnerConfig, ModelConfig
-from protocol.config import ConfigError
 from learner.dispatcher import (
     R1_ZERO,
     Dispatcher,
@@ -21,6 +20,7 @@ from learner.dispatcher import (
     task_position,
     top_up,
 )
+from protocol.config import ConfigError
 
 DATA = Path(__file__).parents[2] / "data"
 
@@ -179,7 +179,9 @@ def test_a_task_is_checked_against_the_one_issued_at_its_position(tmp_path):
     task = dispatcher.task(2, version=0)
     assert dispatcher.mismatch(task, 2) is None
     assert "prompt_id" in dispatcher.mismatch(task, 3)  # another row's task under id 2
-    forged = task.model_copy(update={"sampling": task.sampling.model_copy(update={"temperature": 7.0})})
+    forged = task.model_copy(
+        update={"sampling": task.sampling.model_copy(update={"temperature": 7.0})}
+    )
     assert dispatcher.mismatch(forged, 2) == "its task's sampling is not the one issued as run1-2"
 
 
@@ -187,11 +189,18 @@ def test_a_row_too_large_for_the_bus_is_skipped_and_counted(tmp_path):
     # Row 3's prompt alone is 300 kB: its task could never be published with a max_payload
     # of 256 KiB; the others fit. Configured groups that cannot fit stop at start.
     path = tmp_path / "rl.jsonl"
-    rows = [{"prompt": "Q:" + ("x" * 300_000 if i == 3 else str(i)), "answer": str(i)} for i in range(5)]
+    rows = [
+        {"prompt": "Q:" + ("x" * 300_000 if i == 3 else str(i)), "answer": str(i)} for i in range(5)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    dataset = DatasetConfig(path=str(path), prompt_field="prompt", template="none", group_size=4,
-                            max_tokens=256)  # fmt: skip
-    dispatcher, bus, ledger = Dispatcher(dataset, load_problems(dataset), "run1"), FakeBus(), Ledger()
+    dataset = DatasetConfig(
+        path=str(path), prompt_field="prompt", template="none", group_size=4, max_tokens=256
+    )
+    dispatcher, bus, ledger = (
+        Dispatcher(dataset, load_problems(dataset), "run1"),
+        FakeBus(),
+        Ledger(),
+    )
     dispatcher.fit(256 * 1024)
     assert list(dispatcher.too_large) == [3]
 
@@ -199,9 +208,14 @@ def test_a_row_too_large_for_the_bus_is_skipped_and_counted(tmp_path):
     skipped = [p for p in range(6) if dispatcher.row(p) == 3]
     assert issued.too_large == [f"run1-{p}" for p in skipped] and issued.published == 5
     assert ledger.in_flight == 5 and ledger.issued == 6  # issued and dropped at once
-    assert all(dispatcher.task(p, 0).prompt_id != "3" for p in range(6) if f"run1-{p}" in bus.published)
+    assert all(
+        dispatcher.task(p, 0).prompt_id != "3" for p in range(6) if f"run1-{p}" in bus.published
+    )
 
-    with pytest.raises(ConfigError, match=r"learner\.dataset\.group_size × learner\.dataset\.max_tokens = 4 × 256 .* max_payload of 0\.0 MiB"):
+    with pytest.raises(
+        ConfigError,
+        match=r"learner\.dataset\.group_size × learner\.dataset\.max_tokens = 4 × 256 .* max_payload of 0\.0 MiB",
+    ):
         dispatcher.fit(16 * 1024)
     small = dataset.model_copy(update={"path": str(path)})
     only_big = Dispatcher(small, [load_problems(dataset)[3]], "run1")

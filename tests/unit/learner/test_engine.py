@@ -41,7 +41,9 @@ def make_config(stage: int, **grpo) -> LearnerConfig:
         # Adam ε = 1 keeps the first update sensitive to the gradient's size (with ε ≈ 0 it would
         # be lr · sign(g), hiding a wrongly scaled loss).
         optim=OptimConfig(lr=0.5, eps=1.0, warmup_steps=2),
-        deepspeed=DeepSpeedSettings(zero_stage=stage, precision="fp32", micro_batch=2, grad_clip=1.0),
+        deepspeed=DeepSpeedSettings(
+            zero_stage=stage, precision="fp32", micro_batch=2, grad_clip=1.0
+        ),
         grpo=GRPOSettings(ppo_epochs=2, **grpo),
     )
 
@@ -57,10 +59,14 @@ def make_batch(model: torch.nn.Module, seed: int = 0) -> PolicyBatch:
     completion_mask = (torch.arange(T) < torch.tensor([5, 3, 1, 4, 5, 2])[:, None]).long()
     adv = group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0]), group_size=3)
     with torch.no_grad():
-        logp = completion_logprobs(model, prompt_ids, completion_ids, 0.8, prompt_mask, completion_mask)
+        logp = completion_logprobs(
+            model, prompt_ids, completion_ids, 0.8, prompt_mask, completion_mask
+        )
     # μ differs from π_old by up to ±1 nat, so some importance weights hit the cap of 2
     logp_behaviour = logp + (torch.rand(N, T, generator=g) * 2 - 1)
-    return PolicyBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, adv, logp_behaviour, 0.8)
+    return PolicyBatch(
+        prompt_ids, prompt_mask, completion_ids, completion_mask, adv, logp_behaviour, 0.8
+    )
 
 
 def plain_torch_update(config: LearnerConfig, batch: PolicyBatch):
@@ -80,9 +86,18 @@ def plain_torch_update(config: LearnerConfig, batch: PolicyBatch):
     for _ in range(g.ppo_epochs):
         logp = completion_logprobs(model, *args)
         loss, _ = grpo_loss(
-            logp, logp_old, b.logp_behaviour, logp_ref, b.adv, b.completion_mask,
-            eps_low=g.eps_low, eps_high=g.eps_high, beta=g.beta, is_cap=g.is_cap, mode=g.mode,
-        )  # fmt: skip
+            logp,
+            logp_old,
+            b.logp_behaviour,
+            logp_ref,
+            b.adv,
+            b.completion_mask,
+            eps_low=g.eps_low,
+            eps_high=g.eps_high,
+            beta=g.beta,
+            is_cap=g.is_cap,
+            mode=g.mode,
+        )
         loss.backward()
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), config.deepspeed.grad_clip))
         opt.step()
@@ -171,7 +186,9 @@ def test_a_non_finite_loss_applies_nothing_and_names_its_rows(stage):
     pe = setup_engine(config)
     before = full_params(pe)
     good = make_batch(load_policy(config.model, config.seed))
-    poisoned = dataclasses.replace(good, adv=good.adv.clone().index_fill_(0, torch.tensor([4]), math.nan))
+    poisoned = dataclasses.replace(
+        good, adv=good.adv.clone().index_fill_(0, torch.tensor([4]), math.nan)
+    )
 
     result = train_step(pe, poisoned)
 

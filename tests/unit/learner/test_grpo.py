@@ -168,7 +168,5 @@ def test_grpo_loss_dr_grpo():
     adv = group_advantages(torch.tensor([1.0, 0.0]), group_size=2, scale="none")
     logp = torch.full((2, 3), LOG_HALF)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    loss, _ = grpo_loss(
-        logp, logp, logp, None, adv, mask, beta=0.0, mode="seq-mean-token-sum-norm"
-    )
+    loss, _ = grpo_loss(logp, logp, logp, None, adv, mask, beta=0.0, mode="seq-mean-token-sum-norm")
     assert loss.item() == pytest.approx(-0.5 / 6)

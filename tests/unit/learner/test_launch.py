@@ -11,7 +11,7 @@ from protocol.config import ConfigError, load_config
 
 def learner(tmp_path, environ: dict[str, str], **values) -> LearnerConfig:
     path = tmp_path / "aha.toml"
-    path.write_text('[learner.model]\nqwen2 = { hidden_size = 64, num_hidden_layers = 2 }\n')
+    path.write_text("[learner.model]\nqwen2 = { hidden_size = 64, num_hidden_layers = 2 }\n")
     return load_config(LearnerConfig, path, section="learner", environ=environ, overrides=values)
 
 
@@ -19,8 +19,14 @@ def test_several_nodes_need_a_rendezvous_and_a_node_rank_below_nodes(tmp_path):
     with pytest.raises(ConfigError, match="nodes > 1 needs rendezvous"):
         learner(tmp_path, {"AHA_LEARNER__NODES": "2"})
     with pytest.raises(ConfigError, match="node_rank 2 is not below nodes = 2"):
-        learner(tmp_path, {"AHA_LEARNER__NODES": "2", "AHA_LEARNER__NODE_RANK": "2",
-                           "AHA_LEARNER__RENDEZVOUS": "learner-0.learner:29400"})  # fmt: skip
+        learner(
+            tmp_path,
+            {
+                "AHA_LEARNER__NODES": "2",
+                "AHA_LEARNER__NODE_RANK": "2",
+                "AHA_LEARNER__RENDEZVOUS": "learner-0.learner:29400",
+            },
+        )
     with pytest.raises(ConfigError, match="is not host:port"):
         learner(tmp_path, {"AHA_LEARNER__NODES": "2", "AHA_LEARNER__RENDEZVOUS": "learner-0"})
     with pytest.raises(ConfigError, match="ranks"):
@@ -42,9 +48,15 @@ def test_node_rank_comes_from_the_config_or_the_pod_ordinal(tmp_path, monkeypatc
 def test_each_rank_runs_the_same_learner_command():
     args = argparse.Namespace(config="/etc/aha/aha.toml", resume=True, max_steps=5, nats_url=None)
     assert worker_argv(args) == [
-        "-m", "deploy.cli", "learner", "--config", "/etc/aha/aha.toml", "--resume",
-        "--max-steps", "5",
-    ]  # fmt: skip
+        "-m",
+        "deploy.cli",
+        "learner",
+        "--config",
+        "/etc/aha/aha.toml",
+        "--resume",
+        "--max-steps",
+        "5",
+    ]
 
 
 def test_bad_input_is_one_line_from_the_command_not_one_per_rank(tmp_path):
@@ -65,8 +77,11 @@ def test_bad_input_is_one_line_from_the_command_not_one_per_rank(tmp_path):
     ):
         done = subprocess.run(
             [sys.executable, "-m", "deploy.cli", "learner", "--config", str(path), *flags],
-            capture_output=True, text=True, env=env, timeout=120,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert done.returncode == 2, done.stderr[-2000:]
         assert done.stderr.strip().splitlines()[-1] == f"aha learner: error: {error}"
         assert "starting learner ranks" not in done.stdout + done.stderr

@@ -65,7 +65,9 @@ def test_resume_without_a_checkpoint_fails_at_start(tmp_path):
     )
     done = subprocess.run(
         [sys.executable, "-m", "deploy.cli", "learner", "--config", str(path), "--resume"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip  (a process of its own: the command configures logging for good)
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # a process of its own: the command configures logging for good
     assert done.returncode == 2
     assert "--resume: no checkpoint in" in done.stderr

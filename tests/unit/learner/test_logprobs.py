@@ -39,7 +39,7 @@ def test_padded_batch_equals_each_sequence_alone(tiny_qwen2):
         tiny_qwen2, prompt_ids, completion_ids, 0.7, prompt_mask, completion_mask
     )
     assert logp.shape == (3, 4) and logp.dtype == torch.float32
-    for n, (p, c) in enumerate(zip(prompts, completions)):
+    for n, (p, c) in enumerate(zip(prompts, completions, strict=True)):
         torch.testing.assert_close(logp[n, : len(c)], _unpadded(tiny_qwen2, p, c, 0.7))
         assert torch.all(logp[n, len(c) :] == 0)
 

@@ -134,7 +134,7 @@ def test_shuffled_rewards_keep_the_batch_and_lose_the_link():
     # rewards in slot order 1, 0, 0, 1, .5 reversed -> .5, 1, 0, 0, 1; None stays put
     assert [g.rewards for g in out] == [[0.5, 1.0, 0.0], [None, 0.0, 1.0]]
     assert [g.rewards for g in groups] == [[1.0, 0.0, 0.0], [None, 1.0, 0.5]]  # inputs intact
-    assert all(a.completions is b.completions for a, b in zip(out, groups))
+    assert all(a.completions is b.completions for a, b in zip(out, groups, strict=True))
 
 
 def test_groups_that_cannot_be_trained_on_are_refused_with_the_reason():

@@ -46,7 +46,7 @@ def test_each_benchmark_is_scored_by_its_own_rewards():
     math = {"accuracy_math": 1.0}
     for name in ("aime24", "amc23"):
         problems = BENCHMARKS[name].problems()
-        for p, other in zip(problems, problems[1:] + problems[:1]):
+        for p, other in zip(problems, problems[1:] + problems[:1], strict=True):
             assert grade(rf"\boxed{{{p.reference}}}", p.reference, math).reward == 1.0, p.id
             if other.reference != p.reference:
                 assert grade(rf"\boxed{{{other.reference}}}", p.reference, math).reward == 0.0

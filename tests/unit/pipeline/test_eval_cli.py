@@ -45,8 +45,10 @@ def math500_samples() -> list[dict]:
     }
     divisors = next(p for p in rows.values() if p.reference == "9")
     return [
-        {   # 2 right of 4; votes: right ×2, 5 ×1, no answer (truncated) ×1
-            "id": polar.id, "bench": "math500", "reference": polar.reference,
+        {  # 2 right of 4; votes: right ×2, 5 ×1, no answer (truncated) ×1
+            "id": polar.id,
+            "bench": "math500",
+            "reference": polar.reference,
             "samples": [
                 sample(f"<think>Wait, r = 3.</think> {solution[polar.id]}", 100),
                 sample(solution[polar.id], 100),
@@ -54,28 +56,46 @@ def math500_samples() -> list[dict]:
                 sample("<think>r = \\sqrt{0^2 + 3^2}, and then", 512, "length"),
             ],
         },
-        {   # 1 right of 4; votes: 0.5 and \frac12 are one wrong answer ×2, right ×1, stall ×1
-            "id": sum_.id, "reference": sum_.reference,
+        {  # 1 right of 4; votes: 0.5 and \frac12 are one wrong answer ×2, right ×1, stall ×1
+            "id": sum_.id,
+            "reference": sum_.reference,
             "samples": [
-                sample(r"\boxed{0.5}", 6), sample(r"\boxed{\frac12}", 8),
-                sample(solution[sum_.id], 90), sample(STALL, 40),
+                sample(r"\boxed{0.5}", 6),
+                sample(r"\boxed{\frac12}", 8),
+                sample(solution[sum_.id], 90),
+                sample(STALL, 40),
             ],
         },
-        {   # a reference no verifier can read: all four undecided
-            "id": divisors.id, "reference": "",
+        {  # a reference no verifier can read: all four undecided
+            "id": divisors.id,
+            "reference": "",
             "samples": [
-                sample(solution[divisors.id], 90), sample(solution[divisors.id], 90),
-                sample(r"\boxed{1}", 3), sample(r"\boxed{2}", 3),
+                sample(solution[divisors.id], 90),
+                sample(solution[divisors.id], 90),
+                sample(r"\boxed{1}", 3),
+                sample(r"\boxed{2}", 3),
             ],
         },
-    ]  # fmt: skip
+    ]
 
 
 def test_eval_samples_from_math500_gives_the_hand_worked_summary(tmp_path):
     src = write_jsonl(tmp_path / "samples.jsonl", math500_samples())
     # a 6 s timeout: Math-Verify gets 2 s of it, so the stall is a 0 in time, not a null
-    result = aha("eval", "--samples-from", src, "--bench", "math500", "-o", tmp_path / "out",
-                 "--timeout", 6, "--json", "--reflection-words", "wait, recheck")  # fmt: skip
+    result = aha(
+        "eval",
+        "--samples-from",
+        src,
+        "--bench",
+        "math500",
+        "-o",
+        tmp_path / "out",
+        "--timeout",
+        6,
+        "--json",
+        "--reflection-words",
+        "wait, recheck",
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary == json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -99,7 +119,10 @@ def test_eval_samples_from_math500_gives_the_hand_worked_summary(tmp_path):
     assert s["no_answer"] == pytest.approx(1 / 12)
     # tokens 100 100 5 512 | 6 8 90 40 | 90 90 3 3: mean 1047/12, median (40 + 90)/2
     assert (s["mean_length"], s["median_length"], s["length_unit"]) == (
-        pytest.approx(1047 / 12), 65, "tokens")  # fmt: skip
+        pytest.approx(1047 / 12),
+        65,
+        "tokens",
+    )
     assert s["reflection_share"] == pytest.approx(1 / 12)  # "Wait" inside the first thought
     assert s["settings"]["rewards"] == {"accuracy_math": 1.0}
     assert s["settings"]["reflection_words"] == ["wait", "recheck"]
@@ -120,20 +143,24 @@ def test_eval_samples_from_math500_gives_the_hand_worked_summary(tmp_path):
 
 def test_eval_scores_humaneval_canonical_solutions_right_and_empty_bodies_wrong(tmp_path):
     problems = BENCHMARKS["humaneval"].problems()[:3]
-    rows = {json.loads(line)["task_id"]: json.loads(line)
-            for line in BENCHMARKS["humaneval"].path.read_text().splitlines()}  # fmt: skip
+    rows = {
+        json.loads(line)["task_id"]: json.loads(line)
+        for line in BENCHMARKS["humaneval"].path.read_text().splitlines()
+    }
     lines = [
         {
             "id": p.id,
             "reference": p.reference,
             "samples": [
-                {"text": f"<think>ok</think>\n```python\n{p.reference['prompt']}"
-                         f"{rows[p.id]['canonical_solution']}```"},
+                {
+                    "text": f"<think>ok</think>\n```python\n{p.reference['prompt']}"
+                    f"{rows[p.id]['canonical_solution']}```"
+                },
                 {"text": f"```python\n{p.reference['prompt']}    return None\n```"},
             ],
         }
         for p in problems
-    ]  # fmt: skip
+    ]
     src = write_jsonl(tmp_path / "samples.jsonl", lines)
     out = tmp_path / "out"
     assert main(["eval", "--samples-from", str(src), "--bench", "humaneval", "-o", str(out)]) == 0
@@ -159,8 +186,9 @@ def test_bad_input_is_one_line_naming_the_file_line_and_field(tmp_path, capsys):
 
     def run(lines: list[dict], *extra: str, bench: str = "math500") -> str:
         src = write_jsonl(tmp_path / "s.jsonl", lines)
-        return error_line(capsys, ["eval", "--samples-from", str(src), "--bench", bench,
-                                   "-o", out, *extra])  # fmt: skip
+        return error_line(
+            capsys, ["eval", "--samples-from", str(src), "--bench", bench, "-o", out, *extra]
+        )
 
     assert "no benchmark 'aime25'" in run([good], bench="aime25")
     line = run([good, {"id": 2, "samples": [{"text": "x"}]}])

@@ -106,7 +106,10 @@ def test_cons_at_k_equals_enumeration_for_n_up_to_8():
     for groups, correct in cases:
         for k in range(1, len(groups) + 1):
             assert cons_at_k(groups, correct, k) == pytest.approx(brute_cons(groups, correct, k)), (
-                groups, correct, k)  # fmt: skip
+                groups,
+                correct,
+                k,
+            )
 
 
 def test_majority_and_k_values():
@@ -136,7 +139,12 @@ def test_equivalent_answers_are_one_vote_by_math_verify():
     assert groups == [0, 1, 0, 1, 1]
     assert cons_at_k(groups, [False, True, False, True, True], 5) == 1.0
     assert group_answers(["3", "1/2", "3", "0.5", r"\frac12"], lambda a, b: False) == [
-        0, 1, 0, 2, 3]  # fmt: skip
+        0,
+        1,
+        0,
+        2,
+        3,
+    ]
 
 
 def test_reflection_counts_inside_the_thought_only():
@@ -177,7 +185,11 @@ def test_summarize_by_hand():
     # cons@2: A is a 1-1 tie to the right answer (given first): 1; B: one vote, undecided: 0
     assert s["cons_at_k"] == pytest.approx({"1": 0.25, "2": 0.5})
     assert (s["undecided"], s["truncated"], s["unrewarded"], s["no_answer"]) == (
-        0.25, 0.25, 0.5, 0.25)  # fmt: skip
+        0.25,
+        0.25,
+        0.5,
+        0.25,
+    )
     # tokens: (10 + 4 + 2 + 20) / 4 = 9, median (4 + 10) / 2 = 7
     assert (s["mean_length"], s["median_length"], s["length_unit"]) == (9, 7, "tokens")
     # thoughts in characters: "wait, 1+1" 9, "x" 1, none 0, "and so on" 9 (unclosed)

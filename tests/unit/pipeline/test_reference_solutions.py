@@ -19,7 +19,7 @@ def reference_samples(name: str) -> list[dict]:
     bench = BENCHMARKS[name]
     rows = [json.loads(line) for line in bench.path.read_text().splitlines()]
     lines = []
-    for problem, row in zip(bench.problems(), rows):
+    for problem, row in zip(bench.problems(), rows, strict=True):
         if name == "gsm8k":
             texts = [row["answer"]]
         elif name == "math500":
@@ -29,8 +29,13 @@ def reference_samples(name: str) -> list[dict]:
             texts = [f"{code}{row['canonical_solution']}```", f"{code}    return None\n```"]
         else:
             texts = [rf"\boxed{{{problem.reference}}}"]
-        lines.append({"id": problem.id, "reference": problem.reference,
-                      "samples": [{"text": t} for t in texts]})  # fmt: skip
+        lines.append(
+            {
+                "id": problem.id,
+                "reference": problem.reference,
+                "samples": [{"text": t} for t in texts],
+            }
+        )
     return lines[::8] if name == "humaneval" else lines
 
 

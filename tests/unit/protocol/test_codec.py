@@ -50,7 +50,9 @@ def rollouts(draw) -> Rollout:
             | st.text()
             | st.dictionaries(st.text(max_size=8), st.lists(st.text(max_size=8), max_size=3))
         ),
-        rewards=draw(st.dictionaries(st.text(min_size=1, max_size=12), st.floats(0, 10), min_size=1)),
+        rewards=draw(
+            st.dictionaries(st.text(min_size=1, max_size=12), st.floats(0, 10), min_size=1)
+        ),
         group_size=len(group),
         sampling=Sampling(temperature=draw(st.floats(0, 2)), max_tokens=draw(st.integers(1, 4096))),
         issued_version=draw(st.integers(0, 10**6)),
@@ -157,19 +159,28 @@ def test_weight_manifest_round_trip():
         (
             msgpack.packb(
                 {
-                    "task_id": "t", "prompt_id": "p", "prompt": "", "rewards": {"a": 1.0},
-                    "group_size": 0, "issued_version": 0,
+                    "task_id": "t",
+                    "prompt_id": "p",
+                    "prompt": "",
+                    "rewards": {"a": 1.0},
+                    "group_size": 0,
+                    "issued_version": 0,
                 }
             ),
             "group_size: Input should be greater than or equal to 1",
         ),
-        (msgpack.packb({"task_id": "t", "surprise": 1}), "surprise: Extra inputs are not permitted"),
+        (
+            msgpack.packb({"task_id": "t", "surprise": 1}),
+            "surprise: Extra inputs are not permitted",
+        ),
         (msgpack.packb({"task_id": msgpack.ExtType(9, b"")}), "not msgpack"),
         # an array whose header promises 3 int32 but carries 2
-        (msgpack.packb({"x": msgpack.ExtType(1, bytes([1, 1, 3, 0, 0, 0]) + bytes(8))}),
-         "header says 3 elements, the data holds 2"),
+        (
+            msgpack.packb({"x": msgpack.ExtType(1, bytes([1, 1, 3, 0, 0, 0]) + bytes(8))}),
+            "header says 3 elements, the data holds 2",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bytes_that_are_not_a_task_raise_one_typed_error(data, reason):
     with pytest.raises(DecodeError, match="not a valid Task") as e:
         decode(data, Task)
@@ -198,10 +209,15 @@ def forged_scored(reward: float) -> bytes:
     """A scored group whose first reward is `reward`, encoded without validation (as a forger
     or a buggy rewarder would send it)."""
     rollout = make_rollout(make_task(group_size=2))
-    scores = [Score.model_construct(reward=reward, components={"accuracy_math": reward}, error=None),
-              Score(reward=0.0, components={"accuracy_math": 0.0})]  # fmt: skip
-    return encode(ScoredRollout.model_construct(rollout=rollout, scores=scores, rewarder_id="x",
-                                                scoring_seconds=0.0, schema_=1))  # fmt: skip
+    scores = [
+        Score.model_construct(reward=reward, components={"accuracy_math": reward}, error=None),
+        Score(reward=0.0, components={"accuracy_math": 0.0}),
+    ]
+    return encode(
+        ScoredRollout.model_construct(
+            rollout=rollout, scores=scores, rewarder_id="x", scoring_seconds=0.0, schema_=1
+        )
+    )
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
@@ -210,12 +226,22 @@ def test_a_non_finite_reward_is_not_a_message(value):
         Score(reward=value, components={"accuracy_math": 1.0})
     with pytest.raises(ValueError, match="finite number"):
         Score(reward=1.0, components={"accuracy_math": value})
-    with pytest.raises(DecodeError, match=r"not a valid ScoredRollout: scores\.0\.reward: .*finite"):
+    with pytest.raises(
+        DecodeError, match=r"not a valid ScoredRollout: scores\.0\.reward: .*finite"
+    ):
         decode(forged_scored(value), ScoredRollout)
-    assert decode(forged_scored(1.0), ScoredRollout).scores[0].reward == 1.0  # the forgery itself is sound
+    assert (
+        decode(forged_scored(1.0), ScoredRollout).scores[0].reward == 1.0
+    )  # the forgery itself is sound
     with pytest.raises(ValueError, match="finite number"):
-        Task(task_id="t", prompt_id="p", prompt="", rewards={"accuracy_math": value},
-             group_size=1, issued_version=0)  # fmt: skip
+        Task(
+            task_id="t",
+            prompt_id="p",
+            prompt="",
+            rewards={"accuracy_math": value},
+            group_size=1,
+            issued_version=0,
+        )
 
 
 def test_a_verifier_that_returns_nan_gives_no_reward_with_the_reason():
@@ -223,7 +249,9 @@ def test_a_verifier_that_returns_nan_gives_no_reward_with_the_reason():
     score = Score.of(float("nan"), {"accuracy_math": float("nan"), "format_think": 1.0}, None)
     assert score.reward is None and score.components == {"accuracy_math": None, "format_think": 1.0}
     assert score.error == "non-finite accuracy_math nan, reward nan"
-    assert Score.of(0.5, {"accuracy_math": 0.5}, None) == Score(reward=0.5, components={"accuracy_math": 0.5})
+    assert Score.of(0.5, {"accuracy_math": 0.5}, None) == Score(
+        reward=0.5, components={"accuracy_math": 0.5}
+    )
     assert Score.of(None, {"a": None}, "a: timeout").error == "a: timeout"
 
 

@@ -81,18 +81,35 @@ def test_bus_rules_and_nats_url():
     with pytest.raises(ConfigError, match="replicas: Input should be less than or equal to 5"):
         load_config(BusConfig, overrides={"replicas": 7}, environ={})
     assert BusConfig().stage("scored").ack_wait_s == 300.0
-    assert load_config(BusConfig, environ={"AHA_BUS__URL": "nats://a:1"}).resolved_url == "nats://a:1"
+    assert (
+        load_config(BusConfig, environ={"AHA_BUS__URL": "nats://a:1"}).resolved_url == "nats://a:1"
+    )
 
 
 @pytest.mark.parametrize(
     "name, text, environ, field",
     [
-        ("aha.toml", "[actor.bus.tasks]\nack_wait_s = nan\n", {}, "actor.bus.tasks.ack_wait_s: nan"),
+        (
+            "aha.toml",
+            "[actor.bus.tasks]\nack_wait_s = nan\n",
+            {},
+            "actor.bus.tasks.ack_wait_s: nan",
+        ),
         ("aha.toml", "[bus.tasks]\nack_wait_s = inf\n", {}, "bus.tasks.ack_wait_s: inf"),
-        ("aha.yaml", "bus:\n  scored:\n    backoff_s: [1, .inf]\n", {}, "bus.scored.backoff_s[1]: inf"),
-        ("aha.toml", "", {"AHA_BUS__CONNECT_TIMEOUT_S": "-.inf"}, "actor.bus.connect_timeout_s: -inf"),
+        (
+            "aha.yaml",
+            "bus:\n  scored:\n    backoff_s: [1, .inf]\n",
+            {},
+            "bus.scored.backoff_s[1]: inf",
+        ),
+        (
+            "aha.toml",
+            "",
+            {"AHA_BUS__CONNECT_TIMEOUT_S": "-.inf"},
+            "actor.bus.connect_timeout_s: -inf",
+        ),
     ],
-)  # fmt: skip
+)
 def test_nan_and_infinity_are_never_settings(tmp_path, name, text, environ, field):
     # TOML's nan/inf and YAML's .nan/.inf parse as floats; no setting of ours means them
     path = tmp_path / name

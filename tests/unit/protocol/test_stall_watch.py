@@ -26,8 +26,10 @@ def test_work_waiting_without_progress_is_a_stall_reported_once_per_period():
         now[0] = 20
         watch.update(held)
     warnings = [e for e in logs if e["log_level"] == "warning"]
-    assert [(w["stage"], w["pending"], w["ack_pending"], w["seconds_without_progress"])
-            for w in warnings] == [("rollouts", 2, 1, 10.0), ("rollouts", 2, 1, 20.0)]  # fmt: skip
+    assert [
+        (w["stage"], w["pending"], w["ack_pending"], w["seconds_without_progress"])
+        for w in warnings
+    ] == [("rollouts", 2, 1, 10.0), ("rollouts", 2, 1, 20.0)]
 
 
 def test_an_ack_or_a_new_delivery_is_progress_a_redelivery_is_not():

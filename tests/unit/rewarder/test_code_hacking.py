@@ -118,6 +118,7 @@ HACKS = {
     "memory for the checker": "x = bytearray(900 << 20)\ny = [bytearray(900 << 20) for _ in range(4)]\n",
 }
 
+
 def score(program: str, reference: dict = ADD) -> float:
     """The `code_tests` reward as the rewarder gives it: a 0 may carry a reason (its note),
     but it is never "no reward" (an error)."""

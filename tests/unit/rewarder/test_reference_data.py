@@ -33,7 +33,7 @@ def test_every_math500_solution_matches_its_own_answer(pool):
     scores = pool.map([Job(r["solution"], r["answer"], {"accuracy_math": 1.0}) for r in math500])
     misses = [
         (r["unique_id"], r["answer"], s.reward, s.error)
-        for r, s in zip(math500, scores)
+        for r, s in zip(math500, scores, strict=True)
         if s.reward != 1.0
     ]
     print(f"MATH-500: {500 - len(misses)}/500 solutions verified; misses:")
@@ -48,12 +48,12 @@ def test_math500_solutions_do_not_match_other_problems_answers(pool):
     math500 = rows("math500_test.jsonl")
     shifted = [
         Job(a["solution"], b["answer"], {"accuracy_math": 1.0})
-        for a, b in zip(math500, math500[1:])
+        for a, b in zip(math500, math500[1:], strict=True)
     ]
     scores = pool.map(shifted)
     hits = [
         (a["unique_id"], b["answer"])
-        for a, b, s in zip(math500, math500[1:], scores)
+        for a, b, s in zip(math500, math500[1:], scores, strict=True)
         if s.reward == 1.0
     ]
     print(f"MATH-500 shifted: {len(hits)}/499 coincidental matches: {hits}")
@@ -90,7 +90,7 @@ def test_humaneval_canonical_solutions_pass_and_broken_bodies_and_hacks_fail(poo
                 {"entry_point": r["entry_point"], "test": r["test"], "prompt": r["prompt"]},
                 {"code_tests": 1.0},
             )
-            for r, completion in zip(humaneval, completions)
+            for r, completion in zip(humaneval, completions, strict=True)
         ]
 
     good = jobs(f"```python\n{r['prompt']}{r['canonical_solution']}```" for r in humaneval)
@@ -98,9 +98,13 @@ def test_humaneval_canonical_solutions_pass_and_broken_bodies_and_hacks_fail(poo
     # the two lines that scored 1.0 on all 164 when the tests ran in the program's process
     hack = jobs("import os\nos._exit = lambda *a: None\n" for _ in humaneval)
     scores = pool.map(good + broken + hack)
-    failed = [r["task_id"] for r, s in zip(humaneval, scores[:164]) if s.reward != 1.0]
-    passed_broken = [r["task_id"] for r, s in zip(humaneval, scores[164:328]) if s.reward != 0.0]
-    passed_hack = [r["task_id"] for r, s in zip(humaneval, scores[328:]) if s.reward != 0.0]
+    failed = [r["task_id"] for r, s in zip(humaneval, scores[:164], strict=True) if s.reward != 1.0]
+    passed_broken = [
+        r["task_id"] for r, s in zip(humaneval, scores[164:328], strict=True) if s.reward != 0.0
+    ]
+    passed_hack = [
+        r["task_id"] for r, s in zip(humaneval, scores[328:], strict=True) if s.reward != 0.0
+    ]
     assert failed == [], [s.error for s in scores[:164] if s.reward != 1.0]
     assert passed_broken == []
     assert passed_hack == []

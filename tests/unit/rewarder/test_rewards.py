@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rewarder import rewards
-from rewarder.errors import Disqualified, VerifierError
+from rewarder.errors import VerifierError
 from rewarder.rewards import (
     REWARDS,
     accuracy_gsm8k,

@@ -129,22 +129,34 @@ GOOD = {"completion": r"\boxed{2}", "reference": "2", "rewards": {"accuracy_math
 @pytest.mark.parametrize(
     "lines, reason",
     [
-        ([b"{\"completion\": \"\xff\"}"], "not UTF-8: byte 0xff"),
+        ([b'{"completion": "\xff"}'], "not UTF-8: byte 0xff"),
         ([b"[" * 100_000 + b"]" * 100_000], "nested too deeply"),
-        ([b'{"completion": "x", "rewards": {"accuracy_math": 1.0}}'],
-         'no "reference" for accuracy_math to compare with'),
-        ([b'{"completion": "x", "reference": null, "rewards": {"accuracy_gsm8k": 1.0}}'],
-         'no "reference" for accuracy_gsm8k to compare with'),
-        ([b'{"completion": "x", "reference": "1", "rewards": {"accuracy_math": NaN}}'],
-         "NaN is not JSON"),
-        ([b'{"completion": "x", "reference": "1", "rewards": {"accuracy_math": -Infinity}}'],
-         "-Infinity is not JSON"),
-        ([b'{"completion": "x", "reference": "1", "rewards": {"accuracy_math": 1e999}}'],
-         "rewards.accuracy_math: inf is not a finite number"),
-        ([b'{"completion": "x", "reference": "1", "rewards": {"accuracy_math": 1}}', b"[1]"],
-         "expected a JSON object, got list"),
+        (
+            [b'{"completion": "x", "rewards": {"accuracy_math": 1.0}}'],
+            'no "reference" for accuracy_math to compare with',
+        ),
+        (
+            [b'{"completion": "x", "reference": null, "rewards": {"accuracy_gsm8k": 1.0}}'],
+            'no "reference" for accuracy_gsm8k to compare with',
+        ),
+        (
+            [b'{"completion": "x", "reference": "1", "rewards": {"accuracy_math": NaN}}'],
+            "NaN is not JSON",
+        ),
+        (
+            [b'{"completion": "x", "reference": "1", "rewards": {"accuracy_math": -Infinity}}'],
+            "-Infinity is not JSON",
+        ),
+        (
+            [b'{"completion": "x", "reference": "1", "rewards": {"accuracy_math": 1e999}}'],
+            "rewards.accuracy_math: inf is not a finite number",
+        ),
+        (
+            [b'{"completion": "x", "reference": "1", "rewards": {"accuracy_math": 1}}', b"[1]"],
+            "expected a JSON object, got list",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_bad_input_line_is_one_error_line_naming_it(tmp_path, lines, reason):
     # the last line is the bad one: nothing is scored (never against the string "None")
     path = tmp_path / "in.jsonl"
@@ -159,14 +171,20 @@ def test_a_missing_input_or_an_output_that_cannot_be_written_fails_before_scorin
     good = tmp_path / "in.jsonl"
     write_jsonl(good, [GOOD])
     missing = tmp_path / "missing.jsonl"
-    assert_one_error_line(aha("score", missing, "-o", tmp_path / "out.jsonl"),
-                          f"cannot read: No such file or directory ({missing})")  # fmt: skip
-    assert_one_error_line(aha("score", good, "-o", tmp_path / "no" / "out.jsonl"),
-                          f"no such directory for the output ({tmp_path / 'no'})")  # fmt: skip
+    assert_one_error_line(
+        aha("score", missing, "-o", tmp_path / "out.jsonl"),
+        f"cannot read: No such file or directory ({missing})",
+    )
+    assert_one_error_line(
+        aha("score", good, "-o", tmp_path / "no" / "out.jsonl"),
+        f"no such directory for the output ({tmp_path / 'no'})",
+    )
     # -o naming a directory: refused up front, and nothing is left beside it
     (tmp_path / "folder").mkdir()
-    assert_one_error_line(aha("score", good, "-o", tmp_path / "folder"),
-                          f"the output is a directory ({tmp_path / 'folder'})")  # fmt: skip
+    assert_one_error_line(
+        aha("score", good, "-o", tmp_path / "folder"),
+        f"the output is a directory ({tmp_path / 'folder'})",
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "in.jsonl"]
     result = aha("score", good, "-o", tmp_path / "out.jsonl", "--workers", "0")
     assert result.returncode == 2  # argparse's usage, then its one error line
@@ -179,8 +197,15 @@ def test_a_read_only_output_directory_fails_before_scoring(tmp_path):
     folder = tmp_path / "read-only"
     folder.mkdir()
     write_jsonl(folder / "in.jsonl", [GOOD])
-    argv = [sys.executable, "-m", "deploy.cli", "score", str(folder / "in.jsonl"),
-            "-o", str(folder / "out.jsonl")]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "deploy.cli",
+        "score",
+        str(folder / "in.jsonl"),
+        "-o",
+        str(folder / "out.jsonl"),
+    ]
     if os.getuid() != 0:
         folder.chmod(0o555)
     else:  # root writes through permission bits: a read-only mount instead
@@ -198,8 +223,9 @@ def test_an_existing_output_is_refused_without_resume(tmp_path):
     write_jsonl(tmp_path / "in.jsonl", [GOOD])
     (tmp_path / "out.jsonl").write_text("earlier work\n")
     result = aha("score", tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl")
-    assert_one_error_line(result, "the output exists; --resume continues it",
-                          f"({tmp_path / 'out.jsonl'})")  # fmt: skip
+    assert_one_error_line(
+        result, "the output exists; --resume continues it", f"({tmp_path / 'out.jsonl'})"
+    )
     assert (tmp_path / "out.jsonl").read_text() == "earlier work\n"  # untouched
     # --resume checks the lines there belong to this input before keeping them
     result = aha("score", tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--resume")
@@ -215,8 +241,17 @@ def test_a_killed_run_keeps_its_lines_and_resume_scores_only_the_rest(tmp_path):
     rows = [{"id": i, **GOOD, "completion": rf"\boxed{{{i % 3}}}"} for i in range(n)]
     write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
-    argv = [sys.executable, "-m", "deploy.cli", "score", str(tmp_path / "in.jsonl"), "-o", str(out),
-            "--workers", "1"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "deploy.cli",
+        "score",
+        str(tmp_path / "in.jsonl"),
+        "-o",
+        str(out),
+        "--workers",
+        "1",
+    ]
     run = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while run.poll() is None and time.monotonic() < deadline:

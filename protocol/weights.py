@@ -17,13 +17,12 @@ import contextlib
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from protocol.messages import Shard, WeightManifest
-from protocol.names import OBJECT_STORE_WEIGHTS
 
 INDEX_NAME = "model.safetensors.index.json"
 """HF-style index file next to the shards (same default as `WeightManifest.index_name`)."""
@@ -123,28 +122,6 @@ def write_index(directory: str | Path, shards: Sequence[Shard], total_size: int)
     path = Path(directory) / INDEX_NAME
     path.write_text(json.dumps(build_index(shards, total_size), indent=2, sort_keys=True) + "\n")
     return path
-
-
-def read_index(path: str | Path) -> dict[str, str]:
-    """Tensor name -> shard file name, from an HF index file (or a folder holding one)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / INDEX_NAME
-    return json.loads(path.read_text())["weight_map"]
-
-
-def iter_tensors(paths: Sequence[str | Path], device: str = "cpu") -> Iterator[tuple[str, Any]]:
-    """`(name, torch.Tensor)` for every tensor in the given shard files, one at a time.
-
-    The form vLLM's `load_weights` and `model.load_state_dict(strict=False)` take; torch is
-    imported by safetensors only when this runs.
-    """
-    from safetensors import safe_open
-
-    for path in paths:
-        with safe_open(str(path), framework="pt", device=device) as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
 
 
 OBJECT_CHUNK_BYTES = 4 << 20
@@ -339,27 +316,6 @@ async def download_shard(js, store, name: str, shard: Shard, path: str | Path) -
 
 CHUNK_TIMEOUT_S = 30.0
 """How long a download waits for the next chunk before giving the shard up."""
-
-
-async def download_weights(js, manifest: WeightManifest, directory: str | Path) -> list[Path]:
-    """Fetch and verify every shard (and the index) of `manifest` into `directory`.
-
-    Raises `ShardError` if a shard is missing or does not match the manifest. Returns the
-    shard paths in manifest order.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    store = await js.object_store(OBJECT_STORE_WEIGHTS)
-    await check_objects(store, manifest)
-    paths = [
-        await download_shard(
-            js, store, object_name(manifest.version, s.name), s, directory / s.name
-        )
-        for s in manifest.shards
-    ]  # one at a time: see `actors.weights.download_shards`
-    with open(directory / manifest.index_name, "wb") as f:
-        await store.get(object_name(manifest.version, manifest.index_name), writeinto=f)
-    return list(paths)
 
 
 def local_shards(manifest: WeightManifest) -> list[Path] | None:

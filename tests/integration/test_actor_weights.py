@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from actors.hf_engine import HfEngine
 from actors.weights import WeightsRejected, download_shards, load_manifest
@@ -19,7 +20,7 @@ from protocol.config import BusConfig
 from protocol.messages import Sampling
 from protocol.names import OBJECT_STORE_WEIGHTS
 from protocol.streams import connect, ensure_streams
-from protocol.weights import iter_tensors, object_name, verify_shard
+from protocol.weights import object_name, verify_shard
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -213,7 +214,7 @@ async def test_three_actors_fetch_one_version_at_once(
         assert [p.name for p in paths] == [s.name for s in manifest.shards]
         for path, shard in zip(paths, manifest.shards, strict=True):
             verify_shard(path, shard)  # re-read and re-hashed from disk, independently
-    tensors = dict(iter_tensors(results[2]))
+    tensors = {n: t for p in results[2] for n, t in load_file(p).items()}
     for name, tensor in new_model.state_dict().items():
         if name in tensors:
             assert torch.equal(tensors[name], tensor), name

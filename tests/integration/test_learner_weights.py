@@ -5,7 +5,9 @@ import asyncio
 import pytest
 import torch
 from nats.js.errors import NotFoundError
+from safetensors.torch import load_file
 
+from actors.weights import download_shards
 from learner.weights import prune_dirs, publish_weights, write_shards
 from protocol.codec import decode
 from protocol.config import BusConfig
@@ -15,8 +17,6 @@ from protocol.server import NatsServer
 from protocol.streams import connect, ensure_streams
 from protocol.weights import (
     INDEX_NAME,
-    download_weights,
-    iter_tensors,
     local_shards,
     object_name,
 )
@@ -71,8 +71,8 @@ async def test_manifest_appears_only_after_its_objects(js, tmp_path):
     assert [i.size for i in infos] == [s.bytes for s in published.shards]
 
     # An actor's view: download, verify the sha256s, load: the weights equal the learner's.
-    paths = await download_weights(js, manifest, tmp_path / "actor")
-    state = dict(iter_tensors(paths))
+    paths = await download_shards(js, manifest, tmp_path / "actor")
+    state = {n: t for p in paths for n, t in load_file(p).items()}
     for name, p in model.named_parameters():
         assert torch.equal(state[name], p.detach()), name
 

@@ -12,7 +12,6 @@ and `messages` (everything still in the stream). `dead` has only `messages`.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 
@@ -97,14 +96,6 @@ def export_depth(depth: dict[str, Depth]) -> None:
     for stage, d in depth.items():
         for f in FIELDS:
             GAUGES[f].labels(stage).set(getattr(d, f))
-
-
-async def export_depth_forever(js: JetStreamContext, interval_s: float = 5.0) -> None:
-    """Refresh the gauges every `interval_s` (a background task any process can start
-    next to `prometheus_client.start_http_server`)."""
-    while True:
-        export_depth(await queue_depth(js))
-        await asyncio.sleep(interval_s)
 
 
 STALL_AFTER_S = 60.0

@@ -291,6 +291,39 @@ def _up(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+@command("rs", "R1's rejection sampling: keep the correct, clean samples as SFT pairs")
+def _rs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--samples-from", metavar="FILE", help="samples file (what aha generate writes)")
+    p.add_argument("--model", help="HF folder to sample from (instead of --samples-from)")
+    p.add_argument("--prompts", help="with --model: JSONL of {prompt, answer}")
+    p.add_argument("--k", type=_positive(int), help="with --model: samples per prompt")
+    p.add_argument("--temperature", type=float, default=1.0, help="with --model (default 1)")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --model (default 1)")
+    p.add_argument("--max-tokens", type=_positive(int), default=64, help="with --model")
+    p.add_argument("-o", "--output", required=True, help="SFT pairs JSONL (report next to it)")
+    p.add_argument("--m", type=int, help="samples kept per prompt at most (default 4)")
+    p.add_argument("--pick", choices=["shortest", "random"], help="which m (default shortest)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random pick and the mix")
+    p.add_argument("--rewards", help='score again with these: JSON {"accuracy_math": 1.0, ...}')
+    p.add_argument("--accuracy", help="the component that must be 1 (default: accuracy_*)")
+    p.add_argument("--min-reward", type=float, help="without an accuracy component (default 1)")
+    p.add_argument("--answer-tag", action="store_true", help="well-formed needs <answer>…</answer>")
+    p.add_argument("--language", help="language of the thought (default en)")
+    p.add_argument("--max-paragraph-chars", type=int, help="longest paragraph (default 2000)")
+    p.add_argument("--direct", metavar="FILE", help="non-reasoning {prompt, response} pairs")
+    p.add_argument("--direct-share", type=float, help="their share of the output (R1: 0.25)")
+    p.add_argument("--workers", type=_positive(int), default=2, help="verifier processes")
+    p.add_argument("--timeout", type=_positive(float), default=30.0, help="seconds per sample")
+    p.add_argument("--json", action="store_true", help="print the report as the last line")
+
+    def run(args):
+        from pipeline.rs import main
+
+        return main(args)
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aha", description="R1-style reasoning RL as an async actor-learner system on NATS"

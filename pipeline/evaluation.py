@@ -21,28 +21,20 @@ from pipeline.benchmarks import Benchmark, get_benchmark
 from pipeline.metrics import REFLECTION_WORDS, ScoredSample, group_answers, summarize
 from pipeline.samples import ProblemSamples, SamplesError, read_samples
 from protocol.messages import Score
-from rewarder.errors import Disqualified
 from rewarder.pool import Job, VerifierPool
-from rewarder.rewards import final_answer, gsm8k_answer
+from rewarder.rewards import final_answer
+from rewarder.service import extract_answer as answer_of
 
 SUMMARY, SCORED = "summary.json", "scored.jsonl"
 """What `aha eval` writes in its output folder."""
 
 
 def extract_answer(bench: Benchmark, text: str) -> str | None:
-    """The answer a sample votes with: its final answer (`math`, whitespace runs made one
-    space), its number (`number`, as a fraction's text: `7/2`), or None (no answer, or a
-    benchmark without votes)."""
-    if bench.vote == "math":
-        answer = " ".join((final_answer(text) or "").split())
-        return answer or None
-    if bench.vote == "number":
-        try:
-            value = gsm8k_answer(text)
-        except Disqualified:  # a number too long to be an answer
-            return None
-        return None if value is None else str(value)
-    return None
+    """The answer a sample votes with, as the rewarder reports it on the bus
+    (`rewarder.service.extract_answer` with the benchmark's rewards): its final answer
+    (`math`, whitespace runs made one space), its number (`number`, as a fraction's text:
+    `7/2`), or None (no answer, or a benchmark without votes)."""
+    return answer_of(text, bench.rewards)
 
 
 def _as_answer(answer: str) -> str:

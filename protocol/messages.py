@@ -24,8 +24,11 @@ from pydantic import (
     FiniteFloat,
     PlainSerializer,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
+
+from protocol.names import JOB_TRAIN, check_job
 
 SCHEMA = 1
 """Current wire schema of every message below."""
@@ -137,6 +140,17 @@ class Task(_Message):
     """Unix time the task was published (queue wait = pickup time - this)."""
     meta: dict[str, Any] = Field(default_factory=dict)
     """Free-form task context for rewards, e.g. `{"language": "en"}`."""
+    job: str = JOB_TRAIN
+    """The job it belongs to: its scored group goes to `aha.scored.<job>`, read by that job's
+    consumer only (`train`: the learner's). Letters, digits, `-`, `_`."""
+    model: str | None = Field(None, min_length=1, max_length=4096)
+    """A model folder (on the actors' machines) to sample with instead of the learner's
+    latest weights; an actor refuses one outside its `actor.model_dirs`."""
+
+    @field_validator("job")
+    @classmethod
+    def _safe_job(cls, job: str) -> str:
+        return check_job(job)
 
     @property
     def msg_id(self) -> str:
@@ -238,6 +252,10 @@ class Score(BaseModel):
     note: str | None = None
     """Why a component is 0 by a rule, for what the completion did (`name: reason`, e.g. an
     answer that stalled its verifier or hedged, code that hung); None otherwise."""
+    answer: str | None = Field(None, max_length=1000)
+    """The completion's final answer as the task's accuracy reward reads it (whitespace runs
+    made one space; GSM8K's number as its value), the text majority votes compare; None when
+    it gives none or its rewards have no answer (code)."""
 
     @model_validator(mode="after")
     def _reward_or_reason(self):
@@ -252,6 +270,7 @@ class Score(BaseModel):
         components: dict[str, float | None],
         error: str | None,
         note: str | None = None,
+        answer: str | None = None,
     ) -> Score:
         """The score of a verifier's `(reward, components, error, note)`, where a non-finite
         value becomes None with its reason (a verifier that returns NaN could not decide)."""
@@ -259,13 +278,14 @@ class Score(BaseModel):
         if reward is not None and not math.isfinite(reward):
             bad["reward"] = reward
         if not bad:
-            return cls(reward=reward, components=components, error=error, note=note)
+            return cls(reward=reward, components=components, error=error, note=note, answer=answer)
         reason = "non-finite " + ", ".join(f"{n} {v}" for n, v in bad.items())
         return cls(
             reward=None,
             components={n: None if n in bad else v for n, v in components.items()},
             error=f"{error}; {reason}" if error else reason,
             note=note,
+            answer=answer,
         )
 
 
@@ -291,6 +311,10 @@ class ScoredRollout(_Message):
     @property
     def msg_id(self) -> str:
         return f"{self.rollout.task.task_id}.scored"
+
+    @property
+    def job(self) -> str:
+        return self.rollout.task.job
 
     @model_validator(mode="after")
     def _one_per_sample(self):

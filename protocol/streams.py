@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+import time
 
 import nats
 import structlog
@@ -22,6 +24,7 @@ from protocol.names import (
     STREAM_DEAD,
     SUBJECT_DEAD_ALL,
     inbox_prefix,
+    scored_stage,
 )
 
 log = structlog.get_logger("protocol.streams")
@@ -98,7 +101,7 @@ async def ensure_streams(js: JetStreamContext, config: BusConfig) -> None:
             js,
             _stream_config(
                 stage.stream,
-                stage.subject,
+                stage.stream_subjects,
                 config,
                 retention=api.RetentionPolicy.WORK_QUEUE,
                 max_age=settings.max_age_s,
@@ -150,3 +153,62 @@ async def ensure_streams(js: JetStreamContext, config: BusConfig) -> None:
             replicas=config.replicas,
             storage=api.StorageType.FILE if config.storage == "file" else api.StorageType.MEMORY,
         )
+
+
+async def ensure_job_consumer(
+    js: JetStreamContext, config: BusConfig, job: str, *, ack_wait_s: float | None = None
+) -> None:
+    """Create (or update) the durable consumer job `job` reads its scored groups with: the
+    scored stage's settings, filtered on `aha.scored.<job>` only."""
+    stage = scored_stage(job)
+    settings = config.stage(stage.name)
+    await js.add_consumer(
+        stage.stream,
+        api.ConsumerConfig(
+            name=stage.durable,
+            durable_name=stage.durable,
+            description=f"aha job {job}: its scored groups",
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=ack_wait_s or settings.ack_wait_s,
+            max_deliver=settings.max_deliver,
+            max_ack_pending=settings.max_ack_pending,
+            filter_subject=stage.subject,
+        ),
+    )
+
+
+async def delete_job_consumer(js: JetStreamContext, job: str) -> None:
+    """Remove a finished job's consumer (gone already is fine)."""
+    stage = scored_stage(job)
+    try:
+        await js.delete_consumer(stage.stream, stage.durable)
+    except NotFoundError:
+        pass
+
+
+async def wait_for_streams(
+    js: JetStreamContext, *, every_s: float = 2.0, timeout_s: float | None = None
+) -> None:
+    """Return once every work-queue stream and the policy bucket exist; until then log one
+    line (and one again each minute) and retry: a part started before the learner (or the
+    set-up job) made them waits instead of exiting."""
+    names = [stage.stream for stage in STAGES.values()] + [f"KV_{KV_POLICY}"]
+    started = time.monotonic()
+    logged = -60.0
+    while True:
+        missing = []
+        for name in names:
+            try:
+                await js.stream_info(name)
+            except NotFoundError:
+                missing.append(name)
+        if not missing:
+            return
+        waited = time.monotonic() - started
+        if timeout_s is not None and waited > timeout_s:
+            raise TimeoutError(f"streams still missing after {timeout_s:.0f} s: {missing}")
+        if waited - logged >= 60.0:
+            log.warning("waiting for the streams to be created", missing=missing)
+            logged = waited
+        await asyncio.sleep(every_s)

@@ -1,6 +1,11 @@
 """`aha rewarder`: consume rollouts, score every completion, publish the scored rollout.
 
-    AHA_ROLLOUTS ──▶ run_stage ──▶ score_rollout (G completions on N verifier workers) ──▶ AHA_SCORED
+    AHA_ROLLOUTS ──▶ run_stage ──▶ score_rollout (G completions on N verifier workers)
+                 ──▶ aha.scored.<job> (AHA_SCORED; the task's job: `train` is the learner's)
+
+Each score carries the completion's canonical final answer (`extract_answer`, what majority
+votes compare) next to its reward; a verifier that could not decide (error, timeout) is
+`reward: null` with the reason, never the 0 of a wrong answer.
 
 Every rewarder replica pulls from the one durable consumer, so adding rewarders adds
 throughput; a rewarder that dies leaves its leased rollouts to be redelivered to the others.
@@ -19,8 +24,32 @@ from prometheus_client import Counter, Histogram
 
 from protocol.messages import Rollout, ScoredRollout
 from rewarder.config import RewarderConfig
+from rewarder.errors import Disqualified
 from rewarder.pool import Job, VerifierPool
+from rewarder.rewards import final_answer, gsm8k_answer
 from rewarder.sandbox import describe
+
+MAX_ANSWER_CHARS = 1000
+"""A longer final answer is no answer (the accuracy rewards score it 0 too)."""
+
+
+def extract_answer(text: str, rewards, task=None) -> str | None:
+    """The final answer a completion votes with, as its accuracy reward reads it: GSM8K's
+    number as a fraction's text (`7/2`, `72`) under `accuracy_gsm8k`, else the final answer
+    (`\\boxed{}` or `<answer>`) with whitespace runs made one space under `accuracy_math`;
+    None without one (or for rewards with no answer, such as code)."""
+    if "accuracy_gsm8k" in rewards:
+        try:
+            value = gsm8k_answer(text, task)
+        except Disqualified:  # a number too long to be an answer
+            return None
+        answer = None if value is None else str(value)
+    elif "accuracy_math" in rewards:
+        answer = " ".join((final_answer(text, task) or "").split()) or None
+    else:
+        return None
+    return answer if answer is None or len(answer) <= MAX_ANSWER_CHARS else None
+
 
 log = structlog.get_logger("rewarder")
 
@@ -61,6 +90,10 @@ async def score_rollout(
     jobs = [Job(sample.text, task.reference, task.rewards, task) for sample in rollout.samples]
     timeouts, crashes = pool.stats.timeouts, pool.stats.crashes
     scores = await pool.score_async(jobs)
+    scores = [
+        score.model_copy(update={"answer": extract_answer(sample.text, task.rewards, task)})
+        for score, sample in zip(scores, rollout.samples, strict=True)
+    ]
     seconds = time.monotonic() - start
 
     failed = [s for s in scores if s.reward is None]
@@ -86,6 +119,7 @@ async def score_rollout(
     log.info(
         "scored group",
         task_id=task.task_id,
+        job=task.job,
         policy_version=rollout.policy_version,
         completions=len(scores),
         reward_mean=round(sum(rewards) / len(rewards), 4) if rewards else None,
@@ -107,7 +141,7 @@ async def run(
 ) -> int:
     """Connect, start the verifier pool, score rollouts until `stop` (SIGTERM/SIGINT), drain."""
     from protocol.bus import Bus
-    from protocol.names import ROLLOUTS, SCORED
+    from protocol.names import ROLLOUTS, scored_stage
     from protocol.stage import run_stage, stop_on_signals, watch_max_deliveries
 
     if config.metrics_port is not None:
@@ -125,8 +159,10 @@ async def run(
         raise
     try:
 
-        async def handle(rollout: Rollout) -> ScoredRollout:
-            return await score_rollout(pool, rollout, config.rewarder_id)
+        async def handle(rollout: Rollout) -> None:
+            # Published here, to its job's subject, before the stage loop acks the rollout.
+            scored = await score_rollout(pool, rollout, config.rewarder_id)
+            await bus.publish(scored_stage(scored.job), scored)
 
         # Rollouts the server gave up redelivering (a rewarder died on them every time).
         advisories = await watch_max_deliveries(bus, ROLLOUTS)
@@ -134,7 +170,6 @@ async def run(
             bus,
             ROLLOUTS,
             handle,
-            output=SCORED,
             stop=stop,
             concurrency=config.concurrency,
             max_messages=max_messages,
@@ -151,17 +186,11 @@ async def run(
 
 def main(args) -> int:
     """The `aha rewarder` command: logging, config, then the loop."""
-    from protocol.config import load_config
+    from protocol.config import config_from_args
     from protocol.log import setup_logging
 
-    overrides = {
-        k: v
-        for k, v in {"workers": args.workers, "metrics_port": args.metrics_port}.items()
-        if v is not None
-    }
-    if args.nats_url:
-        overrides["bus"] = {"url": args.nats_url}
-    config = load_config(RewarderConfig, args.config, section="rewarder", overrides=overrides)
+    flags = {"workers": args.workers, "metrics_port": args.metrics_port, "bus.url": args.nats_url}
+    config = config_from_args(RewarderConfig, args, "rewarder", flags)
     setup_logging("rewarder", rewarder_id=config.rewarder_id)
     from protocol.stage import Stopped
 

@@ -9,7 +9,7 @@ import pytest
 from protocol.bus import Bus
 from protocol.config import BusConfig
 from protocol.depth import queue_depth
-from protocol.names import ROLLOUTS, SCORED
+from protocol.names import ROLLOUTS, SCORED, scored_stage
 from protocol.server import NatsServer
 from protocol.stage import StageConsumer
 from rewarder.config import RewarderConfig
@@ -88,5 +88,41 @@ async def test_the_rewarder_process_consumes_rollouts_and_publishes_scores(tmp_p
             await delivery.ack_sync()
             depth = await queue_depth(bus.js)
             assert depth["rollouts"].messages == 0  # acked after the scored rollout was published
+        finally:
+            await bus.close()
+
+
+async def test_each_job_gets_its_own_scored_groups_with_their_answers(tmp_path):
+    """Two jobs' rollouts through one rewarder: each group reaches its job's consumer only (the
+    learner's `train` never sees the eval's), and every score names the answer it votes with;
+    the undecided one (a reference that does not parse) stays apart from the wrong one (0)."""
+    from protocol.streams import ensure_job_consumer
+
+    with NatsServer(tmp_path / "nats") as server:
+        config = RewarderConfig(workers=2, bus=BusConfig(url=server.url), rewarder_id="r-1")
+        bus = await Bus.connect(config.bus, name="test")
+        try:
+            await ensure_job_consumer(bus.js, config.bus, "eval-1")
+            train = rollout_with([r"<think>a</think> \boxed{2}", r"<think>a</think> \boxed{3}"])
+            other = rollout_with([r"\boxed{ \frac{1}{2} }", "no answer"], reference="")
+            task = other.task.model_copy(update={"task_id": "eval-task", "job": "eval-1"})
+            other = other.model_copy(update={"task": task})
+            await bus.publish(ROLLOUTS, train)
+            await bus.publish(ROLLOUTS, other)
+            assert await asyncio.wait_for(run(config, asyncio.Event(), max_messages=2), 60) == 0
+
+            [learner] = await StageConsumer(bus, SCORED).fetch(5, timeout=2)
+            assert learner.message.task_id == train.task_id
+            assert [(s.reward, s.answer) for s in learner.message.scores] == [
+                (pytest.approx(1.1), "2"),
+                (pytest.approx(0.1), "3"),
+            ]
+            [evaluated] = await StageConsumer(bus, scored_stage("eval-1")).fetch(5, timeout=2)
+            assert evaluated.msg.subject == "aha.scored.eval-1"
+            undecided, none = evaluated.message.scores
+            assert undecided.reward is None and "could not parse" in undecided.error
+            assert undecided.answer == r"\frac{1}{2}" and none.answer is None
+            for delivery in (learner, evaluated):
+                await delivery.ack_sync()
         finally:
             await bus.close()

@@ -9,6 +9,9 @@ Two backends behind one small interface:
 - `HfEngine` (`actors/hf_engine.py`): transformers `generate` with a KV cache, the small
   reference for tests and for machines without vLLM.
 
+`actors.backends.setup_engine` starts one by name; this module imports neither, so both
+backends can build on the helpers here.
+
 Both return, per completion, the token ids, `log μ(y_t)` of each sampled token under the
 distribution actually sampled (temperature, top-k and top-p applied), the text and the finish
 reason, as `protocol.messages.Sample`s, together with the policy version of the weights
@@ -135,16 +138,3 @@ def check_fits(folder: Path, expected: dict[str, tuple[int, ...]]) -> None:
             f"weights in {folder} do not fit the model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}, shape (got, expected) {shapes}"
         )
-
-
-async def setup_engine(backend: Backend, model: str | Path, **kwargs) -> Engine:
-    """Start the `backend` engine on the HF folder `model` (keyword arguments go to its class)."""
-    if backend == "vllm":
-        from actors.vllm_engine import VllmEngine
-
-        return await VllmEngine.start(model, **kwargs)
-    if backend == "hf":
-        from actors.hf_engine import HfEngine
-
-        return HfEngine(model, **kwargs)
-    raise ValueError(f"unknown engine backend {backend!r} (expected 'vllm' or 'hf')")

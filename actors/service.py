@@ -281,7 +281,7 @@ async def latest_manifest(kv) -> WeightManifest | None:
 
 async def setup_actor_engine(config: ActorConfig):
     """The engine `config` asks for, serving `config.model` as version 0."""
-    from actors.engine import setup_engine
+    from actors.backends import setup_engine
 
     kwargs = {"dtype": config.dtype}
     if config.backend == "vllm":

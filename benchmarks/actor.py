@@ -2,6 +2,11 @@
 
     .venv/bin/python benchmarks/actor.py [--engine vllm|hf] [--model tiny|big] [--prompts 32]
         [--group 8] [--tokens 64] [--rounds 3] [--swaps 3] [--skip-throughput] [--skip-swap]
+        [--json] [--out FILE]
+
+Figures (`benchmarks/figures.py`): `actor_tokens` (tokens/s through NATS, baseline the engine
+alone in the round beside it) and `actor_hot_swap_<source>` (s/GB from manifest to served).
+Progress lines go to stderr, the figures to stdout.
 
 1. Throughput (goal: through NATS >= 0.95 x direct). One engine serves both sides, in the
    same run, on the same prompts with the same per-prompt seeds:
@@ -10,8 +15,9 @@
      queued ahead); the actor's stage loop (`run_stage` over `Actor.rollout`, what `aha
      actor` runs) turns them into rollouts while a consumer in the same process fetches,
      decodes and acks every rollout; the clock stops at the last one consumed.
-   Sides are interleaved (direct, NATS, NATS, direct, ...) and the best round of each is
-   compared: the machine is shared, and the best round is the one least disturbed. The CPU
+   Sides are interleaved (direct, NATS, NATS, direct, ...); each NATS round is compared with
+   the direct round beside it, and the best rounds are compared too: the machine is shared,
+   and the best round is the one least disturbed. The CPU
    each side cost (this process, nats-server, vLLM's engine processes) is printed too: on a
    saturated machine, the actor's per-task CPU is what the engine loses.
 2. Hot swap: a random Qwen2 of ~150 MB fp32 (`--big-*`), perturbed and published by
@@ -32,8 +38,12 @@ import tempfile
 import time
 from pathlib import Path
 
+# Run as a script: the repository first (benchmarks/learner.py would shadow `learner`).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from actors.config import ActorConfig
 from actors.service import Actor, setup_actor_engine
+from benchmarks.figures import add_output_args, figure, report
 from pipeline.tiny_model import TinySpec, save_tiny_model
 from protocol.bus import Bus
 from protocol.codec import decode
@@ -154,7 +164,12 @@ async def through_nats(actor: Actor, bus: Bus, tasks: list[Task]) -> tuple[int, 
     return tokens, seconds
 
 
-async def throughput(args, workdir: Path, bus: Bus) -> None:
+def say(*parts, **kwargs) -> None:
+    """Progress and detail to stderr: stdout carries the figures."""
+    print(*parts, file=sys.stderr, **kwargs)
+
+
+async def throughput(args, workdir: Path, bus: Bus) -> dict:
     from transformers import AutoTokenizer
 
     spec = TinySpec() if args.model == "tiny" else big_spec(args)
@@ -188,7 +203,7 @@ async def throughput(args, workdir: Path, bus: Bus) -> None:
                 cpu = {k: v - cpu[k] for k, v in cpu_by_process().items()}
                 rows[side].append(tokens / seconds)
                 cpus[side].append(cpu)
-                print(
+                say(
                     f"  round {r} {side:6s} {tokens:6d} tokens {seconds:6.2f} s "
                     f"{tokens / seconds:8.0f} tokens/s   CPU s: "
                     + " ".join(f"{k} {v:.2f}" for k, v in cpu.items())
@@ -197,18 +212,28 @@ async def throughput(args, workdir: Path, bus: Bus) -> None:
                 )
         best = {side: max(v) for side, v in rows.items()}
         per_round = [n / d for n, d in zip(rows["nats"], rows["direct"], strict=True)]
-        print(
+        say(
             f"throughput ({args.engine}, {args.model} model, {args.prompts} prompts x G={args.group} x "
             f"<={args.tokens} tokens, concurrency {args.concurrency}):"
         )
-        print(f"  direct       best {best['direct']:8.0f} tokens/s")
-        print(f"  through NATS best {best['nats']:8.0f} tokens/s")
-        print(f"  ratio (best/best) {best['nats'] / best['direct']:.3f}   goal >= 0.95")
-        print(f"  ratio per round   {' '.join(f'{x:.3f}' for x in per_round)}", flush=True)
+        say(f"  direct       best {best['direct']:8.0f} tokens/s")
+        say(f"  through NATS best {best['nats']:8.0f} tokens/s")
+        say(f"  ratio (best/best) {best['nats'] / best['direct']:.3f}   goal >= 0.95")
+        say(f"  ratio per round   {' '.join(f'{x:.3f}' for x in per_round)}", flush=True)
         for name in ("bench", "nats-server", "engine"):
             extra = sum(c[name] for c in cpus["nats"]) - sum(c[name] for c in cpus["direct"])
             per_task = 1000 * extra / (args.rounds * args.prompts)
-            print(f"  CPU through NATS minus direct, {name:11s} {per_task:+6.2f} ms per task")
+            say(f"  CPU through NATS minus direct, {name:11s} {per_task:+6.2f} ms per task")
+        return figure(
+            "actor_tokens",
+            "tokens/s",
+            rows["nats"],
+            rows["direct"],
+            paired=True,
+            best_of_ratio=best["nats"] / best["direct"],
+            engine=args.engine,
+            model=args.model,
+        )
     finally:
         actor.close()
         await engine.close()
@@ -217,7 +242,7 @@ async def throughput(args, workdir: Path, bus: Bus) -> None:
 # --- 2. hot swap ---------------------------------------------------------------------------
 
 
-async def hot_swap(args, workdir: Path, bus: Bus) -> None:
+async def hot_swap(args, workdir: Path, bus: Bus) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -276,7 +301,7 @@ async def hot_swap(args, workdir: Path, bus: Bus) -> None:
                 seconds = time.time() - seen[version]
                 total_bytes = manifest.total_bytes
                 results[source].append(seconds)
-                print(
+                say(
                     f"  swap v{version} via {source:6s} {manifest.total_bytes / 1e6:6.1f} MB "
                     f"in {len(shards)} shards: {seconds:6.2f} s from manifest to served   "
                     f"load {load_average()}",
@@ -285,12 +310,16 @@ async def hot_swap(args, workdir: Path, bus: Bus) -> None:
                 if not shared:
                     shutil.rmtree(directory, ignore_errors=True)
         gb = total_bytes / 1e9
-        print(f"hot swap ({args.engine}, {total_bytes / 1e6:.1f} MB fp32 weights):")
+        say(f"hot swap ({args.engine}, {total_bytes / 1e6:.1f} MB fp32 weights):")
         for source, times in results.items():
-            print(
+            say(
                 f"  {source:6s} best {min(times):6.2f} s = {min(times) / gb:6.2f} s/GB "
                 f"(all: {' '.join(f'{t:.2f}' for t in times)})"
             )
+        return [
+            figure(f"actor_hot_swap_{source}", "s/GB", [t / gb for t in times], higher=False)
+            for source, times in results.items()
+        ]
     finally:
         for task in (follower, clock):
             task.cancel()
@@ -301,19 +330,21 @@ async def hot_swap(args, workdir: Path, bus: Bus) -> None:
 
 async def amain(args) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="aha-bench-actor-"))
-    print(f"cores {os.cpu_count()}, load average at start {load_average()}", flush=True)
+    say(f"cores {os.cpu_count()}, load average at start {load_average()}", flush=True)
     try:
         with NatsServer(workdir / "nats") as server:
             bus = await Bus.connect(BusConfig(url=server.url), name="bench")
+            figures = []
             try:
                 if not args.skip_throughput:
-                    await throughput(args, workdir, bus)
+                    figures.append(await throughput(args, workdir, bus))
                 if not args.skip_swap:
-                    await hot_swap(args, workdir, bus)
+                    figures += await hot_swap(args, workdir, bus)
             finally:
                 await bus.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    report(figures, args, f"actor-{args.engine}")
 
 
 def main() -> None:
@@ -336,9 +367,8 @@ def main() -> None:
     p.add_argument("--big-intermediate", type=int, default=1408)
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-swap", action="store_true")
+    add_output_args(p)
     args = p.parse_args()
-    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).parent.resolve():
-        sys.path.pop(0)  # run as a script: benchmarks/learner.py would shadow the learner package
     setup_logging("bench", level="warning")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

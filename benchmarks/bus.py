@@ -16,13 +16,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
+# Run as a script: the repository first (benchmarks/learner.py would shadow `learner`).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.figures import add_output_args, figure, report, spread
 from protocol.bus import Bus
 from protocol.codec import encode
 from protocol.config import BusConfig
@@ -145,51 +149,39 @@ async def run(args) -> None:
         "bus_rollout": (args.group, args.tokens),
         "bus_small": (args.small_group, args.small_tokens),
     }
-    for figure, (group, tokens) in sizes.items():
+    figures = []
+    for name, (group, tokens) in sizes.items():
         results = await measure(args, group, tokens)
         raw = [args.messages / t for t in results["raw"]]
         aha = [args.messages / t for t in results["aha"]]
-        ratios = [a / r for a, r in zip(aha, raw, strict=True)]  # same round, back to back
         cpu = {k: statistics.median(results[f"{k}_cpu"]) * 1e6 for k in ("raw", "aha")}
-        if args.json:
+        # Each round's ratio is against the raw round beside it.
+        f = figure(
+            name,
+            "messages/s",
+            aha,
+            raw,
+            paired=True,
+            best_of_ratio=max(aha) / max(raw),
+            client_cpu_us_per_message=cpu,
+            message_bytes=results["bytes"][0],
+            group=group,
+            tokens=tokens,
+        )
+        figures.append(f)
+        if not args.json:
             print(
-                json.dumps(
-                    {
-                        "figure": figure,
-                        "value": statistics.median(aha),
-                        "unit": "messages/s",
-                        "baseline": statistics.median(raw),
-                        "ratio": statistics.median(ratios),
-                        "runs": aha,
-                        "baseline_runs": raw,
-                        "ratios": ratios,
-                        "best_of_ratio": max(aha) / max(raw),
-                        "client_cpu_us_per_message": cpu,
-                        "message_bytes": results["bytes"][0],
-                        "group": group,
-                        "tokens": tokens,
-                    }
-                )
+                f"{name}: {args.messages} Rollouts of G={group} x {tokens} tokens, "
+                f"{results['bytes'][0] / 1024:.1f} KiB each; min/median/max of {args.rounds} rounds"
             )
-            continue
-        print(
-            f"{figure}: {args.messages} Rollouts of G={group} x {tokens} tokens, "
-            f"{results['bytes'][0] / 1024:.1f} KiB each; min/median/max of {args.rounds} rounds"
-        )
-        print(f"  raw nats-py  {spread(raw)} msg/s")
-        print(f"  aha          {spread(aha)} msg/s")
-        print(
-            f"  aha / raw    {spread(ratios)} (each round against the raw round beside it; goal >= 0.9)"
-        )
-        print(f"  best / best  {max(aha) / max(raw):.3g}")
-        print(
-            f"  this process's CPU per message (median): raw {cpu['raw']:.0f} us, "
-            f"aha {cpu['aha']:.0f} us (the server's is the same for both)"
-        )
-
-
-def spread(values: list[float]) -> str:
-    return f"{min(values):.3g}/{statistics.median(values):.3g}/{max(values):.3g}"
+            print(f"  raw nats-py  {spread(raw)} msg/s")
+            print(f"  aha          {spread(aha)} msg/s")
+            print(f"  aha / raw    {f['ratio']:.3g} (median of the rounds' ratios; goal >= 0.9)")
+            print(
+                f"  this process's CPU per message (median): raw {cpu['raw']:.0f} us, "
+                f"aha {cpu['aha']:.0f} us (the server's is the same for both)"
+            )
+    report(figures, args, "bus")
 
 
 def main() -> None:
@@ -201,7 +193,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--small-group", type=int, default=2, help="G of the small messages")
     p.add_argument("--small-tokens", type=int, default=16, help="tokens of the small messages")
-    p.add_argument("--json", action="store_true", help="one JSON line per figure")
+    add_output_args(p)
     import structlog
 
     # Logs to stderr: stdout carries the figures (one JSON line each with --json).

@@ -3,17 +3,17 @@
     OMP_NUM_THREADS=1 python benchmarks/learner.py --hidden 256 --layers 4 --stage 0
     torchrun --nproc_per_node=2 benchmarks/learner.py --stage 2      # several ranks
 
-Prints one JSON line: GRPO step time and tokens/s on a random batch (a Qwen2 built from a
-config, fp32 on CPU, bf16 on GPU), then the time to write the weights as shards, to publish
-them to an embedded NATS object store, and to copy the same bytes as plain files, each as
-GB/s, so the object-store figure can be read against the disk.
+Figures (`--json`: one JSON line each, `benchmarks/figures.py`): `learner_tokens`, the
+tokens/s of each timed GRPO step on a random batch (a Qwen2 built from a config, fp32 on CPU,
+bf16 on GPU); `learner_publish`, s/GB to write the weights as shards and publish them to an
+embedded NATS server (`publish_weights`, which also serves them over HTTP), next to a plain
+copy of the same bytes in the same run, over `--publish-runs` versions.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import statistics
 import sys
@@ -21,9 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the
-# `learner` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+# Run as a script: the repository first (this file's name would shadow `learner`).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.figures import add_output_args, figure, report
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,6 +43,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
     p.add_argument("--shard-mb", type=float, default=64.0, help="shard size for the publish test")
     p.add_argument("--dtype", default="bfloat16", help="serving dtype of the published weights")
+    p.add_argument("--publish-runs", type=int, default=3, help="versions published")
+    add_output_args(p)
     return p.parse_args()
 
 
@@ -97,68 +100,76 @@ def main() -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    step_s = statistics.median(times)
-    result = {
-        "params": sum(getattr(p, "ds_numel", p.numel()) for p in pe.module.parameters()),
-        "world_size": pe.world_size,
-        "zero_stage": args.stage,
-        "precision": precision,
-        "device": str(pe.device),
-        "step_s": round(step_s, 4),
-        "completion_tokens_per_s": round(N * T / step_s, 1),
-        "tokens_per_s": round(N * (P + T) / step_s, 1),
-    }
-    result.update(publish_figures(pe, args))
+    tokens = figure(
+        "learner_tokens",
+        "tokens/s",
+        [N * (P + T) / t for t in times],
+        params=sum(getattr(p, "ds_numel", p.numel()) for p in pe.module.parameters()),
+        world_size=pe.world_size,
+        zero_stage=args.stage,
+        precision=precision,
+        device=str(pe.device),
+        completion_tokens_per_s=N * T / statistics.median(times),
+    )
+    publish = publish_figure(pe, args)
     if pe.rank == 0:
-        print(json.dumps(result))
+        report([tokens, publish], args, "learner")
 
 
-def publish_figures(pe, args) -> dict:
-    """Write shards (all ranks gather), then on rank 0: object-store upload vs plain file copy."""
+def publish_figure(pe, args) -> dict | None:
+    """Write shards (all ranks gather), then on rank 0 publish them; a plain copy of the same
+    bytes beside each version is the baseline."""
     from learner.weights import publish_weights, write_shards
+    from protocol.config import BusConfig
+    from protocol.server import NatsServer
+    from protocol.streams import connect, ensure_streams
 
     work = Path(tempfile.mkdtemp(prefix="aha-bench-"))
-    started = time.perf_counter()
-    shards = write_shards(pe.module, work / "v1", args.dtype, args.shard_mb, rank=pe.rank)
-    write_s = time.perf_counter() - started
-    if pe.rank != 0:
-        return {}
-    total = sum(s.bytes for s in shards)
+    runs, copies, writes = [], [], []
 
-    started = time.perf_counter()
-    (work / "copy").mkdir()
-    for s in shards:
-        shutil.copyfile(work / "v1" / s.name, work / "copy" / s.name)
-    copy_s = time.perf_counter() - started
+    async def publish(version: int, shards) -> float:
+        began = time.perf_counter()
+        await publish_weights(
+            js,
+            work / f"v{version}",
+            shards,
+            version=version,
+            step=version,
+            dtype=args.dtype,
+            keep_versions=1,
+        )
+        return time.perf_counter() - began
 
-    async def publish() -> float:
-        from protocol.config import BusConfig
-        from protocol.server import NatsServer
-        from protocol.streams import connect, ensure_streams
-
-        with NatsServer(work / "nats") as server:
-            bus = BusConfig(url=server.url)
-            nc = await connect(bus)
-            js = nc.jetstream()
-            await ensure_streams(js, bus)
-            began = time.perf_counter()
-            await publish_weights(
-                js, work / "v1", shards, version=1, step=1, dtype=args.dtype, keep_versions=1
-            )
-            elapsed = time.perf_counter() - began
-            await nc.close()
-            return elapsed
-
-    publish_s = asyncio.run(publish())
+    with NatsServer(work / "nats") as server:
+        bus = BusConfig(url=server.url)
+        loop = asyncio.new_event_loop()
+        nc = loop.run_until_complete(connect(bus))
+        js = nc.jetstream()
+        loop.run_until_complete(ensure_streams(js, bus))
+        for version in range(1, args.publish_runs + 1):
+            started = time.perf_counter()
+            directory = work / f"v{version}"
+            shards = write_shards(pe.module, directory, args.dtype, args.shard_mb, rank=pe.rank)
+            write_s = time.perf_counter() - started
+            if pe.rank != 0:
+                continue
+            gb = sum(s.bytes for s in shards) / 1e9
+            started = time.perf_counter()
+            (work / "copy").mkdir()
+            for s in shards:
+                shutil.copyfile(directory / s.name, work / "copy" / s.name)
+            copies.append((time.perf_counter() - started) / gb)
+            shutil.rmtree(work / "copy")
+            runs.append((write_s + loop.run_until_complete(publish(version, shards))) / gb)
+            writes.append(write_s / gb)
+        loop.run_until_complete(nc.close())
+        loop.close()
     shutil.rmtree(work, ignore_errors=True)
-    gb = total / 1e9
-    return {
-        "weights_bytes": total,
-        "shards": len(shards),
-        "write_shards_gb_per_s": round(gb / write_s, 3),
-        "publish_gb_per_s": round(gb / publish_s, 3),
-        "file_copy_gb_per_s": round(gb / copy_s, 3),
-    }
+    if pe.rank != 0:
+        return None
+    return figure(
+        "learner_publish", "s/GB", runs, copies, higher=False, paired=True, write_s_per_gb=writes
+    )
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """Rewarder throughput: math verifications/s and sandboxed code runs/s, 1 vs 2 workers.
 
-    .venv/bin/python benchmarks/rewards.py [--math N] [--code N] [--workers 1 2]
+    .venv/bin/python benchmarks/rewards.py [--math N] [--code N] [--workers 1 2] [--runs 3]
+        [--json] [--out FILE]
 
 Math: MATH-500 reference solutions scored by `accuracy_math` (Math-Verify). Code: HumanEval
 canonical solutions run with their tests by `code_tests` in the sandbox. Each pool is warmed
 up first; figures and ratios come from the same run. The load average is printed because a
 shared machine's other work changes the figures, and so is the number of cores the math
-workers actually got: a second worker helps only if there is a second idle core.
+workers actually got: a second worker helps only if there is a second idle core. Figures
+(`benchmarks/figures.py`): `rewards_math_workers<n>` and `rewards_code_workers<n>` per worker
+count over `--runs`, with the first worker count's runs as the baseline.
 """
 
 from __future__ import annotations
@@ -14,9 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.figures import add_output_args, figure, report
 from rewarder.pool import Job, VerifierPool
 from rewarder.sandbox import isolation
 
@@ -57,6 +64,8 @@ def main() -> None:
     )
     parser.add_argument("--code", type=int, default=100, help="HumanEval solutions to run (<= 154)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per worker count")
+    add_output_args(parser)
     args = parser.parse_args()
 
     math500, humaneval = load("math500_test.jsonl"), load("humaneval.jsonl")
@@ -75,32 +84,43 @@ def main() -> None:
         for r in humaneval
     ]
     code_jobs, code_jobs_warm = code[: args.code], code[-10:]
-    print(
+    say = print if not args.json else lambda *a: print(*a, file=sys.stderr)
+    say(
         f"cpus={os.cpu_count()} sandbox isolation={isolation()} loadavg={os.getloadavg()[0]:.2f} at start"
     )
-    runs: list[tuple[int, float, float]] = []  # (workers, math/s, code/s), in run order
+    rates: dict[int, dict[str, list[float]]] = {}
     for n in args.workers:
+        rates[n] = {"math": [], "code": []}
         with VerifierPool(workers=n, timeout_s=60.0) as pool:
             # warm up on rows that are not measured (sympy caches what it has seen)
             pool.map(math_jobs_warm + code_jobs_warm[: 2 * n])
-            (math_rate, math_cores), (code_rate, _) = rate(pool, math_jobs), rate(pool, code_jobs)
-        runs.append((n, math_rate, code_rate))
-        print(
-            f"workers={n}: math {math_rate:7.1f} verifications/s ({math_rate / n:6.1f} per worker,"
-            f" workers got {math_cores:.2f} cores)   code {code_rate:6.1f} runs/s"
-            f" ({code_rate / n:5.1f} per worker)"
+            for _ in range(args.runs):
+                (math_rate, math_cores), (code_rate, _) = (
+                    rate(pool, math_jobs),
+                    rate(pool, code_jobs),
+                )
+                rates[n]["math"].append(math_rate)
+                rates[n]["code"].append(code_rate)
+                say(
+                    f"workers={n}: math {math_rate:7.1f} verifications/s ({math_rate / n:6.1f} per "
+                    f"worker, workers got {math_cores:.2f} cores)   code {code_rate:6.1f} runs/s"
+                    f" ({code_rate / n:5.1f} per worker)"
+                )
+    base = rates[args.workers[0]]
+    figures = [
+        figure(
+            f"rewards_{kind}_workers{n}",
+            unit,
+            rates[n][kind],
+            base[kind] if n != args.workers[0] else None,
+            workers=n,
+            baseline_workers=args.workers[0],
         )
-    # each run against the latest earlier run with the first worker count
-    base = args.workers[0]
-    for i, (n, math_rate, code_rate) in enumerate(runs):
-        before = [r for r in runs[:i] if r[0] == base]
-        if n != base and before:
-            _, math_base, code_base = before[-1]
-            print(
-                f"speed-up {base} -> {n} workers: math x{math_rate / math_base:.2f},"
-                f" code x{code_rate / code_base:.2f} (ideal x{n / base:.0f})"
-            )
-    print(f"loadavg={os.getloadavg()[0]:.2f} at end")
+        for n in args.workers
+        for kind, unit in (("math", "verifications/s"), ("code", "runs/s"))
+    ]
+    say(f"loadavg={os.getloadavg()[0]:.2f} at end")
+    report(figures, args, "rewards")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import statistics
 import sys
@@ -34,9 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path and its `weights` module name
-# would be fine, but `learner` would not: keep the repository's packages first.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+# Run as a script: the repository first (benchmarks/learner.py would shadow `learner`).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.figures import add_output_args, figure, report
 
 
 def parse_args() -> argparse.Namespace:
@@ -45,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shard-mb", type=float, default=256.0, help="shard size in MiB")
     p.add_argument("--runs", type=int, default=3, help="timed runs of each figure")
     p.add_argument("--actors", type=int, default=3, help="concurrent downloads in the fan-out")
-    p.add_argument("--json", action="store_true", help="one JSON line per figure")
+    add_output_args(p)
     return p.parse_args()
 
 
@@ -73,26 +73,6 @@ async def download_with_get(js, manifest, directory: Path) -> None:
         with open(directory / shard.name, "wb") as f:
             await store.get(object_name(manifest.version, shard.name), writeinto=f)
         await asyncio.to_thread(verify_shard, directory / shard.name, shard)
-
-
-def spread(values: list[float]) -> str:
-    return f"{min(values):.3g}/{statistics.median(values):.3g}/{max(values):.3g}"
-
-
-def figure(name: str, unit: str, runs: list[float], baseline: list[float] | None, higher: bool):
-    value = statistics.median(runs)
-    base = statistics.median(baseline) if baseline else None
-    ratio = None
-    if base:
-        ratio = value / base if higher else base / value
-    return {
-        "figure": name,
-        "value": value,
-        "unit": unit,
-        "baseline": base,
-        "ratio": ratio,
-        "runs": runs,
-    }
 
 
 async def run(args) -> list[dict]:
@@ -216,44 +196,22 @@ async def run(args) -> list[dict]:
     ]
     learner_out = statistics.median(sent_per_version) / total
     actor_in = statistics.median(received_per_actor) / total
-    if args.json:
-        for f in figures:
-            print(json.dumps(f))
-        print(
-            json.dumps(
-                {
-                    "figure": "weight_fanout_bytes",
-                    "value": learner_out,
-                    "unit": "learner bytes out / version bytes",
-                    "baseline": actor_in,
-                    "ratio": None,
-                    "runs": sent_per_version,
-                    "actors": args.actors,
-                }
-            )
+    figures.append(
+        figure(
+            "weight_fanout_bytes",
+            "learner bytes out / version bytes",
+            [n / total for n in sent_per_version],
+            [n / total for n in received_per_actor],
+            higher=False,
+            actors=args.actors,
         )
-        return figures
-    print(
-        f"{total / 1e9:.2f} GB of bf16 weights in {len(shards)} shards; min/median/max of {args.runs} runs"
     )
-    print(f"  raw file copy (baseline)       {spread(copy_s)} GB/s")
-    print(
-        f"  actor transfer (seen->verified) {spread(transfer_s)} GB/s  = {figures[0]['ratio']:.2f} x copy"
-    )
-    print(
-        f"  learner publish (all)           {spread(publish_s)} s/GB  = {figures[1]['ratio']:.2f} x copy speed"
-    )
-    print(f"    gather+cast+write+hash        {spread(write_s)} s/GB")
-    print(f"    upload + manifest             {spread(upload_s)} s/GB")
-    print(f"  fan-out, {args.actors} actors at once       {spread(fanout_s)} GB/s in all")
-    print(
-        f"    learner sent {learner_out:.3f} x the version's bytes; each actor received {actor_in:.3f} x"
-    )
-    print(f"  engine load (safetensors->torch) {spread(load_s)} s/GB")
-    print(
-        f"  before: nats-py get + re-read   {spread(old_s)} GB/s (this path: {figures[-2]['ratio']:.2f} x)"
-    )
-    print(f"  actor CPU: {spread(cpu_new)} s/GB now, {spread(cpu_old)} s/GB before")
+    if not args.json:
+        print(f"{total / 1e9:.2f} GB of bf16 weights in {len(shards)} shards")
+        print(
+            f"  learner sent {learner_out:.3f} x the version's bytes; each actor {actor_in:.3f} x"
+        )
+    report(figures, args, "weights")
     return figures
 
 

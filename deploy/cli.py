@@ -324,6 +324,46 @@ def _rs(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+@command("distill", "R1's distillation: the teacher's filtered samples, then SFT of the student")
+def _distill(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="HF folder whose samples are learned")
+    p.add_argument("--student", required=True, help="HF folder to fine-tune (any size/tokenizer)")
+    p.add_argument("--prompts", required=True, help="JSONL of {prompt, answer}")
+    p.add_argument("-o", "--output", required=True, help="folder: samples, rs.jsonl, model/")
+    p.add_argument("--k", type=_positive(int), help="teacher samples per prompt (default 4)")
+    p.add_argument("--m", type=_positive(int), help="kept per prompt at most (default 4)")
+    p.add_argument("--temperature", type=float, help="teacher temperature (default 1)")
+    p.add_argument("--max-tokens", type=_positive(int), help="longest sample (default 64)")
+    p.add_argument("--steps", type=_positive(int), help="student SFT steps (default 100)")
+    p.add_argument("--batch", type=_positive(int), help="examples per step (default 64)")
+    p.add_argument("--lr", type=_positive(float), help="peak learning rate (default 2e-3)")
+    p.add_argument("--seed", type=int, help="seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print the counts as the last line")
+
+    def run(args):
+        from pipeline.distill import main
+
+        return main(args)
+
+    p.set_defaults(func=run)
+
+
+@command("pipeline", "R1's stages (sft, grpo, rs, eval, distill) from a recipe, resumable")
+def _pipeline(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help="recipe TOML: [pipeline] and [[stages]]")
+    p.add_argument("--demo", action="store_true", help="run recipes/r1-demo.toml")
+    p.add_argument("--resume", action="store_true", help="skip the stages done and unchanged")
+    p.add_argument("--name", help="run folder name (default: the recipe's [pipeline] name)")
+    p.add_argument("--json", action="store_true", help="print the summary as the last line")
+
+    def run(args):
+        from pipeline.recipe import main
+
+        return main(args)
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aha", description="R1-style reasoning RL as an async actor-learner system on NATS"

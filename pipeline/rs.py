@@ -30,7 +30,18 @@ from pipeline.samples import ProblemSamples, Sample, read_samples
 from protocol.config import CONFIG, ConfigError, read_jsonl
 from rewarder.rewards import LANGUAGE_SCRIPTS, format_think, script_words, split_think
 
-REASONS = (
+Reason = Literal[
+    "truncated",
+    "undecided",
+    "incorrect",
+    "malformed",
+    "mixed_language",
+    "code_in_thought",
+    "long_paragraph",
+    "duplicate",
+    "over_limit",
+]
+REASONS: tuple[Reason, ...] = (
     "truncated",
     "undecided",
     "incorrect",
@@ -82,6 +93,8 @@ class FilterConfig(BaseModel):
     """Seed of the random pick and of the direct pairs' choice and the output order."""
     direct_share: float = Field(0.0, ge=0, lt=1)
     """Share of output lines taken from the non-reasoning pairs (R1: 200k of 800k = 0.25)."""
+    skip: frozenset[Reason] = frozenset()
+    """Filters not applied (a control: `skip` all but `over_limit` keeps samples unfiltered)."""
 
 
 def is_code_task(problem: ProblemSamples, config: FilterConfig) -> bool:
@@ -117,27 +130,32 @@ def language_share(thought: str, language: str) -> float:
 
 
 def check_sample(sample: Sample, code_task: bool, config: FilterConfig) -> str | None:
-    """The first reason in `REASONS` that drops `sample` on its own (before the duplicate and
-    per-problem limits), or None if it passes."""
-    if sample.finish_reason == "length":
-        return "truncated"
-    correct = is_correct(sample, config)
-    if correct is None:
-        return "undecided"
-    if not correct:
-        return "incorrect"
-    task = SimpleNamespace(meta={"answer_tag": config.answer_tag})
-    if format_think(sample.text, task=task) != 1.0:
-        return "malformed"
-    thought, _ = split_think(sample.text)
-    thought = thought or ""
-    if language_share(thought, config.language) < config.min_language_share:
-        return "mixed_language"
-    if not code_task and CODE_FENCE.search(thought):
-        return "code_in_thought"
-    if any(len(p) > config.max_paragraph_chars for p in PARAGRAPH_BREAK.split(sample.text)):
-        return "long_paragraph"
+    """The first reason in `REASONS` (not in `config.skip`) that drops `sample` on its own
+    (before the duplicate and per-problem limits), or None if it passes."""
+    for reason, failed in _checks(sample, code_task, config):
+        if reason not in config.skip and failed():
+            return reason
     return None
+
+
+def _checks(sample: Sample, code_task: bool, config: FilterConfig):
+    """(reason, whether the sample fails it) per filter, in order, each computed on demand."""
+    task = SimpleNamespace(meta={"answer_tag": config.answer_tag})
+    thought = split_think(sample.text)[0] or ""
+    correct = is_correct(sample, config)
+    paragraphs = PARAGRAPH_BREAK.split(sample.text)
+    return [
+        ("truncated", lambda: sample.finish_reason == "length"),
+        ("undecided", lambda: correct is None),
+        ("incorrect", lambda: correct is False),
+        ("malformed", lambda: format_think(sample.text, task=task) != 1.0),
+        (
+            "mixed_language",
+            lambda: language_share(thought, config.language) < config.min_language_share,
+        ),
+        ("code_in_thought", lambda: not code_task and bool(CODE_FENCE.search(thought))),
+        ("long_paragraph", lambda: any(len(p) > config.max_paragraph_chars for p in paragraphs)),
+    ]
 
 
 def _length(sample: Sample) -> int:
@@ -155,7 +173,7 @@ def select(
     for sample in problem.samples:
         reason = check_sample(sample, code_task, config)
         key = " ".join(sample.text.split())
-        if reason is None and key in seen:
+        if reason is None and key in seen and "duplicate" not in config.skip:
             reason = "duplicate"
         if reason is not None:
             drops[reason] += 1
@@ -305,7 +323,7 @@ def run_rs(
     report["lines"] = len(rows)
     report["samples_from"] = str(samples_file)
     report["output"] = str(out)
-    report["settings"] = config.model_dump()
+    report["settings"] = config.model_dump(mode="json")
     write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     write_atomic(report_path(out), json.dumps(report, indent=2) + "\n")
     return report

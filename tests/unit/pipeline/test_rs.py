@@ -230,3 +230,15 @@ def test_bad_input_is_one_line_naming_the_field(tmp_path, capsys, line, extra, e
 def test_rs_needs_one_source(tmp_path, capsys):
     assert aha(["rs", "-o", str(tmp_path / "rs.jsonl")]) == 2
     assert "either --samples-from FILE or --model DIR" in capsys.readouterr().err
+
+
+def test_skipped_filters_keep_what_they_would_drop():
+    # The control of R1's second finding: the same samples, unfiltered.
+    everything = set(REASONS) - {"over_limit"}
+    config = FilterConfig(skip=everything, max_per_prompt=100)
+    rows, report = reject([problem(*CASES.values(), sample(), sample())], config)
+    assert report["kept"] == len(CASES) + 2
+    assert sum(report["dropped"].values()) == 0
+    # Skipping one filter lets its case through, and only its case.
+    rows, report = reject([problem(*CASES.values())], FilterConfig(skip={"incorrect"}))
+    assert [r["response"] for r in rows] == [CASES["incorrect"].text]

@@ -1,0 +1,101 @@
+"""`aha distill --teacher DIR --student DIR --prompts FILE -o OUT`: R1's distillation.
+
+The teacher answers every prompt `k` times; its samples go through rejection sampling
+(`pipeline.rs`: correct, well-formed, clean, at most m per prompt); the student is fine-tuned
+(`aha sft`) on the kept texts. The student learns from text, re-tokenized by its own
+tokenizer, so it may have another size or vocabulary than the teacher.
+
+    OUT/samples.jsonl      the teacher's scored samples
+    OUT/rs.jsonl           the kept pairs, OUT/rs.report.json their counts
+    OUT/model/             the student after SFT
+    OUT/distill.json       the counts and the SFT settings
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from protocol.config import ConfigError
+
+
+def distill(
+    teacher: Path, student: Path, prompts: Path, folder: Path, out: Path, stage
+) -> dict[str, Any]:
+    """Teacher samples -> filters -> student SFT; `stage` carries the settings (a recipe's
+    `DistillStage`). Returns the counts."""
+    from pipeline.recipe import run_sft, sample_teacher
+    from pipeline.rs import run_rs
+
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = sample_teacher(teacher, prompts, folder / "samples.jsonl", stage)
+    filters = stage.filters.model_copy(update={"rewards": None})  # scored as sampled
+    report = run_rs(samples, folder / "rs.jsonl", filters, workers=1)
+    if report["kept"] == 0:
+        raise ConfigError(
+            f"the teacher's samples: none passed the filters ({folder / 'rs.report.json'})"
+        )
+    sft = run_sft(
+        folder,
+        student,
+        [folder / "rs.jsonl"],
+        out,
+        stage.steps,
+        stage.batch,
+        stage.lr,
+        stage.seed,
+    )
+    result = {
+        "teacher_samples": report["samples"],
+        "kept": report["kept"],
+        "dropped": report["dropped"],
+        **sft,
+    }
+    (folder / "distill.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(args) -> int:
+    """The `aha distill` command: checks every input, then `distill` into `-o`."""
+    from pipeline.recipe import DistillStage
+
+    for flag, path in (("--teacher", args.teacher), ("--student", args.student)):
+        if not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"{flag}: no model at {path} (no config.json)")
+    if not Path(args.prompts).is_file():
+        raise ConfigError(f"--prompts: no such file ({args.prompts})")
+    out = Path(args.output)
+    if (out / "model").exists():
+        raise ConfigError(f"-o: a distilled model is there already ({out / 'model'})")
+    values = {"name": "distill", "kind": "distill", "teacher": args.teacher}
+    values |= {"student": args.student, "prompts": args.prompts}
+    for field in ("k", "steps", "batch", "lr", "temperature", "max_tokens", "seed"):
+        if getattr(args, field) is not None:
+            values[field] = getattr(args, field)
+    if args.m is not None:
+        values["filters"] = {"max_per_prompt": args.m}
+    from pydantic import ValidationError
+
+    try:
+        stage = DistillStage.model_validate(values)
+    except ValidationError as e:
+        error = e.errors()[0]
+        raise ConfigError(f"{'.'.join(map(str, error['loc']))}: {error['msg']}") from None
+    from pipeline.local_samples import read_prompts
+
+    read_prompts(args.prompts, stage.prompt_settings)  # every row checked before the teacher loads
+    from protocol.log import setup_logging
+
+    setup_logging("distill")
+    result = distill(
+        Path(args.teacher), Path(args.student), Path(args.prompts), out, out / "model", stage
+    )
+    print(json.dumps(result) if args.json else f"wrote {out / 'model'}", flush=True)
+    print(
+        f"teacher samples {result['teacher_samples']}, kept {result['kept']}, "
+        f"student SFT {result['steps']} steps on {result['examples']} pairs",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,761 @@
+"""`aha pipeline RECIPE.toml [--resume]`: R1's stages as one recipe, each stage recorded.
+
+A recipe is a `[pipeline]` table and a list of `[[stages]]`, each a `kind` (`sft`, `grpo`,
+`rs`, `eval`, `distill`) with its inputs. An input is a path (relative to the recipe file),
+`$run/…` (inside the run folder), or `@stage` — the output of an earlier stage (`@stage/…`: a
+path inside that stage's folder). Everything is checked before any work: unknown kinds and
+fields, references to stages that do not come earlier, models and files that are not there.
+
+Each stage writes into `<run>/<stage>/` and records, in `<run>/stages/<stage>.json`, the hash
+of its settings and inputs (its fingerprint), its outputs and their hash, its time and its
+result. `--resume` skips a stage that is done with the same fingerprint and intact outputs; a
+stage whose inputs changed (an earlier stage reran, a file was edited) runs again, and so does
+one killed midway (its record says `running`). Without `--resume`, a run folder that has
+records is refused: nothing is overwritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import structlog
+import tomli_w
+from pydantic import BaseModel, Field, ValidationError
+
+from pipeline.local_samples import PromptSettings
+from pipeline.rs import FilterConfig
+from protocol.config import CONFIG, ConfigError, read_file
+
+
+def log():
+    """The logger, bound when called (a run's `setup_logging` picks where lines go)."""
+    return structlog.get_logger("pipeline.recipe")
+
+
+Kind = Literal["sft", "grpo", "rs", "eval", "distill"]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
+Ref = Annotated[str, Field(min_length=1)]
+"""A path, `$run/…`, or `@stage[/…]` (see the module docstring)."""
+
+MODEL_FIELDS = ("model", "teacher", "student")
+"""Inputs that must be HF model folders (a `config.json` inside)."""
+
+
+class _Stage(BaseModel):
+    model_config = CONFIG
+
+    name: Name
+    """The stage's name: its folder in the run and what `@name` refers to."""
+
+
+class SftStage(_Stage):
+    """Supervised fine-tuning (`aha sft`) of `model` on `data` (cold start, SFT on RS data)."""
+
+    kind: Literal["sft"]
+    model: Ref
+    """The model to fine-tune (HF folder)."""
+    data: list[Ref] = Field(min_length=1)
+    """`{prompt, response}` JSONL files, used together."""
+    steps: int = Field(100, ge=1)
+    """Optimizer steps."""
+    batch: int = Field(64, ge=1)
+    """Examples per step."""
+    lr: float = Field(2e-3, gt=0)
+    """Peak learning rate (AdamW, cosine decay)."""
+    seed: int = 0
+    """Seed of the data order and the run."""
+
+
+class GrpoStage(_Stage):
+    """GRPO through the asynchronous loop: `aha up --model MODEL` with the stage's `[up]`."""
+
+    kind: Literal["grpo"]
+    model: Ref
+    """The policy to start from (HF folder)."""
+    dataset: Ref | None = None
+    """Prompt JSONL (GSM8K / MATH-500 formats); None: the demo task."""
+    max_steps: int = Field(60, ge=1)
+    """GRPO steps."""
+    up: dict[str, Any] = Field(default_factory=dict)
+    """More `[up]` fields (`aha up`'s options: actors, group_size, lr, eval_problems...)."""
+    parts: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """`[learner]`, `[actor]`, `[rewarder]`, `[bus]` sections for the parts, as in `aha up
+    --config`."""
+
+
+class RsStage(_Stage):
+    """Rejection sampling: `samples` (a samples file), or `k` samples per prompt from `model`."""
+
+    kind: Literal["rs"]
+    samples: Ref | None = None
+    """A samples file to filter."""
+    model: Ref | None = None
+    """Or: the model to sample from (with `prompts` and `k`)."""
+    prompts: Ref | None = None
+    """The prompts to sample (`{prompt, answer}` JSONL, fields in `prompt_settings`)."""
+    k: int = Field(8, ge=1)
+    """Samples per prompt."""
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature."""
+    max_tokens: int = Field(64, ge=1)
+    """Longest sample."""
+    prompt_settings: PromptSettings = PromptSettings()
+    """The prompt file's fields and the rewards the samples are scored with."""
+    filters: FilterConfig = FilterConfig()
+    """R1's filters and the mix (`aha rs`)."""
+    direct: Ref | None = None
+    """Non-reasoning `{prompt, response}` pairs mixed in by `filters.direct_share`."""
+
+
+class EvalStage(_Stage):
+    """Evaluation: `samples` with `bench` (`aha eval --samples-from`), or greedy accuracy and
+    pass@1 of each of `models` on `held_out` prompts."""
+
+    kind: Literal["eval"]
+    samples: Ref | None = None
+    """A samples file to score (`aha eval --samples-from`)."""
+    bench: str | None = None
+    """Its benchmark (`gsm8k`, `math500`, …)."""
+    models: dict[Name, Ref] = Field(default_factory=dict)
+    """Label -> model folder, each evaluated on `held_out`."""
+    held_out: Ref | None = None
+    """`{prompt, answer}` JSONL the models are evaluated on."""
+    k: int = Field(4, ge=0)
+    """Samples per problem at temperature 1 for pass@1 (0: greedy only)."""
+    max_tokens: int = Field(64, ge=1)
+    """Longest completion."""
+
+
+class DistillStage(_Stage):
+    """Distillation: `teacher`'s filtered samples of `prompts`, then SFT of `student` on them."""
+
+    kind: Literal["distill"]
+    teacher: Ref
+    """The model whose traces are learned (HF folder)."""
+    student: Ref
+    """The model trained on them (HF folder; its own tokenizer re-tokenizes the text)."""
+    prompts: Ref
+    """The prompts the teacher answers (`{prompt, answer}` JSONL)."""
+    k: int = Field(4, ge=1)
+    """Teacher samples per prompt."""
+    temperature: float = Field(1.0, ge=0)
+    """Teacher sampling temperature."""
+    max_tokens: int = Field(64, ge=1)
+    """Longest teacher sample."""
+    prompt_settings: PromptSettings = PromptSettings()
+    """The prompt file's fields and the rewards the teacher's samples are scored with."""
+    filters: FilterConfig = FilterConfig()
+    """The rejection-sampling filters applied to the teacher's samples."""
+    steps: int = Field(100, ge=1)
+    """Student SFT steps."""
+    batch: int = Field(64, ge=1)
+    """Examples per step."""
+    lr: float = Field(2e-3, gt=0)
+    """Peak learning rate."""
+    seed: int = 0
+    """Seed of the sampling, the data order and the run."""
+
+
+Stage = Annotated[
+    SftStage | GrpoStage | RsStage | EvalStage | DistillStage, Field(discriminator="kind")
+]
+
+
+class DemoInputs(BaseModel):
+    """The demo task's inputs, written into `<run>/demo/` before the first stage."""
+
+    model_config = CONFIG
+
+    cold_start: int = Field(4096, ge=1)
+    """Cold-start `{prompt, response}` pairs (DEMO.md recipe B: 40 % reason, 60 % guess)."""
+    rl_prompts: int = Field(2000, ge=1)
+    """Training prompts (`{prompt, answer}`), for GRPO and rejection sampling."""
+    direct: int = Field(512, ge=0)
+    """Direct-answer pairs (`<think></think><answer>N</answer>`): the non-reasoning share."""
+    held_out: int = Field(500, ge=1)
+    """Held-out problems for evaluation, never trained on."""
+    student_hidden: int = Field(32, ge=32)
+    """Width of the student model (the teacher's is 64); one head of 32."""
+    seed: int = 0
+    """Seed of the data and of both models."""
+
+
+class PipelineSettings(BaseModel):
+    """The `[pipeline]` table."""
+
+    model_config = CONFIG
+
+    name: Name = "pipeline"
+    """The run folder's name under `runs_dir`."""
+    runs_dir: str = "runs"
+    """Where run folders go (relative to the working directory)."""
+    demo: DemoInputs | None = None
+    """Write the demo task's inputs into `<run>/demo/` first (`$run/demo/base`, …)."""
+
+
+class Recipe(BaseModel):
+    """A recipe file."""
+
+    model_config = CONFIG
+
+    pipeline: PipelineSettings = PipelineSettings()
+    """Where the run goes, and the demo inputs."""
+    stages: list[Stage] = Field(min_length=1)
+    """The stages, run in order."""
+
+
+# -- reading and checking ---------------------------------------------------------------------
+
+
+def load_recipe(path: str | Path, name: str | None = None) -> Recipe:
+    """The recipe at `path` (`name` overrides `[pipeline] name`); `ConfigError` naming the
+    file and the stage field for anything wrong in it."""
+    data = read_file(path)
+    if name is not None:
+        data.setdefault("pipeline", {})["name"] = name
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{_where(data, e.errors()[0])} ({path})") from None
+    seen: set[str] = set()
+    for i, stage in enumerate(recipe.stages):
+        if stage.name in seen:
+            raise ConfigError(f"stages.{i} ({stage.name}).name: used twice ({path})")
+        seen.add(stage.name)
+    return recipe
+
+
+def _where(data: dict, error: dict) -> str:
+    """`stages.2 (grpo-1).model: Field required`: the stage named by its name."""
+    loc = [str(p) for p in error["loc"]]
+    if len(loc) >= 2 and loc[0] == "stages" and loc[1].isdigit():
+        stages = data.get("stages") or []
+        i = int(loc[1])
+        label = stages[i].get("name") if i < len(stages) and isinstance(stages[i], dict) else None
+        loc = [f"stages.{i}" + (f" ({label})" if label else "")] + [
+            p for p in loc[2:] if p not in {"sft", "grpo", "rs", "eval", "distill"}
+        ]
+    message = error["msg"]
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        loc.append("kind")
+        kind = error["input"].get("kind") if isinstance(error["input"], dict) else None
+        message = f"unknown stage kind {kind!r}; one of sft, grpo, rs, eval, distill"
+    return f"{'.'.join(loc)}: {message}"
+
+
+class Run:
+    """A recipe bound to its run folder: resolves references, hashes, records."""
+
+    def __init__(self, recipe: Recipe, recipe_file: Path):
+        self.recipe = recipe
+        self.file = recipe_file
+        self.dir = (Path(recipe.pipeline.runs_dir) / recipe.pipeline.name).resolve()
+        self.stages = {s.name: s for s in recipe.stages}
+
+    def stage_dir(self, name: str) -> Path:
+        return self.dir / name
+
+    def record_path(self, name: str) -> Path:
+        return self.dir / "stages" / f"{name}.json"
+
+    def output(self, stage) -> Path:
+        """The stage's main output: a model folder, the SFT pairs, or the eval summary."""
+        folder = self.stage_dir(stage.name)
+        return {
+            "sft": folder / "model",
+            "grpo": folder / "final",
+            "distill": folder / "model",
+            "rs": folder / "rs.jsonl",
+            "eval": folder / "summary.json",
+        }[stage.kind]
+
+    def resolve(self, ref: str) -> Path:
+        """The path `ref` names (see the module docstring); references are checked already."""
+        if ref.startswith("@"):
+            name, _, rest = ref[1:].partition("/")
+            stage = self.stages[name]
+            return self.stage_dir(name) / rest if rest else self.output(stage)
+        if ref == "$run" or ref.startswith("$run/"):
+            return self.dir / ref[len("$run/") :]
+        return (self.file.parent / ref).resolve()
+
+    def refs(self, stage) -> dict[str, str]:
+        """Every input reference of `stage`, by field (`data.0`, `models.rl`, …)."""
+        out: dict[str, str] = {}
+        for field in ("model", "teacher", "student", "samples", "prompts", "dataset"):
+            value = getattr(stage, field, None)
+            if value is not None:
+                out[field] = value
+        for field in ("held_out", "direct"):
+            value = getattr(stage, field, None)
+            if value is not None:
+                out[field] = value
+        for i, value in enumerate(getattr(stage, "data", []) or []):
+            out[f"data.{i}"] = value
+        for label, value in (getattr(stage, "models", {}) or {}).items():
+            out[f"models.{label}"] = value
+        return out
+
+    def check(self) -> None:
+        """Raise `ConfigError` for a reference to a stage not run before, or an input that is
+        not there (files made by the demo inputs or earlier stages are not looked for)."""
+        done: list[str] = []
+        demo = self.recipe.pipeline.demo is not None
+        for i, stage in enumerate(self.recipe.stages):
+            where = f"stages.{i} ({stage.name})"
+            _check_stage_fields(stage, where, self.file)
+            for field, ref in self.refs(stage).items():
+                if ref.startswith("@"):
+                    name = ref[1:].split("/", 1)[0]
+                    if name not in done:
+                        later = "a later stage" if name in self.stages else "no stage"
+                        raise ConfigError(
+                            f"{where}.{field}: {ref!r} refers to {later} ({self.file})"
+                        )
+                    continue
+                if ref.startswith("$run") and demo:
+                    continue  # written by the demo inputs (checked when they are)
+                path = self.resolve(ref)
+                wants_model = field.split(".")[0] in MODEL_FIELDS or field.startswith("models.")
+                if wants_model and not (path / "config.json").is_file():
+                    raise ConfigError(
+                        f"{where}.{field}: no model at {path} (no config.json) ({self.file})"
+                    )
+                if not wants_model and not path.is_file():
+                    raise ConfigError(f"{where}.{field}: no such file: {path} ({self.file})")
+            done.append(stage.name)
+
+
+def _check_stage_fields(stage, where: str, file: Path) -> None:
+    """The either/or fields of rs and eval stages, and the grpo stage's `[up]` fields."""
+    if stage.kind == "rs" and (stage.samples is None) == (stage.model is None):
+        raise ConfigError(f"{where}: give samples, or model with prompts ({file})")
+    if stage.kind == "rs" and stage.model is not None and stage.prompts is None:
+        raise ConfigError(f"{where}.prompts: required with model ({file})")
+    if stage.kind == "eval" and (stage.samples is None) == (not stage.models):
+        raise ConfigError(f"{where}: give samples with bench, or models with held_out ({file})")
+    if stage.kind == "eval" and stage.samples is not None and stage.bench is None:
+        raise ConfigError(f"{where}.bench: required with samples ({file})")
+    if stage.kind == "eval" and stage.models and stage.held_out is None:
+        raise ConfigError(f"{where}.held_out: required with models ({file})")
+    if stage.kind == "eval" and stage.bench is not None:
+        from pipeline.benchmarks import get_benchmark
+
+        try:
+            get_benchmark(stage.bench)
+        except ConfigError as e:
+            raise ConfigError(f"{where}.bench: {e} ({file})") from None
+    if stage.kind == "grpo":
+        from deploy.up import UpConfig
+
+        fixed = {"model", "dataset", "max_steps", "name", "runs_dir"} & set(stage.up)
+        if fixed:
+            raise ConfigError(f"{where}.up.{sorted(fixed)[0]}: set by the stage itself ({file})")
+        try:
+            UpConfig.model_validate({**stage.up, "model": "m"})
+        except ValidationError as e:
+            error = e.errors()[0]
+            loc = ".".join(map(str, error["loc"]))
+            raise ConfigError(f"{where}.up.{loc}: {error['msg']} ({file})") from None
+
+
+# -- hashing and records ----------------------------------------------------------------------
+
+
+def hash_path(path: Path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (relative names and contents, sorted)."""
+    digest = hashlib.sha256()
+    if path.is_file():
+        files = [(path.name, path)]
+    else:
+        files = sorted((str(p.relative_to(path)), p) for p in path.rglob("*") if p.is_file())
+    for name, file in files:
+        digest.update(name.encode() + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # none, or half-written by a killed run: the stage runs again
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def fingerprint(run: Run, stage, output_hashes: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """(the stage's fingerprint, its inputs' hashes): its settings plus every input's
+    content, an earlier stage's output by the hash recorded when that stage finished."""
+    inputs: dict[str, str] = {}
+    for field, ref in run.refs(stage).items():
+        if ref.startswith("@") and "/" not in ref:
+            inputs[field] = output_hashes[ref[1:]]
+        else:
+            inputs[field] = hash_path(run.resolve(ref))
+    settings = stage.model_dump(mode="json")
+    text = json.dumps({"settings": settings, "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest(), inputs
+
+
+def is_done(record: dict | None, fp: str, output: Path) -> bool:
+    """A record of a finished run of the same fingerprint whose output is still as written."""
+    return (
+        record is not None
+        and record.get("status") == "done"
+        and record.get("fingerprint") == fp
+        and output.exists()
+        and hash_path(output) == record.get("output_hash")
+    )
+
+
+# -- running the stages ----------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the pipeline process dies (a killed run leaves no stage
+    writing behind it)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def run_command(argv: list[str], log_file: Path) -> None:
+    """`python -m deploy.cli ARGV` with its output in `log_file`; `ConfigError` with the log's
+    last lines if it fails."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    with open(log_file, "ab") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "deploy.cli", *argv],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_die_with_parent,
+        )
+        try:
+            code = proc.wait()
+        except BaseException:
+            proc.terminate()
+            proc.wait()
+            raise
+    if code:
+        tail = " | ".join(log_file.read_text(errors="replace").splitlines()[-3:])
+        raise StageFailed(f"aha {argv[0]} exited with {code}: {tail} ({log_file})")
+
+
+class StageFailed(RuntimeError):
+    """A stage's command failed; the message names its log."""
+
+
+def sft_config(folder: Path, model: Path, steps: int, batch: int, lr: float, seed: int) -> Path:
+    """The `[learner]` section `aha sft` reads: fp32, one process, no KL."""
+    learner = {
+        "model": {"path": str(model)},
+        "batch": batch,
+        "serving_dtype": "float32",
+        "checkpoint_dir": str(folder / "checkpoints"),
+        "seed": seed,
+        "optim": {"lr": lr, "schedule": "cosine", "total_steps": steps},
+        "deepspeed": {"precision": "fp32", "micro_batch": batch},
+        "grpo": {"beta": 0.0},
+    }
+    path = folder / "sft.toml"
+    path.write_text(tomli_w.dumps({"learner": learner}))
+    return path
+
+
+def run_sft(
+    folder: Path, model: Path, data: list[Path], out: Path, steps, batch, lr, seed
+) -> dict[str, Any]:
+    """`aha sft` of `model` on the `data` files together, into `out`."""
+    merged = folder / "data.jsonl"
+    with open(merged, "wb") as f:
+        for path in data:
+            text = path.read_bytes()
+            f.write(text if text.endswith(b"\n") or not text else text + b"\n")
+    config = sft_config(folder, model, steps, batch, lr, seed)
+    argv = ["sft", "--config", str(config), "--data", str(merged), "--out", str(out)]
+    run_command([*argv, "--steps", str(steps)], folder / "sft.log")
+    return {"examples": sum(1 for line in open(merged, "rb") if line.strip()), "steps": steps}
+
+
+def _sft(run: Run, stage: SftStage, folder: Path) -> dict[str, Any]:
+    data = [run.resolve(d) for d in stage.data]
+    args = (stage.steps, stage.batch, stage.lr, stage.seed)
+    return run_sft(folder, run.resolve(stage.model), data, run.output(stage), *args)
+
+
+def _grpo(run: Run, stage: GrpoStage, folder: Path) -> dict[str, Any]:
+    up = {
+        **stage.up,
+        "model": str(run.resolve(stage.model)),
+        "max_steps": stage.max_steps,
+        "name": stage.name,
+        "runs_dir": str(run.dir),
+    }
+    if stage.dataset is not None:
+        up["dataset"] = str(run.resolve(stage.dataset))
+    config = run.dir / f"{stage.name}.up.toml"
+    config.write_text(tomli_w.dumps({**stage.parts, "up": up}))
+    run_command(["up", "--config", str(config), "--json"], run.dir / "logs" / f"{stage.name}.log")
+    summary = json.loads((folder / "summary.json").read_text())
+    if not (folder / "final" / "config.json").is_file():
+        raise StageFailed(f"aha up ended {summary.get('ended')!r} without a final model")
+    keys = ("accuracy_before", "accuracy_after", "pass_at_1_before", "pass_at_1_after")
+    keys += ("length_before", "length_after", "steps", "rl_seconds")
+    return {k: summary.get(k) for k in keys}
+
+
+def _rs(run: Run, stage: RsStage, folder: Path) -> dict[str, Any]:
+    from pipeline.rs import run_rs
+
+    out = run.output(stage)
+    direct = run.resolve(stage.direct) if stage.direct else None
+    samples = run.resolve(stage.samples) if stage.samples else None
+    filters = stage.filters
+    if samples is None:
+        samples = sample_teacher(
+            run.resolve(stage.model), run.resolve(stage.prompts), folder / "samples.jsonl", stage
+        )
+        filters = filters.model_copy(update={"rewards": None})  # scored as they were sampled
+    report = run_rs(samples, out, filters, direct=direct, workers=1)
+    return {k: report[k] for k in ("problems", "samples", "kept", "direct", "dropped")}
+
+
+def sample_teacher(model: Path, prompts: Path, out: Path, stage) -> Path:
+    """`stage.k` scored samples per prompt from `model` (in process: `pipeline.local_samples`)."""
+    from pipeline.local_samples import read_prompts, sample_locally
+    from protocol.messages import Sampling
+
+    settings = stage.prompt_settings
+    sampling = Sampling(
+        temperature=stage.temperature, max_tokens=stage.max_tokens, seed=stage.filters.seed
+    )
+    problems = read_prompts(prompts, settings)
+    return sample_locally(model, problems, out, k=stage.k, sampling=sampling, settings=settings)
+
+
+def _eval(run: Run, stage: EvalStage, folder: Path) -> dict[str, Any]:
+    out = run.output(stage)
+    if stage.samples is not None:
+        argv = ["eval", "--samples-from", str(run.resolve(stage.samples)), "--bench", stage.bench]
+        run_command([*argv, "-o", str(folder / "eval"), "--workers", "1"], folder / "eval.log")
+        shutil.copy(folder / "eval" / "summary.json", out)
+        return json.loads(out.read_text())
+    from pipeline.heldout import evaluate
+    from protocol.config import read_jsonl
+
+    rows = [row for _, row in read_jsonl(run.resolve(stage.held_out))]
+    results = {}
+    for label, ref in stage.models.items():
+        result = evaluate(run.resolve(ref), rows, max_tokens=stage.max_tokens, samples=stage.k)
+        results[label] = result.as_dict()
+        log().info("evaluated", stage=stage.name, model=label, **results[label])
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _distill(run: Run, stage: DistillStage, folder: Path) -> dict[str, Any]:
+    from pipeline.distill import distill
+
+    return distill(
+        run.resolve(stage.teacher),
+        run.resolve(stage.student),
+        run.resolve(stage.prompts),
+        folder,
+        run.output(stage),
+        stage,
+    )
+
+
+RUNNERS = {"sft": _sft, "grpo": _grpo, "rs": _rs, "eval": _eval, "distill": _distill}
+"""How each kind of stage runs: (run, stage, its folder) -> its result (a JSON object)."""
+
+
+def write_demo_inputs(run: Run) -> None:
+    """The demo task's models and data in `<run>/demo/`, each written once (deterministic)."""
+    from pipeline import demo
+    from pipeline.tiny_model import TinySpec, save_tiny_model
+
+    spec = run.recipe.pipeline.demo
+    folder = run.dir / "demo"
+    if (folder / "done").exists():
+        return
+    held = demo.held_out(spec.held_out)
+    exclude = {r["prompt"] for r in held}
+    demo.write_jsonl(held, folder / "held_out.jsonl")
+    demo.write_jsonl(
+        demo.cold_start(spec.cold_start, seed=spec.seed + 2, exclude=exclude),
+        folder / "cold_start.jsonl",
+    )
+    rl = demo.rl_prompts(spec.rl_prompts + spec.direct, seed=spec.seed + 1, exclude=exclude)
+    demo.write_jsonl(rl[: spec.rl_prompts], folder / "rl.jsonl")
+    direct = [
+        {"prompt": r["prompt"], "response": demo.response("", r["answer"])}
+        for r in rl[spec.rl_prompts :]
+    ]
+    demo.write_jsonl(direct, folder / "direct.jsonl")
+    save_tiny_model(folder / "base", TinySpec(seed=spec.seed))
+    student = TinySpec(
+        seed=spec.seed,
+        hidden_size=spec.student_hidden,
+        num_heads=spec.student_hidden // 32,
+        num_kv_heads=spec.student_hidden // 32,
+        intermediate_size=3 * spec.student_hidden,
+    )
+    save_tiny_model(folder / "student", student)
+    (folder / "done").write_text("")
+
+
+def run_stage(run: Run, stage, output_hashes: dict[str, str], resume: bool) -> dict[str, Any]:
+    """Run `stage` unless `resume` finds it done and unchanged; returns its record."""
+    fp, inputs = fingerprint(run, stage, output_hashes)
+    record_file = run.record_path(stage.name)
+    record = read_record(record_file)
+    output = run.output(stage)
+    if resume and is_done(record, fp, output):
+        log().info("stage done and unchanged: skipped", stage=stage.name, kind=stage.kind)
+        return {**record, "skipped": True}
+    attempts = (record or {}).get("attempts", 0) + 1
+    folder = run.stage_dir(stage.name)
+    if stage.kind != "grpo":  # aha up keeps its own folder and continues in it
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = {"name": stage.name, "kind": stage.kind, "fingerprint": fp, "inputs": inputs}
+    base["settings"] = stage.model_dump(mode="json")
+    base["attempts"] = attempts
+    write_record(record_file, {**base, "status": "running", "started": time.time()})
+    log().info("stage", stage=stage.name, kind=stage.kind, attempt=attempts)
+    started = time.monotonic()
+    result = RUNNERS[stage.kind](run, stage, folder)
+    record = {
+        **base,
+        "status": "done",
+        "seconds": round(time.monotonic() - started, 1),
+        "output": str(output),
+        "output_hash": hash_path(output),
+        "result": result,
+    }
+    write_record(record_file, record)
+    return {**record, "skipped": False}
+
+
+def run_recipe(run: Run, resume: bool) -> dict[str, Any]:
+    """Every stage in order; the summary (also in `<run>/summary.json`)."""
+    started = time.monotonic()
+    if run.recipe.pipeline.demo is not None:
+        write_demo_inputs(run)
+    output_hashes: dict[str, str] = {}
+    stages = []
+    for stage in run.recipe.stages:
+        record = run_stage(run, stage, output_hashes, resume)
+        output_hashes[stage.name] = record["output_hash"]
+        stages.append(
+            {
+                "name": stage.name,
+                "kind": stage.kind,
+                "skipped": record["skipped"],
+                "seconds": record["seconds"],
+                "attempts": record["attempts"],
+                "outputs": record["output"],
+                "result": record["result"],
+            }
+        )
+    summary = {
+        "name": run.recipe.pipeline.name,
+        "run_dir": str(run.dir),
+        "wall_seconds": round(time.monotonic() - started, 1),
+        "stages": stages,
+        "findings": findings(stages),
+    }
+    (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def findings(stages: list[dict]) -> dict[str, Any]:
+    """Greedy accuracy and pass@1 of every model the recipe's held-out evals measured, by
+    label (R1's findings compare these: cold start, after RL, SFT on filtered and on
+    unfiltered RS data, the distilled student, the student trained by RL alone)."""
+    out: dict[str, Any] = {}
+    for stage in stages:
+        if stage["kind"] != "eval":
+            continue
+        for label, value in stage["result"].items():
+            if isinstance(value, dict) and "accuracy" in value:
+                keep = ("accuracy", "pass_at_1", "mean_length", "thinking_share")
+                out[label] = {k: value.get(k) for k in keep}
+    return out
+
+
+def demo_recipe() -> Path:
+    """The recipe `aha pipeline --demo` runs."""
+    return Path(__file__).resolve().parent.parent / "recipes" / "r1-demo.toml"
+
+
+def main(args) -> int:
+    """The `aha pipeline` command."""
+    if (args.recipe is None) == (not args.demo):
+        raise ConfigError("give a recipe file, or --demo")
+    path = Path(demo_recipe() if args.demo else args.recipe)
+    recipe = load_recipe(path, args.name)
+    run = Run(recipe, path.resolve())
+    run.check()
+    records = list((run.dir / "stages").glob("*.json")) if (run.dir / "stages").is_dir() else []
+    if records and not args.resume:
+        raise ConfigError(
+            f"the run folder has stage records; --resume continues it, --name starts another "
+            f"({run.dir})"
+        )
+    from protocol.log import setup_logging
+
+    setup_logging("pipeline")
+    run.dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(ValueError):  # SIGTERM as Ctrl-C: the child stage stops too
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    summary = run_recipe(run, args.resume)
+    print_summary(summary)
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Stages and findings as rich tables on stderr (stdout is for `--json`)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    table = Table(title=f"pipeline {summary['name']}: {summary['wall_seconds']} s")
+    for column in ("stage", "kind", "seconds", "output"):
+        table.add_column(column)
+    for s in summary["stages"]:
+        seconds = "skipped" if s["skipped"] else f"{s['seconds']}"
+        table.add_row(s["name"], s["kind"], seconds, s["outputs"])
+    console.print(table)
+    if summary["findings"]:
+        table = Table(title="held-out evaluation")
+        for column in ("model", "greedy accuracy", "pass@1", "length", "thinking share"):
+            table.add_column(column)
+        for label, f in summary["findings"].items():
+            cells = [f["accuracy"], f["pass_at_1"], f["mean_length"], f["thinking_share"]]
+            table.add_row(label, *("-" if c is None else f"{c:.3f}" for c in cells))
+        console.print(table)

@@ -1,0 +1,203 @@
+"""`aha pipeline`: the recipe is checked before any work, stages are recorded by fingerprint,
+and `--resume` reruns exactly the stages whose settings or inputs changed."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from deploy.cli import main as aha
+from pipeline.recipe import hash_path
+from pipeline.samples import ProblemSamples, Sample
+
+GOOD = "<think>3+6+0=9,2+5+0=7,1+4+0=5</think><answer>579</answer>"
+
+
+def write_samples(path: Path, texts: list[str]) -> Path:
+    samples = [Sample(text=t, reward=0.0 if "578" in t else 1.1) for t in texts]
+    line = ProblemSamples(id="1", prompt="Q:123+456=", reference="579", samples=samples)
+    path.write_text(line.model_dump_json() + "\n")
+    return path
+
+
+def two_rs_stages(tmp_path: Path, m: int = 2) -> Path:
+    """rs-a filters samples.jsonl; rs-b filters it too and mixes in rs-a's output as its
+    direct pairs (so it depends on rs-a)."""
+    write_samples(
+        tmp_path / "samples.jsonl",
+        [GOOD, GOOD.replace("0=9", "0=9 "), "<think>x</think><answer>578</answer>", "579"],
+    )
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        textwrap.dedent(
+            f"""
+            [pipeline]
+            name = "t"
+            runs_dir = "{tmp_path / "runs"}"
+
+            [[stages]]
+            name = "rs-a"
+            kind = "rs"
+            samples = "samples.jsonl"
+            filters = {{ max_per_prompt = {m} }}
+
+            [[stages]]
+            name = "rs-b"
+            kind = "rs"
+            samples = "samples.jsonl"
+            direct = "@rs-a"
+            filters = {{ max_per_prompt = 1, direct_share = 0.5 }}
+            """
+        )
+    )
+    return recipe
+
+
+def run(capsys, *args) -> tuple[int, dict | str]:
+    code = aha(["pipeline", *map(str, args), "--json"])
+    out, err = capsys.readouterr()
+    if code:
+        return code, err.strip()
+    return code, json.loads(out.strip().splitlines()[-1])
+
+
+def ran(summary: dict) -> list[str]:
+    return [s["name"] for s in summary["stages"] if not s["skipped"]]
+
+
+def test_stages_run_and_are_recorded(tmp_path, capsys):
+    code, summary = run(capsys, two_rs_stages(tmp_path))
+    assert code == 0 and ran(summary) == ["rs-a", "rs-b"]
+    a, b = summary["stages"]
+    # samples: 2 right (different texts), 1 wrong, 1 without a thought -> 2 kept by rs-a.
+    assert a["result"]["kept"] == 2 and a["result"]["dropped"]["incorrect"] == 1
+    # rs-b keeps 1 and mixes in 1 of rs-a's 2 lines: share 0.5.
+    assert b["result"]["kept"] == 1 and b["result"]["direct"] == 1
+    record = json.loads((tmp_path / "runs/t/stages/rs-a.json").read_text())
+    assert record["status"] == "done" and record["attempts"] == 1
+    assert record["output_hash"] == hash_path(tmp_path / "runs/t/rs-a/rs.jsonl")
+    assert record["inputs"]["samples"] == hash_path(tmp_path / "samples.jsonl")
+    # rs-b's input from rs-a is rs-a's output, by the hash recorded when rs-a finished.
+    b_record = json.loads((tmp_path / "runs/t/stages/rs-b.json").read_text())
+    assert b_record["inputs"]["direct"] == record["output_hash"]
+
+
+def test_resume_skips_what_is_done_and_unchanged(tmp_path, capsys):
+    recipe = two_rs_stages(tmp_path)
+    run(capsys, recipe)
+    code, summary = run(capsys, recipe, "--resume")
+    assert code == 0 and ran(summary) == []
+
+
+def test_without_resume_an_existing_run_is_refused(tmp_path, capsys):
+    recipe = two_rs_stages(tmp_path)
+    run(capsys, recipe)
+    code, err = run(capsys, recipe)
+    assert code == 2 and "--resume continues it" in err
+
+
+def test_a_changed_setting_reruns_that_stage_and_what_depends_on_its_output(tmp_path, capsys):
+    recipe = two_rs_stages(tmp_path, m=2)
+    run(capsys, recipe)
+    two_rs_stages(tmp_path, m=1)  # rs-a keeps 1 now: its output changes, so rs-b's input does
+    code, summary = run(capsys, recipe, "--resume")
+    assert ran(summary) == ["rs-a", "rs-b"]
+    assert summary["stages"][0]["attempts"] == 2
+
+
+def test_a_rerun_with_the_same_output_leaves_later_stages_alone(tmp_path, capsys):
+    recipe = two_rs_stages(tmp_path, m=2)
+    run(capsys, recipe)
+    (tmp_path / "runs/t/rs-a/rs.jsonl").write_text("")  # an output damaged after the run
+    code, summary = run(capsys, recipe, "--resume")
+    # rs-a runs again and writes what it wrote the first time: rs-b's inputs are unchanged.
+    assert ran(summary) == ["rs-a"]
+
+
+def test_a_changed_input_file_reruns_every_stage_that_reads_it(tmp_path, capsys):
+    recipe = two_rs_stages(tmp_path)
+    run(capsys, recipe)
+    write_samples(tmp_path / "samples.jsonl", [GOOD])
+    code, summary = run(capsys, recipe, "--resume")
+    assert ran(summary) == ["rs-a", "rs-b"]
+
+
+def test_a_stage_that_never_finished_runs_again(tmp_path, capsys):
+    recipe = two_rs_stages(tmp_path)
+    run(capsys, recipe)
+    record_file = tmp_path / "runs/t/stages/rs-b.json"
+    record = json.loads(record_file.read_text())
+    record_file.write_text(json.dumps({**record, "status": "running"}))  # as a killed run leaves it
+    code, summary = run(capsys, recipe, "--resume")
+    assert ran(summary) == ["rs-b"] and summary["stages"][1]["attempts"] == 2
+
+
+RECIPE_ERRORS = [
+    (
+        '[[stages]]\nname = "a"\nkind = "ppo"\nmodel = "m"\n',
+        "stages.0 (a).kind: unknown stage kind 'ppo'; one of sft, grpo, rs, eval, distill",
+    ),
+    (
+        '[[stages]]\nname = "a"\nkind = "sft"\nmodel = "nowhere"\ndata = ["d.jsonl"]\n',
+        "stages.0 (a).model: no model at",
+    ),
+    (
+        '[[stages]]\nname = "a"\nkind = "sft"\nmodel = "model"\ndata = ["missing.jsonl"]\n',
+        "stages.0 (a).data.0: no such file:",
+    ),
+    (
+        '[[stages]]\nname = "a"\nkind = "sft"\nmodel = "model"\ndata = ["d.jsonl"]\nstep = 3\n',
+        "stages.0 (a).step: Extra inputs are not permitted",
+    ),
+    (
+        '[[stages]]\nname = "a"\nkind = "sft"\ndata = ["d.jsonl"]\n',
+        "stages.0 (a).model: Field required",
+    ),
+    (
+        '[[stages]]\nname = "a"\nkind = "grpo"\nmodel = "@b"\n'
+        '[[stages]]\nname = "b"\nkind = "sft"\nmodel = "model"\ndata = ["d.jsonl"]\n',
+        "stages.0 (a).model: '@b' refers to a later stage",
+    ),
+    (
+        '[[stages]]\nname = "a"\nkind = "grpo"\nmodel = "model"\nup = { actors = 0 }\n',
+        "stages.0 (a).up.actors: Input should be greater than or equal to 1",
+    ),
+    (
+        '[[stages]]\nname = "a"\nkind = "eval"\nsamples = "d.jsonl"\nbench = "nope"\n',
+        "stages.0 (a).bench:",
+    ),
+    (
+        '[[stages]]\nname = "a"\nkind = "rs"\nmodel = "model"\n',
+        "stages.0 (a).prompts: required with model",
+    ),
+    ("[pipeline]\nname = 'x'\n", "stages: Field required"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), RECIPE_ERRORS)
+def test_a_bad_recipe_is_one_line_naming_the_file_and_the_stage_field(
+    tmp_path, capsys, monkeypatch, text, expected
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(text)
+    code, err = run(capsys, recipe)
+    assert code == 2
+    assert err.startswith("aha pipeline: error: ") and len(err.splitlines()) == 1
+    assert expected in err and str(recipe) in err
+    assert not (tmp_path / "runs").exists()  # refused before any work
+
+
+def test_the_demo_recipe_is_valid():
+    from pipeline.recipe import Run, demo_recipe, load_recipe
+
+    recipe = load_recipe(demo_recipe())
+    Run(recipe, demo_recipe()).check()
+    kinds = [s.kind for s in recipe.stages]
+    assert {"sft", "grpo", "rs", "eval", "distill"} == set(kinds)

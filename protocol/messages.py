@@ -396,6 +396,11 @@ class WeightManifest(_Message):
     """HF-style index object stored next to the shards."""
     created_at: float = Field(default_factory=time.time)
     """Unix time the manifest was written."""
+    sources: list[Annotated[str, Field(pattern=r"^http://[^/\s]+/[0-9a-f]{16,64}$")]] = Field(
+        default_factory=list, max_length=8
+    )
+    """HTTP servers of this version's shards (`http://host:port/<token>`, the file is
+    `<source>/v<version>/<name>`), tried before the object store (`protocol.weight_server`)."""
 
     @property
     def prefix(self) -> str:

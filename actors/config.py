@@ -42,6 +42,10 @@ class ActorConfig(BaseModel):
     temporary folder)."""
     seed: int = 0
     """Engine sampling seed (tasks may carry their own)."""
+    model_dirs: list[str] = Field(default_factory=list)
+    """Folders whose models a task may ask to be sampled with (`Task.model`: the folder or
+    one under it; besides `model` itself). Anything else is refused: a task is not trusted
+    to point the actor at any path it can read."""
     shutdown_grace_s: float = Field(30.0, ge=0)
     """On SIGTERM, how long tasks in flight may run to completion; the rest are released
     (nak) for another actor at once. Keep it under the orchestrator's kill timeout."""

@@ -2,15 +2,27 @@
 
     run()
       1. start the engine on `actor.model`, then connect
-      2. load the published `latest` weights, if any, before taking a task
+      2. wait for the streams (a part started before the learner made them), then load the
+         published `latest` weights, if any, before taking a task
       3. watch `latest`: each new version is fetched, verified and loaded between generations
-      4. the stage loop: each task -> G completions -> one Rollout tagged with the version
+      4. the stage loop: each task -> G completions -> one Rollout tagged with the version;
+         a task naming a model folder (`Task.model`, a generation job's fixed model) is
+         sampled with that folder's weights, reported as version 0
       5. on SIGTERM: finish what is held within `shutdown_grace_s`, release the rest, drain;
          before the first task (connecting, starting the engine, loading weights) it stops
          at once (`protocol.stage.stop_on_signals`)
 
 Many actors share the `actors` durable consumer; a task an actor dies holding comes back to
 another after the ack wait.
+
+Switching models: the engine serves one model at a time. A task for another one waits for
+the generations in flight, then the engine is started again on that folder (its tokenizer
+too) — a new architecture or tokenizer is fine; the HF engine reloads in seconds, vLLM
+restarts its engine (and workers) in this process, about as long as an actor's start. Back
+to the learner's policy, the actor's own `model` is started again and `latest` loaded. The
+actor's own folder needs no restart while no learner weights were loaded over it. Tasks of
+different models interleaved on one actor each pay a switch: give each job's actors their
+own pool, or let a job's window keep its tasks together.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ import asyncio
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import structlog
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -40,6 +53,7 @@ from protocol.stage import (
     stop_on_signals,
     watch_max_deliveries,
 )
+from protocol.streams import wait_for_streams
 
 log = structlog.get_logger("actors.service")
 
@@ -114,11 +128,71 @@ class Actor:
         self.kv = None
         """The policy KV bucket, once `run` has opened it."""
         self._loading = asyncio.Lock()
+        self.serving: str | None = None
+        """The model folder served for tasks that name one; None: the learner's policy."""
+        self.engine_model = str(Path(config.model).resolve())
+        """The folder the engine was started on."""
+        self._switch = asyncio.Condition()
+        self._active = 0
+        """Generations running on the model served now (a switch waits for none)."""
+
+    def allowed(self, model: str) -> str:
+        """The resolved folder of a task's `model`; ValueError unless it is the actor's own
+        `model` or under one of `model_dirs`."""
+        folder = Path(model).resolve()
+        roots = [
+            Path(self.config.model).resolve(),
+            *(Path(d).resolve() for d in self.config.model_dirs),
+        ]
+        if not any(folder == root or folder.is_relative_to(root) for root in roots):
+            raise ValueError(f"model {model!r} is not under actor.model_dirs")
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"model {model!r} has no config.json")
+        return str(folder)
+
+    async def _use(self, model: str | None) -> None:
+        """Serve `model` (a folder; None: the learner's policy) for one more generation."""
+        want = None if model is None else self.allowed(model)
+        async with self._switch:
+            await self._switch.wait_for(lambda: self.serving == want or self._active == 0)
+            if self.serving != want:
+                await self._serve_model(want)
+            self._active += 1
+
+    async def _done(self) -> None:
+        async with self._switch:
+            self._active -= 1
+            self._switch.notify_all()
+
+    async def _serve_model(self, want: str | None) -> None:
+        """Switch the idle engine to `want`: the folder's own weights need no restart while
+        the engine holds them untouched (version 0 of that folder)."""
+        own = str(Path(self.config.model).resolve())
+        folder = want or own
+        async with self._loading:
+            if folder != self.engine_model or (want is not None and self.engine.version != 0):
+                from transformers import AutoTokenizer
+
+                log.info("switching model", serving=folder, was=self.engine_model)
+                await self.engine.close()
+                self.engine = await setup_actor_engine(self.config, folder)
+                self.tokenizer = AutoTokenizer.from_pretrained(folder)
+                self.engine_model = folder
+            self.serving = want
+        if want is None and self.kv is not None:
+            await self.serve_latest(self.kv)
 
     async def rollout(self, task: Task) -> Rollout:
-        """G completions of one task with the weights served now."""
+        """G completions of one task with the weights served now (or its model's)."""
+        await self._use(task.model)
+        try:
+            return await self._rollout(task)
+        finally:
+            await self._done()
+
+    async def _rollout(self, task: Task) -> Rollout:
         picked = time.time()
-        if task.issued_version > self.engine.version and self.kv is not None:
+        if task.model is None and task.issued_version > self.engine.version and self.kv:
             # Issued after weights we do not serve yet (their KV notice has not come): serve
             # them first, so no rollout is older than its task and η holds from the start.
             await self.serve_latest(self.kv)
@@ -147,6 +221,7 @@ class Actor:
         log.info(
             "rollout",
             task_id=task.task_id,
+            job=task.job,
             policy_version=gen.policy_version,
             tokens=gen.num_tokens,
             seconds=round(gen.seconds, 3),
@@ -202,6 +277,8 @@ class Actor:
         while True:
             try:
                 async with self._loading:
+                    if self.serving is not None:  # a fixed model now: latest when back
+                        return
                     manifest = await latest_manifest(kv)
                     if manifest is not None:
                         await self.serve(manifest)
@@ -213,6 +290,7 @@ class Actor:
 
     async def run(self, stop: asyncio.Event, *, max_messages: int | None = None) -> StageStats:
         """Catch up with `latest`, then turn tasks into rollouts until `stop`; follow weights."""
+        await wait_for_streams(self.bus.js)
         kv = self.kv = await self.bus.js.key_value(KV_POLICY)
         await self.serve_latest(kv)  # started mid-run: serve the current policy from the first task
         VERSION.labels(self.config.actor_id).set(self.engine.version)
@@ -279,8 +357,8 @@ async def latest_manifest(kv) -> WeightManifest | None:
         return None
 
 
-async def setup_actor_engine(config: ActorConfig):
-    """The engine `config` asks for, serving `config.model` as version 0."""
+async def setup_actor_engine(config: ActorConfig, model: str | None = None):
+    """The engine `config` asks for, serving `model` (default `config.model`) as version 0."""
     from actors.backends import setup_engine
 
     kwargs = {"dtype": config.dtype}
@@ -292,7 +370,7 @@ async def setup_actor_engine(config: ActorConfig):
             gpu_memory_utilization=config.gpu_memory_utilization,
             tensor_parallel_size=config.gpus,
         )
-    return await setup_engine(config.backend, config.model, **kwargs)
+    return await setup_engine(config.backend, model or config.model, **kwargs)
 
 
 async def run(config: ActorConfig, stop: asyncio.Event | None = None) -> int:
@@ -303,6 +381,7 @@ async def run(config: ActorConfig, stop: asyncio.Event | None = None) -> int:
     # The engine first: its start blocks the event loop (minutes on a busy CPU), and a NATS
     # connection opened before would miss the server's pings and be dropped meanwhile.
     engine = await setup_actor_engine(config)
+    actor = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.model)
         bus = await Bus.connect(config.bus, name=f"aha-actor-{config.actor_id}")
@@ -315,7 +394,7 @@ async def run(config: ActorConfig, stop: asyncio.Event | None = None) -> int:
         finally:
             await bus.close()
     finally:
-        await engine.close()
+        await (engine if actor is None else actor.engine).close()  # the one it serves now
     return 0
 
 

@@ -138,31 +138,54 @@ def _score(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
-@command("eval", "R1's evaluation (pass@1, pass@k, cons@k, lengths, reflection) of a samples file")
+@command(
+    "eval",
+    "R1's evaluation (pass@1, pass@k, cons@k, lengths, reflection): a model or a samples file",
+)
 def _eval(p: argparse.ArgumentParser) -> None:
     p.add_argument(
+        "--model",
+        metavar="DIR",
+        help="HF folder: sample each benchmark's problems through the bus (aha generate), then score",
+    )
+    p.add_argument(
         "--samples-from",
-        required=True,
         metavar="FILE",
-        help='JSONL, a line per problem: {"id", "reference", "samples": [{"text", "n_tokens"?, "finish_reason"?}]}; scored again with the benchmark\'s rewards',
+        help='or JSONL, a line per problem: {"id", "reference", "samples": [{"text", "n_tokens"?, "finish_reason"?}]}; scored again with the benchmark\'s rewards',
     )
     p.add_argument(
         "--bench",
-        required=True,
-        help="gsm8k, math500, aime24, amc23 or humaneval (its rewards and how answers vote)",
+        help="gsm8k, math500, aime24, amc23 or humaneval (with --model: several, comma-separated)",
     )
     p.add_argument(
         "-o",
         "--output",
         required=True,
         metavar="DIR",
-        help="folder for summary.json and scored.jsonl (never overwritten)",
+        help="folder for summary.json and scored.jsonl (never overwritten; with --model also <bench>.samples.jsonl, resumed when there)",
     )
     p.add_argument(
         "--k",
         type=_positive(int),
-        help="samples per problem: the first K of each line (default: all; every line must then have as many)",
+        help="samples per problem (--model: default 64, R1's; --samples-from: the first K of each line, default all)",
     )
+    p.add_argument("--temperature", type=float, default=0.6, help="--model: default 0.6 (R1's)")
+    p.add_argument("--top-p", type=float, default=0.95, help="--model: default 0.95 (R1's)")
+    p.add_argument(
+        "--greedy", action="store_true", help="--model: one sample at temperature 0 instead"
+    )
+    p.add_argument(
+        "--max-tokens", type=_positive(int), default=32768, help="--model: default 32768 (R1's)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="--model: sampling seed")
+    p.add_argument(
+        "--limit", type=_positive(int), help="--model: the first N problems of each benchmark"
+    )
+    p.add_argument(
+        "--nats-url", help="--model: use this bus's actors and rewarders (default: embedded)"
+    )
+    p.add_argument("--window", type=_positive(int), default=64, help="--model: tasks in flight")
+    p.add_argument("--engine", choices=["vllm", "hf"], help="--model: embedded actors' engine")
     p.add_argument("--workers", type=_positive(int), default=2, help="verifier processes")
     p.add_argument(
         "--timeout",
@@ -358,6 +381,59 @@ def _pipeline(p: argparse.ArgumentParser) -> None:
 
     def run(args):
         from pipeline.recipe import main
+
+        return main(args)
+
+    p.set_defaults(func=run)
+
+
+@command("generate", "k samples per prompt from a model folder, through the bus, scored")
+def _generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF model folder to sample from")
+    p.add_argument(
+        "--prompts",
+        required=True,
+        metavar="FILE",
+        help='JSONL, a line per problem: {"id"?, "prompt", "answer"} (the prompt as the model sees it)',
+    )
+    p.add_argument("--prompt-field", default="prompt", help="JSON field of the prompt")
+    p.add_argument("--answer-field", default="answer", help="JSON field of the reference")
+    p.add_argument("--k", type=int, default=1, help="samples per problem (default 1)")
+    p.add_argument("--temperature", type=float, default=0.6, help="default 0.6 (R1's)")
+    p.add_argument("--top-p", type=float, default=0.95, help="default 0.95 (R1's)")
+    p.add_argument("--max-tokens", type=_positive(int), default=1024, help="default 1024")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (each task its own)")
+    p.add_argument(
+        "--rewards",
+        required=True,
+        metavar="NAME[=W],...",
+        help="rewards scored for every sample, e.g. accuracy_math,format_think=0.1",
+    )
+    p.add_argument(
+        "--answer-tag",
+        action="store_true",
+        help="only an <answer>...</answer> counts as the answer (meta.answer_tag)",
+    )
+    p.add_argument(
+        "-o", "--output", required=True, metavar="FILE", help="samples JSONL, a line per problem"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep OUTPUT's lines and generate the rest (without it an existing OUTPUT is refused)",
+    )
+    p.add_argument(
+        "--nats-url",
+        help="use the actors and rewarders on this bus (default: start an embedded one)",
+    )
+    p.add_argument("--job", help="the job's name (default: derived from OUTPUT and settings)")
+    p.add_argument("--window", type=_positive(int), default=64, help="tasks in flight at most")
+    p.add_argument("--actors", type=_positive(int), default=1, help="embedded actors")
+    p.add_argument("--rewarders", type=_positive(int), default=1, help="embedded rewarders")
+    p.add_argument("--engine", choices=["vllm", "hf"], help="embedded actors' engine")
+
+    def run(args):
+        from pipeline.generate import main
 
         return main(args)
 

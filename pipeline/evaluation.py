@@ -104,12 +104,20 @@ def evaluate(
     timeout_s: float = 30.0,
     words: Sequence[str] = REFLECTION_WORDS,
     progress: bool = False,
+    scored_by_rewarders: bool = False,
 ) -> tuple[dict, list[dict]]:
-    """(the benchmark's metrics, one result row per sample) for `problems`."""
+    """(the benchmark's metrics, one result row per sample) for `problems`.
+
+    `scored_by_rewarders`: the samples carry the rewarders' scores for the benchmark's rewards
+    (what `aha generate` wrote); they are used as they are instead of scoring again."""
     jobs = [Job(s.text, p.reference, bench.rewards) for p in problems for s in p.samples]
     answers = [[extract_answer(bench, s.text) for s in p.samples] for p in problems]
     with VerifierPool(workers=workers, timeout_s=timeout_s) as pool:
-        scores, notes = _run(pool, jobs, f"scoring {bench.name}", progress)
+        if scored_by_rewarders:
+            scores = [rewarders_score(s) for p in problems for s in p.samples]
+            notes = {}
+        else:
+            scores, notes = _run(pool, jobs, f"scoring {bench.name}", progress)
         if bench.vote == "math":
             groups = vote_groups(answers, pool, progress)
         else:
@@ -148,6 +156,11 @@ def evaluate(
     return summarize(scored, vote=bench.vote is not None, words=words), rows
 
 
+def rewarders_score(sample) -> Score:
+    """The score a samples-file entry carries (as the rewarders gave it)."""
+    return Score(reward=sample.reward, components=sample.components or {}, error=sample.error)
+
+
 def print_table(name: str, metrics: dict[str, Any]) -> None:
     """The summary as a rich table on stdout."""
     from rich.console import Console
@@ -181,16 +194,37 @@ def print_table(name: str, metrics: dict[str, Any]) -> None:
 
 
 def main(args) -> int:
-    """The `aha eval` command (only `--samples-from` exists so far)."""
+    """The `aha eval` command: a samples file (`--samples-from`), or a model through the bus
+    (`--model`)."""
+    if args.model is not None:
+        return main_model(args)
+    if args.samples_from is None or args.bench is None:
+        raise SamplesError("--samples-from FILE --bench NAME, or --model DIR")
     bench = get_benchmark(args.bench)
     source, out = Path(args.samples_from), Path(args.output)
-    words = tuple(w.strip() for w in args.reflection_words.split(",") if w.strip())
+    words = reflection_words(args)
     problems = read_samples(source, args.k, lambda problem: check_problem(problem, bench))
     check_output(out)
     progress = sys.stderr.isatty()
     metrics, rows = evaluate(problems, bench, args.workers, args.timeout, words, progress)
     metrics["settings"] = {
         "samples_from": str(source),
+        **_settings(bench, args, words),
+    }
+    write_results(out, {bench.name: metrics}, rows)
+    print_table(bench.title, metrics)
+    print(f"{len(rows)} samples of {len(problems)} problems scored -> {out}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({bench.name: metrics}, allow_nan=False))
+    return 0
+
+
+def reflection_words(args) -> tuple[str, ...]:
+    return tuple(w.strip() for w in args.reflection_words.split(",") if w.strip())
+
+
+def _settings(bench: Benchmark, args, words) -> dict:
+    return {
         "rewards": bench.rewards,
         "correct": f"{bench.accuracy} = 1",
         "template": bench.template,
@@ -199,12 +233,81 @@ def main(args) -> int:
         "reflection_words": list(words),
         "ties": "the answer given first among the n samples",
     }
-    summary = {bench.name: metrics}
+
+
+def write_results(out: Path, summary: dict, rows: list[dict]) -> None:
     with open(out / SCORED, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
     (out / SUMMARY).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    print_table(bench.title, metrics)
-    print(f"{len(rows)} samples of {len(problems)} problems scored -> {out}", file=sys.stderr)
+
+
+def eval_settings(args) -> tuple[list[Benchmark], int, Any]:
+    """The benchmarks, k and sampling of `aha eval --model`, checked before anything starts:
+    `--greedy` is one sample at temperature 0."""
+    from protocol.messages import Sampling
+
+    names = [n.strip() for n in (args.bench or "").split(",") if n.strip()]
+    if not names:
+        raise SamplesError("--bench: name at least one benchmark")
+    benches = [get_benchmark(n) for n in names]
+    k = 1 if args.greedy else (args.k or 64)
+    if k < 1:
+        raise SamplesError(f"--k: {k}, must be at least 1")
+    temperature = 0.0 if args.greedy else args.temperature
+    sampling = Sampling(
+        temperature=temperature,
+        top_p=1.0 if args.greedy else args.top_p,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
+    return benches, k, sampling
+
+
+def main_model(args) -> int:
+    """`aha eval --model DIR --bench A,B`: each benchmark's problems (the first `--limit`)
+    through `pipeline.generate` (resumable: `DIR/<bench>.samples.jsonl`), the rewarders'
+    scores summarised as `--samples-from` does."""
+    from pipeline.generate import generate
+
+    benches, k, sampling = eval_settings(args)
+    out, words = Path(args.output), reflection_words(args)
+    check_output(out)
+    summary, rows = {}, []
+    for bench in benches:
+        chosen = bench.problems()[: args.limit]
+        problems = [
+            {"id": p.id, "bench": bench.name, "prompt": bench.prompt(p), "reference": p.reference}
+            for p in chosen
+        ]
+        path = out / f"{bench.name}.samples.jsonl"
+        generate(
+            args.model,
+            problems,
+            k=k,
+            sampling=sampling,
+            rewards=bench.rewards,
+            out=path,
+            nats_url=args.nats_url,
+            resume=path.exists(),
+            window=args.window,
+            engine=args.engine,
+            progress=sys.stderr.isatty(),
+        )
+        samples = read_samples(path, k, lambda problem, b=bench: check_problem(problem, b))
+        metrics, bench_rows = evaluate(
+            samples, bench, args.workers, args.timeout, words, scored_by_rewarders=True
+        )
+        metrics["settings"] = {
+            "model": str(args.model),
+            "sampling": sampling.model_dump(),
+            "samples": str(path),
+            **_settings(bench, args, words),
+        }
+        summary[bench.name] = metrics
+        rows += [{"bench": bench.name, **row} for row in bench_rows]
+        print_table(bench.title, metrics)
+    write_results(out, summary, rows)
+    print(f"{len(rows)} samples of {len(benches)} benchmarks -> {out}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary, allow_nan=False))
     return 0

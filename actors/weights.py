@@ -2,9 +2,10 @@
 
 A `WeightManifest` (KV `aha-policy` / `latest`) names a version's shards with their sha256.
 An actor gets the files from the shared volume when the manifest carries paths that are
-there and verify, else from the object store (every shard at once, each hashed while it
-arrives and written once), verifies every sha256, and only then asks the engine
-to load them. Any missing or corrupt shard, or weights that do not fit the model, raise
+there and verify, else over HTTP from the manifest's `sources` (the learner, or a peer it
+redirects to; `protocol.weight_server`), with the object store for any shard HTTP did not
+deliver intact; every shard is hashed while it arrives and written once. Only when every
+sha256 matches does it ask the engine to load them. Any missing or corrupt shard, or weights that do not fit the model, raise
 `WeightsRejected` before the engine is touched: it keeps serving the version it had.
 """
 
@@ -15,17 +16,22 @@ import shutil
 import time
 from pathlib import Path
 
+import structlog
+
 from actors.engine import Engine
-from protocol.messages import WeightManifest
+from protocol.messages import Shard, WeightManifest
 from protocol.names import OBJECT_STORE_WEIGHTS
+from protocol.weight_server import WeightServer, WeightServerConfig, fetch_shard, is_file_name
 from protocol.weights import (
     ShardError,
-    check_objects,
+    check_object,
     download_shard,
     local_shards,
     object_name,
     widen_reads,
 )
+
+log = structlog.get_logger("actors.weights")
 
 
 class WeightsRejected(RuntimeError):
@@ -37,58 +43,145 @@ class WeightsRejected(RuntimeError):
         self.reason = reason
 
 
-async def download_shards(js, manifest: WeightManifest, directory: str | Path) -> list[Path]:
-    """Download every shard of `manifest` from the object store into `directory`, each verified
-    while it arrives (`protocol.weights.download_shard`). Raises `ShardError` for a missing or
-    corrupt shard, whose file is then removed: a version is taken whole or not at all.
-
-    One shard at a time: the server pushes an object's chunks as fast as flow control lets it,
-    and several objects pushed at once to one connection overflow the server's per-client
-    buffer (`max_pending`), which then drops the connection as a slow consumer. One stream
-    already keeps the socket full; the hashing and writing run beside it in a thread.
+async def download_shards(
+    js,
+    manifest: WeightManifest,
+    directory: str | Path,
+    *,
+    relay: WeightServer | None = None,
+    http: WeightServerConfig | None = None,
+) -> list[Path]:
+    """Every shard of `manifest` into `directory`, each verified as it arrives: over HTTP from
+    the manifest's `sources` (passing the bytes on through `relay` as they land), else, shard
+    by shard, from the object store. Raises `ShardError` for a shard no source delivers intact,
+    whose file is then removed: a version is taken whole or not at all.
     """
-    directory = Path(directory)
+    paths, _ = await _download(js, manifest, Path(directory), relay, http or WeightServerConfig())
+    return paths
+
+
+async def _download(
+    js, manifest: WeightManifest, directory: Path, relay, http: WeightServerConfig
+) -> tuple[list[Path], str]:
+    """`download_shards`, and where the bytes came from: `http`, `store` or `http+store`."""
     directory.mkdir(parents=True, exist_ok=True)
+    for shard in manifest.shards:
+        if not is_file_name(shard.name):
+            raise ShardError(f"shard {shard.name[:200]!r}: not a plain file name")
+    missing = list(manifest.shards)
+    source = "store"
+    if manifest.sources and http.enabled:
+        missing = await fetch_over_http(manifest, directory, relay, http)
+        source = "http+store" if missing else "http"
+    if missing:
+        await fetch_from_store(js, manifest, directory, missing)
+    return [directory / s.name for s in manifest.shards], source
+
+
+async def fetch_over_http(
+    manifest: WeightManifest, directory: Path, relay: WeightServer | None, http: WeightServerConfig
+) -> list[Shard]:
+    """Fetch the shards from the first source, `http.parallel` at once; the shards it did not
+    deliver intact (logged), for the object store to supply."""
+    source = manifest.sources[0]
+    token = source.rsplit("/", 1)[-1]
+    entries = relay.receiving(token, manifest.version, directory, manifest.shards) if relay else {}
+    gate = asyncio.Semaphore(http.parallel)
+    failed: list[Shard] = []
+
+    async def one(shard: Shard) -> None:
+        entry = entries.get(shard.name)
+        async with gate:
+            try:
+                await asyncio.to_thread(
+                    fetch_shard,
+                    f"{source}/v{manifest.version}/{shard.name}",
+                    shard,
+                    directory / shard.name,
+                    relay=relay.base if relay else None,
+                    entry=entry,
+                    stall_s=http.stall_s,
+                )
+            except ShardError as e:
+                log.warning("shard over HTTP failed: from the object store", error=str(e))
+                if entry is not None:
+                    entry.fail()
+                failed.append(shard)
+
+    await asyncio.gather(*(one(s) for s in manifest.shards))
+    return failed
+
+
+async def fetch_from_store(js, manifest: WeightManifest, directory: Path, shards: list[Shard]):
+    """Download `shards` from the object store, one at a time: the server pushes an object's
+    chunks as fast as flow control lets it, and several objects pushed at once to one
+    connection overflow the server's per-client buffer (`max_pending`), which then drops the
+    connection as a slow consumer. One stream already keeps the socket full; the hashing and
+    writing run beside it in a thread."""
     widen_reads()
     store = await js.object_store(OBJECT_STORE_WEIGHTS)
     # Every object's size and sha256 are checked against the manifest before any download,
     # so a replaced or missing shard is refused before a byte of the others is fetched.
-    await check_objects(store, manifest)
-    paths = []
-    for shard in manifest.shards:
+    for shard in shards:
+        await check_object(store, object_name(manifest.version, shard.name), shard)
+    for shard in shards:
         name = object_name(manifest.version, shard.name)
-        paths.append(await download_shard(js, store, name, shard, directory / shard.name))
-    return paths
+        await download_shard(js, store, name, shard, directory / shard.name)
 
 
 async def fetch_shards(
-    js, manifest: WeightManifest, directory: str | Path
+    js,
+    manifest: WeightManifest,
+    directory: str | Path,
+    *,
+    relay: WeightServer | None = None,
+    http: WeightServerConfig | None = None,
 ) -> tuple[list[Path], str]:
-    """The verified shard files of `manifest` and where they came from (`shared` or `store`)."""
+    """The verified shard files of `manifest` and where they came from: `shared` (the shared
+    volume), `http`, `store`, or `http+store` (the object store supplied what HTTP did not)."""
     shared = await asyncio.to_thread(local_shards, manifest)
     if shared is not None:
         return shared, "shared"
-    return await download_shards(js, manifest, directory), "store"
+    return await _download(js, manifest, Path(directory), relay, http or WeightServerConfig())
+
+
+RELAY_VERSIONS = 2
+"""Versions an actor keeps passing on: the one it serves and the one before, for a peer that
+started on it a moment ago."""
 
 
 async def load_manifest(
-    engine: Engine, js, manifest: WeightManifest, directory: str | Path
+    engine: Engine,
+    js,
+    manifest: WeightManifest,
+    directory: str | Path,
+    *,
+    relay: WeightServer | None = None,
+    http: WeightServerConfig | None = None,
 ) -> dict[str, float | str | int]:
     """Fetch, verify and load `manifest` into `engine`; returns what it cost.
 
     Downloads go to `directory/v{version}/`, removed once loaded (the engines copy the
-    weights in). Raises `WeightsRejected` if anything is wrong; the engine is then unchanged.
+    weights in) unless `relay` passes them on, which keeps the newest `RELAY_VERSIONS`.
+    Raises `WeightsRejected` if anything is wrong; the engine is then unchanged.
     """
     started = time.perf_counter()
     target = Path(directory) / f"v{manifest.version}"
+    kept = False
     try:
-        paths, source = await fetch_shards(js, manifest, target)
+        paths, source = await fetch_shards(js, manifest, target, relay=relay, http=http)
         fetched = time.perf_counter()
         await engine.load_weights(paths, manifest.version)
+        kept = relay is not None and source.startswith("http")
     except (ShardError, ValueError, FileNotFoundError) as e:
         raise WeightsRejected(manifest.version, str(e)) from e
     finally:
-        shutil.rmtree(target, ignore_errors=True)
+        if relay is not None and kept:
+            relay.forget(RELAY_VERSIONS)
+        elif relay is not None:
+            relay.drop(manifest.version)
+        if not kept:
+            shutil.rmtree(target, ignore_errors=True)
     done = time.perf_counter()
     return {
         "version": manifest.version,

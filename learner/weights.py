@@ -1,8 +1,9 @@
-"""Weight broadcast: full weights -> safetensors shards -> object store -> `policy/latest`.
+"""Weight broadcast: full weights -> safetensors shards -> object store (+ HTTP) -> `latest`.
 
 `write_shards` runs on every rank (ZeRO-3 gathers each parameter with a collective) and
-writes on rank 0; `publish_weights` runs on rank 0 and makes the version visible to actors
-only once every object is stored. `export_model` writes an HF folder `from_pretrained` loads.
+writes on rank 0; `publish_weights` runs on rank 0, stores every object, serves the version
+over HTTP (`protocol.weight_server`, started with the learner by `weight_server`) and only then
+makes it visible to actors. `export_model` writes an HF folder `from_pretrained` loads.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 from protocol.codec import encode
 from protocol.messages import Shard, WeightManifest
 from protocol.names import KEY_LATEST, KV_POLICY, OBJECT_STORE_WEIGHTS
+from protocol.weight_server import WeightServer, WeightServerConfig
 from protocol.weights import (
     INDEX_NAME,
     describe_shard,
@@ -102,6 +104,18 @@ def write_shards(
     return shards
 
 
+_SERVERS: dict[WeightServerConfig, WeightServer] = {}
+
+
+def weight_server(config: WeightServerConfig) -> WeightServer | None:
+    """This process's HTTP server of weight versions, started on first use; None when off."""
+    if not config.enabled:
+        return None
+    if config not in _SERVERS:
+        _SERVERS[config] = WeightServer(config).start()
+    return _SERVERS[config]
+
+
 async def publish_weights(
     js,
     directory: str | Path,
@@ -111,12 +125,17 @@ async def publish_weights(
     step: int,
     dtype: str,
     keep_versions: int,
+    server: WeightServer | None = None,
 ) -> WeightManifest:
-    """Upload version `version` and only then point `policy/latest` at it; prune old versions.
+    """Upload version `version`, serve it, and only then point `policy/latest` at it; prune.
 
-    Every shard and the index go to the object store under `v{version}/`; the manifest is
+    Every shard and the index go to the object store under `v{version}/`. With a `server`,
+    the version is served over HTTP too and the manifest names it (`sources`): the server
+    takes the files over (a folder of its own is moved aside, so the caller's is gone; a
+    shared volume's stays where it is) and keeps the newest `keep_versions`. The manifest is
     written to the KV bucket after the last object is stored, so an actor that sees it can
-    fetch every shard. Afterwards all but the newest `keep_versions` versions are deleted.
+    fetch every shard from either. Afterwards all but the newest `keep_versions` versions
+    are deleted from the store.
     """
     directory = Path(directory)
     started = time.perf_counter()
@@ -129,7 +148,16 @@ async def publish_weights(
             for s in shards
         ),
     )
-    manifest = WeightManifest(version=version, step=step, shards=shards, dtype=dtype)
+    sources = []
+    if server is not None:
+        shared = all(s.path for s in shards)
+        folder = directory if shared else directory.rename(f"{directory}-served")
+        server.offer(version, folder, shards, owned=not shared)
+        server.forget(keep_versions)
+        sources = [server.url]
+    manifest = WeightManifest(
+        version=version, step=step, shards=shards, dtype=dtype, sources=sources
+    )
     kv = await js.key_value(KV_POLICY)
     await kv.put(KEY_LATEST, encode(manifest))
     deleted = await prune_versions(store, keep_versions)
@@ -143,6 +171,7 @@ async def publish_weights(
         seconds=round(seconds, 3),
         mb_per_s=round(manifest.total_bytes / 2**20 / max(seconds, 1e-9), 1),
         pruned_versions=deleted,
+        http=sources[0] if sources else None,
     )
     return manifest
 

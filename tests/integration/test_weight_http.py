@@ -1,0 +1,200 @@
+"""Weights over HTTP with relays, through a real nats-server: fan-out, refusals, fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors.hf_engine import HfEngine
+from actors.weights import WeightsRejected, download_shards, load_manifest
+from learner.weights import publish_weights, write_shards
+from pipeline.tiny_model import TinySpec, save_tiny_model
+from protocol.config import BusConfig
+from protocol.names import OBJECT_STORE_WEIGHTS
+from protocol.streams import connect, ensure_streams
+from protocol.weight_server import WeightServer, WeightServerConfig, fetch_shard
+from protocol.weights import ShardError, object_name, verify_shard
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+LOCAL = dict(host="127.0.0.1", advertise=None, stall_s=5.0)
+
+
+def server(fanout: int = 2) -> WeightServer:
+    return WeightServer(WeightServerConfig(fanout=fanout, **LOCAL)).start()
+
+
+@pytest.fixture
+async def js(nats_server):
+    config = BusConfig(url=nats_server.url)
+    nc = await connect(config)
+    js = nc.jetstream()
+    await ensure_streams(js, config)
+    yield js
+    await nc.close()
+
+
+@pytest.fixture(scope="module")
+def new_model(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny_model(tmp_path_factory.mktemp("tiny-seed1"), TinySpec(seed=1))
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+async def publish(js, model, directory: Path, version: int, learner: WeightServer):
+    shards = write_shards(model, directory, "float32", shard_mb=0.1)  # ~100 KiB: 7 shards
+    assert len(shards) > 4
+    return await publish_weights(
+        js,
+        directory,
+        shards,
+        version=version,
+        step=version,
+        dtype="float32",
+        keep_versions=2,
+        server=learner,
+    )
+
+
+def flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+async def test_three_actors_relay_so_the_learner_sends_one_copy(js, new_model, tmp_path):
+    """Fan-out 1: the learner sends the version to the first actor only and redirects the
+    others, who are chained behind it (learner -> a -> b -> c): the learner's outbound bytes are
+    one version whatever the actor count, and every actor ends with every shard verified."""
+    learner = server(fanout=1)
+    relays = [server(fanout=1) for _ in range(3)]
+    try:
+        manifest = await publish(js, new_model, tmp_path / "learner" / "v1", 1, learner)
+        assert manifest.sources == [learner.url]
+        assert not (tmp_path / "learner" / "v1").exists()  # the server took the files over
+        results = await asyncio.gather(
+            *(
+                download_shards(js, manifest, tmp_path / f"actor{i}", relay=relay)
+                for i, relay in enumerate(relays)
+            )
+        )
+        for paths in results:
+            for path, shard in zip(paths, manifest.shards, strict=True):
+                verify_shard(path, shard)  # re-read and re-hashed from disk
+        total = manifest.total_bytes
+        assert learner.sent_bytes == total
+        assert sorted(r.sent_bytes for r in relays) == [0, total, total]
+    finally:
+        for s in (learner, *relays):
+            s.close()
+
+
+async def test_actor_loads_over_http_and_keeps_relaying_two_versions(
+    js, tiny_model_dir, new_model, tmp_path
+):
+    learner, relay = server(), server()
+    engine = HfEngine(tiny_model_dir)
+    try:
+        for version in (1, 2, 3):
+            manifest = await publish(
+                js, new_model, tmp_path / "learner" / f"v{version}", version, learner
+            )
+            report = await load_manifest(engine, js, manifest, tmp_path / "actor", relay=relay)
+            assert report["source"] == "http" and engine.version == version
+        for name, tensor in new_model.state_dict().items():
+            assert torch.equal(engine.model.state_dict()[name], tensor), name
+        # The actor passes on the version it serves and the one before; older ones are gone.
+        assert sorted(p.name for p in (tmp_path / "actor").iterdir()) == ["v2", "v3"]
+        shard = manifest.shards[0]
+        path = f"/{learner.token}/v3/{shard.name}"
+        with urllib.request.urlopen(relay.base + path) as response:
+            assert response.read() == (tmp_path / "actor" / "v3" / shard.name).read_bytes()
+    finally:
+        learner.close()
+        relay.close()
+
+
+async def test_a_corrupt_file_over_http_comes_from_the_store(
+    js, tiny_model_dir, new_model, tmp_path
+):
+    learner = server()
+    engine = HfEngine(tiny_model_dir)
+    try:
+        manifest = await publish(js, new_model, tmp_path / "learner" / "v1", 1, learner)
+        flip_last_byte(tmp_path / "learner" / "v1-served" / manifest.shards[1].name)
+
+        report = await load_manifest(engine, js, manifest, tmp_path / "actor")
+
+        assert report["source"] == "http+store" and engine.version == 1
+        for name, tensor in new_model.state_dict().items():
+            assert torch.equal(engine.model.state_dict()[name], tensor), name
+    finally:
+        learner.close()
+
+
+async def test_corrupt_everywhere_is_refused_and_the_old_version_served(
+    js, tiny_model_dir, new_model, tmp_path
+):
+    learner = server()
+    engine = HfEngine(tiny_model_dir)
+    before = {n: p.detach().clone() for n, p in engine.model.state_dict().items()}
+    try:
+        manifest = await publish(js, new_model, tmp_path / "learner" / "v1", 1, learner)
+        shard = manifest.shards[-1]
+        flip_last_byte(tmp_path / "learner" / "v1-served" / shard.name)
+        store = await js.object_store(OBJECT_STORE_WEIGHTS)
+        data = bytearray((await store.get(object_name(1, shard.name))).data)
+        data[-1] ^= 0xFF
+        await store.put(object_name(1, shard.name), bytes(data))
+
+        with pytest.raises(WeightsRejected, match="sha256 mismatch"):
+            await load_manifest(engine, js, manifest, tmp_path / "actor")
+
+        assert engine.version == 0
+        after = engine.model.state_dict()
+        assert all(torch.equal(before[n], after[n]) for n in before)
+        assert not (tmp_path / "actor" / "v1").exists()
+    finally:
+        learner.close()
+
+
+async def test_a_learner_that_is_gone_leaves_the_store(js, tiny_model_dir, new_model, tmp_path):
+    learner = server()
+    manifest = await publish(js, new_model, tmp_path / "learner" / "v1", 1, learner)
+    learner.close()
+    engine = HfEngine(tiny_model_dir)
+
+    report = await load_manifest(engine, js, manifest, tmp_path / "actor")
+
+    assert report["source"] == "http+store" and engine.version == 1
+
+
+async def test_only_the_tokens_files_are_served(js, new_model, tmp_path):
+    learner = server()
+    try:
+        manifest = await publish(js, new_model, tmp_path / "learner" / "v1", 1, learner)
+        name = manifest.shards[0].name
+        for path in (
+            f"/{'0' * 32}/v1/{name}",  # another token
+            f"/{learner.token}/v2/{name}",  # a version not served
+            f"/{learner.token}/v1/..%2f..%2fetc%2fpasswd",
+            f"/{learner.token}/v1/../v1/{name}",
+        ):
+            with pytest.raises(urllib.error.HTTPError, match="404"):
+                urllib.request.urlopen(learner.base + path)
+        # Bytes that are not the shard's (another file here) are refused, nothing is left.
+        with pytest.raises(ShardError, match="bytes offered|sha256 mismatch"):
+            fetch_shard(
+                f"{learner.url}/v1/{name}",
+                manifest.shards[1],  # the wrong shard: size differs or the sha256 does
+                tmp_path / "x",
+            )
+        assert not (tmp_path / "x").exists()
+    finally:
+        learner.close()

@@ -1,0 +1,146 @@
+"""`aha pipeline` killed in a middle stage and resumed: only that stage (and the ones after it,
+which never ran) run again; the stage before it is skipped, its output untouched.
+
+Three cheap stages: rejection sampling of a hand-made samples file, `aha sft` of the tiny
+model on the kept pairs (a real DeepSpeed process: the stage that is killed), and a held-out
+evaluation of the fine-tuned model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+GOOD = "<think>3+6+0=9,2+5+0=7,1+4+0=5</think><answer>579</answer>"
+WRONG = "<think></think><answer>578</answer>"
+
+
+def write_inputs(folder: Path) -> Path:
+    from pipeline.tiny_model import TinySpec, save_tiny_model
+
+    save_tiny_model(folder / "tiny", TinySpec())
+    right = {"accuracy_gsm8k": 1.0, "format_think": 1.0}
+    wrong = {"accuracy_gsm8k": 0.0, "format_think": 0.0}
+    lines = [
+        {
+            "id": str(i),
+            "prompt": "Q:123+456=",
+            "reference": "579",
+            "samples": [
+                {"text": GOOD, "reward": 1.1, "components": right},
+                {"text": WRONG, "reward": 0.0, "components": wrong},
+            ],
+        }
+        for i in range(4)
+    ]
+    (folder / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    held_out = [{"prompt": f"Q:00{i}+001=", "answer": str(i + 1)} for i in range(5)]
+    (folder / "held_out.jsonl").write_text("".join(json.dumps(x) + "\n" for x in held_out))
+    recipe = folder / "r.toml"
+    recipe.write_text(
+        textwrap.dedent(
+            """
+            [pipeline]
+            name = "killed"
+
+            [[stages]]
+            name = "rs"
+            kind = "rs"
+            samples = "samples.jsonl"
+
+            [[stages]]
+            name = "sft"
+            kind = "sft"
+            model = "tiny"
+            data = ["@rs"]
+            steps = 2
+            batch = 4
+
+            [[stages]]
+            name = "eval"
+            kind = "eval"
+            models = { sft = "@sft" }
+            held_out = "held_out.jsonl"
+            k = 0
+            """
+        )
+    )
+    return recipe
+
+
+def pipeline(folder: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "deploy.cli", "pipeline", "r.toml", "--json", *args],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+def wait_for(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_a_run_killed_in_a_middle_stage_resumes_there(tmp_path):
+    recipe = write_inputs(tmp_path)
+    assert recipe.exists()
+    run_dir = tmp_path / "runs" / "killed"
+    sft_record = run_dir / "stages" / "sft.json"
+    first = pipeline(tmp_path)
+
+    def sft_started() -> bool:
+        try:
+            running = json.loads(sft_record.read_text())["status"] == "running"
+        except (OSError, ValueError):
+            return False
+        return running and bool(children_of(first.pid))
+
+    wait_for(sft_started, 60, "the sft stage to start")
+    sft_process = children_of(first.pid)[0]
+    os.kill(first.pid, signal.SIGKILL)  # the pipeline only: its stage must not outlive it
+    first.wait()
+    wait_for(lambda: not alive(sft_process), 10, "the orphaned sft process to die")
+    rs_record = json.loads((run_dir / "stages" / "rs.json").read_text())
+    assert rs_record["status"] == "done"
+    assert json.loads(sft_record.read_text())["status"] == "running"
+    assert not (run_dir / "eval").exists()
+    rs_output = (run_dir / "rs" / "rs.jsonl").stat().st_mtime_ns
+
+    second = pipeline(tmp_path, "--resume")
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err.decode()[-2000:]
+    summary = json.loads(out.decode().strip().splitlines()[-1])
+    by_name = {s["name"]: s for s in summary["stages"]}
+    assert by_name["rs"]["skipped"] and by_name["rs"]["attempts"] == 1
+    assert not by_name["sft"]["skipped"] and by_name["sft"]["attempts"] == 2
+    assert not by_name["eval"]["skipped"] and by_name["eval"]["attempts"] == 1
+    assert (run_dir / "rs" / "rs.jsonl").stat().st_mtime_ns == rs_output
+    assert (run_dir / "sft" / "model" / "config.json").is_file()
+    assert set(summary["findings"]) == {"sft"}
+    assert 0 <= summary["findings"]["sft"]["accuracy"] <= 1

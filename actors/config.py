@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from protocol.config import CONFIG, BusConfig
+from protocol.weight_server import WeightServerConfig
 
 
 class ActorConfig(BaseModel):
@@ -38,8 +39,9 @@ class ActorConfig(BaseModel):
     """vLLM: GPUs one copy of the model is served over (its `tensor_parallel_size`); the
     actor's pod must be given that many."""
     download_dir: str | None = None
-    """Where shards fetched from the object store are written before loading (default: a
-    temporary folder)."""
+    """Where fetched shards are written before loading (default: a temporary folder)."""
+    weight_server: WeightServerConfig = Field(default_factory=WeightServerConfig)
+    """Fetching shards over HTTP and relaying them to other actors (`protocol.weight_server`)."""
     seed: int = 0
     """Engine sampling seed (tasks may carry their own)."""
     model_dirs: list[str] = Field(default_factory=list)

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from protocol.config import CONFIG, BusConfig
+from protocol.weight_server import WeightServerConfig
 
 
 class ModelConfig(BaseModel):
@@ -160,6 +161,8 @@ class LearnerConfig(BaseModel):
     """Directory for DeepSpeed checkpoints."""
     weights_dir: str | None = None
     """Shared volume that actors can read: shards are written under `v{version}/` there and the manifest carries their paths."""
+    weight_server: WeightServerConfig = Field(default_factory=WeightServerConfig)
+    """Serving each published version over HTTP to the actors (`protocol.weight_server`)."""
     seed: int = 0
     """Seed for model initialisation (from `model.qwen2`) and the training RNGs."""
     dataset: DatasetConfig | None = None

@@ -198,21 +198,58 @@ async def run_stage(
     in-flight handlers get `grace_s` seconds; the rest are cancelled and released (`nak`) at
     once for another replica. `max_messages` ends the loop after that many (tests, benches).
     """
-    consumer: StageConsumer = StageConsumer(bus, stage)
-    stats = StageStats()
-    running: set[asyncio.Task] = set()
-    holding: dict[asyncio.Task, Delivery] = {}
+    workers = Workers(bus, StageConsumer(bus, stage), handler, output)
     fetched = 0
+    while not stop.is_set() and (max_messages is None or fetched < max_messages):
+        room = concurrency - len(workers.running)
+        if max_messages is not None:
+            room = min(room, max_messages - fetched)
+        if room <= 0:
+            await _wait_any(set(workers.running), stop)
+            continue
+        for delivery in await workers.consumer.fetch(room, timeout=fetch_timeout):
+            fetched += 1
+            workers.start(delivery)
+        await asyncio.sleep(0)
+    await workers.wind_down(grace_s)
+    await workers.consumer.close()
+    return workers.stats
 
-    async def process(delivery: Delivery) -> None:
+
+@dataclass
+class Workers:
+    """The handler tasks of one `run_stage` call, each with the delivery it holds."""
+
+    bus: Bus
+    consumer: StageConsumer
+    handler: Handler
+    output: Stage | None
+    stats: StageStats = field(default_factory=StageStats)
+    running: dict[asyncio.Task, Delivery] = field(default_factory=dict)
+
+    def start(self, delivery: Delivery) -> None:
+        task = asyncio.create_task(self.process(delivery))
+        self.running[task] = delivery
+        task.add_done_callback(self.finished)
+
+    def finished(self, task: asyncio.Task) -> None:
+        self.running.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "stage task crashed", stage=self.consumer.stage.name, error=repr(task.exception())
+            )
+
+    async def process(self, delivery: Delivery) -> None:
+        """Handle one message: publish its result, then ack; on failure retry or bury it."""
+        stage = self.consumer.stage
         done = asyncio.Event()
-        ticker = asyncio.create_task(consumer.keep_alive(delivery, done))
+        ticker = asyncio.create_task(self.consumer.keep_alive(delivery, done))
         try:
-            result = await handler(delivery.message)
-            if result is not None and output is not None:
-                ack = await bus.publish(output, result)
-                stats.published += 1
-                stats.duplicates += int(bool(ack.duplicate))
+            result = await self.handler(delivery.message)
+            if result is not None and self.output is not None:
+                ack = await self.bus.publish(self.output, result)
+                self.stats.published += 1
+                self.stats.duplicates += int(bool(ack.duplicate))
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -223,40 +260,23 @@ async def run_stage(
                 deliveries=delivery.deliveries,
                 error=repr(e),
             )
-            stats.failed += 1
-            await consumer.fail(delivery, e)
+            self.stats.failed += 1
+            await self.consumer.fail(delivery, e)
             return
         finally:
             done.set()
             ticker.cancel()  # never awaited: a cancellation meant for us must not land there
         await delivery.ack()
-        stats.handled += 1
+        self.stats.handled += 1
         MESSAGES_TOTAL.labels(stage.name, "ok").inc()
 
-    def finished(task: asyncio.Task) -> None:
-        running.discard(task)
-        holding.pop(task, None)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("stage task crashed", stage=stage.name, error=repr(task.exception()))
-
-    while not stop.is_set() and (max_messages is None or fetched < max_messages):
-        room = concurrency - len(running)
-        if max_messages is not None:
-            room = min(room, max_messages - fetched)
-        if room <= 0:
-            await _wait_any(running, stop)
-            continue
-        for delivery in await consumer.fetch(room, timeout=fetch_timeout):
-            fetched += 1
-            task = asyncio.create_task(process(delivery))
-            running.add(task)
-            holding[task] = delivery
-            task.add_done_callback(finished)
-        await asyncio.sleep(0)
-
-    if running:
-        _, pending = await asyncio.wait(set(running), timeout=grace_s)
-        unfinished = {task: holding[task] for task in pending}
+    async def wind_down(self, grace_s: float) -> None:
+        """Give the handlers still running `grace_s` seconds, then cancel the rest and release
+        (`nak`) their messages to another replica at once."""
+        if not self.running:
+            return
+        _, pending = await asyncio.wait(set(self.running), timeout=grace_s)
+        unfinished = {task: self.running[task] for task in pending}
         for task in pending:
             task.cancel()
         if pending:
@@ -267,10 +287,8 @@ async def run_stage(
                     await delivery.nak()
                 except MsgAlreadyAckdError:  # cancelled just after its ack went out
                     continue
-                stats.released += 1
-                MESSAGES_TOTAL.labels(stage.name, "released").inc()
-    await consumer.close()
-    return stats
+                self.stats.released += 1
+                MESSAGES_TOTAL.labels(self.consumer.stage.name, "released").inc()
 
 
 async def _wait_any(tasks: set[asyncio.Task], stop: asyncio.Event) -> None:

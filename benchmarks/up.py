@@ -2,7 +2,7 @@
 
     python benchmarks/up.py [--steps N] [--skip-trl] [--cold-start PATH]
 
-1. Prepares ONE cold-start model (the demo's tiny Qwen2 + `aha sft`, `deploy.up`'s own code)
+1. Prepares ONE cold-start model (the demo's tiny Qwen2 + `aha sft`, `pipeline.coldstart`)
    and the demo's RL prompts and held-out set, so every contender starts from the same weights
    and sees the same prompts.
 2. P6 + P2: `aha up --model COLD --max-steps N` with the default `--max-staleness 2` and with
@@ -137,25 +137,23 @@ def step_figures(steps: list[dict], target: float, window: int) -> dict:
 
 def prepare(args, bench_dir: Path):
     """The demo's RL prompts, held-out set and (unless given) one cold-start model."""
-    from deploy.up import UpConfig, cold_start_model, demo_data
+    from pipeline.coldstart import cold_start_model, demo_data
 
-    up = UpConfig(
-        runs_dir=str(bench_dir.parent),
-        name=bench_dir.name,
-        max_steps=args.steps,
-        eval_problems=args.eval_problems,
-        seed=args.seed,
-        cold_start_steps=args.cold_start_steps,
-    )
     (bench_dir / "logs").mkdir(parents=True, exist_ok=True)
-    dataset, held_out = demo_data(up, bench_dir)
+    n = max(4 * args.steps * 16, 2000)  # as `aha up` makes them: 16 prompts a step
+    dataset, held_out = demo_data(
+        bench_dir, eval_problems=args.eval_problems, rl_problems=n, seed=args.seed
+    )
     if args.cold_start:
         return Path(args.cold_start).resolve(), dataset, held_out, None
     t = time.monotonic()
     say(
         f"cold start: {args.cold_start_steps} SFT steps (log: {bench_dir / 'logs' / 'cold-start.log'})"
     )
-    model = cold_start_model(up, bench_dir, held_out, sys.executable)
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    model = cold_start_model(
+        bench_dir, held_out, steps=args.cold_start_steps, seed=args.seed, env=env
+    )
     return model, dataset, held_out, round(time.monotonic() - t, 1)
 
 

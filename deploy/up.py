@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -30,10 +29,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import structlog
+import tomli_w
 from pydantic import BaseModel, Field, model_validator
 
-from deploy.supervisor import SERVER, Part, Supervisor
-from protocol.config import CONFIG, BusConfig, load_config, merge, read_file, read_jsonl
+from deploy.live import MetricsTail, in_flight, watch
+from deploy.supervisor import Part, Supervisor
+from pipeline.coldstart import Recipe
+from pipeline.presets import dataset_settings
+from protocol.config import CONFIG, BusConfig, load_config, merge, read_config, sets_in
 from protocol.messages import payload_limit
 
 log = structlog.get_logger("deploy.up")
@@ -82,7 +85,7 @@ class UpConfig(BaseModel):
     """Longest completion."""
     cold_start_steps: int = Field(1400, ge=0)
     """SFT steps of the demo's cold start (0 skips it)."""
-    cold_start_recipe: Literal["think-or-guess", "buggy-carries"] = "think-or-guess"
+    cold_start_recipe: Recipe = "think-or-guess"
     """DEMO.md recipe B (40 % chains, 60 % direct answers) or A (chains dropping 80 % of carries)."""
     eval_problems: int = Field(500, ge=1)
     """Held-out problems for accuracy before and after."""
@@ -105,107 +108,6 @@ class UpConfig(BaseModel):
                 "the demo's tiny model only knows digits"
             )
         return self
-
-
-def _json_default(o: Any):
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o).__name__)
-
-
-# -- steps of the run ------------------------------------------------------------------------
-
-
-def demo_data(up: UpConfig, run_dir: Path) -> tuple[Path, list[dict]]:
-    """The demo's RL prompts (a file) and its held-out set, which never meet."""
-    from pipeline import demo
-
-    evaluation = demo.held_out(up.eval_problems)
-    exclude = {r["prompt"] for r in evaluation}
-    n = max(4 * up.max_steps * up.prompts_per_step, 2000)
-    rows = demo.rl_prompts(n, seed=up.seed + 1, exclude=exclude)
-    return demo.write_jsonl(rows, run_dir / "data" / "rl.jsonl"), evaluation
-
-
-def cold_start_model(up: UpConfig, run_dir: Path, held_out: list[dict], python: str) -> Path:
-    """The tiny model from a config, then `aha sft` on imperfect chains (DEMO.md recipes)."""
-    from pipeline import demo
-    from pipeline.tiny_model import TinySpec, save_tiny_model
-
-    base = save_tiny_model(run_dir / "base", TinySpec(seed=up.seed))
-    if up.cold_start_steps == 0:
-        return base
-    recipe = (
-        dict(chain_share=0.4, drop_carry=0.0)
-        if up.cold_start_recipe == "think-or-guess"
-        else dict(chain_share=1.0, drop_carry=0.8)
-    )
-    exclude = {r["prompt"] for r in held_out}
-    pairs = demo.write_jsonl(
-        demo.cold_start(up.cold_start_steps * 64, seed=up.seed + 2, exclude=exclude, **recipe),
-        run_dir / "data" / "cold_start.jsonl",
-    )
-    config = run_dir / "sft.toml"
-    config.write_text(
-        _toml(
-            {
-                "learner": {
-                    "model": {"path": str(base)},
-                    "batch": 64,
-                    "serving_dtype": "float32",
-                    "checkpoint_dir": str(run_dir / "sft-checkpoints"),
-                    "seed": up.seed,
-                    "optim": {"lr": 2e-3, "schedule": "cosine", "total_steps": up.cold_start_steps},
-                    "deepspeed": {"precision": "fp32", "micro_batch": 64},
-                    "grpo": {"beta": 0.0},
-                }
-            }
-        )
-    )
-    out = run_dir / "cold-start"
-    log.info("cold start", steps=up.cold_start_steps, recipe=up.cold_start_recipe)
-    with open(run_dir / "logs" / "cold-start.log", "wb") as f:
-        subprocess.run(
-            [
-                python,
-                "-m",
-                "deploy.cli",
-                "sft",
-                "--config",
-                str(config),
-                "--data",
-                str(pairs),
-                "--out",
-                str(out),
-                "--steps",
-                str(up.cold_start_steps),
-            ],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            check=True,
-            env={**os.environ, **_part_env()},
-        )
-    return out
-
-
-def dataset_settings(up: UpConfig, dataset: Path) -> dict[str, Any]:
-    """Field mapping, template and rewards for the dataset (demo, GSM8K or MATH-500)."""
-    if up.dataset is None:  # the demo: {"prompt": "Q:123+456=", "answer": "579"}
-        prompt_field, template, accuracy = "prompt", "none", "accuracy_gsm8k"
-    else:
-        _, first = next(read_jsonl(dataset))  # the first row, blank lines skipped
-        if "question" in first:  # GSM8K: {"question", "answer": "... #### 72"}
-            prompt_field, template, accuracy = "question", "r1-zero", "accuracy_gsm8k"
-        else:  # MATH-500 and friends: {"problem", "answer"} (LaTeX)
-            prompt_field, template, accuracy = "problem", "r1-zero", "accuracy_math"
-    return {
-        "path": str(dataset),
-        "prompt_field": prompt_field,
-        "answer_field": "answer",
-        "template": template,
-        "rewards": {accuracy: 1.0, "format_think": 0.1},
-        "meta": {"answer_tag": True},
-    }
 
 
 def write_run_config(
@@ -245,7 +147,7 @@ def write_run_config(
                 "shuffle_rewards": up.shuffle_rewards,
             },
             "dataset": {
-                **dataset_settings(up, dataset),
+                **dataset_settings(dataset, demo=up.dataset is None),
                 "group_size": up.group_size,
                 "max_tokens": up.max_tokens,
                 "temperature": 1.0,
@@ -258,26 +160,8 @@ def write_run_config(
     config = merge(config, {k: v for k, v in (parts or {}).items() if k != "up"})
     config["bus"]["url"] = nats_url  # the run's server, whatever the file says
     path = run_dir / "aha.toml"
-    path.write_text(_toml(config))
+    path.write_text(tomli_w.dumps(config))
     return path
-
-
-def _toml(data: dict, prefix: str = "") -> str:
-    """TOML for our nested dicts of scalars and lists (None values are left out)."""
-    scalars = {k: v for k, v in data.items() if not isinstance(v, dict) and v is not None}
-    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
-    out = f"[{prefix}]\n" if prefix and (scalars or not tables) else ""
-    out += "".join(
-        f"{_key(k)} = {json.dumps(v, default=_json_default)}\n" for k, v in scalars.items()
-    )
-    out += "\n" if out else ""
-    for key, value in tables.items():
-        out += _toml(value, f"{prefix}.{_key(key)}" if prefix else _key(key))
-    return out
-
-
-def _key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
 
 
 def _part_env() -> dict[str, str]:
@@ -317,184 +201,11 @@ def start_parts(up: UpConfig, sup: Supervisor, config: Path, python: str) -> Non
         )
 
 
-class MetricsTail:
-    """The learner's metrics file, read incrementally (only the lines added since last time)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.offset = 0
-        self.rows: list[dict] = []
-
-    def read(self) -> list[dict]:
-        if self.path.exists():
-            with open(self.path) as f:
-                f.seek(self.offset)
-                chunk = f.read()
-            complete = chunk[: chunk.rfind("\n") + 1]  # a line being written waits
-            self.offset += len(complete.encode())
-            self.rows += [json.loads(line) for line in complete.splitlines() if line.strip()]
-        return self.rows
-
-    @property
-    def steps(self) -> list[dict]:
-        return [r for r in self.rows if r.get("event") == "step"]
-
-
-def render(up: UpConfig, steps: list[dict], depth: dict | None, elapsed: float, stalls=None):
-    from rich.table import Table
-
-    table = Table(title=f"aha up — {elapsed:.0f}s", title_justify="left")
-    for col in ("step", "version", "reward", "accuracy", "length", "staleness", "kl", "tok/s"):
-        table.add_column(col, justify="right")
-    for row in steps[-12:]:
-        table.add_row(
-            f"{row['step']}/{up.max_steps}",
-            str(row.get("version", "")),
-            f"{row.get('reward', 0):.3f}",
-            f"{row.get('accuracy', 0):.3f}",
-            f"{row.get('response_length', 0):.1f}",
-            f"{row.get('staleness_mean', 0):.2f}",
-            f"{row.get('kl', 0):.4f}",
-            f"{row.get('tokens_per_s', 0):.0f}",
-        )
-    if depth:
-        queues = "  ".join(
-            f"{stage}: {d['pending']} pending / {d['ack_pending']} leased"
-            for stage, d in depth.items()
-            if stage != "dead"
-        )
-        table.caption = f"{queues}  dead: {depth['dead']['messages']}"
-        for stall in (stalls or {}).values():
-            table.caption += (
-                f"\n[red]{stall.stage} stalled: {stall.pending} pending, {stall.ack_pending} "
-                f"leased, no progress for {stall.seconds:.0f}s[/]"
-            )
-    return table
-
-
-async def _connect(bus_config, timeout: float = 30.0):
-    from protocol.bus import Bus
-
-    # Bounded: connecting retries forever, and a server that is gone must not hang the run.
-    return await asyncio.wait_for(Bus.connect(bus_config, name="aha-up", setup=False), timeout)
-
-
-async def _read_depth(bus):
-    """`queue_depth` now, None if the server does not answer (it may be restarting)."""
-    from protocol.depth import queue_depth
-
-    try:
-        return await queue_depth(bus.js)
-    except Exception as e:  # a view must not end the run
-        log.warning("queue depth unavailable", error=repr(e))
-        return None
-
-
 async def _setup_streams(bus_config) -> None:
     from protocol.bus import Bus
 
     bus = await Bus.connect(bus_config.model_copy(update={"setup_streams": True}), name="aha-up")
     await bus.close()
-
-
-async def watch(
-    up: UpConfig, sup: Supervisor, metrics: MetricsTail, bus_config, started: float
-) -> tuple[str, int | None]:
-    """Live table until the learner exits. Returns why the run ended and the learner's code.
-
-    Every second: parts and the server that died are reported (and restarted by the
-    supervisor), queue depth is read, and stages that stalled are reported.
-    """
-    from rich.console import Console
-    from rich.live import Live
-
-    from protocol.depth import StallWatch
-
-    console = Console(stderr=True)
-    live = Live(console=console, auto_refresh=False) if console.is_terminal else None
-    if live:
-        live.start()
-    bus = await _connect(bus_config)
-    stalled = StallWatch(up.stall_after_s)
-    reported = 0
-    try:
-        while True:
-            for ex in sup.poll():
-                console.print(
-                    f"[red]{ex.name} exited with {ex.returncode}"
-                    f"{' (restarting)' if ex.restarted else ''}[/]\n{ex.log_tail}"
-                )
-                if ex.name == "learner":
-                    ok = ex.returncode == 0
-                    return (
-                        "finished" if ok else f"learner exited with {ex.returncode}"
-                    ), ex.returncode
-                if ex.name == SERVER and not ex.restarted:
-                    return "nats-server died and could not be restarted", None
-            metrics.read()
-            steps = metrics.steps
-            reading = await _read_depth(bus)
-            stalls = stalled.update(reading) if reading else {}
-            depth = {k: v.as_dict() for k, v in reading.items()} if reading else None
-            if live:
-                table = render(up, steps, depth, time.monotonic() - started, stalls)
-                live.update(table, refresh=True)
-            else:
-                for row in steps[reported:]:
-                    keys = ("step", "version", "reward", "accuracy", "response_length")
-                    log.info("step", **{k: row[k] for k in keys if k in row})
-                reported = len(steps)
-            await asyncio.sleep(1.0)
-    finally:
-        if live:
-            live.stop()
-        await bus.close()
-
-
-def plot(steps: list[dict], path: Path) -> Path | None:
-    if not steps:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = [r["step"] for r in steps]
-    panels = [
-        ("reward", "reward (mean)"),
-        ("accuracy", "accuracy (train samples)"),
-        ("response_length", "response length (tokens)"),
-        ("kl", "KL to reference (k3)"),
-    ]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
-    for ax, (key, title) in zip(axes.flat, panels, strict=True):
-        ax.plot(x, [r.get(key, float("nan")) for r in steps], marker=".", linewidth=1)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    for ax in axes[1]:
-        ax.set_xlabel("GRPO step")
-    fig.suptitle("aha up: GRPO through the asynchronous loop")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-async def in_flight(bus_config) -> int | None:
-    """Tasks still somewhere in the loop: messages left in the three work queues (None,
-    logged, when the server cannot be reached)."""
-    try:
-        bus = await _connect(bus_config)
-    except Exception as e:
-        log.error("in-flight count unavailable: no server", error=repr(e))
-        return None
-    try:
-        depth = await _read_depth(bus)
-    finally:
-        await bus.close()
-    if depth is None:
-        return None
-    return sum(depth[s].messages for s in ("tasks", "rollouts", "scored"))
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -513,17 +224,6 @@ def nats_server(
         return
     with NatsServer(run_dir / "nats", max_payload=max_payload) as server:
         yield server.url, server
-
-
-def held_out_accuracy(model: Path, held_out: list[dict], up: UpConfig, when: str):
-    """Greedy accuracy (and pass@1) on the demo's held-out set; None without one."""
-    if not held_out or not (Path(model) / "config.json").exists():
-        return None
-    from pipeline.heldout import evaluate
-
-    result = evaluate(model, held_out, max_tokens=up.max_tokens, samples=up.eval_samples)
-    log.info(f"accuracy {when}", **result.as_dict())
-    return result
 
 
 @dataclass
@@ -549,7 +249,16 @@ def run_loop(
     learner_code = None
     try:
         start_parts(up, sup, config, sys.executable)
-        ended, learner_code = asyncio.run(watch(up, sup, metrics, bus_config, started))
+        ended, learner_code = asyncio.run(
+            watch(
+                sup,
+                metrics,
+                bus_config,
+                max_steps=up.max_steps,
+                stall_after_s=up.stall_after_s,
+                started=started,
+            )
+        )
     except KeyboardInterrupt:
         ended = "interrupted"
     except Exception as e:  # the run still ends with its parts stopped and a summary
@@ -573,6 +282,7 @@ def summarize(
     steps = loop.metrics.steps
     done = next((r for r in reversed(loop.metrics.rows) if r.get("event") == "done"), {})
     final = run_dir / "final"
+    from pipeline.plots import plot_curves
 
     def of(result, field: str):
         return getattr(result, field) if result else None
@@ -609,12 +319,49 @@ def summarize(
         "max_staleness_trained": max((r.get("staleness_max", 0) for r in steps), default=None),
         "max_staleness_bound": up.max_staleness,
         "final_model": str(final) if (final / "config.json").exists() else None,
-        "plot": str(plot(steps, run_dir / "curves.png") or ""),
+        "plot": str(plot_curves(steps, run_dir / "curves.png") or ""),
         "run_dir": str(run_dir),
     }
 
 
-def run(up: UpConfig, *, json_out: bool, config_file: str | None = None) -> dict:
+def prepare(up: UpConfig, run_dir: Path) -> tuple[Path, list[dict], Path]:
+    """The prompts, the held-out set (the demo's; none for a dataset) and the model to train:
+    `--model`, else the demo's cold start."""
+    from pipeline.coldstart import cold_start_model, demo_data
+
+    if up.dataset is None:
+        n = max(4 * up.max_steps * up.prompts_per_step, 2000)
+        dataset, held_out = demo_data(
+            run_dir, eval_problems=up.eval_problems, rl_problems=n, seed=up.seed
+        )
+    else:
+        dataset, held_out = Path(up.dataset), []
+    if up.model:
+        return dataset, held_out, Path(up.model)
+    model = cold_start_model(
+        run_dir,
+        held_out,
+        steps=up.cold_start_steps,
+        recipe=up.cold_start_recipe,
+        seed=up.seed,
+        env=_part_env(),
+    )
+    return dataset, held_out, model
+
+
+def evaluate(model: Path, held_out: list[dict], up: UpConfig, when: str):
+    """Held-out accuracy and pass@1 of `model` (None without a held-out set or a model)."""
+    from pipeline.heldout import held_out_accuracy
+
+    result = held_out_accuracy(model, held_out, max_tokens=up.max_tokens, samples=up.eval_samples)
+    if result:
+        log.info(f"accuracy {when}", **result.as_dict())
+    return result
+
+
+def run(
+    up: UpConfig, *, json_out: bool, config_file: str | None = None, sets: list[str] = ()
+) -> dict:
     """The run, step by step; returns (and writes) its summary."""
     from protocol.log import setup_logging
 
@@ -625,24 +372,18 @@ def run(up: UpConfig, *, json_out: bool, config_file: str | None = None) -> dict
     name = up.name or time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(up.runs_dir).resolve() / name
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    parts = read_file(config_file) if config_file else {}
+    parts = read_config(config_file, sets)  # the parts' sections, with --set
     # Sized for the configured groups (NATS's default of 1 MiB is too small for long ones).
     max_payload = payload_limit(up.group_size, up.max_tokens)
     with nats_server(run_dir, (parts.get("bus") or {}).get("url"), max_payload) as (url, server):
         bus_config = load_config(BusConfig, overrides={**(parts.get("bus") or {}), "url": url})
         asyncio.run(_setup_streams(bus_config))
         log.info("run", dir=str(run_dir), nats=url)
-        if up.dataset is None:
-            dataset, held_out = demo_data(up, run_dir)
-        else:
-            dataset, held_out = Path(up.dataset), []
-        model = (
-            Path(up.model) if up.model else cold_start_model(up, run_dir, held_out, sys.executable)
-        )
-        before = held_out_accuracy(model, held_out, up, "before")
+        dataset, held_out, model = prepare(up, run_dir)
+        before = evaluate(model, held_out, up, "before")
         config = write_run_config(up, run_dir, model, dataset, url, parts)
         loop = run_loop(up, run_dir, config, bus_config, started, server)
-    after = held_out_accuracy(run_dir / "final", held_out, up, "after")
+    after = evaluate(run_dir / "final", held_out, up, "after")
     summary = summarize(up, name, run_dir, loop, before, after, started)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if json_out:
@@ -672,9 +413,12 @@ def main(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
-    up = load_config(UpConfig, args.config, section="up", overrides=overrides)
+    up = load_config(
+        UpConfig, args.config, section="up", overrides=overrides, sets=sets_in(args.set, "up")
+    )
     from deploy.preflight import check_up
 
-    check_up(up, args.config)  # every input, before the server, the cold start or a model load
-    summary = run(up, json_out=args.json, config_file=args.config)
+    # every input, before the server, the cold start or a model load
+    check_up(up, args.config, args.set)
+    summary = run(up, json_out=args.json, config_file=args.config, sets=args.set)
     return 0 if summary["ended"] == "finished" else 1

@@ -7,6 +7,7 @@ Scored with the same rule-based reward the run trains on (`accuracy_gsm8k` for t
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,8 +38,13 @@ def evaluate(
     samples: int = 0,
     batch: int = 250,
     reward: str = "accuracy_gsm8k",
+    on_done: Callable[[int], None] | None = None,
 ) -> Evaluation:
-    """Generate with the HF reference engine and score every completion by `reward`."""
+    """Generate with the HF reference engine and score every completion by `reward`.
+
+    `on_done` is called with the number of completions each batch produced (of
+    `len(rows) * (1 + samples)` in all).
+    """
     import torch
 
     from actors.hf_engine import HfEngine
@@ -54,6 +60,8 @@ def evaluate(
         out = []
         for i in range(0, len(prompts), batch):
             out += await engine.generate_batch(prompts[i : i + batch], sampling, n)
+            if on_done:
+                on_done(len(prompts[i : i + batch]) * n)
         return out
 
     greedy = asyncio.run(run(Sampling(temperature=0.0, max_tokens=max_tokens), 1))
@@ -76,3 +84,18 @@ def evaluate(
         pass_at_1 = hits / (len(rows) * samples)
     n = len(rows)
     return Evaluation(correct / n, pass_at_1, lengths / n, thinking / n, n)
+
+
+def held_out_accuracy(
+    model: str | Path,
+    rows: list[dict],
+    *,
+    max_tokens: int,
+    samples: int,
+    on_done: Callable[[int], None] | None = None,
+) -> Evaluation | None:
+    """`evaluate` for a run's model folder; None without a held-out set or without a model
+    there (a run that ended before its final export)."""
+    if not rows or not (Path(model) / "config.json").exists():
+        return None
+    return evaluate(model, rows, max_tokens=max_tokens, samples=samples, on_done=on_done)

@@ -50,7 +50,13 @@ from protocol.weights import describe_shard, object_name, upload_file
 from tests.helpers import make_rollout, make_task
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-ROLES = {"learner": "learner", "actor": "actor", "rewarder": "rewarder", "exporter": "exporter"}
+ROLES = {
+    "learner": "learner",
+    "actor": "actor",
+    "rewarder": "rewarder",
+    "jobs": "jobs",
+    "exporter": "exporter",
+}
 """compose service -> NATS user."""
 
 KV_POLICY_STREAM = f"KV_{KV_POLICY}"
@@ -173,7 +179,7 @@ async def test_every_role_does_its_work_within_its_permissions(deployment, tmp_p
     server, passwords = deployment
     cfg = {svc: role_config(server, svc, passwords) for svc in ROLES}
     assert cfg["learner"].setup_streams and not any(
-        cfg[s].setup_streams for s in ("actor", "rewarder", "exporter")
+        cfg[s].setup_streams for s in ("actor", "rewarder", "jobs", "exporter")
     )
     learner = await Bus.connect(cfg["learner"], name="learner")  # creates the streams
     actor = await Bus.connect(cfg["actor"], name="actor")
@@ -303,6 +309,78 @@ async def test_no_role_receives_the_replies_another_role_fetched(deployment, tmp
             await bus.close()
     refused = {(user, subj) for user, kind, subj in violations(server) if kind == "Subscription"}
     assert refused == {(role, subject) for role in spies for subject in guesses}
+
+
+async def test_a_generation_job_runs_as_the_jobs_user_and_cannot_touch_training(
+    deployment, tmp_path
+):
+    """`aha generate --nats-url` as the `jobs` user: its tasks go through an actor and the real
+    rewarder to its own consumer, the line is written, the consumer deleted, no violation. The
+    same user is refused the learner's consumer and the training job's subject."""
+    from pipeline.generate import Plan, collect
+    from protocol.messages import Sampling
+    from protocol.names import scored_subject
+    from rewarder.config import RewarderConfig
+    from rewarder.service import run as run_rewarder
+
+    server, passwords = deployment
+    cfg = {svc: role_config(server, svc, passwords) for svc in ROLES}
+    learner = await Bus.connect(cfg["learner"], name="learner")  # creates the streams
+    actor = await Bus.connect(cfg["actor"], name="actor")
+    jobs = await Bus.connect(cfg["jobs"], name="jobs")
+    out = tmp_path / "samples.jsonl"
+    problems = [{"id": "a", "prompt": "Q:1+1=", "reference": "2"}]
+    plan = Plan.of(
+        "/models/m",
+        problems,
+        2,
+        Sampling(),
+        {"accuracy_math": 1.0},
+        out,
+        None,
+        "eval-1",
+        16,
+        local=False,
+    )
+    try:
+        job = asyncio.create_task(collect(plan, set(), cfg["jobs"], 4, False, embedded=False))
+
+        async def generate(task):
+            assert (task.job, task.model) == ("eval-1", "/models/m")
+            return make_rollout(task)
+
+        stop = asyncio.Event()
+        assert (
+            await run_stage(actor, TASKS, generate, output=ROLLOUTS, stop=stop, max_messages=1)
+        ).handled == 1
+        rewarder_config = RewarderConfig(workers=1, concurrency=1, bus=cfg["rewarder"])
+        assert await run_rewarder(rewarder_config, asyncio.Event(), max_messages=1) == 0
+        await asyncio.wait_for(job, 30)
+        (line,) = [json.loads(x) for x in out.read_text().splitlines()]
+        assert [s["reward"] for s in line["samples"]] == [1.0, 1.0]
+        assert [s["answer"] for s in line["samples"]] == ["2", "2"]
+        consumers = [c.name async for c in _consumers(learner, SCORED.stream)]
+        assert consumers == [SCORED.durable]  # the job's own was deleted when it finished
+        assert violations(server) == set()
+
+        # The learner's groups stay the learner's.
+        assert await StageConsumer(jobs, SCORED).fetch(1, timeout=0.5) == []  # refused
+        with pytest.raises((NatsTimeoutError, asyncio.TimeoutError, APIError)):
+            from protocol.streams import ensure_job_consumer
+
+            await ensure_job_consumer(jobs.nc.jetstream(timeout=0.5), cfg["jobs"], "train")
+    finally:
+        for bus in (learner, actor, jobs):
+            await bus.close()
+    refused = {(user, subject) for user, _, subject in violations(server)}
+    assert ("jobs", f"$JS.API.CONSUMER.MSG.NEXT.{SCORED.stream}.{SCORED.durable}") in refused
+    train = f"$JS.API.CONSUMER.CREATE.{SCORED.stream}.{SCORED.durable}.{scored_subject('train')}"
+    assert ("jobs", train) in refused
+
+
+async def _consumers(bus: Bus, stream: str):
+    for info in await bus.js.consumers_info(stream):
+        yield info
 
 
 async def _refused(bus: Bus, subject: str) -> None:
@@ -556,7 +634,8 @@ async def test_the_loop_runs_with_every_part_under_its_own_user(
     (where this host can build it) the confinement compose gives each container: read-only
     root, writable only its tmpfs, only the capabilities it adds, no-new-privileges. Two GRPO
     steps go round the whole loop and no permission is violated."""
-    from deploy.up import _toml
+    import tomli_w
+
     from pipeline.demo import rl_prompts, write_jsonl
     from protocol.config import merge, read_file
 
@@ -587,7 +666,7 @@ async def test_the_loop_runs_with_every_part_under_its_own_user(
         "rewarder": {"workers": 1},
     }
     config = tmp_path / "aha.toml"
-    config.write_text(_toml(merge(read_file(DEPLOY / "aha.toml"), local)))
+    config.write_text(tomli_w.dumps(merge(read_file(DEPLOY / "aha.toml"), local)))
 
     def start(service: str) -> subprocess.Popen:
         args = [

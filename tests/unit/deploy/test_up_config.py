@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from actors.config import ActorConfig
-from deploy.up import UpConfig, dataset_settings, write_run_config
+from deploy.up import UpConfig, write_run_config
 from learner.config import LearnerConfig
+from pipeline.presets import dataset_settings
 from protocol.config import ConfigError, load_config
 from rewarder.config import RewarderConfig
 
@@ -37,8 +38,7 @@ def test_the_run_config_drives_every_part(tmp_path):
     ],
 )
 def test_real_datasets_work_as_they_are(file, prompt_field, accuracy):
-    up = UpConfig(model="/models/any", dataset=str(DATA / file))
-    settings = dataset_settings(up, DATA / file)
+    settings = dataset_settings(DATA / file, demo=False)
     assert settings["prompt_field"] == prompt_field and settings["answer_field"] == "answer"
     assert settings["template"] == "r1-zero"
     assert settings["rewards"] == {accuracy: 1.0, "format_think": 0.1}

@@ -323,6 +323,9 @@ def _rs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="with --model (default 1)")
     p.add_argument("--top-p", type=float, default=1.0, help="with --model (default 1)")
     p.add_argument("--max-tokens", type=_positive(int), default=64, help="with --model")
+    p.add_argument("--nats-url", help="with --model: sample with the actors on this bus")
+    p.add_argument("--resume", action="store_true", help="with --model: continue the samples")
+    p.add_argument("--local", action="store_true", help="with --model: sample in this process")
     p.add_argument("-o", "--output", required=True, help="SFT pairs JSONL (report next to it)")
     p.add_argument("--m", type=int, help="samples kept per prompt at most (default 4)")
     p.add_argument("--pick", choices=["shortest", "random"], help="which m (default shortest)")
@@ -361,6 +364,7 @@ def _distill(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=_positive(int), help="examples per step (default 64)")
     p.add_argument("--lr", type=_positive(float), help="peak learning rate (default 2e-3)")
     p.add_argument("--seed", type=int, help="seed (default 0)")
+    p.add_argument("--local", action="store_true", help="teacher samples in this process")
     p.add_argument("--json", action="store_true", help="print the counts as the last line")
 
     def run(args):

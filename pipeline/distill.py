@@ -22,15 +22,16 @@ from protocol.config import ConfigError
 
 
 def distill(
-    teacher: Path, student: Path, prompts: Path, folder: Path, out: Path, stage
+    teacher: Path, student: Path, prompts: Path, folder: Path, out: Path, stage, run=None
 ) -> dict[str, Any]:
     """Teacher samples -> filters -> student SFT; `stage` carries the settings (a recipe's
-    `DistillStage`). Returns the counts."""
+    `DistillStage`), `run` the pipeline's bus and resumption (None: `aha distill` alone).
+    Returns the counts."""
     from pipeline.recipe import run_sft, sample_teacher
     from pipeline.rs import run_rs
 
     folder.mkdir(parents=True, exist_ok=True)
-    samples = sample_teacher(teacher, prompts, folder / "samples.jsonl", stage)
+    samples = sample_teacher(run, teacher, prompts, folder / "samples.jsonl", stage)
     filters = stage.filters.model_copy(update={"rewards": None})  # scored as sampled
     report = run_rs(samples, folder / "rs.jsonl", filters, workers=1)
     if report["kept"] == 0:
@@ -71,6 +72,8 @@ def main(args) -> int:
         raise ConfigError(f"-o: a distilled model is there already ({out / 'model'})")
     values = {"name": "distill", "kind": "distill", "teacher": args.teacher}
     values |= {"student": args.student, "prompts": args.prompts}
+    if args.local:
+        values["sampler"] = "local"
     for field in ("k", "steps", "batch", "lr", "temperature", "max_tokens", "seed"):
         if getattr(args, field) is not None:
             values[field] = getattr(args, field)
@@ -83,9 +86,10 @@ def main(args) -> int:
     except ValidationError as e:
         error = e.errors()[0]
         raise ConfigError(f"{'.'.join(map(str, error['loc']))}: {error['msg']}") from None
-    from pipeline.local_samples import read_prompts
+    from pipeline.generate import read_prompt_file
 
-    read_prompts(args.prompts, stage.prompt_settings)  # every row checked before the teacher loads
+    settings = stage.prompt_settings  # every row checked before the teacher loads:
+    read_prompt_file(args.prompts, settings.prompt_field, settings.answer_field)
     from protocol.log import setup_logging
 
     setup_logging("distill")

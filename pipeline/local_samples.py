@@ -16,12 +16,13 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from protocol.config import CONFIG, ConfigError, read_jsonl
+from protocol.config import CONFIG
 from protocol.messages import Sampling
 
 
 class PromptSettings(BaseModel):
-    """How a prompt file's rows become problems (the learner dataset's field names)."""
+    """How a prompt file's rows become problems (`{id?, prompt, answer}` by default) and how
+    their samples are scored."""
 
     model_config = CONFIG
 
@@ -29,39 +30,15 @@ class PromptSettings(BaseModel):
     """The field with the prompt text (given to the model as it is)."""
     answer_field: str = "answer"
     """The field with the reference the rewards compare with."""
-    id_field: str | None = None
-    """The field with the problem's id; None: its line number."""
     rewards: dict[str, float] = Field(default_factory=lambda: {"accuracy_gsm8k": 1.0})
     """Reward name -> weight, scored for every sample."""
     answer_tag: bool = True
     """Tasks ask for `<answer>…</answer>` (`meta.answer_tag`)."""
 
 
-def read_prompts(path: str | Path, settings: PromptSettings) -> list[dict[str, Any]]:
-    """`{id, prompt, reference}` per row; a row without the fields names its line."""
-    problems = []
-    for number, row in read_jsonl(path):
-        for field in (settings.prompt_field, settings.answer_field):
-            if field not in row:
-                raise ConfigError(f"{field}: missing ({path}:{number})")
-        if not isinstance(row[settings.prompt_field], str):
-            raise ConfigError(f"{settings.prompt_field}: not a string ({path}:{number})")
-        pid = row.get(settings.id_field) if settings.id_field else number
-        problems.append(
-            {
-                "id": str(pid),
-                "prompt": row[settings.prompt_field],
-                "reference": row[settings.answer_field],
-            }
-        )
-    if not problems:
-        raise ConfigError(f"no prompts in the file ({path})")
-    return problems
-
-
 def sample_locally(
     model: str | Path,
-    problems: list[dict[str, Any]],
+    problems: list[dict[str, Any]],  # {id, prompt, reference}: `pipeline.generate.read_prompt_file`
     out: str | Path,
     *,
     k: int,

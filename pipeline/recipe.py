@@ -43,6 +43,7 @@ def log():
 
 
 Kind = Literal["sft", "grpo", "rs", "eval", "distill"]
+Sampler = Literal["bus", "local"]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
 Ref = Annotated[str, Field(min_length=1)]
 """A path, `$run/…`, or `@stage[/…]` (see the module docstring)."""
@@ -109,6 +110,10 @@ class RsStage(_Stage):
     """Sampling temperature."""
     max_tokens: int = Field(64, ge=1)
     """Longest sample."""
+    sampler: Sampler = "bus"
+    """`bus`: `pipeline.generate` (actors and rewarders on `[pipeline] nats_url`, or its own
+    embedded ones), resumed where a killed run stopped; `local`: the HF engine in this process
+    (small models)."""
     prompt_settings: PromptSettings = PromptSettings()
     """The prompt file's fields and the rewards the samples are scored with."""
     filters: FilterConfig = FilterConfig()
@@ -152,6 +157,10 @@ class DistillStage(_Stage):
     """Teacher sampling temperature."""
     max_tokens: int = Field(64, ge=1)
     """Longest teacher sample."""
+    sampler: Sampler = "bus"
+    """`bus`: `pipeline.generate` (actors and rewarders on `[pipeline] nats_url`, or its own
+    embedded ones), resumed where a killed run stopped; `local`: the HF engine in this process
+    (small models)."""
     prompt_settings: PromptSettings = PromptSettings()
     """The prompt file's fields and the rewards the teacher's samples are scored with."""
     filters: FilterConfig = FilterConfig()
@@ -201,6 +210,9 @@ class PipelineSettings(BaseModel):
     """Where run folders go (relative to the working directory)."""
     demo: DemoInputs | None = None
     """Write the demo task's inputs into `<run>/demo/` first (`$run/demo/base`, …)."""
+    nats_url: str | None = None
+    """The bus whose actors and rewarders sample for `rs` and `distill` stages (they must be
+    allowed to serve those models: `actor.model_dirs`); None: each such stage starts its own."""
 
 
 class Recipe(BaseModel):
@@ -261,6 +273,8 @@ class Run:
         self.file = recipe_file
         self.dir = (Path(recipe.pipeline.runs_dir) / recipe.pipeline.name).resolve()
         self.stages = {s.name: s for s in recipe.stages}
+        self.resuming: set[str] = set()
+        """Stages continued in their folder (killed midway with the same fingerprint)."""
 
     def stage_dir(self, name: str) -> Path:
         return self.dir / name
@@ -534,24 +548,42 @@ def _rs(run: Run, stage: RsStage, folder: Path) -> dict[str, Any]:
     filters = stage.filters
     if samples is None:
         samples = sample_teacher(
-            run.resolve(stage.model), run.resolve(stage.prompts), folder / "samples.jsonl", stage
+            run,
+            run.resolve(stage.model),
+            run.resolve(stage.prompts),
+            folder / "samples.jsonl",
+            stage,
         )
         filters = filters.model_copy(update={"rewards": None})  # scored as they were sampled
     report = run_rs(samples, out, filters, direct=direct, workers=1)
     return {k: report[k] for k in ("problems", "samples", "kept", "direct", "dropped")}
 
 
-def sample_teacher(model: Path, prompts: Path, out: Path, stage) -> Path:
-    """`stage.k` scored samples per prompt from `model` (in process: `pipeline.local_samples`)."""
-    from pipeline.local_samples import read_prompts, sample_locally
+def sample_teacher(run: Run | None, model: Path, prompts: Path, out: Path, stage) -> Path:
+    """`stage.k` scored samples per prompt from `model`: through the bus (`pipeline.generate`,
+    continuing a killed stage's file) or in this process (`pipeline.local_samples`)."""
+    from pipeline.generate import generate, read_prompt_file
+    from pipeline.local_samples import sample_locally
     from protocol.messages import Sampling
 
     settings = stage.prompt_settings
     sampling = Sampling(
         temperature=stage.temperature, max_tokens=stage.max_tokens, seed=stage.filters.seed
     )
-    problems = read_prompts(prompts, settings)
-    return sample_locally(model, problems, out, k=stage.k, sampling=sampling, settings=settings)
+    problems = read_prompt_file(prompts, settings.prompt_field, settings.answer_field)
+    if stage.sampler == "local":
+        return sample_locally(model, problems, out, k=stage.k, sampling=sampling, settings=settings)
+    return generate(
+        model,
+        problems,
+        k=stage.k,
+        sampling=sampling,
+        rewards=settings.rewards,
+        out=out,
+        nats_url=run.recipe.pipeline.nats_url if run else None,
+        resume=out.exists() and run is not None and stage.name in run.resuming,
+        meta={"answer_tag": settings.answer_tag},
+    )
 
 
 def _eval(run: Run, stage: EvalStage, folder: Path) -> dict[str, Any]:
@@ -584,6 +616,7 @@ def _distill(run: Run, stage: DistillStage, folder: Path) -> dict[str, Any]:
         folder,
         run.output(stage),
         stage,
+        run,
     )
 
 
@@ -637,8 +670,11 @@ def run_stage(run: Run, stage, output_hashes: dict[str, str], resume: bool) -> d
         return {**record, "skipped": True}
     attempts = (record or {}).get("attempts", 0) + 1
     folder = run.stage_dir(stage.name)
-    if stage.kind != "grpo":  # aha up keeps its own folder and continues in it
-        shutil.rmtree(folder, ignore_errors=True)
+    killed = record is not None and record.get("status") == "running"
+    if resume and killed and record.get("fingerprint") == fp:
+        run.resuming.add(stage.name)  # generate continues its file, aha up its checkpoint
+    else:
+        shutil.rmtree(folder, ignore_errors=True)  # another stage's leftovers: start clean
     folder.mkdir(parents=True, exist_ok=True)
     base = {"name": stage.name, "kind": stage.kind, "fingerprint": fp, "inputs": inputs}
     base["settings"] = stage.model_dump(mode="json")

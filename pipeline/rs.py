@@ -369,24 +369,38 @@ def _filter_config(args) -> FilterConfig:
 
 
 def sample_prompts(args, path: Path, config: FilterConfig) -> Path:
-    """`aha rs --model DIR --prompts FILE --k N`: the model's samples of every prompt, written
-    to `path` (the prompts file is checked before the model loads)."""
-    from pipeline.local_samples import PromptSettings, read_prompts, sample_locally
+    """`aha rs --model DIR --prompts FILE --k N`: the model's scored samples of every prompt,
+    written to `path`: through the bus (`pipeline.generate`; `--resume` continues the file), or
+    with `--local` in this process. The prompts file is checked before anything starts."""
+    from pipeline.generate import generate, read_prompt_file
+    from pipeline.local_samples import PromptSettings, sample_locally
     from protocol.messages import Sampling
 
     if args.prompts is None or args.k is None:
         raise ConfigError("--model: needs --prompts FILE and --k N")
     if not (Path(args.model) / "config.json").is_file():
         raise ConfigError(f"--model: not an HF folder (no config.json) ({args.model})")
-    settings = PromptSettings(
-        rewards=config.rewards or {"accuracy_gsm8k": 1.0}, answer_tag=config.answer_tag
-    )
-    problems = read_prompts(args.prompts, settings)
+    rewards = config.rewards or {"accuracy_gsm8k": 1.0}
+    problems = read_prompt_file(args.prompts, "prompt", "answer")
     sampling = Sampling(
         temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed
     )
-    return sample_locally(
-        args.model, problems, path, k=args.k, sampling=sampling, settings=settings
+    if args.local:
+        settings = PromptSettings(rewards=rewards, answer_tag=config.answer_tag)
+        return sample_locally(
+            args.model, problems, path, k=args.k, sampling=sampling, settings=settings
+        )
+    return generate(
+        args.model,
+        problems,
+        k=args.k,
+        sampling=sampling,
+        rewards=rewards,
+        out=path,
+        nats_url=args.nats_url,
+        resume=args.resume,
+        meta={"answer_tag": config.answer_tag},
+        progress=sys.stderr.isatty(),
     )
 
 

@@ -258,12 +258,6 @@ async def check_object(store, name: str, shard: Shard):
     return info
 
 
-async def check_objects(store, manifest: WeightManifest) -> None:
-    """`check_object` for every shard of `manifest`."""
-    for shard in manifest.shards:
-        await check_object(store, object_name(manifest.version, shard.name), shard)
-
-
 async def download_shard(js, store, name: str, shard: Shard, path: str | Path) -> Path:
     """Download object `name` to `path`, hashing while it arrives; raise `ShardError` unless
     its bytes are exactly `shard`'s (size and sha256). Nothing is left at `path` on error.

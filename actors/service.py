@@ -54,6 +54,7 @@ from protocol.stage import (
     watch_max_deliveries,
 )
 from protocol.streams import wait_for_streams
+from protocol.weight_server import WeightServer
 
 log = structlog.get_logger("actors.service")
 
@@ -122,6 +123,10 @@ class Actor:
         self.bus = bus
         self._own_download_dir = config.download_dir is None
         self.download_dir = config.download_dir or tempfile.mkdtemp(prefix="aha-actor-")
+        self.relay = (
+            WeightServer(config.weight_server).start() if config.weight_server.enabled else None
+        )
+        """Passes the shards this actor fetches on to other actors (`protocol.weight_server`)."""
         self.idle = IdleClock()
         self.rejected: set[int] = set()
         """Versions refused once: a later notification does not fetch them again."""
@@ -240,7 +245,14 @@ class Actor:
         if manifest.version <= self.engine.version or manifest.version in self.rejected:
             return False
         try:
-            cost = await load_manifest(self.engine, self.bus.js, manifest, self.download_dir)
+            cost = await load_manifest(
+                self.engine,
+                self.bus.js,
+                manifest,
+                self.download_dir,
+                relay=self.relay,
+                http=self.config.weight_server,
+            )
         except WeightsRejected as e:
             self.rejected.add(manifest.version)
             REJECTED.labels(self.config.actor_id).inc()
@@ -338,6 +350,8 @@ class Actor:
         return stats
 
     def close(self) -> None:
+        if self.relay is not None:
+            self.relay.close()
         if self._own_download_dir:
             shutil.rmtree(self.download_dir, ignore_errors=True)
 

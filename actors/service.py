@@ -42,7 +42,7 @@ from prometheus_client.core import CounterMetricFamily
 from actors.config import ActorConfig
 from protocol.bus import Bus
 from protocol.codec import DecodeError, decode
-from protocol.config import load_config
+from protocol.config import config_from_args
 from protocol.log import setup_logging
 from protocol.messages import Rollout, Task, Timings, WeightManifest
 from protocol.names import KEY_LATEST, KV_POLICY, ROLLOUTS, TASKS
@@ -413,10 +413,8 @@ async def run(config: ActorConfig, stop: asyncio.Event | None = None) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in {"actor_id": args.actor_id, "model": args.model}.items() if v}
-    if args.nats_url:
-        overrides["bus"] = {"url": args.nats_url}
-    config = load_config(ActorConfig, args.config, section="actor", overrides=overrides)
+    flags = {"actor_id": args.actor_id, "model": args.model, "bus.url": args.nats_url}
+    config = config_from_args(ActorConfig, args, "actor", flags)
     setup_logging("actor", actor_id=config.actor_id)
     if config.metrics_port:
         from prometheus_client import start_http_server

@@ -42,11 +42,22 @@ def _add_bus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats-url", help="NATS server URL (default: $NATS_URL)")
 
 
-def _bus_config(args: argparse.Namespace):
-    from protocol.config import BusConfig, load_config
+def _add_set(p: argparse.ArgumentParser) -> None:
+    """`--set SECTION.FIELD=VALUE` on a command that reads a config (it has `--config`)."""
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="set any config field, over the file and the flags (repeatable); VALUE is TOML "
+        '(0.6, true, "text", [1, 2]) or plain text: --set learner.grpo.beta=0',
+    )
 
-    overrides = {"url": args.nats_url} if args.nats_url else {}
-    return load_config(BusConfig, args.config, section="bus", overrides=overrides)
+
+def _bus_config(args: argparse.Namespace):
+    from protocol.config import BusConfig, config_from_args
+
+    return config_from_args(BusConfig, args, "bus", {"url": args.nats_url})
 
 
 @command("nats", "run an embedded NATS server with aha's streams, in the foreground")
@@ -122,12 +133,16 @@ def _score(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue an interrupted run: keep OUTPUT's lines, score only the rest (without it an existing OUTPUT is refused)",
     )
-    p.add_argument("--workers", type=_positive(int), default=2, help="verifier processes")
+    p.add_argument(
+        "--config", help="config file: its [rewarder] section (workers, timeout_s, sandbox)"
+    )
+    p.add_argument(
+        "--workers", type=_positive(int), help="verifier processes (default: rewarder.workers)"
+    )
     p.add_argument(
         "--timeout",
         type=_positive(float),
-        default=30.0,
-        help="seconds per completion before it gets no reward",
+        help="seconds per completion before it gets no reward (default: rewarder.timeout_s)",
     )
 
     def run(args):
@@ -444,13 +459,31 @@ def _generate(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+@command("config", "print the resolved config of a part (file, environment and --set) as TOML")
+def _config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["show"], help="show: print it")
+    p.add_argument("part", help="its section: learner, actor, rewarder, up, bus")
+    p.add_argument("--config", help="config file (TOML or YAML)")
+
+    def run(args):
+        from protocol.config import show_config
+
+        print(show_config(args.part, args.config, args.set), end="")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aha", description="R1-style reasoning RL as an async actor-learner system on NATS"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help, add_arguments in COMMANDS:
-        add_arguments(sub.add_parser(name, help=help, description=help))
+        p = sub.add_parser(name, help=help, description=help)
+        add_arguments(p)
+        if any("--config" in action.option_strings for action in p._actions):
+            _add_set(p)
     return parser
 
 

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from protocol.config import ConfigError, load_config, read_file, read_jsonl
+from protocol.config import ConfigError, load_config, read_config, read_jsonl
 
 WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
 """Weight files `from_pretrained` loads (one of them, or shards with their index)."""
@@ -21,10 +21,11 @@ TOKENIZER = ("tokenizer.json", "tokenizer_config.json")
 """Files an HF tokenizer is loaded from (either one)."""
 
 
-def check_up(up, config_file: str | None) -> None:
+def check_up(up, config_file: str | None, sets: list[str] = ()) -> None:
     """Raise `ConfigError` for the first input of `aha up` that cannot work: the `--config`
-    file's sections as the parts will load them, `--model`, `--dataset` and its fields."""
-    parts = read_file(config_file) if config_file else {}
+    file's sections (with `--set`) as the parts will load them, `--model`, `--dataset` and its
+    fields."""
+    parts = read_config(config_file, sets)
     if up.model is not None:
         check_model_folder(Path(up.model))
     rows = list(read_jsonl(up.dataset)) if up.dataset is not None else []

@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from protocol.config import ConfigError, load_config
+from protocol.config import ConfigError, config_from_args
 
 
-def _learner_config(args: argparse.Namespace, **overrides):
+def _learner_config(args: argparse.Namespace, **flags):
     from learner.config import LearnerConfig
 
-    return load_config(LearnerConfig, args.config, section="learner", overrides=overrides)
+    return config_from_args(LearnerConfig, args, "learner", flags)
 
 
 def export(args: argparse.Namespace) -> int:
@@ -81,10 +81,7 @@ def learner(args: argparse.Namespace) -> int:
     import asyncio
     import os
 
-    overrides = {"max_steps": args.max_steps} if args.max_steps is not None else {}
-    if args.nats_url:
-        overrides["bus"] = {"url": args.nats_url}
-    config = _learner_config(args, **overrides)
+    config = _learner_config(args, max_steps=args.max_steps, **{"bus.url": args.nats_url})
     from protocol.log import setup_logging
 
     setup_logging("learner")

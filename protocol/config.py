@@ -1,9 +1,11 @@
 """The bus settings every process shares, and how any aha config is loaded.
 
-One file drives every process: a `[bus]` section shared by all, and one section per process
-(`[actor]`, `[rewarder]`, `[learner]`). Environment variables override the file
-(`AHA_BUS__URL=...`, double underscore between levels) and CLI flags override both.
-`NATS_URL` alone also sets `bus.url`, as every NATS tool does.
+One file drives every process: a `[bus]` section shared by all, and one section per part.
+The parts register their sections (the `aha.config` entry points in pyproject.toml, name ->
+model), so this module names none of them. Environment variables override the file
+(`AHA_BUS__URL=...`, double underscore between levels), a command's own flags override both,
+and `--set section.field=value` overrides everything. `NATS_URL` alone also sets `bus.url`,
+as every NATS tool does.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import json
 import math
 import os
 import tomllib
-from collections.abc import Iterator
+import typing
+from collections.abc import Iterable, Iterator
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -227,32 +231,182 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def sections() -> dict[str, Any]:
+    """Section name -> entry point of its model, as the parts register them (`aha.config`)."""
+    return {ep.name: ep for ep in entry_points(group="aha.config")}
+
+
+def section_model(name: str) -> type[BaseModel]:
+    """The config model of section `name`; `ConfigError` listing the sections there are."""
+    registered = sections()
+    if name not in registered:
+        raise ConfigError(
+            f"no config section {name!r} (there are: {', '.join(sorted(registered))})"
+        )
+    return registered[name].load()
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: a TOML value (`0.6`, `true`, `"a b"`, `[1, 2]`, `{x = 1}`), JSON's
+    `null` (None), or else the text itself (`--set actor.model=/models/x`)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        pass
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_sets(items: Iterable[str]) -> dict[str, Any]:
+    """`["learner.grpo.beta=0", ...]` as nested tables; `ConfigError` naming a malformed one."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        path = key.strip().split(".")
+        if not eq or not all(part.strip() for part in path):
+            raise ConfigError(f"--set {item}: expected SECTION.FIELD=VALUE")
+        out = merge(out, nest({".".join(p.strip() for p in path): parse_value(text.strip())}))
+    return out
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys (`"bus.url"`) as nested tables; keys whose value is None are left out (a
+    flag that was not given)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if value is None:
+            continue
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def sets_in(items: Iterable[str], section: str) -> list[str]:
+    """The `--set` items of one section (`aha up` reads `[up]` and hands the rest to its parts)."""
+    return [item for item in items if item.split(".", 1)[0].strip() == section]
+
+
+def read_config(path: str | Path | None, sets: Iterable[str] = ()) -> dict[str, Any]:
+    """The whole config file (all sections) with `--set` items merged in."""
+    return merge(read_file(path) if path else {}, parse_sets(sets))
+
+
+def config_from_args(cls: type[C], args: Any, section: str, flags: dict[str, Any]) -> C:
+    """A command's config: `args.config` (file), environment, the command's own `flags`
+    (dotted names within the section; None = not given), then `args.set`."""
+    return load_config(
+        cls,
+        getattr(args, "config", None),
+        section=section,
+        overrides=nest(flags),
+        sets=getattr(args, "set", None) or (),
+    )
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def known_fields(cls: type[BaseModel], loc: tuple) -> list[str] | None:
+    """The fields of the model that holds `loc` (a pydantic error location), or None."""
+    model: type[BaseModel] | None = cls
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model else None
+        model = _model_in(field.annotation) if field else None
+        if model is None:
+            return None
+    return sorted(model.model_fields)
+
+
+def _describe(cls: type[BaseModel], e: ValidationError, prefix: str, sets: dict, where: str) -> str:
+    """Every bad field, with the fields there are for an unknown one; named as from `--set`
+    where it came from there, else from the file."""
+    out, from_file = [], False
+    for err in e.errors():
+        line = f"{prefix}{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+        fields = known_fields(cls, err["loc"]) if err["type"] == "extra_forbidden" else None
+        if fields is not None:
+            line += f" (known: {', '.join(fields)})"
+        if _holds(sets, err["loc"]):
+            line += " (--set)"
+        else:
+            from_file = True
+        out.append(line)
+    return "; ".join(out) + (where if from_file else "")
+
+
+def _holds(tree: Any, loc: tuple) -> bool:
+    if not loc:  # a model-wide rule: not one field's
+        return False
+    for part in loc:
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def _section_values(
+    cls: type[BaseModel], data: dict[str, Any], section: str, where: str
+) -> dict[str, Any]:
+    """The file's `[section]` table, with its `[bus]` table as the `bus` field."""
+    registered = sections()
+    unknown = set(data) - {section, "bus"} - set(registered)
+    if registered and unknown:  # not installed (no entry points): any section goes
+        raise ConfigError(f"unknown section(s) {sorted(unknown)}{where}")
+    values = dict(data.get(section) or {})
+    if "bus" in cls.model_fields and "bus" in data:
+        values["bus"] = merge(data["bus"], values.get("bus", {}))
+    return values
+
+
+def _sets_for(cls: type[BaseModel], section: str | None, sets: Iterable[str]) -> dict[str, Any]:
+    """The `--set` items of this section (and `bus.*` where the config has a bus), as overrides;
+    `ConfigError` for an item of a section this command does not read."""
+    tables = parse_sets(sets)
+    if section is None:
+        return tables
+    out = dict(tables.pop(section, None) or {})
+    if "bus" in tables and "bus" in cls.model_fields:
+        out["bus"] = merge(out.get("bus", {}), tables.pop("bus"))
+    if tables:
+        reads = f"[{section}]" + (" and [bus]" if "bus" in cls.model_fields else "")
+        raise ConfigError(f"--set {', '.join(sorted(tables))}.*: this command reads only {reads}")
+    return out
+
+
 def load_config(
     cls: type[C],
     path: str | Path | None = None,
     *,
     section: str | None = None,
     overrides: dict[str, Any] | None = None,
+    sets: Iterable[str] = (),
     environ: dict[str, str] | None = None,
 ) -> C:
-    """Build `cls` from file section + `AHA_<SECTION>__...` variables + `overrides`.
+    """Build `cls` from file section + `AHA_<SECTION>__...` variables + `overrides` + `sets`.
 
     With `section="actor"`, the file's `[actor]` table is used and its `[bus]` table becomes
-    the config's `bus` field (when `cls` has one). Raises `ConfigError` naming every bad field.
+    the config's `bus` field (when `cls` has one). `sets` are `--set` items, named from the
+    section (`actor.sampling.temperature=0.6`, `bus.url=...`). Raises `ConfigError` naming
+    every bad field (and, for an unknown one, the fields there are).
     """
     environ = dict(os.environ if environ is None else environ)
     where = f" ({path})" if path else ""
     data = read_file(path) if path else {}
-    values: dict[str, Any] = {}
-    if section is None:
-        values = data
-    else:
-        unknown = set(data) - {section, "bus", "actor", "rewarder", "learner", "up"}
-        if unknown:
-            raise ConfigError(f"unknown section(s) {sorted(unknown)}{where}")
-        values = dict(data.get(section) or {})
-        if "bus" in cls.model_fields and "bus" in data:
-            values["bus"] = merge(data["bus"], values.get("bus", {}))
+    values = data if section is None else _section_values(cls, data, section, where)
     if section is not None:
         values = merge(values, _env_overrides(f"AHA_{section.upper()}__", environ))
     if "bus" in cls.model_fields or cls is BusConfig:
@@ -262,17 +416,37 @@ def load_config(
         elif bus_env:
             values["bus"] = merge(values.get("bus", {}), bus_env)
     values = merge(values, overrides or {})
+    set_values = _sets_for(cls, section, sets)
+    values = merge(values, set_values)
     prefix = f"{section}." if section else ""
     try:
         # Free-form fields (task meta, sandbox limits) too: a NaN is never a setting.
         _check_finite(values, section or "")
         return cls.model_validate(values)
     except ValidationError as e:
-        fields = "; ".join(
-            f"{prefix}{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
-        )
-        raise ConfigError(f"{_one_line(fields)}{where}") from e
+        raise ConfigError(_one_line(_describe(cls, e, prefix, set_values, where))) from e
     except ValueError as e:
         raise ConfigError(f"{_one_line(e)}{where}") from e
     except RecursionError as e:
         raise ConfigError(f"{section or 'config'} is nested too deeply{where}") from e
+
+
+def show_config(section: str, path: str | Path | None, sets: Iterable[str] = ()) -> str:
+    """The resolved config of `section` as TOML, a file the part can be started with: its
+    `bus` field as the `[bus]` table, unset (None) fields left out."""
+    import tomli_w
+
+    config = load_config(section_model(section), path, section=section, sets=sets)
+    values = _drop_none(config.model_dump(mode="json"))
+    if section == "bus":
+        return tomli_w.dumps({"bus": values})
+    bus = values.pop("bus", None)
+    return tomli_w.dumps({section: values, **({"bus": bus} if bus is not None else {})})
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value

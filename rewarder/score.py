@@ -28,6 +28,7 @@ from protocol.config import ConfigError, read_jsonl
 from protocol.messages import Score, Task
 from rewarder.pool import Job, VerifierPool
 from rewarder.rewards import REWARDS, check_rewards
+from rewarder.sandbox import SandboxLimits
 
 SCORE_FIELDS = ("reward", "components", "error", "note")
 """What `aha score` adds to each input line."""
@@ -168,6 +169,7 @@ def score_file(
     timeout_s: float = 30.0,
     progress: bool | None = None,
     resume: bool = False,
+    sandbox: SandboxLimits | None = None,
 ) -> Summary:
     """Score every line of `in_path` into `out_path` (with `resume`, only those an earlier run
     did not write); a progress bar when `progress` (default: stderr is a terminal)."""
@@ -187,7 +189,8 @@ def score_file(
             writer.add(len(done) + i, score, pool.notes.get(i))
 
         show = sys.stderr.isatty() if progress is None else progress
-        with VerifierPool(workers=workers, timeout_s=timeout_s) as pool:
+        limits = sandbox or SandboxLimits()
+        with VerifierPool(workers=workers, timeout_s=timeout_s, sandbox=limits) as pool:
             if show and remaining:
                 from rich.progress import Progress
 
@@ -214,9 +217,19 @@ def score_file(
 
 
 def main(args) -> int:
-    """The `aha score` command."""
+    """The `aha score` command: `[rewarder]` settings from `--config`, the flags and `--set`."""
+    from protocol.config import config_from_args
+    from rewarder.config import RewarderConfig
+
+    flags = {"workers": args.workers, "timeout_s": args.timeout}
+    config = config_from_args(RewarderConfig, args, "rewarder", flags)
     summary = score_file(
-        Path(args.input), Path(args.output), args.workers, args.timeout, resume=args.resume
+        Path(args.input),
+        Path(args.output),
+        config.workers,
+        config.timeout_s,
+        resume=args.resume,
+        sandbox=config.sandbox,
     )
     mean = "-" if summary.mean_reward is None else f"{summary.mean_reward:.4f}"
     kept = f", {summary.kept} kept from the interrupted run" if summary.kept else ""

@@ -16,6 +16,7 @@ import pytest
 
 from deploy.preflight import check_up
 from deploy.up import UpConfig
+from learner.config import LearnerConfig
 from protocol.config import load_config
 
 ROOT = Path(__file__).parents[3]
@@ -49,7 +50,11 @@ def assert_failed_at_start(result: subprocess.CompletedProcess, cwd: Path, messa
 @pytest.mark.parametrize(
     "config, message",
     [
-        ("[learner]\nbatchh = 3\n", "learner.batchh: Extra inputs are not permitted (CONFIG)"),
+        (
+            "[learner]\nbatchh = 3\n",
+            "learner.batchh: Extra inputs are not permitted "
+            f"(known: {', '.join(sorted(LearnerConfig.model_fields))}) (CONFIG)",
+        ),
         ("[learner.grpo]\nbeta = nan\n", "learner.grpo.beta: nan is not a finite number (CONFIG)"),
         ("[learner.optim]\nlr = inf\n", "learner.optim.lr: inf is not a finite number (CONFIG)"),
         (

@@ -59,7 +59,7 @@ from learner.step import (
     shuffle_rewards,
     staleness_stats,
 )
-from learner.weights import prune_dirs, publish_weights, version_dir
+from learner.weights import prune_dirs, publish_weights, version_dir, weight_server
 from protocol.bus import Bus
 from protocol.codec import DecodeError, decode_named, peek_task_id
 from protocol.config import ConfigError
@@ -646,6 +646,7 @@ async def publish(lr: Learner) -> None:
                     step=progress.step,
                     dtype=config.serving_dtype,
                     keep_versions=config.keep_versions,
+                    server=weight_server(config.weight_server),
                 )
                 break
             except LEASE_ERRORS as e:  # server restarting: the same objects may be put again

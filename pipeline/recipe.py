@@ -739,7 +739,32 @@ def findings(stages: list[dict]) -> dict[str, Any]:
             if isinstance(value, dict) and "accuracy" in value:
                 keep = ("accuracy", "pass_at_1", "mean_length", "thinking_share")
                 out[label] = {k: value.get(k) for k in keep}
-    return out
+    checks = r1_findings(out)
+    return {**out, "r1": checks} if checks else out
+
+
+EPS = 1e-9
+"""Accuracies are shares of the held-out set: 0.3 - 0.2 is 0.1 up to float rounding."""
+FINDING_LABELS = ("cold_start", "rl", "sft_rs", "sft_unfiltered", "distilled", "student_rl")
+"""The eval labels R1's three findings compare (the demo recipe's)."""
+
+
+def r1_findings(models: dict[str, dict]) -> dict[str, bool] | None:
+    """R1's findings (issue 11, section 5) on greedy held-out accuracy, when an eval measured
+    every model they compare: RL improves reasoning (accuracy and length up); SFT of the base on
+    filtered RS data keeps the gain (at least the cold start + 0.2 and SFT on unfiltered
+    samples + 0.1); the distilled student beats the same student trained by RL alone."""
+    if not all(label in models for label in FINDING_LABELS):
+        return None
+    acc = {label: models[label]["accuracy"] for label in FINDING_LABELS}
+    cold, rl = models["cold_start"], models["rl"]
+    return {
+        "rl_improves_reasoning": acc["rl"] > acc["cold_start"]
+        and rl["mean_length"] > cold["mean_length"],
+        "sft_on_filtered_rs_keeps_the_gain": acc["sft_rs"] - acc["cold_start"] >= 0.2 - EPS
+        and acc["sft_rs"] - acc["sft_unfiltered"] >= 0.1 - EPS,
+        "distillation_beats_rl_on_the_student": acc["distilled"] > acc["student_rl"],
+    }
 
 
 def demo_recipe() -> Path:
@@ -792,6 +817,10 @@ def print_summary(summary: dict[str, Any]) -> None:
         for column in ("model", "greedy accuracy", "pass@1", "length", "thinking share"):
             table.add_column(column)
         for label, f in summary["findings"].items():
+            if label == "r1":
+                continue
             cells = [f["accuracy"], f["pass_at_1"], f["mean_length"], f["thinking_share"]]
             table.add_row(label, *("-" if c is None else f"{c:.3f}" for c in cells))
         console.print(table)
+    for finding, holds in (summary["findings"].get("r1") or {}).items():
+        console.print(f"{finding.replace('_', ' ')}: {'yes' if holds else 'NO'}")

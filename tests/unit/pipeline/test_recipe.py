@@ -201,3 +201,31 @@ def test_the_demo_recipe_is_valid():
     Run(recipe, demo_recipe()).check()
     kinds = [s.kind for s in recipe.stages]
     assert {"sft", "grpo", "rs", "eval", "distill"} == set(kinds)
+
+
+def test_r1_findings_compare_the_demo_models():
+    from pipeline.recipe import findings
+
+    def model(accuracy, length=10.0):
+        return {"accuracy": accuracy, "pass_at_1": None, "mean_length": length}
+
+    models = {
+        "cold_start": model(0.10, 8.0),
+        "rl": model(0.90, 30.0),
+        "sft_rs": model(0.30),  # cold start + 0.2 exactly: kept
+        "sft_unfiltered": model(0.21),  # 0.09 below sft_rs: the filters did not matter enough
+        "distilled": model(0.5),
+        "student_rl": model(0.5),  # a tie is not a win
+    }
+    out = findings([{"kind": "eval", "result": models}])
+    assert out["r1"] == {
+        "rl_improves_reasoning": True,
+        "sft_on_filtered_rs_keeps_the_gain": False,
+        "distillation_beats_rl_on_the_student": False,
+    }
+    models["sft_unfiltered"] = model(0.20)
+    models["distilled"] = model(0.51)
+    out = findings([{"kind": "eval", "result": models}])
+    assert all(out["r1"].values())
+    del models["student_rl"]  # an eval without every model: no verdict
+    assert "r1" not in findings([{"kind": "eval", "result": models}])

@@ -569,16 +569,21 @@ def test_metrics_ports_take_ingress_from_the_monitoring_namespace_only():
         return {component(d): d["spec"]["ingress"] for d in of_kind(docs, "NetworkPolicy").values()}
 
     rule = {"ports": [{"port": "metrics", "protocol": "TCP"}]}
+    weights = {"ports": [{"port": 8471, "protocol": "TCP"}]}  # actors' weight fetches
     for role, rules in ingress({}).items():
         if role in ("setup", "nats"):
             continue
-        assert rules == [{"from": [MONITORING_NAMESPACE], **rule}], role
+        metrics = [r for r in rules if r["ports"] != weights["ports"]]
+        assert metrics == [{"from": [MONITORING_NAMESPACE], **rule}], role
     assert ingress({})["setup"] == []
     prometheus = {"podSelector": {"matchLabels": {"app": "prometheus"}}}
     custom = ingress({"networkPolicy": {"metricsFrom": [prometheus]}})
     assert custom["rewarder"] == [{"from": [prometheus], **rule}]
     closed = ingress({"networkPolicy": {"metricsFrom": []}})  # not `from: []`, which means all
-    assert all(closed[r] == [] for r in ("learner", "actor", "rewarder", "exporter"))
+    assert all(closed[r] == [] for r in ("rewarder", "exporter"))
+    assert all(
+        [r["ports"] for r in closed[role]] == [weights["ports"]] for role in ("learner", "actor")
+    )
 
 
 class _KubeAPI(BaseHTTPRequestHandler):

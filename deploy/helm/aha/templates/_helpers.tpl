@@ -155,3 +155,23 @@ caches of Triton, torch.compile, vLLM and DeepSpeed's ops (kernels built and loa
 - name: home
   emptyDir: {}
 {{- end -}}
+
+{{/* Learner and actor: the HTTP weight server (protocol/weight_server.py), advertised at the
+pod's own address. `role` is LEARNER or ACTOR. */}}
+{{- define "aha.weightServerEnv" -}}
+{{- $w := .root.Values.weightServer -}}
+- name: AHA_{{ .role }}__WEIGHT_SERVER__ENABLED
+  value: {{ $w.enabled | quote }}
+{{- if $w.enabled }}
+- name: POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+- name: AHA_{{ .role }}__WEIGHT_SERVER__PORT
+  value: {{ $w.port | quote }}
+- name: AHA_{{ .role }}__WEIGHT_SERVER__ADVERTISE
+  value: {{ printf "http://$(POD_IP):%d" (int $w.port) | quote }}
+- name: AHA_{{ .role }}__WEIGHT_SERVER__FANOUT
+  value: {{ $w.fanout | quote }}
+{{- end }}
+{{- end -}}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from protocol.config import CONFIG, BusConfig
 from rewarder.sandbox import SandboxLimits
@@ -26,7 +26,21 @@ class RewarderConfig(BaseModel):
     """Limits for programs run by `code_tests`."""
     rewarder_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     """Name in each `ScoredRollout` and in the logs."""
+    plugins: list[str] = Field(default_factory=list)
+    """Plug-in rewards as `package.module:function` (a `(completion, reference, task) -> float`
+    that raises `rewarder.errors.VerifierError` when it cannot decide), loaded at start by the
+    rewarder and each verifier worker; tasks name them by that path in their `rewards`. One
+    that does not import or take those arguments stops the rewarder at start."""
     metrics_port: int | None = None
     """Serve Prometheus metrics on this port; None = do not serve."""
     bus: BusConfig = Field(default_factory=BusConfig)
     """NATS connection and stream settings (the file's `[bus]` section)."""
+
+    @field_validator("plugins")
+    @classmethod
+    def _plugins_load(cls, plugins: list[str]) -> list[str]:
+        from rewarder.rewards import load_reward
+
+        for path in plugins:
+            load_reward(path)  # here, so a broken one is one line at start, before any work
+        return plugins

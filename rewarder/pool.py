@@ -66,10 +66,14 @@ class PoolStats:
     stalled its verifier: scored, with the reason in `VerifierPool.notes`."""
 
 
-def _serve(conn: Connection, sandbox: SandboxLimits, timeout_s: float) -> None:
+def _serve(
+    conn: Connection, sandbox: SandboxLimits, timeout_s: float, plugins: tuple[str, ...] = ()
+) -> None:
     """A worker: score jobs from `conn` in this process's main thread until told to stop."""
     from rewarder.code import fit_code_budget
-    from rewarder.rewards import configure_sandbox, fit_answer_budget, grade
+    from rewarder.rewards import configure_sandbox, fit_answer_budget, grade, load_plugins
+
+    load_plugins(list(plugins))  # the rewarder loaded them once already: they import
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     configure_sandbox(sandbox)
@@ -87,9 +91,11 @@ def _serve(conn: Connection, sandbox: SandboxLimits, timeout_s: float) -> None:
 
 
 class _Worker:
-    def __init__(self, ctx, sandbox: SandboxLimits, timeout_s: float):
+    def __init__(self, ctx, sandbox: SandboxLimits, timeout_s: float, plugins: tuple[str, ...]):
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, sandbox, timeout_s), daemon=True)
+        self.process = ctx.Process(
+            target=_serve, args=(child, sandbox, timeout_s, plugins), daemon=True
+        )
         self.process.start()
         child.close()
         self.key: int | None = None
@@ -117,10 +123,13 @@ class VerifierPool:
         timeout_s: float = 30.0,
         sandbox: SandboxLimits = SandboxLimits(),
         start_method: str = "forkserver",
+        plugins: Sequence[str] = (),
     ):
         if workers < 1:
             raise ValueError("a pool needs at least one worker")
         self.timeout_s = timeout_s
+        self.plugins = tuple(plugins)
+        """Plug-in rewards (`module:function`) every worker imports at start."""
         self.stats = PoolStats()
         self._ctx = mp.get_context(start_method)
         if start_method == "forkserver":
@@ -139,7 +148,7 @@ class VerifierPool:
             )
             for i in range(workers)
         ]
-        self._workers = [_Worker(self._ctx, s, timeout_s) for s in self._sandboxes]
+        self._workers = [_Worker(self._ctx, s, timeout_s, self.plugins) for s in self._sandboxes]
         self._lock = threading.Lock()
         self.notes: dict[int, str] = {}
         """Why a component is 0 by a rule, by job index, for the jobs of the current (or last)
@@ -265,7 +274,9 @@ class VerifierPool:
 
     def _replace(self, slot: int) -> _Worker:
         self._workers[slot].kill()
-        self._workers[slot] = _Worker(self._ctx, self._sandboxes[slot], self.timeout_s)
+        self._workers[slot] = _Worker(
+            self._ctx, self._sandboxes[slot], self.timeout_s, self.plugins
+        )
         self.stats.restarts += 1
         return self._workers[slot]
 

@@ -22,6 +22,8 @@ only ever sees a final answer of at most `MAX_ANSWER_CHARS`, within `ANSWER_BUDG
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 import math
 import re
 import threading
@@ -599,8 +601,42 @@ REWARDS: dict[str, RewardFn] = {
 """Reward functions by the name a task uses in its `rewards` dict."""
 
 
+PLUGIN_SEPARATOR = ":"
+"""A reward named `package.module:function` is a plug-in: that function, imported."""
+
+
+def load_reward(path: str) -> RewardFn:
+    """The plug-in reward at `path` (`package.module:function`), imported and checked to take
+    `(completion, reference, task)`; ValueError saying what is wrong (one line)."""
+    module_name, sep, attr = path.partition(PLUGIN_SEPARATOR)
+    if not sep or not module_name or not attr.isidentifier():
+        raise ValueError(f"{path!r} is not package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # its import raising anything is a plug-in that does not load
+        raise ValueError(f"{path}: cannot import {module_name}: {type(e).__name__}: {e}") from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"{path}: {module_name} has no function {attr}")
+    try:
+        inspect.signature(fn).bind("completion", "reference", None)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: does not take (completion, reference, task): {e}") from e
+    return fn
+
+
+def load_plugins(paths: list[str]) -> None:
+    """Import the plug-in rewards at `paths` into `REWARDS` under those names (a rewarder and
+    each of its verifier workers, at start). Tasks naming any other import path get no reward
+    ("unknown reward"): a task never makes a rewarder import anything."""
+    for path in paths:
+        if path not in REWARDS:
+            REWARDS[path] = load_reward(path)
+
+
 def check_rewards(rewards: dict[str, float]) -> None:
-    """Raise ValueError for an empty dict or a name that is not in `REWARDS`."""
+    """Raise ValueError for an empty dict or a name that is not in `REWARDS` (built in, or a
+    plug-in loaded by `load_plugins`)."""
     if not rewards:
         raise ValueError("no rewards named")
     unknown = sorted(set(rewards) - set(REWARDS))

@@ -20,6 +20,7 @@ import inspect
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 from protocol.config import ConfigError, read_jsonl
 from protocol.messages import Score, Task
 from rewarder.pool import Job, VerifierPool
-from rewarder.rewards import REWARDS, check_rewards
+from rewarder.rewards import REWARDS, check_rewards, load_plugins
 from rewarder.sandbox import SandboxLimits
 
 SCORE_FIELDS = ("reward", "components", "error", "note")
@@ -170,10 +171,16 @@ def score_file(
     progress: bool | None = None,
     resume: bool = False,
     sandbox: SandboxLimits | None = None,
+    plugins: Sequence[str] = (),
 ) -> Summary:
     """Score every line of `in_path` into `out_path` (with `resume`, only those an earlier run
-    did not write); a progress bar when `progress` (default: stderr is a terminal)."""
+    did not write); a progress bar when `progress` (default: stderr is a terminal). `plugins`
+    (`module:function`) are rewards the lines may name besides the built-in ones."""
     check_output(out_path, resume)
+    try:
+        load_plugins(list(plugins))
+    except ValueError as e:
+        raise InputError(f"rewarder.plugins: {e}") from e
     rows, jobs = read_jobs(in_path)
     done, end = read_done(out_path, rows) if resume else ([], 0)
     try:
@@ -190,7 +197,8 @@ def score_file(
 
         show = sys.stderr.isatty() if progress is None else progress
         limits = sandbox or SandboxLimits()
-        with VerifierPool(workers=workers, timeout_s=timeout_s, sandbox=limits) as pool:
+        pool = VerifierPool(workers, timeout_s, sandbox=limits, plugins=plugins)
+        with pool:
             if show and remaining:
                 from rich.progress import Progress
 
@@ -230,6 +238,7 @@ def main(args) -> int:
         config.timeout_s,
         resume=args.resume,
         sandbox=config.sandbox,
+        plugins=config.plugins,
     )
     mean = "-" if summary.mean_reward is None else f"{summary.mean_reward:.4f}"
     kept = f", {summary.kept} kept from the interrupted run" if summary.kept else ""

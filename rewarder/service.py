@@ -151,7 +151,7 @@ async def run(
     stop = stop_on_signals(stop)
     can_run_code, sandbox = describe(config.sandbox)
     (log.info if can_run_code else log.warning)("code sandbox", how=sandbox)
-    pool = VerifierPool(config.workers, config.timeout_s, config.sandbox)
+    pool = VerifierPool(config.workers, config.timeout_s, config.sandbox, plugins=config.plugins)
     try:
         bus = await Bus.connect(config.bus, name=f"aha-rewarder-{config.rewarder_id}")
     except BaseException:  # stopped (or failed) while connecting: the workers go too

@@ -304,13 +304,20 @@ def _up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="prompt JSONL: GSM8K or MATH-500 format (default: the demo)")
     p.add_argument("--actors", type=int, help="actor processes (default 1)")
     p.add_argument("--rewarders", type=int, help="rewarder processes (default 1)")
-    p.add_argument("--max-steps", type=int, help="GRPO steps (default 60)")
-    p.add_argument("--max-staleness", type=int, help="off-policy bound in versions (default 2)")
+    p.add_argument("--max-steps", type=int, help="learner.max_steps: GRPO steps (demo: 60)")
+    p.add_argument(
+        "--max-staleness", type=int, help="learner.max_staleness: off-policy bound (default 2)"
+    )
     p.add_argument(
         "--engine", choices=["vllm", "hf"], help="actors' engine (default: vllm if installed)"
     )
     p.add_argument("--cold-start-steps", type=int, help="demo cold-start SFT steps (default 1400)")
     p.add_argument("--name", help="run name: runs/<name>/ (default: the start time)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run --name (default: the latest): its cold start, checkpoint, queues",
+    )
     p.add_argument("--seed", type=int, help="seed (default 0)")
     p.add_argument(
         "--json", action="store_true", help="print the summary as the last line of stdout"

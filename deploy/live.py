@@ -191,3 +191,90 @@ async def in_flight(bus_config) -> int | None:
     if depth is None:
         return None
     return sum(depth[s].messages for s in ("tasks", "rollouts", "scored"))
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None):
+    """A progress bar (done/total, rate, time left) on a terminal for work of `total` units;
+    yields `update(completed=…, advance=…)`. Off a terminal, or with nothing to do, a no-op:
+    logs stay JSON lines."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(stderr=True)
+    if not total or not console.is_terminal:
+        yield lambda **_: None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(description, total=total, rate="")
+
+        def update(**change) -> None:
+            progress.update(task, **change)
+            speed = progress.tasks[task].speed
+            progress.update(task, rate=f"{speed:.1f}/s" if speed else "")
+
+        yield update
+
+
+def print_summary(summary: dict, *, stderr: bool = False) -> None:
+    """The run in a few lines a person reads: how it ended, held-out figures before → after,
+    what became of the groups, and where the run, its plot and its model are."""
+    from rich.console import Console
+
+    console = Console(stderr=stderr, highlight=False)
+    ok = summary["ended"] == "finished"
+    head = "finished" if ok else f"ended: {summary['ended']}"
+    console.print(
+        f"[bold]aha up {head}[/]: {summary['steps']} steps in "
+        f"{_duration(summary['wall_seconds'])} (RL {_duration(summary['rl_seconds'])})"
+    )
+    for label, key, fmt in (
+        ("held-out accuracy", "accuracy", "{:.3f}"),
+        ("pass@1", "pass_at_1", "{:.3f}"),
+        ("length (tokens)", "length", "{:.1f}"),
+    ):
+        before, after = summary.get(f"{key}_before"), summary.get(f"{key}_after")
+        if before is not None or after is not None:
+            shown = [fmt.format(v) if v is not None else "—" for v in (before, after)]
+            console.print(f"  {label:<18} {shown[0]} → {shown[1]}")
+    if summary.get("groups_trained") is not None:
+        console.print(
+            f"  {'groups':<18} {summary['groups_trained']} trained, "
+            f"{summary['groups_dropped_stale']} stale, "
+            f"{summary['groups_dropped_zero_variance']} zero-variance, "
+            f"{summary['groups_dead']} dead, {summary['groups_in_flight_at_stop']} in flight"
+        )
+    run_dir = Path(summary["run_dir"])
+    console.print(f"  {'run':<18} {_shown(run_dir)}/ (summary.json, logs/)")
+    for label, key in (("plot", "plot"), ("model", "final_model")):
+        if summary.get(key):
+            console.print(f"  {label:<18} {_shown(Path(summary[key]))}")
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it is under it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes}m {s:02d}s" if minutes else f"{s}s"

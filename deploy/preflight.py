@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from protocol.config import ConfigError, load_config, read_config, read_jsonl
+from protocol.config import ConfigError, load_config, read_jsonl
 
 WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
 """Weight files `from_pretrained` loads (one of them, or shards with their index)."""
@@ -21,11 +21,13 @@ TOKENIZER = ("tokenizer.json", "tokenizer_config.json")
 """Files an HF tokenizer is loaded from (either one)."""
 
 
-def check_up(up, config_file: str | None, sets: list[str] = ()) -> None:
+def check_up(up, config_file: str | None, sets=(), flags: dict | None = None):
     """Raise `ConfigError` for the first input of `aha up` that cannot work: the `--config`
-    file's sections (with `--set`) as the parts will load them, `--model`, `--dataset` and its
-    fields."""
-    parts = read_config(config_file, sets)
+    file's sections (with the flags and `--set`) as the parts will load them, `--model`,
+    `--dataset` and its fields. Returns the `[learner]` section as the learner will load it."""
+    from deploy.up import read_parts
+
+    parts = read_parts(config_file, sets, flags)
     if up.model is not None:
         check_model_folder(Path(up.model))
     rows = list(read_jsonl(up.dataset)) if up.dataset is not None else []
@@ -34,6 +36,21 @@ def check_up(up, config_file: str | None, sets: list[str] = ()) -> None:
     learner = check_run_config(up, parts, config_file)
     if up.dataset is not None:
         check_dataset_rows(rows, learner.dataset, up.dataset)
+    return learner
+
+
+def resumed_name(up) -> str:
+    """The run `aha up --resume` continues: `--name`, else the latest in `runs_dir`; a
+    `ConfigError` when there is none (a run has its `aha.toml` once its loop started)."""
+    runs = Path(up.runs_dir)
+    if up.name is not None:
+        if not (runs / up.name / "logs").is_dir():
+            raise ConfigError(f"--resume: no run {up.name!r} in {runs.resolve()}")
+        return up.name
+    started = [d for d in runs.glob("*/logs") if d.is_dir()] if runs.is_dir() else []
+    if not started:
+        raise ConfigError(f"--resume: no run to resume in {runs.resolve()}")
+    return max(started, key=lambda d: d.stat().st_mtime).parent.name
 
 
 def check_model_folder(path: Path) -> None:

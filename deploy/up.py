@@ -32,11 +32,19 @@ import structlog
 import tomli_w
 from pydantic import BaseModel, Field, model_validator
 
-from deploy.live import MetricsTail, in_flight, watch
+from deploy.live import MetricsTail, in_flight, print_summary, progress_bar, watch
 from deploy.supervisor import Part, Supervisor
 from pipeline.coldstart import Recipe
-from pipeline.presets import dataset_settings
-from protocol.config import CONFIG, BusConfig, load_config, merge, read_config, sets_in
+from pipeline.presets import DEMO_LEARNER, dataset_settings
+from protocol.config import (
+    CONFIG,
+    BusConfig,
+    load_config,
+    merge,
+    parse_sets,
+    read_config,
+    sets_in,
+)
 from protocol.messages import payload_limit
 
 log = structlog.get_logger("deploy.up")
@@ -69,20 +77,6 @@ class UpConfig(BaseModel):
     """Verifier processes per rewarder."""
     engine: Literal["vllm", "hf"] = Field(default_factory=_default_engine)
     """Actors' sampling engine: vLLM when installed, else the HF reference."""
-    max_steps: int = Field(60, ge=1)
-    """GRPO steps."""
-    max_staleness: int = Field(2, ge=0)
-    """η: the off-policy bound, in policy versions."""
-    prompts_per_step: int = Field(16, ge=1)
-    """Groups per GRPO step."""
-    group_size: int = Field(8, ge=2)
-    """G: completions per prompt."""
-    lr: float = Field(1e-4, gt=0)
-    """GRPO learning rate (DEMO.md: 2e-4 was faster but oscillated)."""
-    beta: float = Field(0.01, ge=0)
-    """k3 KL weight."""
-    max_tokens: int = Field(64, ge=1)
-    """Longest completion."""
     cold_start_steps: int = Field(1400, ge=0)
     """SFT steps of the demo's cold start (0 skips it)."""
     cold_start_recipe: Recipe = "think-or-guess"
@@ -93,8 +87,9 @@ class UpConfig(BaseModel):
     """Samples per problem at temperature 1 for pass@1 (0 skips it)."""
     seed: int = 0
     """Seed of the data, the model and the run."""
-    shuffle_rewards: bool = False
-    """Control experiment: rewards permuted across each batch; the model should not improve."""
+    resume: bool = False
+    """Continue the run `name` (default: the latest in `runs_dir`): its cold start, the
+    learner's checkpoint and the queues in its NATS store are reused."""
     restart: bool = True
     """Restart actors and rewarders that die (the learner ending or dying ends the run)."""
     stall_after_s: float = Field(60.0, gt=0)
@@ -120,16 +115,17 @@ def write_run_config(
 ) -> Path:
     """The one config file every part reads (also usable to start the parts by hand).
 
+    What any `aha up` run sets (paths in the run folder, one process per part on this
+    machine), then for the demo its tuned values (`pipeline.presets.DEMO_LEARNER`), then
     `parts` — the `[bus]`, `[learner]`, `[actor]` and `[rewarder]` sections of the user's
-    `--config` file — is merged over what `aha up` chooses, key by key (e.g. bf16 on GPUs).
+    `--config` file and flags — key by key (e.g. bf16 on GPUs). Everything else is the
+    parts' own defaults.
     """
+    demo = up.dataset is None
     config = {
         "bus": {"url": nats_url},
         "learner": {
             "model": {"path": str(model)},
-            "batch": up.prompts_per_step,
-            "max_staleness": up.max_staleness,
-            "max_steps": up.max_steps,
             "serving_dtype": "float32",
             "shard_mb": 64,
             "checkpoint_dir": str(run_dir / "checkpoints"),
@@ -138,25 +134,14 @@ def write_run_config(
             "final_model_dir": str(run_dir / "final"),
             "seed": up.seed,
             "ranks": 1,  # the actors share this machine's GPUs: one learner rank, not one per GPU
-            "optim": {"lr": up.lr},
-            "deepspeed": {"precision": "fp32", "micro_batch": 32},
-            "grpo": {
-                "beta": up.beta,
-                "mode": "token-mean",
-                "ppo_epochs": 2,
-                "shuffle_rewards": up.shuffle_rewards,
-            },
-            "dataset": {
-                **dataset_settings(dataset, demo=up.dataset is None),
-                "group_size": up.group_size,
-                "max_tokens": up.max_tokens,
-                "temperature": 1.0,
-                "seed": up.seed,
-            },
+            "deepspeed": {"precision": "fp32"},  # CPUs have no fast bf16: a GPU run says so
+            "dataset": {**dataset_settings(dataset, demo=demo), "seed": up.seed},
         },
         "actor": {"model": str(model), "backend": up.engine},
         "rewarder": {"workers": up.rewarder_workers},
     }
+    if demo:
+        config = merge(config, {"learner": DEMO_LEARNER})
     config = merge(config, {k: v for k, v in (parts or {}).items() if k != "up"})
     config["bus"]["url"] = nats_url  # the run's server, whatever the file says
     path = run_dir / "aha.toml"
@@ -175,30 +160,18 @@ def _part_env() -> dict[str, str]:
     }
 
 
-def start_parts(up: UpConfig, sup: Supervisor, config: Path, python: str) -> None:
+def start_parts(up: UpConfig, sup: Supervisor, config: Path, python: str, resume: bool) -> None:
+    """The learner (from its checkpoint when `resume`), the actors and the rewarders."""
     aha = [python, "-m", "deploy.cli"]
     env = _part_env()
-    sup.start(Part("learner", [*aha, "learner", "--config", str(config)], env, stop_order=0))
+    learner = [*aha, "learner", "--config", str(config), *(["--resume"] if resume else [])]
+    sup.start(Part("learner", learner, env, stop_order=0))
     for i in range(up.actors):
-        sup.start(
-            Part(
-                f"actor-{i}",
-                [*aha, "actor", "--config", str(config), "--actor-id", f"actor-{i}"],
-                env,
-                restart=up.restart,
-                stop_order=1,
-            )
-        )
+        actor = [*aha, "actor", "--config", str(config), "--actor-id", f"actor-{i}"]
+        sup.start(Part(f"actor-{i}", actor, env, restart=up.restart, stop_order=1))
     for i in range(up.rewarders):
-        sup.start(
-            Part(
-                f"rewarder-{i}",
-                [*aha, "rewarder", "--config", str(config)],
-                env,
-                restart=up.restart,
-                stop_order=2,
-            )
-        )
+        rewarder = [*aha, "rewarder", "--config", str(config)]
+        sup.start(Part(f"rewarder-{i}", rewarder, env, restart=up.restart, stop_order=2))
 
 
 async def _setup_streams(bus_config) -> None:
@@ -216,7 +189,8 @@ def nats_server(
     run_dir: Path, url: str | None = None, max_payload: int = 8 << 20
 ) -> Iterator[tuple[str, Any]]:
     """`NATS_URL`, else `url` (the config's `[bus] url`), else an embedded server for the
-    run (stopped at the end). Yields the URL and the embedded server (None for another)."""
+    run (stopped at the end; its store in the run folder, so a resumed run finds its queues
+    as they were). Yields the URL and the embedded server (None for another)."""
     from protocol.server import NatsServer
 
     if os.environ.get("NATS_URL") or url:
@@ -224,6 +198,27 @@ def nats_server(
         return
     with NatsServer(run_dir / "nats", max_payload=max_payload) as server:
         yield server.url, server
+
+
+EVALUATION_FIELDS = {
+    "accuracy": "accuracy",
+    "pass_at_1": "pass_at_1",
+    "length": "mean_length",
+    "thinking_share": "thinking_share",
+}
+"""Summary key (`<key>_before`, `<key>_after`) -> field of `pipeline.heldout.Evaluation`."""
+DONE_FIELDS = (
+    "tasks_issued",
+    "groups_trained",
+    "groups_dropped_stale",
+    "groups_dropped_zero_variance",
+    "groups_dropped_no_reward",
+    "groups_dropped_too_large",
+    "groups_dead",
+    "groups_foreign",
+    "steps_nonfinite",
+)
+"""The learner's `done` line's counts, copied into the summary."""
 
 
 @dataclass
@@ -237,7 +232,7 @@ class LoopResult:
 
 
 def run_loop(
-    up: UpConfig, run_dir: Path, config: Path, bus_config, started: float, server=None
+    up: UpConfig, learner, run_dir: Path, config: Path, bus_config, started: float, server=None
 ) -> LoopResult:
     """Learner, actors and rewarders as processes until the learner is done; then stop all
     and count what is left in the queues. An embedded `server` that dies is restarted."""
@@ -248,17 +243,17 @@ def run_loop(
     loop_started = time.monotonic()
     learner_code = None
     try:
-        start_parts(up, sup, config, sys.executable)
-        ended, learner_code = asyncio.run(
-            watch(
-                sup,
-                metrics,
-                bus_config,
-                max_steps=up.max_steps,
-                stall_after_s=up.stall_after_s,
-                started=started,
-            )
+        resume = up.resume and has_checkpoint(config)
+        start_parts(up, sup, config, sys.executable, resume)
+        watching = watch(
+            sup,
+            metrics,
+            bus_config,
+            max_steps=learner.max_steps,
+            stall_after_s=up.stall_after_s,
+            started=started,
         )
+        ended, learner_code = asyncio.run(watching)
     except KeyboardInterrupt:
         ended = "interrupted"
     except Exception as e:  # the run still ends with its parts stopped and a summary
@@ -276,61 +271,59 @@ def run_loop(
     )
 
 
-def summarize(
-    up: UpConfig, name: str, run_dir: Path, loop: LoopResult, before, after, started: float
-) -> dict:
-    steps = loop.metrics.steps
+def has_checkpoint(config: Path) -> bool:
+    """Whether the learner of the run config `config` has a checkpoint to resume from."""
+    from learner.config import LearnerConfig
+    from learner.loop import has_checkpoint
+
+    return has_checkpoint(load_config(LearnerConfig, config, section="learner"))
+
+
+def summarize(learner, run_dir: Path, loop: LoopResult, before, after, started: float) -> dict:
+    """What the run did, as `summary.json` holds it (and `--json` prints)."""
+    from pipeline.plots import plot_curves
+
+    # A resumed learner may redo the steps after its last checkpoint: the latest line counts.
+    steps = sorted({r["step"]: r for r in loop.metrics.steps}.values(), key=lambda r: r["step"])
     done = next((r for r in reversed(loop.metrics.rows) if r.get("event") == "done"), {})
     final = run_dir / "final"
-    from pipeline.plots import plot_curves
 
     def of(result, field: str):
         return getattr(result, field) if result else None
 
     return {
-        "name": name,
+        "name": run_dir.name,
         "ended": loop.ended,
         "exit_codes": loop.exit_codes,
         "restarts": loop.restarts,
-        "accuracy_before": of(before, "accuracy"),
-        "accuracy_after": of(after, "accuracy"),
-        "pass_at_1_before": of(before, "pass_at_1"),
-        "pass_at_1_after": of(after, "pass_at_1"),
-        "length_before": of(before, "mean_length"),
-        "length_after": of(after, "mean_length"),
-        "thinking_share_before": of(before, "thinking_share"),
-        "thinking_share_after": of(after, "thinking_share"),
+        **{
+            f"{key}_{when}": of(result, field)
+            for key, field in EVALUATION_FIELDS.items()
+            for when, result in (("before", before), ("after", after))
+        },
         "steps": len(steps),
         "wall_seconds": round(time.monotonic() - started, 1),
         "rl_seconds": round(loop.seconds, 1),
-        "tasks_issued": done.get("tasks_issued"),
-        "groups_trained": done.get("groups_trained"),
-        "groups_dropped_stale": done.get("groups_dropped_stale"),
-        "groups_dropped_zero_variance": done.get("groups_dropped_zero_variance"),
-        "groups_dropped_no_reward": done.get("groups_dropped_no_reward"),
-        "groups_dropped_too_large": done.get("groups_dropped_too_large"),
-        "groups_dead": done.get("groups_dead"),
-        "groups_foreign": done.get("groups_foreign"),
-        "steps_nonfinite": done.get("steps_nonfinite"),
+        **{key: done.get(key) for key in DONE_FIELDS},
         "groups_in_flight_at_stop": loop.in_flight,
         "policy_versions_trained_on": sorted(
             {v for r in steps for v in r.get("policy_versions", [])}
         ),
         "max_staleness_trained": max((r.get("staleness_max", 0) for r in steps), default=None),
-        "max_staleness_bound": up.max_staleness,
+        "max_staleness_bound": learner.max_staleness,
         "final_model": str(final) if (final / "config.json").exists() else None,
         "plot": str(plot_curves(steps, run_dir / "curves.png") or ""),
         "run_dir": str(run_dir),
     }
 
 
-def prepare(up: UpConfig, run_dir: Path) -> tuple[Path, list[dict], Path]:
+def prepare(up: UpConfig, learner, run_dir: Path) -> tuple[Path, list[dict], Path]:
     """The prompts, the held-out set (the demo's; none for a dataset) and the model to train:
-    `--model`, else the demo's cold start."""
+    `--model`, else the demo's cold start (reused when a resumed run has it complete)."""
     from pipeline.coldstart import cold_start_model, demo_data
 
     if up.dataset is None:
-        n = max(4 * up.max_steps * up.prompts_per_step, 2000)
+        n = max(4 * learner.max_steps * learner.batch, 2000)
         dataset, held_out = demo_data(
             run_dir, eval_problems=up.eval_problems, rl_problems=n, seed=up.seed
         )
@@ -338,64 +331,82 @@ def prepare(up: UpConfig, run_dir: Path) -> tuple[Path, list[dict], Path]:
         dataset, held_out = Path(up.dataset), []
     if up.model:
         return dataset, held_out, Path(up.model)
-    model = cold_start_model(
-        run_dir,
-        held_out,
-        steps=up.cold_start_steps,
-        recipe=up.cold_start_recipe,
-        seed=up.seed,
-        env=_part_env(),
-    )
+    with progress_bar("cold start (SFT)", up.cold_start_steps) as advance:
+        model = cold_start_model(
+            run_dir,
+            held_out,
+            steps=up.cold_start_steps,
+            recipe=up.cold_start_recipe,
+            seed=up.seed,
+            env=_part_env(),
+            on_step=lambda step: advance(completed=step),
+        )
     return dataset, held_out, model
 
 
-def evaluate(model: Path, held_out: list[dict], up: UpConfig, when: str):
-    """Held-out accuracy and pass@1 of `model` (None without a held-out set or a model)."""
-    from pipeline.heldout import held_out_accuracy
+def evaluate(model: Path, held_out: list[dict], up: UpConfig, learner, run_dir: Path, when: str):
+    """Held-out accuracy and pass@1 of `model` (None without a held-out set or a model).
 
-    result = held_out_accuracy(model, held_out, max_tokens=up.max_tokens, samples=up.eval_samples)
+    Kept in `heldout-<when>.json`: a resumed run does not evaluate its starting model again.
+    """
+    from pipeline.heldout import Evaluation, held_out_accuracy
+
+    saved = run_dir / f"heldout-{when}.json"
+    if when == "before" and up.resume and saved.exists():
+        return Evaluation(**json.loads(saved.read_text()))
+    work = len(held_out) * (1 + up.eval_samples)
+    with progress_bar(f"held-out evaluation ({when})", work if held_out else None) as advance:
+        result = held_out_accuracy(
+            model,
+            held_out,
+            max_tokens=learner.dataset.max_tokens,
+            samples=up.eval_samples,
+            on_done=lambda n: advance(advance=n),
+        )
     if result:
         log.info(f"accuracy {when}", **result.as_dict())
+        saved.write_text(json.dumps(result.as_dict()) + "\n")
     return result
 
 
-def run(
-    up: UpConfig, *, json_out: bool, config_file: str | None = None, sets: list[str] = ()
-) -> dict:
-    """The run, step by step; returns (and writes) its summary."""
+def run(up: UpConfig, learner, parts: dict[str, Any], *, json_out: bool) -> dict:
+    """The run, step by step; returns (and writes) its summary.
+
+    `learner` is the `[learner]` section as the parts will load it (preflight's), `parts`
+    the user's sections and flags.
+    """
     from protocol.log import setup_logging
 
     setup_logging("up")
     # SIGTERM (`timeout`, a service manager) as Ctrl-C: the parts stopped in order, a summary.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     started = time.monotonic()
-    name = up.name or time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(up.runs_dir).resolve() / name
+    run_dir = Path(up.runs_dir).resolve() / up.name
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    parts = read_config(config_file, sets)  # the parts' sections, with --set
     # Sized for the configured groups (NATS's default of 1 MiB is too small for long ones).
-    max_payload = payload_limit(up.group_size, up.max_tokens)
+    max_payload = payload_limit(learner.dataset.group_size, learner.dataset.max_tokens)
     with nats_server(run_dir, (parts.get("bus") or {}).get("url"), max_payload) as (url, server):
         bus_config = load_config(BusConfig, overrides={**(parts.get("bus") or {}), "url": url})
         asyncio.run(_setup_streams(bus_config))
-        log.info("run", dir=str(run_dir), nats=url)
-        dataset, held_out, model = prepare(up, run_dir)
-        before = evaluate(model, held_out, up, "before")
+        log.info("run", dir=str(run_dir), nats=url, resume=up.resume)
+        dataset, held_out, model = prepare(up, learner, run_dir)
+        before = evaluate(model, held_out, up, learner, run_dir, "before")
         config = write_run_config(up, run_dir, model, dataset, url, parts)
-        loop = run_loop(up, run_dir, config, bus_config, started, server)
-    after = evaluate(run_dir / "final", held_out, up, "after")
-    summary = summarize(up, name, run_dir, loop, before, after, started)
+        loop = run_loop(up, learner, run_dir, config, bus_config, started, server)
+    after = evaluate(run_dir / "final", held_out, up, learner, run_dir, "after")
+    summary = summarize(learner, run_dir, loop, before, after, started)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_summary(summary, stderr=json_out)  # with --json, stdout holds only the JSON
     if json_out:
         print(json.dumps(summary), flush=True)
-    else:
-        from rich.console import Console
-
-        Console().print_json(json.dumps(summary))
     return summary
 
 
 def main(args: argparse.Namespace) -> int:
+    """`aha up`: the options from `--config`'s `[up]`, the flags and `--set`, every input
+    checked, then the run."""
+    from deploy.preflight import check_up, resumed_name
+
     overrides = {
         k: v
         for k, v in {
@@ -403,22 +414,39 @@ def main(args: argparse.Namespace) -> int:
             "dataset": args.dataset,
             "actors": args.actors,
             "rewarders": args.rewarders,
-            "max_steps": args.max_steps,
-            "max_staleness": args.max_staleness,
             "name": args.name,
             "seed": args.seed,
             "engine": args.engine,
             "cold_start_steps": args.cold_start_steps,
-            "shuffle_rewards": args.shuffle_rewards or None,
+            "resume": args.resume or None,
         }.items()
         if v is not None
     }
+    sets = getattr(args, "set", None) or []
     up = load_config(
-        UpConfig, args.config, section="up", overrides=overrides, sets=sets_in(args.set, "up")
+        UpConfig, args.config, section="up", overrides=overrides, sets=sets_in(sets, "up")
     )
-    from deploy.preflight import check_up
-
-    # every input, before the server, the cold start or a model load
-    check_up(up, args.config, args.set)
-    summary = run(up, json_out=args.json, config_file=args.config, sets=args.set)
+    name = resumed_name(up) if up.resume else up.name or time.strftime("%Y%m%d-%H%M%S")
+    up = up.model_copy(update={"name": name})
+    learner = check_up(up, args.config, sets, learner_flags(args))  # before anything starts
+    parts = read_parts(args.config, sets, learner_flags(args))
+    summary = run(up, learner, parts, json_out=args.json)
     return 0 if summary["ended"] == "finished" else 1
+
+
+def read_parts(config_file: str | None, sets=(), flags: dict | None = None) -> dict[str, Any]:
+    """The user's sections for the parts: the `--config` file, then `aha up`'s flags for
+    learner fields, then `--set`."""
+    return merge(read_config(config_file), merge(flags or {}, parse_sets(sets)))
+
+
+def learner_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The `[learner]` fields `aha up` has flags for, over the config file's."""
+    learner: dict[str, Any] = {}
+    if args.max_steps is not None:
+        learner["max_steps"] = args.max_steps
+    if args.max_staleness is not None:
+        learner["max_staleness"] = args.max_staleness
+    if args.shuffle_rewards:
+        learner["grpo"] = {"shuffle_rewards": True}
+    return {"learner": learner} if learner else {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -123,7 +124,9 @@ def run_logged(
     stops the process before it is passed on.
     """
     with open(log_file, "wb") as f, open(log_file, "rb") as tail:
-        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            argv, stdout=f, stderr=subprocess.STDOUT, env=env, preexec_fn=_term_with_parent
+        )
         try:
             pending = b""
             while proc.poll() is None:
@@ -137,6 +140,15 @@ def run_logged(
     if proc.returncode:
         last = log_file.read_text(errors="replace").splitlines()[-10:]
         raise subprocess.CalledProcessError(proc.returncode, argv, output="\n".join(last))
+
+
+def _term_with_parent() -> None:
+    """In the SFT process: SIGTERM when its parent dies, even by SIGKILL (no orphan keeps
+    training after an interrupted `aha up`; a resumed one starts the cold start again)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _report_steps(chunk: bytes, on_step: Callable[[int], None] | None) -> bytes:

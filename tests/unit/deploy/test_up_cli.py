@@ -78,7 +78,7 @@ def assert_failed_at_start(result: subprocess.CompletedProcess, cwd: Path, messa
             "[rewarder]\nworkers = 0\n",
             "rewarder.workers: Input should be greater than or equal to 1 (CONFIG)",
         ),
-        ("[up]\nlr = nan\n", "up.lr: nan is not a finite number (CONFIG)"),
+        ("[up]\nstall_after_s = nan\n", "up.stall_after_s: nan is not a finite number (CONFIG)"),
         (b'[up]\nname = "\xe9t\xe9"\n', "not UTF-8: byte 0xe9 (CONFIG:2)"),
         (b"x = " + b"[" * 50_000 + b"]" * 50_000, "nested too deeply to be a config (CONFIG)"),
     ],

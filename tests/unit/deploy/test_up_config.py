@@ -17,8 +17,10 @@ DATA = Path(__file__).parents[2] / "data"
 
 
 def test_the_run_config_drives_every_part(tmp_path):
-    up = UpConfig(max_steps=7, max_staleness=1, shuffle_rewards=True)
-    path = write_run_config(up, tmp_path, tmp_path / "model", tmp_path / "rl.jsonl", "nats://h:1")
+    flags = {"learner": {"max_steps": 7, "max_staleness": 1, "grpo": {"shuffle_rewards": True}}}
+    path = write_run_config(
+        UpConfig(), tmp_path, tmp_path / "model", tmp_path / "rl.jsonl", "nats://h:1", flags
+    )
     learner = load_config(LearnerConfig, path, section="learner", environ={})
     actor = load_config(ActorConfig, path, section="actor", environ={})
     rewarder = load_config(RewarderConfig, path, section="rewarder", environ={})
@@ -66,3 +68,24 @@ def test_the_users_sections_refine_what_aha_up_chooses(tmp_path):
     assert actor.dtype == "bfloat16"
     assert learner.bus.url == "nats://run:1"  # the run's own server wins
     assert learner.bus.scored.ack_wait_s == 900
+
+
+def test_the_demo_takes_its_tuned_values_and_a_dataset_the_learners_defaults(tmp_path):
+    """DEMO.md's GRPO values are the demo's only; a real dataset trains with the learner's own
+    defaults (one definition: `LearnerConfig`), refined by the user's file."""
+    demo = write_run_config(UpConfig(), tmp_path, tmp_path / "m", tmp_path / "rl.jsonl", "n://h:1")
+    learner = load_config(LearnerConfig, demo, section="learner", environ={})
+    assert (learner.optim.lr, learner.grpo.beta, learner.dataset.max_tokens) == (1e-4, 0.01, 64)
+    assert (learner.grpo.mode, learner.grpo.ppo_epochs, learner.max_steps) == ("token-mean", 2, 60)
+
+    up = UpConfig(model=str(tmp_path / "m"), dataset=str(DATA / "gsm8k_test.jsonl"))
+    parts = {"learner": {"grpo": {"beta": 0.0}}}
+    real = write_run_config(
+        up, tmp_path, tmp_path / "m", DATA / "gsm8k_test.jsonl", "n://h:1", parts
+    )
+    learner = load_config(LearnerConfig, real, section="learner", environ={})
+    optim, grpo = (LearnerConfig.model_fields[f].default_factory() for f in ("optim", "grpo"))
+    assert learner.optim.lr == optim.lr and learner.grpo.mode == grpo.mode
+    assert learner.dataset.max_tokens == 256 and learner.max_steps is None
+    assert learner.grpo.beta == 0.0  # the user's file
+    assert learner.dataset.prompt_field == "question"

@@ -14,13 +14,10 @@ def test_aha_up_run_config_loads(tmp_path):
         up, tmp_path, tmp_path / "model", tmp_path / "rl.jsonl", "nats://127.0.0.1:4222"
     )
     config = load_config(LearnerConfig, path, section="learner")
-    assert config.max_steps == up.max_steps and config.batch == up.prompts_per_step
-    assert config.in_flight_limit == (up.max_staleness + 1) * up.prompts_per_step
+    assert (config.max_steps, config.batch, config.max_staleness) == (60, 16, 2)  # the demo's
+    assert config.in_flight_limit == (2 + 1) * 16
     assert config.dataset.template == "none" and config.dataset.prompt_field == "prompt"
-    assert (
-        config.dataset.group_size == up.group_size
-        and config.dataset.rewards["accuracy_gsm8k"] == 1.0
-    )
+    assert config.dataset.group_size == 8 and config.dataset.rewards["accuracy_gsm8k"] == 1.0
     assert config.metrics_file == str(tmp_path / "metrics.jsonl")
     assert config.final_model_dir == str(tmp_path / "final")
     assert (

@@ -288,7 +288,6 @@ def train_step(pe: PolicyEngine, batch: PolicyBatch) -> dict[str, Any]:
     """
     if len(batch) == 0:
         raise ValueError("empty batch")
-    grpo = pe.config.grpo
     batch = batch.to(pe.device)
     own = rank_micro_batches(len(batch), pe.config.deepspeed.micro_batch, pe.rank, pe.world_size)
     # A rank with fewer micro-batches repeats its first one (or the batch's) with weight 0.
@@ -301,75 +300,100 @@ def train_step(pe: PolicyEngine, batch: PolicyBatch) -> dict[str, Any]:
         logp_ref = [_logprobs(pe.ref, mb) if pe.ref is not None else None for mb, _ in micro]
 
     # Sums over tokens (metrics) and over the loss shares; all-reduced at the end.
-    totals = torch.zeros(6, dtype=torch.float64, device=pe.device)
-    bad_rows = None  # [N] rows of the micro-batches whose loss was not finite
-    for _ in range(grpo.ppo_epochs):
-        for k, (mb, real) in enumerate(micro):
-            logp = _logprobs(pe.engine, mb)  # [n, T]
-            loss, metrics = grpo_loss(
-                logp,
-                logp_old[k],
-                mb.logp_behaviour,
-                logp_ref[k],
-                mb.adv,
-                mb.completion_mask,
-                eps_low=grpo.eps_low,
-                eps_high=grpo.eps_high,
-                beta=grpo.beta,
-                is_cap=grpo.is_cap,
-                mode=grpo.mode,
-            )
-            share = aggregate_share(mb.completion_mask, batch.completion_mask, grpo.mode)
-            share = share if real else 0.0
-            nonfinite = real and not bool(torch.isfinite(loss))
-            if _any_rank(nonfinite, pe.device):
-                bad_rows = torch.zeros(len(batch), dtype=torch.bool, device=pe.device)
-                if nonfinite:
-                    index = own[k]
-                    bad_rows[index] = _poisoned_rows(mb, logp, logp_old[k], logp_ref[k])
-                # Still backward (every rank, for ZeRO's collectives): the gradients turn
-                # non-finite and the check below discards everything accumulated so far.
-                pe.engine.backward(loss * float("nan"), scale_wrt_gas=False)
-                break
-            # DeepSpeed averages gradients over ranks; × world_size makes that the sum of shares.
-            pe.engine.backward(loss * (share * pe.world_size), scale_wrt_gas=False)
-            tokens = mb.completion_mask.sum().float() * float(real)  # fillers count nothing
-            totals += torch.stack(
-                [
-                    share * loss.detach(),
-                    tokens,
-                    tokens * metrics["kl"],
-                    tokens * metrics["clip_fraction"],
-                    tokens * metrics["ratio"],
-                    tokens * metrics["is_weight"],
-                ]
-            ).double()
-        what = "loss" if bad_rows is not None else "gradient"
-        # ZeRO 1-3 (and DeepSpeed's bf16/fp16 optimizers) skip an update whose reduced
-        # gradient norm is not finite and clear it; ZeRO-0 in fp32 steps whatever it holds,
-        # so its local gradients are checked on every rank first.
-        zero_0 = pe.config.deepspeed.zero_stage == 0
-        if zero_0 and _any_rank(not _local_grads_finite(pe), pe.device):
-            pe.engine.zero_grad()
-            return _refuse(pe, len(batch), what, bad_rows)
-        skipped = pe.engine.skipped_steps
-        pe.engine.step()
-        if pe.engine.skipped_steps > skipped:
-            return _refuse(pe, len(batch), what, bad_rows)
-        if bad_rows is not None:  # a NaN backward always fails one of the checks above
-            raise RuntimeError("a non-finite loss was not caught by the gradient check")
+    totals = torch.zeros(len(_SUMS), dtype=torch.float64, device=pe.device)
+    for _ in range(pe.config.grpo.ppo_epochs):
+        bad_rows = _backward_epoch(pe, batch, own, micro, logp_old, logp_ref, totals)
+        refused = _optimizer_step(pe, len(batch), bad_rows)
+        if refused is not None:
+            return refused
+    return _update_metrics(pe, totals)
 
+
+_SUMS = ("loss", "tokens", "kl", "clip_fraction", "ratio", "is_weight")
+"""What `_backward_epoch` sums over an update: the loss shares, then token-weighted metrics."""
+
+
+def _backward_epoch(
+    pe: PolicyEngine,
+    batch: PolicyBatch,
+    own: list[slice | None],
+    micro: list[tuple[PolicyBatch, bool]],
+    logp_old: list[torch.Tensor],
+    logp_ref: list[torch.Tensor | None],
+    totals: torch.Tensor,
+) -> torch.Tensor | None:
+    """Forward and backward over this rank's micro-batches, adding to `totals` (`_SUMS`).
+
+    Returns None, or, when a loss was not finite on some rank, the [N] rows to blame (every
+    rank stops at that micro-batch after a backward that makes the gradients non-finite).
+    """
+    grpo = pe.config.grpo
+    for k, (mb, real) in enumerate(micro):
+        logp = _logprobs(pe.engine, mb)  # [n, T]
+        loss, metrics = grpo_loss(
+            logp,
+            logp_old[k],
+            mb.logp_behaviour,
+            logp_ref[k],
+            mb.adv,
+            mb.completion_mask,
+            eps_low=grpo.eps_low,
+            eps_high=grpo.eps_high,
+            beta=grpo.beta,
+            is_cap=grpo.is_cap,
+            mode=grpo.mode,
+        )
+        nonfinite = real and not bool(torch.isfinite(loss))
+        if _any_rank(nonfinite, pe.device):
+            bad_rows = torch.zeros(len(batch), dtype=torch.bool, device=pe.device)  # [N]
+            if nonfinite:
+                bad_rows[own[k]] = _poisoned_rows(mb, logp, logp_old[k], logp_ref[k])
+            # Still backward (every rank, for ZeRO's collectives): the gradients turn
+            # non-finite and the optimizer step's check discards everything accumulated.
+            pe.engine.backward(loss * float("nan"), scale_wrt_gas=False)
+            return bad_rows
+        share = aggregate_share(mb.completion_mask, batch.completion_mask, grpo.mode)
+        share = share if real else 0.0
+        # DeepSpeed averages gradients over ranks; × world_size makes that the sum of shares.
+        pe.engine.backward(loss * (share * pe.world_size), scale_wrt_gas=False)
+        tokens = mb.completion_mask.sum().float() * float(real)  # fillers count nothing
+        sums = [share * loss.detach(), tokens] + [tokens * metrics[m] for m in _SUMS[2:]]
+        totals += torch.stack(sums).double()
+    return None
+
+
+def _optimizer_step(
+    pe: PolicyEngine, n: int, bad_rows: torch.Tensor | None
+) -> dict[str, Any] | None:
+    """Apply the accumulated gradients; the refusal (`_refuse`) when they are not finite."""
+    what = "loss" if bad_rows is not None else "gradient"
+    # ZeRO 1-3 (and DeepSpeed's bf16/fp16 optimizers) skip an update whose reduced
+    # gradient norm is not finite and clear it; ZeRO-0 in fp32 steps whatever it holds,
+    # so its local gradients are checked on every rank first.
+    zero_0 = pe.config.deepspeed.zero_stage == 0
+    if zero_0 and _any_rank(not _local_grads_finite(pe), pe.device):
+        pe.engine.zero_grad()
+        return _refuse(pe, n, what, bad_rows)
+    skipped = pe.engine.skipped_steps
+    pe.engine.step()
+    if pe.engine.skipped_steps > skipped:
+        return _refuse(pe, n, what, bad_rows)
+    if bad_rows is not None:  # a NaN backward always fails one of the checks above
+        raise RuntimeError("a non-finite loss was not caught by the gradient check")
+    return None
+
+
+def _update_metrics(pe: PolicyEngine, totals: torch.Tensor) -> dict[str, Any]:
+    """The update's metrics from every rank's `totals` (`_SUMS` over all epochs)."""
     if torch.distributed.is_initialized() and pe.world_size > 1:
         torch.distributed.all_reduce(totals)
-    loss_sum, tokens, kl, clip, ratio, is_weight = totals.tolist()
+    sums = dict(zip(_SUMS, totals.tolist(), strict=True))
+    epochs, tokens = pe.config.grpo.ppo_epochs, max(sums["tokens"], 1)
     metrics = {
-        "loss": loss_sum / grpo.ppo_epochs,
-        "kl": kl / max(tokens, 1),
-        "clip_fraction": clip / max(tokens, 1),
-        "ratio": ratio / max(tokens, 1),
-        "is_weight": is_weight / max(tokens, 1),
+        "loss": sums["loss"] / epochs,
+        **{m: sums[m] / tokens for m in _SUMS[2:]},
         "lr": float(pe.engine.get_lr()[0]),
-        "tokens": tokens / grpo.ppo_epochs,
+        "tokens": sums["tokens"] / epochs,
     }
     grad_norm = pe.engine.get_global_grad_norm()  # None with ZeRO-0 in fp32 (DeepSpeed drops it)
     if grad_norm is not None:

@@ -48,6 +48,7 @@ from learner.metrics import (
     append_line,
     export_gauges,
 )
+from learner.outcomes import IN_FLIGHT, Outcome
 from learner.ranks import collective, follow, stop_followers
 from learner.step import (
     Group,
@@ -93,25 +94,31 @@ class Progress:
     step: int = 0
     version: int = 0
     """Policy version of the weights being trained (one per update)."""
-    groups_trained: int = 0
-    groups_dropped_stale: int = 0
-    groups_dropped_zero_variance: int = 0
-    groups_dropped_no_reward: int = 0
-    groups_dead: int = 0
-    """Tasks dead-lettered by an actor, a rewarder or this learner: their slots are freed."""
-    groups_dropped_too_large: int = 0
-    """Tasks not published because their group could not fit the bus's max_payload."""
-    groups_foreign: int = 0
-    """Scored groups of tasks this run never issued, dead-lettered (outside the accounting of
-    issued tasks)."""
+    groups: dict[Outcome, int] = field(default_factory=lambda: dict.fromkeys(Outcome, 0))
+    """How many groups ended in each outcome (`learner.outcomes`)."""
     steps_nonfinite: int = 0
     """Updates skipped because their loss or gradient was not finite."""
     dead_seq: int = 0
     """Last dead-letter sequence looked at."""
-    groups_duplicates: int = 0
-    """Deliveries of groups already consumed by a checkpointed step (acked, not trained)."""
     published_version: int = -1
     """Last policy version whose weights were published."""
+
+    def counts(self) -> dict[str, int]:
+        """`groups_<outcome>` of every outcome: the form the step and done lines carry."""
+        return {o.key: self.groups[o] for o in Outcome}
+
+    def state(self) -> dict[str, Any]:
+        """The checkpoint's form: flat, the counts under their `groups_<outcome>` keys."""
+        state = asdict(self)
+        del state["groups"]
+        return {**state, **self.counts()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Progress:
+        """Read `state()` back; an outcome the checkpoint does not know yet counts 0."""
+        state = dict(state)
+        groups = {o: state.pop(o.key, 0) for o in Outcome}
+        return cls(**state, groups=groups)
 
 
 def rng_state() -> dict[str, Any]:
@@ -322,8 +329,8 @@ def restore(pe: PolicyEngine, config: LearnerConfig, reserved: int) -> tuple[Pro
     set_rng_state(state["rng"])
     if pe.rank == 0:
         write_records(config.metrics_file, state["records"])  # lines a crash kept from the file
-    progress = Progress(**state["progress"])
-    log.info("resumed", checkpoint_dir=config.checkpoint_dir, **asdict(progress))
+    progress = Progress.from_state(state["progress"])
+    log.info("resumed", checkpoint_dir=config.checkpoint_dir, **progress.state())
     return progress, Ledger.from_state(state["ledger"], reserved)
 
 
@@ -341,7 +348,7 @@ async def step(lr: Learner, stop: asyncio.Event) -> bool:
     if collected is None:
         return False
     waited = time.perf_counter() - started
-    trained = [g for g, verdict in collected if verdict == "train"]
+    trained = [g for g, outcome in collected if outcome == Outcome.TRAINED]
     if lr.config.grpo.shuffle_rewards:
         trained = shuffle_rewards(
             trained, random.Random(lr.config.seed * 1_000_003 + lr.progress.step)
@@ -372,16 +379,16 @@ async def step(lr: Learner, stop: asyncio.Event) -> bool:
     return True
 
 
-async def collect(lr: Learner, stop: asyncio.Event) -> list[tuple[Group, str]] | None:
+async def collect(lr: Learner, stop: asyncio.Event) -> list[tuple[Group, Outcome]] | None:
     """Pull scored groups until `batch` of them are trainable, issuing tasks as room frees.
 
-    Dropped groups (stale, no reward, zero variance) are kept in the list with their verdict:
+    Dropped groups (stale, no reward, zero variance) are kept in the list with their outcome:
     they are acknowledged with the step's checkpoint, like trained ones.
     """
     config, ledger = lr.config, lr.ledger
     collected, lr.carried = lr.carried, []
     beat = time.monotonic()
-    while sum(verdict == "train" for _, verdict in collected) < config.batch:
+    while sum(outcome == Outcome.TRAINED for _, outcome in collected) < config.batch:
         if time.monotonic() - beat > HEARTBEAT_S:  # other ranks wait in a collective meanwhile
             await asyncio.to_thread(collective, lr.pe, "noop")
             beat = time.monotonic()
@@ -391,7 +398,7 @@ async def collect(lr: Learner, stop: asyncio.Event) -> list[tuple[Group, str]] |
                 ledger.release(p)
             await lr.leases.release(positions)
             return None
-        trainable = sum(verdict == "train" for _, verdict in collected)
+        trainable = sum(outcome == Outcome.TRAINED for _, outcome in collected)
         # The groups this step already trains use up the bound too: a task issued now can be
         # trained fresh only within the next max_staleness + 1 versions, and this step has
         # taken `trainable` of their (max_staleness + 1) × batch places. (With η = 0 nothing
@@ -401,7 +408,7 @@ async def collect(lr: Learner, stop: asyncio.Event) -> list[tuple[Group, str]] |
         issued = await top_up(
             lr.bus, lr.dispatcher, ledger, limit, lr.progress.version, lr.reservation
         )
-        lr.progress.groups_dropped_too_large += len(issued.too_large)
+        lr.progress.groups[Outcome.DROPPED_TOO_LARGE] += len(issued.too_large)
         wanted = config.batch - trainable
         for delivery in await lr.consumer.fetch(wanted, timeout=1.0):
             admitted = await admit(lr, delivery)
@@ -432,7 +439,7 @@ async def forget_dead(lr: Learner) -> None:
             tid = peek_task_id(letter.data)  # names its task, whose place must be freed
         p = lr.dispatcher.position(tid) if tid is not None else None
         if p is not None and lr.ledger.lose(p):
-            lr.progress.groups_dead += 1
+            lr.progress.groups[Outcome.DEAD] += 1
             log.warning(
                 "task dead-lettered: its place is freed",
                 task_id=tid,
@@ -441,12 +448,12 @@ async def forget_dead(lr: Learner) -> None:
             )
 
 
-async def admit(lr: Learner, delivery: Delivery) -> tuple[Group, str] | None:
-    """Hold a new scored group with its verdict; ack one already consumed at once.
+async def admit(lr: Learner, delivery: Delivery) -> tuple[Group, Outcome] | None:
+    """Hold a new scored group with its outcome; ack one already consumed at once.
 
     A group this run never issued is dead-lettered as foreign (and forgotten); one of an
-    issued task that must not be trained on is dead-lettered and held as `refused` (it is
-    acknowledged with the step's checkpoint and counts as dead).
+    issued task that must not be trained on is dead-lettered and held as dead (it is
+    acknowledged with the step's checkpoint).
     """
     scored: ScoredRollout = delivery.message
     p = lr.dispatcher.position(scored.task_id)
@@ -468,7 +475,7 @@ async def admit(lr: Learner, delivery: Delivery) -> tuple[Group, str] | None:
             if not await bury(lr, delivery, f"refused by the learner: {why}"):
                 await release(lr, p)
                 return None
-            return group, "refused"
+            return group, Outcome.DEAD
         config = lr.config
         return group, judge(
             group, lr.progress.version, config.max_staleness, config.drop_zero_variance
@@ -479,7 +486,7 @@ async def admit(lr: Learner, delivery: Delivery) -> tuple[Group, str] | None:
     log.warning(
         "duplicate scored group acked untrained", task_id=delivery.message.task_id, why=outcome
     )
-    lr.progress.groups_duplicates += 1
+    lr.progress.groups[Outcome.DUPLICATES] += 1
     try:
         await delivery.ack_sync()
     except LEASE_ERRORS as e:  # it comes back and is recognised again
@@ -516,7 +523,7 @@ async def refuse_foreign(lr: Learner, delivery: Delivery, why: str) -> None:
     """Dead-letter a group this run never issued and forget it (`term`): it takes no place."""
     if not await bury(lr, delivery, f"{FOREIGN}{why}"):
         return
-    lr.progress.groups_foreign += 1
+    lr.progress.groups[Outcome.FOREIGN] += 1
     try:
         await delivery.term()
     except LEASE_ERRORS as e:  # it comes back and is refused again
@@ -528,7 +535,7 @@ def vocab_size(pe: PolicyEngine) -> int:
 
 
 async def refuse_update(
-    lr: Learner, collected: list[tuple[Group, str]], trained: list[Group], result: dict
+    lr: Learner, collected: list[tuple[Group, Outcome]], trained: list[Group], result: dict
 ) -> None:
     """An update applied nothing (non-finite loss or gradient): dead-letter the groups to
     blame, keep the others for the next attempt, stop after too many in a row."""
@@ -542,8 +549,8 @@ async def refuse_update(
         if not await bury(lr, lr.leases.held[p], reason):
             await release(lr, p)
     lr.carried = [
-        (g, "refused" if g.position in blamed else v)
-        for g, v in collected
+        (g, Outcome.DEAD if g.position in blamed else outcome)
+        for g, outcome in collected
         if g.position in lr.leases.held
     ]
     lr.progress.steps_nonfinite += 1
@@ -563,13 +570,9 @@ async def refuse_update(
         )
 
 
-def count(progress: Progress, collected: list[tuple[Group, str]]) -> None:
-    verdicts = [verdict for _, verdict in collected]
-    progress.groups_trained += verdicts.count("train")
-    progress.groups_dropped_stale += verdicts.count("stale")
-    progress.groups_dropped_zero_variance += verdicts.count("zero_variance")
-    progress.groups_dropped_no_reward += verdicts.count("no_reward")
-    progress.groups_dead += verdicts.count("refused")
+def count(progress: Progress, collected: list[tuple[Group, Outcome]]) -> None:
+    for _, outcome in collected:
+        progress.groups[outcome] += 1
 
 
 async def checkpoint(lr: Learner) -> None:
@@ -582,7 +585,7 @@ async def checkpoint(lr: Learner) -> None:
         return
     lr.ledger.commit()
     state = {
-        "progress": asdict(lr.progress),
+        "progress": lr.progress.state(),
         "ledger": lr.ledger.state(),
         "rng": rng_state(),
         "records": lr.uncommitted,
@@ -667,15 +670,15 @@ async def publish(lr: Learner) -> None:
 
 def step_record(
     lr: Learner,
-    collected: list[tuple[Group, str]],
+    collected: list[tuple[Group, Outcome]],
     version: int,
     metrics: dict,
     train_seconds: float,
 ) -> dict[str, Any]:
     """The step's canonical record: the metrics-file line (STEP_KEYS and more)."""
     progress = lr.progress
-    fresh = [g for g, verdict in collected if verdict not in ("stale", "refused")]
-    trained = [g for g, verdict in collected if verdict == "train"]
+    fresh = [g for g, o in collected if o not in (Outcome.DROPPED_STALE, Outcome.DEAD)]
+    trained = [g for g, o in collected if o == Outcome.TRAINED]
     samples = sample_stats(fresh)
     return {
         "event": "step",
@@ -689,19 +692,12 @@ def step_record(
         "response_length": samples["response_length"],
         **{k: metrics[k] for k in ("loss", "kl", "clip_fraction", "ratio", "is_weight", "lr")},
         **staleness_stats(trained, version),
-        "groups_trained": progress.groups_trained,
-        "groups_dropped_stale": progress.groups_dropped_stale,
-        "groups_dropped_zero_variance": progress.groups_dropped_zero_variance,
-        "groups_dropped_no_reward": progress.groups_dropped_no_reward,
-        "groups_dead": progress.groups_dead,
-        "groups_dropped_too_large": progress.groups_dropped_too_large,
-        "groups_foreign": progress.groups_foreign,
-        "groups_duplicates": progress.groups_duplicates,
+        **progress.counts(),
+        IN_FLIGHT: lr.ledger.in_flight,
         "steps_nonfinite": progress.steps_nonfinite,
-        "groups_in_flight": lr.ledger.in_flight,
         "tasks_issued": lr.ledger.issued,
         "task_ids": [g.task_id for g in trained],
-        "task_ids_dropped": [g.task_id for g, verdict in collected if verdict != "train"],
+        "task_ids_dropped": [g.task_id for g, o in collected if o != Outcome.TRAINED],
         "tokens": metrics["tokens"],
         "tokens_per_s": metrics["tokens"] / max(train_seconds, 1e-9),
         "train_seconds": train_seconds,
@@ -711,7 +707,7 @@ def step_record(
 
 def report(lr: Learner, record: dict[str, Any]) -> None:
     """The canonical log line and the gauges (the metrics-file line waits for the checkpoint)."""
-    export_gauges(record, lr.ledger.in_flight)
+    export_gauges(record)
     brief = {k: record[k] for k in STEP_KEYS if k not in ("event", "time")}
     log.info(
         "step",
@@ -742,13 +738,7 @@ async def finish(lr: Learner) -> None:
             "event": "done",
             "steps": progress.step,
             "tasks_issued": lr.ledger.issued,
-            "groups_trained": progress.groups_trained,
-            "groups_dropped_stale": progress.groups_dropped_stale,
-            "groups_dropped_zero_variance": progress.groups_dropped_zero_variance,
-            "groups_dropped_no_reward": progress.groups_dropped_no_reward,
-            "groups_dropped_too_large": progress.groups_dropped_too_large,
-            "groups_dead": progress.groups_dead,
-            "groups_foreign": progress.groups_foreign,
+            **progress.counts(),
             "steps_nonfinite": progress.steps_nonfinite,
             "groups_in_flight_at_stop": lr.ledger.in_flight,
             "final_model": str(final) if final else None,

@@ -1,7 +1,8 @@
 """The learner's numbers: Prometheus gauges and the JSON lines `aha up` reads.
 
-Counts (`groups_trained`, `groups_dropped_*`, `tasks_issued`) are cumulative over the whole
-run, restarts included (they live in the checkpoint), so they are gauges, not counters.
+Counts (`groups_<outcome>` of every `learner.outcomes.Outcome`, `tasks_issued`) are cumulative
+over the whole run, restarts included (they live in the checkpoint), so they are gauges, not
+counters.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import Gauge, Histogram
+
+from learner.outcomes import IN_FLIGHT, Outcome
 
 _G = "aha_learner_"
 
@@ -33,7 +36,7 @@ STALENESS = Histogram(
 GROUPS = Gauge(f"{_G}groups", "Scored groups consumed so far, by outcome", ["outcome"])
 TASKS_ISSUED = Gauge(f"{_G}tasks_issued", "Tasks published so far")
 STEPS_NONFINITE = Gauge(f"{_G}steps_nonfinite", "Updates skipped for a non-finite loss or gradient")
-IN_FLIGHT = Gauge(f"{_G}groups_in_flight", "Tasks issued whose scored group has not arrived")
+GROUPS_IN_FLIGHT = Gauge(f"{_G}{IN_FLIGHT}", "Tasks issued whose scored group has not arrived")
 TOKENS_PER_S = Gauge(f"{_G}tokens_per_second", "Trained completion tokens per second of update")
 STEP_SECONDS = Gauge(f"{_G}step_seconds", "Wall time of the last step, waiting included")
 WAIT_SHARE = Gauge(f"{_G}wait_share", "Share of the last step's wall time spent waiting for data")
@@ -59,9 +62,8 @@ STEP_KEYS = (
     "staleness_mean",
     "staleness_max",
     "policy_versions",
-    "groups_trained",
-    "groups_dropped_stale",
-    "groups_dropped_zero_variance",
+    *(o.key for o in Outcome),
+    IN_FLIGHT,
     "tasks_issued",
     "tokens_per_s",
     "step_seconds",
@@ -71,7 +73,7 @@ STEP_KEYS = (
 """Keys every step line carries (`aha up` reads them); lines may have more."""
 
 
-def export_gauges(record: dict[str, Any], in_flight: int) -> None:
+def export_gauges(record: dict[str, Any]) -> None:
     """Set every gauge from a step record (see `loop.step_record`)."""
     for gauge, key in (
         (LOSS, "loss"),
@@ -99,18 +101,9 @@ def export_gauges(record: dict[str, Any], in_flight: int) -> None:
         REWARD_STD.labels(name).set(record["rewards_std"][name])
     for age in record.get("staleness", []):
         STALENESS.observe(age)
-    for outcome in (
-        "trained",
-        "dropped_stale",
-        "dropped_zero_variance",
-        "dropped_no_reward",
-        "dropped_too_large",
-        "duplicates",
-        "dead",
-        "foreign",
-    ):
-        GROUPS.labels(outcome).set(record[f"groups_{outcome}"])
-    IN_FLIGHT.set(in_flight)
+    for outcome in Outcome:
+        GROUPS.labels(outcome.value).set(record[outcome.key])
+    GROUPS_IN_FLIGHT.set(record[IN_FLIGHT])
 
 
 def append_line(path: str | Path | None, record: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """What one GRPO step does with the scored groups it collected, as pure functions.
 
-    scored groups ──refusal──▶ refused (dead-lettered: never trained)
-                 ──judge──▶ train | stale | zero_variance | no_reward
+    scored groups ──refusal──▶ dead (dead-lettered by the learner: never trained)
+                 ──judge──▶ trained | dropped_stale | dropped_zero_variance | dropped_no_reward
     trained groups ──advantages (reward=None left out)──▶ PolicyBatch ──▶ engine.train_step
 
 A rollout sampled by policy version `b` and consumed at learner version `v` has staleness
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -21,11 +20,8 @@ import torch
 from learner.engine import PolicyBatch
 from learner.grpo import group_advantages
 from learner.logprobs import pad_batch
+from learner.outcomes import Outcome
 from protocol.messages import ScoredRollout
-
-Verdict = Literal["train", "stale", "zero_variance", "no_reward", "refused"]
-"""What becomes of a scored group the learner holds; `refused` ones were dead-lettered by the
-learner (see `refusal`, and a non-finite update) and count as dead."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +95,7 @@ def staleness(version: int, behaviour_version: int) -> int:
     return version - behaviour_version
 
 
-def judge(group: Group, version: int, max_staleness: int, drop_zero_variance: bool) -> Verdict:
+def judge(group: Group, version: int, max_staleness: int, drop_zero_variance: bool) -> Outcome:
     """Whether a group is trained on at learner version `version`, or why it is dropped.
 
     Stale groups (`v − b > max_staleness`) are always dropped; a group where no completion got
@@ -107,13 +103,13 @@ def judge(group: Group, version: int, max_staleness: int, drop_zero_variance: bo
     is dropped only when `drop_zero_variance` (DAPO's dynamic sampling).
     """
     if staleness(version, group.behaviour_version) > max_staleness:
-        return "stale"
+        return Outcome.DROPPED_STALE
     rewards = [r for r in group.rewards if r is not None]
     if not rewards:
-        return "no_reward"
+        return Outcome.DROPPED_NO_REWARD
     if drop_zero_variance and max(rewards) == min(rewards):
-        return "zero_variance"
-    return "train"
+        return Outcome.DROPPED_ZERO_VARIANCE
+    return Outcome.TRAINED
 
 
 def advantages(rewards: list[float | None], scale: str) -> list[float | None]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from learner.outcomes import IN_FLIGHT, Outcome
+
 DEPLOY = Path(__file__).resolve().parents[1]
 OUTPUTS = (
     DEPLOY / "monitoring" / "grafana" / "aha.json",
@@ -129,10 +131,11 @@ ROWS: list[tuple[str, list[dict]]] = [
             ),
             panel(
                 "Groups per second",
-                [("deriv(aha_learner_groups[5m])", "{{outcome}}")],
+                [(f'deriv(aha_learner_groups{{outcome="{o}"}}[5m])', o.label) for o in Outcome],
                 unit="ops",
-                description="Trained, dropped (stale, zero variance, no reward) and duplicate "
-                "scored groups (cumulative gauges, so their slope).",
+                description="What became of the scored groups, one series per outcome ("
+                + ", ".join(o.label for o in Outcome)
+                + "; cumulative gauges, so their slope).",
             ),
             panel("Response length (tokens)", [("aha_learner_response_length", "mean")]),
             panel(
@@ -155,7 +158,7 @@ ROWS: list[tuple[str, list[dict]]] = [
                 "Learner tokens/s and groups in flight",
                 [
                     ("aha_learner_tokens_per_second", "tokens/s"),
-                    ("aha_learner_groups_in_flight", "in flight"),
+                    (f"aha_learner_{IN_FLIGHT}", "in flight"),
                 ],
             ),
         ],

@@ -22,6 +22,7 @@ from learner.config import (
     ModelConfig,
     OptimConfig,
 )
+from learner.outcomes import ISSUED
 from protocol.codec import decode
 from protocol.config import BusConfig, StageSettings
 from protocol.messages import Rollout, Score, ScoredRollout, WeightManifest
@@ -207,9 +208,7 @@ async def test_learner_steps_publish_weights_and_stop_at_max_steps(
     assert len(set(trained)) == len(trained) == 6
     assert done["event"] == "done" and done["steps"] == 3 and done["groups_trained"] == 6
     # Every task issued was consumed (trained or dropped) or is still in flight, within the bound.
-    consumed = (
-        done["groups_trained"] + done["groups_dropped_stale"] + done["groups_dropped_zero_variance"]
-    )
+    consumed = sum(done[o.key] for o in ISSUED)
     assert done["tasks_issued"] == consumed + done["groups_in_flight_at_stop"]
     assert done["groups_in_flight_at_stop"] <= config.in_flight_limit
     assert all(r["groups_in_flight"] <= config.in_flight_limit for r in steps)
@@ -309,11 +308,6 @@ async def test_dead_lettered_tasks_free_their_place_and_are_counted(
     done = read_lines(tmp_path / "metrics.jsonl")[-1]
     assert done["event"] == "done" and done["groups_trained"] == 4 and done["groups_dead"] == 2
     assert done["tasks_issued"] == (
-        done["groups_trained"]
-        + done["groups_dropped_stale"]
-        + done["groups_dropped_zero_variance"]
-        + done["groups_dropped_no_reward"]
-        + done["groups_dead"]
-        + done["groups_in_flight_at_stop"]
+        sum(done[o.key] for o in ISSUED) + done["groups_in_flight_at_stop"]
     )
     assert len(await bus.dead_letters()) == 2

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from learner.dispatcher import run_key
+from learner.outcomes import ISSUED
 from protocol.codec import encode
 from protocol.messages import Score, ScoredRollout
 from protocol.names import SCORED
@@ -53,15 +54,7 @@ def with_nan_reward(scored: ScoredRollout) -> bytes:
 
 
 def accounted(done: dict) -> int:
-    return (
-        done["groups_trained"]
-        + done["groups_dropped_stale"]
-        + done["groups_dropped_zero_variance"]
-        + done["groups_dropped_no_reward"]
-        + done["groups_dropped_too_large"]
-        + done["groups_dead"]
-        + done["groups_in_flight_at_stop"]
-    )
+    return sum(done[o.key] for o in ISSUED) + done["groups_in_flight_at_stop"]
 
 
 def final_weights_finite(folder: str) -> bool:

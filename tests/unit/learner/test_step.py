@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from learner.outcomes import Outcome
 from learner.step import Group, advantages, build_batch, judge, sample_stats, staleness_stats
 from protocol.messages import Sampling
 
@@ -28,20 +29,20 @@ def group(rewards, version=0, position=0, lengths=None, temperature=1.0, compone
 
 def test_staleness_filter_keeps_v_minus_b_up_to_max_staleness():
     # learner at v = 5, η = 2: b = 3 is 2 versions old (kept), b = 2 is 3 old (dropped)
-    assert judge(group([0.0, 1.0], version=3), 5, 2, False) == "train"
-    assert judge(group([0.0, 1.0], version=2), 5, 2, False) == "stale"
-    assert judge(group([0.0, 1.0], version=5), 5, 0, False) == "train"
-    assert judge(group([0.0, 1.0], version=4), 5, 0, False) == "stale"
+    assert judge(group([0.0, 1.0], version=3), 5, 2, False) == Outcome.TRAINED
+    assert judge(group([0.0, 1.0], version=2), 5, 2, False) == Outcome.DROPPED_STALE
+    assert judge(group([0.0, 1.0], version=5), 5, 0, False) == Outcome.TRAINED
+    assert judge(group([0.0, 1.0], version=4), 5, 0, False) == Outcome.DROPPED_STALE
 
 
 def test_zero_variance_groups_are_dropped_only_when_configured():
     equal = group([1.0, 1.0, None])  # the None does not make the rewards differ
-    assert judge(equal, 0, 2, drop_zero_variance=True) == "zero_variance"
-    assert judge(equal, 0, 2, drop_zero_variance=False) == "train"
-    assert judge(group([0.0, 1.0]), 0, 2, drop_zero_variance=True) == "train"
-    assert judge(group([None, None]), 0, 2, drop_zero_variance=False) == "no_reward"
+    assert judge(equal, 0, 2, drop_zero_variance=True) == Outcome.DROPPED_ZERO_VARIANCE
+    assert judge(equal, 0, 2, drop_zero_variance=False) == Outcome.TRAINED
+    assert judge(group([0.0, 1.0]), 0, 2, drop_zero_variance=True) == Outcome.TRAINED
+    assert judge(group([None, None]), 0, 2, drop_zero_variance=False) == Outcome.DROPPED_NO_REWARD
     # staleness is judged first: a stale all-equal group counts as stale
-    assert judge(group([1.0, 1.0], version=0), 9, 2, True) == "stale"
+    assert judge(group([1.0, 1.0], version=0), 9, 2, True) == Outcome.DROPPED_STALE
 
 
 def test_advantages_leave_out_completions_without_reward():

@@ -164,6 +164,15 @@ async def through_nats(actor: Actor, bus: Bus, tasks: list[Task]) -> tuple[int, 
     return tokens, seconds
 
 
+async def start_engine(args, config: ActorConfig):
+    """`aha actor`'s engine; the HF engine on `--device` (the product's HF actor runs on CPU)."""
+    if args.engine == "hf" and args.device != "cpu":
+        from actors.hf_engine import HfEngine
+
+        return HfEngine(config.model, dtype=config.dtype, device=args.device)
+    return await setup_actor_engine(config)
+
+
 def say(*parts, **kwargs) -> None:
     """Progress and detail to stderr: stdout carries the figures."""
     print(*parts, file=sys.stderr, **kwargs)
@@ -182,7 +191,7 @@ async def throughput(args, workdir: Path, bus: Bus) -> dict:
         concurrency=args.concurrency,
         actor_id="bench",
     )
-    engine = await setup_actor_engine(config)
+    engine = await start_engine(args, config)
     tokenizer = AutoTokenizer.from_pretrained(model)
     actor = Actor(config, engine, tokenizer, bus)
     try:
@@ -257,7 +266,7 @@ async def hot_swap(args, workdir: Path, bus: Bus) -> list[dict]:
         max_model_len=256,
         actor_id="bench",
     )
-    engine = await setup_actor_engine(config)
+    engine = await start_engine(args, config)
     actor = Actor(config, engine, None, bus)
     kv = await bus.js.key_value(KV_POLICY)
     seen: dict[int, float] = {}
@@ -350,6 +359,7 @@ async def amain(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
+    p.add_argument("--device", default="cpu", help="the HF engine's device (cuda on a GPU)")
     p.add_argument(
         "--model",
         choices=["tiny", "big"],

@@ -32,6 +32,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=256, help="model width")
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
     p.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
+    p.add_argument("--intermediate", type=int, help="MLP width (default: 3 x hidden)")
+    p.add_argument("--heads", type=int, help="attention heads (default: hidden / 64)")
+    p.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads)")
     p.add_argument("--stage", type=int, default=0, help="ZeRO stage")
     p.add_argument(
         "--precision", default=None, help="fp32/bf16 (default: bf16 on GPU, fp32 on CPU)"
@@ -50,22 +53,26 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    import structlog
+
+    # Logs to stderr: stdout carries the figures (one JSON line each with --json).
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     import torch
 
     from learner.config import LearnerConfig
     from learner.engine import PolicyBatch, setup_engine, train_step
 
     precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
-    heads = max(1, args.hidden // 64)
+    heads = args.heads or max(1, args.hidden // 64)
     config = LearnerConfig(
         model={
             "qwen2": dict(
                 vocab_size=args.vocab,
                 hidden_size=args.hidden,
-                intermediate_size=args.hidden * 3,
+                intermediate_size=args.intermediate or args.hidden * 3,
                 num_hidden_layers=args.layers,
                 num_attention_heads=heads,
-                num_key_value_heads=heads,
+                num_key_value_heads=args.kv_heads or heads,
                 max_position_embeddings=args.prompt + args.completion,
                 tie_word_embeddings=True,
             )

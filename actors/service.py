@@ -53,7 +53,7 @@ from protocol.stage import (
     stop_on_signals,
     watch_max_deliveries,
 )
-from protocol.streams import wait_for_streams
+from protocol.streams import POLICY_STREAM, wait_for_streams
 from protocol.weight_server import WeightServer
 
 log = structlog.get_logger("actors.service")
@@ -302,7 +302,7 @@ class Actor:
 
     async def run(self, stop: asyncio.Event, *, max_messages: int | None = None) -> StageStats:
         """Catch up with `latest`, then turn tasks into rollouts until `stop`; follow weights."""
-        await wait_for_streams(self.bus.js)
+        await wait_for_streams(self.bus.js, [POLICY_STREAM])  # all its NATS user may look up
         kv = self.kv = await self.bus.js.key_value(KV_POLICY)
         await self.serve_latest(kv)  # started mid-run: serve the current policy from the first task
         VERSION.labels(self.config.actor_id).set(self.engine.version)

@@ -268,8 +268,10 @@ def main_model(args) -> int:
     through `pipeline.generate` (resumable: `DIR/<bench>.samples.jsonl`), the rewarders'
     scores summarised as `--samples-from` does."""
     from pipeline.generate import generate
+    from protocol.config import BusConfig, load_config
 
     benches, k, sampling = eval_settings(args)
+    bus = load_config(BusConfig, None, section="bus")  # AHA_BUS__USER, … from the environment
     out, words = Path(args.output), reflection_words(args)
     check_output(out)
     summary, rows = {}, []
@@ -291,6 +293,7 @@ def main_model(args) -> int:
             resume=path.exists(),
             window=args.window,
             engine=args.engine,
+            bus=bus,
             progress=sys.stderr.isatty(),
         )
         samples = read_samples(path, k, lambda problem, b=bench: check_problem(problem, b))

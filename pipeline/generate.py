@@ -571,9 +571,11 @@ def read_prompt_file(path: str | Path, prompt_field: str, answer_field: str) -> 
 
 def main(args) -> int:
     """The `aha generate` command."""
+    from protocol.config import load_config
     from protocol.log import setup_logging
 
     setup_logging("generate")
+    bus = load_config(BusConfig, None, section="bus")  # AHA_BUS__USER, … from the environment
     problems = read_prompt_file(args.prompts, args.prompt_field, args.answer_field)
     sampling = Sampling(
         temperature=args.temperature,
@@ -596,6 +598,7 @@ def main(args) -> int:
         actors=args.actors,
         rewarders=args.rewarders,
         engine=args.engine,
+        bus=bus,
         progress=sys.stderr.isatty(),
     )
     print(f"{len(problems)} problems × {args.k} samples -> {out}", file=sys.stderr)

@@ -29,6 +29,9 @@ from protocol.names import (
 
 log = structlog.get_logger("protocol.streams")
 
+POLICY_STREAM = f"KV_{KV_POLICY}"
+"""The stream behind the policy KV bucket (nats-py's naming)."""
+
 
 def _tls_context(config: BusConfig) -> ssl.SSLContext | None:
     if not (config.tls_ca_file or config.tls_cert_file):
@@ -188,12 +191,18 @@ async def delete_job_consumer(js: JetStreamContext, job: str) -> None:
 
 
 async def wait_for_streams(
-    js: JetStreamContext, *, every_s: float = 2.0, timeout_s: float | None = None
+    js: JetStreamContext,
+    streams: list[str] | None = None,
+    *,
+    every_s: float = 2.0,
+    timeout_s: float | None = None,
 ) -> None:
-    """Return once every work-queue stream and the policy bucket exist; until then log one
-    line (and one again each minute) and retry: a part started before the learner (or the
-    set-up job) made them waits instead of exiting."""
-    names = [stage.stream for stage in STAGES.values()] + [f"KV_{KV_POLICY}"]
+    """Return once `streams` (default: every work-queue stream and the policy bucket's)
+    exist; until then log one line (and one again each minute) and retry: a part started
+    before the learner (or the set-up job) made them waits instead of exiting.
+    `ensure_streams` makes the policy bucket after the stages, so a part allowed to look up
+    only that one (an actor) waits on it alone."""
+    names = streams or [stage.stream for stage in STAGES.values()] + [POLICY_STREAM]
     started = time.monotonic()
     logged = -60.0
     while True:

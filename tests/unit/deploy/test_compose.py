@@ -26,6 +26,7 @@ ENV = {
     "AHA_NATS_LEARNER_PASSWORD": "l",
     "AHA_NATS_ACTOR_PASSWORD": "a",
     "AHA_NATS_REWARDER_PASSWORD": "r",
+    "AHA_NATS_JOBS_PASSWORD": "j",
     "AHA_NATS_EXPORTER_PASSWORD": "e",
     "GRAFANA_ADMIN_PASSWORD": "g",
 }
@@ -79,7 +80,7 @@ def compose_config(*files: str, profiles: tuple[str, ...] = (), **env_extra: str
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    return compose_config("compose.yaml", profiles=("monitoring",))
+    return compose_config("compose.yaml", profiles=("monitoring", "jobs"))
 
 
 def gpus(service: dict) -> list:
@@ -118,15 +119,14 @@ def test_services_and_profiles(compose):
         "learner",
         "actor",
         "rewarder",
+        "jobs",
         "exporter",
         "prometheus",
         "grafana",
     }
-    assert {n for n, s in services.items() if s.get("profiles")} == {"prometheus", "grafana"}
-    assert set(compose_config("compose.yaml")["services"]) == set(services) - {
-        "prometheus",
-        "grafana",
-    }
+    profiled = {"prometheus", "grafana", "jobs"}
+    assert {n for n, s in services.items() if s.get("profiles")} == profiled
+    assert set(compose_config("compose.yaml")["services"]) == set(services) - profiled
 
 
 def test_nats_runs_the_locked_down_config_with_jetstream_on_a_volume(compose):
@@ -140,13 +140,28 @@ def test_nats_runs_the_locked_down_config_with_jetstream_on_a_volume(compose):
     assert mounts["/data"]["type"] == "volume"
     assert '"jetstream": "enabled"' in (DEPLOY / "nats" / "nats.conf").read_text()
     assert set(nats["environment"]) == {
-        f"AHA_NATS_{r.upper()}_PASSWORD" for r in ("learner", "actor", "rewarder", "exporter")
+        f"AHA_NATS_{r.upper()}_PASSWORD"
+        for r in ("learner", "actor", "rewarder", "jobs", "exporter")
     }
     # The client port to the host's loopback only; monitoring to no one outside the container.
     assert [(p["host_ip"], p["target"]) for p in nats["ports"]] == [("127.0.0.1", 4222)]
     conf = (DEPLOY / "nats" / "nats.conf").read_text()
     assert '"http": "127.0.0.1:8222"' in conf and "http_port" not in conf
     assert "127.0.0.1:8222" in " ".join(nats["healthcheck"]["test"])
+
+
+def test_generation_jobs_run_by_hand_as_their_own_nats_user(compose):
+    """`docker compose run --rm jobs eval --model …`: the small image, the `jobs` user, no
+    stream set-up, never restarted."""
+    jobs = compose["services"]["jobs"]
+    assert jobs["image"].startswith("aha/aha-rewarder") and jobs["profiles"] == ["jobs"]
+    assert jobs["restart"] == "no"
+    env = jobs["environment"]
+    assert (env["AHA_BUS__USER"], env["AHA_BUS__PASSWORD"]) == (
+        "jobs",
+        ENV["AHA_NATS_JOBS_PASSWORD"],
+    )
+    assert env["AHA_BUS__SETUP_STREAMS"] == "false" and env["NATS_URL"] == "nats://nats:4222"
 
 
 def test_every_aha_service_has_one_config_file_and_its_own_nats_user(compose):
@@ -249,6 +264,7 @@ def test_every_container_is_locked_down(compose):
         "learner": ["/home/aha:exec,uid=10001,gid=10001", "/tmp:exec"],  # kernels it builds
         "actor": ["/home/aha:exec,uid=10001,gid=10001", "/tmp:exec"],
         "rewarder": ["/tmp"],
+        "jobs": ["/tmp"],  # and its results in deploy/jobs
     }
 
 

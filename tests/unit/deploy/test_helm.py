@@ -29,6 +29,7 @@ from protocol.names import (
     SCORED,
     STAGES,
     STREAM_DEAD,
+    SUBJECT_SCORED,
     TASKS,
     Stage,
     inbox_prefix,
@@ -169,8 +170,30 @@ def expected_permissions() -> dict[str, dict[str, list[str]]]:
             "subscribe": [replies("actor"), TASKS.max_deliveries_advisory],
         },
         "rewarder": {
-            "publish": [*_consumes(ROLLOUTS), SCORED.subject, ROLLOUTS.dead_subject],
+            "publish": [*_consumes(ROLLOUTS), SCORED.stream_subjects, ROLLOUTS.dead_subject],
             "subscribe": [replies("rewarder"), ROLLOUTS.max_deliveries_advisory],
+        },
+        "jobs": {
+            "publish": [
+                f"$JS.API.CONSUMER.CREATE.{SCORED.stream}.*.{SUBJECT_SCORED}.*",
+                f"$JS.API.CONSUMER.DELETE.{SCORED.stream}.*",
+                f"$JS.API.CONSUMER.MSG.NEXT.{SCORED.stream}.*",
+                f"$JS.ACK.{SCORED.stream}.*.>",
+                *(f"$JS.API.STREAM.INFO.{s.stream}" for s in STAGES.values()),
+                f"$JS.API.STREAM.INFO.{KV_STREAM}",
+                f"$JS.API.STREAM.INFO.{STREAM_DEAD}",
+                f"$JS.API.STREAM.MSG.GET.{STREAM_DEAD}",
+                TASKS.subject,
+                SCORED.dead_subject,
+            ],
+            "deny": [  # the learner's consumer and the training job's subject
+                f"$JS.API.CONSUMER.CREATE.{SCORED.stream}.{SCORED.durable}.>",
+                f"$JS.API.CONSUMER.CREATE.{SCORED.stream}.*.{SCORED.subject}",
+                f"$JS.API.CONSUMER.DELETE.{SCORED.stream}.{SCORED.durable}",
+                f"$JS.API.CONSUMER.MSG.NEXT.{SCORED.stream}.{SCORED.durable}",
+                f"$JS.ACK.{SCORED.stream}.{SCORED.durable}.>",
+            ],
+            "subscribe": [replies("jobs")],
         },
         "exporter": {
             "publish": [f"$JS.API.STREAM.INFO.{s.stream}" for s in STAGES.values()]
@@ -182,10 +205,14 @@ def expected_permissions() -> dict[str, dict[str, list[str]]]:
 
 
 def users_of(conf: dict) -> dict[str, dict[str, list[str]]]:
-    return {
-        u["user"]: {k: u["permissions"][k]["allow"] for k in ("publish", "subscribe")}
-        for u in conf["authorization"]["users"]
-    }
+    users = {}
+    for u in conf["authorization"]["users"]:
+        perms = u["permissions"]
+        users[u["user"]] = {k: perms[k]["allow"] for k in ("publish", "subscribe")}
+        if "deny" in perms["publish"]:
+            users[u["user"]]["deny"] = perms["publish"]["deny"]
+        assert "deny" not in perms["subscribe"]
+    return users
 
 
 def compose_nats_conf() -> dict:
@@ -280,9 +307,10 @@ def test_nats_permissions_name_exactly_the_protocol_names():
     helm_conf, data = helm_nats_auth(render({}))
     for conf in (helm_conf, compose_nats_conf()):
         users = users_of(conf)
-        assert list(users) == ["learner", "actor", "rewarder", "exporter"]
+        assert list(users) == ["learner", "actor", "rewarder", "jobs", "exporter"]
         for role, perms in expected.items():
-            for kind in ("publish", "subscribe"):
+            assert set(users[role]) == set(perms), role
+            for kind in perms:
                 got = users[role][kind]
                 assert len(got) == len(set(got)), (role, kind)
                 assert sorted(got) == sorted(perms[kind]), (role, kind)
@@ -295,7 +323,7 @@ def test_nats_permissions_name_exactly_the_protocol_names():
         assert user["password"] == f"$AHA_NATS_{user['user'].upper()}_PASSWORD"
     # Nothing but the learner may touch JetStream administration or another stage's input.
     stage_subjects = {s.subject for s in STAGES.values()}
-    for role in ("actor", "rewarder", "exporter"):
+    for role in ("actor", "rewarder", "jobs", "exporter"):
         publish = expected[role]["publish"]
         assert "$JS.API.>" not in publish
         assert not any(

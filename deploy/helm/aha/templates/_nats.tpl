@@ -10,7 +10,7 @@ that inbox prefix (protocol/names.py), so no user receives what another one fetc
 {{- define "aha.wire" -}}
 tasks: {subject: aha.tasks, stream: AHA_TASKS, consumer: actors}
 rollouts: {subject: aha.rollouts, stream: AHA_ROLLOUTS, consumer: rewarders}
-scored: {subject: aha.scored, stream: AHA_SCORED, consumer: learner}
+scored: {subject: aha.scored.>, train: aha.scored.train, jobs: aha.scored.*, stream: AHA_SCORED, consumer: learner}
 dead: {prefix: aha.dead, stream: AHA_DEAD}
 kv: aha-policy
 kvKey: latest
@@ -69,6 +69,26 @@ rewarder:
   subscribe:
     - "_INBOX_rewarder.>"
     - {{ printf "%s.%s.%s" $advisory $w.rollouts.stream $w.rollouts.consumer | quote }}
+jobs:
+  publish:
+    - {{ printf "$JS.API.CONSUMER.CREATE.%s.*.%s" $w.scored.stream $w.scored.jobs | quote }}
+    - {{ printf "$JS.API.CONSUMER.DELETE.%s.*" $w.scored.stream | quote }}
+    - {{ printf "$JS.API.CONSUMER.MSG.NEXT.%s.*" $w.scored.stream | quote }}
+    - {{ printf "$JS.ACK.%s.*.>" $w.scored.stream | quote }}
+    {{- range $s := list $w.tasks.stream $w.rollouts.stream $w.scored.stream $kv $w.dead.stream }}
+    - {{ printf "$JS.API.STREAM.INFO.%s" $s | quote }}
+    {{- end }}
+    - {{ printf "$JS.API.STREAM.MSG.GET.%s" $w.dead.stream | quote }}
+    - {{ $w.tasks.subject | quote }}
+    - {{ printf "%s.scored" $w.dead.prefix | quote }}
+  deny:
+    - {{ printf "$JS.API.CONSUMER.CREATE.%s.%s.>" $w.scored.stream $w.scored.consumer | quote }}
+    - {{ printf "$JS.API.CONSUMER.CREATE.%s.*.%s" $w.scored.stream $w.scored.train | quote }}
+    - {{ printf "$JS.API.CONSUMER.DELETE.%s.%s" $w.scored.stream $w.scored.consumer | quote }}
+    - {{ printf "$JS.API.CONSUMER.MSG.NEXT.%s.%s" $w.scored.stream $w.scored.consumer | quote }}
+    - {{ printf "$JS.ACK.%s.%s.>" $w.scored.stream $w.scored.consumer | quote }}
+  subscribe:
+    - "_INBOX_jobs.>"
 exporter:
   publish:
     {{- range $s := list $w.tasks $w.rollouts $w.scored }}
@@ -85,14 +105,15 @@ exporter:
 {{/* auth.conf for nats-server (JSON syntax, which nats-server reads): (dict "root" $ "passwords" $pw). */}}
 {{- define "aha.authConf" -}}
 {{- $perms := include "aha.natsPermissions" .root | fromYaml -}}
-{{- $roles := list "learner" "actor" "rewarder" "exporter" -}}
+{{- $roles := list "learner" "actor" "rewarder" "jobs" "exporter" -}}
 {"authorization": {"users": [
 {{- range $i, $role := $roles }}
 {{- $p := index $perms $role }}
   {"user": {{ $role | quote }}, "password": {{ index $.passwords $role | quote }}, "permissions": {
-    "publish": {"allow": [{{ range $j, $s := $p.publish }}{{ if $j }}, {{ end }}{{ $s | quote }}{{ end }}]},
+    "publish": {"allow": [{{ range $j, $s := $p.publish }}{{ if $j }}, {{ end }}{{ $s | quote }}{{ end }}]
+      {{- with $p.deny }}, "deny": [{{ range $j, $s := . }}{{ if $j }}, {{ end }}{{ $s | quote }}{{ end }}]{{ end }}},
     "subscribe": {"allow": [{{ range $j, $s := $p.subscribe }}{{ if $j }}, {{ end }}{{ $s | quote }}{{ end }}]}
-  }}{{ if lt $i 3 }},{{ end }}
+  }}{{ if lt $i 4 }},{{ end }}
 {{- end }}
 ]}}
 {{- end -}}

@@ -634,7 +634,8 @@ async def test_the_loop_runs_with_every_part_under_its_own_user(
     (where this host can build it) the confinement compose gives each container: read-only
     root, writable only its tmpfs, only the capabilities it adds, no-new-privileges. Two GRPO
     steps go round the whole loop and no permission is violated."""
-    from deploy.up import _toml
+    import tomli_w
+
     from pipeline.demo import rl_prompts, write_jsonl
     from protocol.config import merge, read_file
 
@@ -665,7 +666,7 @@ async def test_the_loop_runs_with_every_part_under_its_own_user(
         "rewarder": {"workers": 1},
     }
     config = tmp_path / "aha.toml"
-    config.write_text(_toml(merge(read_file(DEPLOY / "aha.toml"), local)))
+    config.write_text(tomli_w.dumps(merge(read_file(DEPLOY / "aha.toml"), local)))
 
     def start(service: str) -> subprocess.Popen:
         args = [

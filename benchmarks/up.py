@@ -83,6 +83,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="head",
         help="code to benchmark: the committed HEAD (a snapshot) or the working tree",
     )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="the figures (up_time_to_accuracy, up_async_vs_sync) as JSON lines on stdout",
+    )
     p.add_argument("--trl-worker", help=argparse.SUPPRESS)  # internal: run TRL from a spec file
     return p.parse_args(argv)
 
@@ -550,6 +555,26 @@ def snapshot(args, bench_dir: Path) -> dict:
     return {**info, "path": str(src)}
 
 
+def report_figures(args, rows: list[dict], p6: dict) -> None:
+    """`up_time_to_accuracy` (aha async's seconds to the target, baseline TRL's) and
+    `up_async_vs_sync` (sync's wall time over async's for steps 1..N), each from this one run
+    (a run takes an hour or more), into `benchmarks/results/up-<date>.jsonl`."""
+    from benchmarks.figures import figure, report
+
+    figures = []
+    to_target = rows[0].get("to_target_s")  # aha with the default max-staleness 2
+    trl = next((r.get("to_target_s") for r in rows if r["contender"].startswith("TRL")), None)
+    if to_target:
+        runs = [trl] if trl else None
+        figures.append(
+            figure("up_time_to_accuracy", "s", [to_target], runs, higher=False, target=args.target)
+        )
+    if p6.get("speedup_async_over_sync_steps"):
+        figures.append(figure("up_async_vs_sync", "ratio", [p6["speedup_async_over_sync_steps"]]))
+    if figures:
+        report(figures, argparse.Namespace(json=args.json, out=None), "up")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.trl_worker:
@@ -647,6 +672,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     say(f"results: {out}")
+    report_figures(args, rows, p6)
     return 1 if failed else 0
 
 

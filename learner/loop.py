@@ -38,6 +38,7 @@ import structlog
 import torch
 from nats.errors import Error as NatsError
 
+from learner import tracking
 from learner.config import LearnerConfig
 from learner.dispatcher import Dispatcher, Ledger, Reservation, load_problems, run_key, top_up
 from learner.engine import PolicyEngine, load_checkpoint, setup_engine
@@ -233,6 +234,7 @@ async def run(
         mark_holding()  # a signal must not end a rank mid-collective: rank 0 stops it
         return follow(pe)
     serve_metrics(config)
+    tracking.start(config)  # TensorBoard / W&B, where [learner.tracking] names them
     bus = await Bus.connect(config.bus, name="aha-learner")
     leases = Leases(config.bus.scored.ack_wait_s)
     keep_alive = asyncio.create_task(leases.keep_alive())
@@ -470,6 +472,7 @@ async def admit(lr: Learner, delivery: Delivery) -> tuple[Group, Outcome] | None
     if outcome == "new":
         lr.leases.held[p] = delivery
         group = Group.of(scored, p)
+        tracking.remember(scored)  # for the samples table
         why = refusal(scored, lr.progress.version, vocab_size(lr.pe))
         if why is not None:
             if not await bury(lr, delivery, f"refused by the learner: {why}"):

@@ -13,6 +13,7 @@ from typing import Any
 
 from prometheus_client import Gauge, Histogram
 
+from learner import tracking
 from learner.outcomes import IN_FLIGHT, Outcome
 
 _G = "aha_learner_"
@@ -104,6 +105,7 @@ def export_gauges(record: dict[str, Any]) -> None:
     for outcome in Outcome:
         GROUPS.labels(outcome.value).set(record[outcome.key])
     GROUPS_IN_FLIGHT.set(record[IN_FLIGHT])
+    tracking.log_step(record)  # and to TensorBoard / W&B, where configured
 
 
 def append_line(path: str | Path | None, record: dict[str, Any]) -> None:

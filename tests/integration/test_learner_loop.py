@@ -21,6 +21,7 @@ from learner.config import (
     LearnerConfig,
     ModelConfig,
     OptimConfig,
+    TrackingConfig,
 )
 from learner.outcomes import ISSUED
 from protocol.codec import decode
@@ -182,11 +183,15 @@ def free_port() -> int:
 async def test_learner_steps_publish_weights_and_stop_at_max_steps(
     nats_server, bus, tmp_path, tiny_model_dir
 ):
+    from learner import tracking
     from learner.loop import run
     from learner.metrics import STEP_KEYS
 
     port = free_port()
-    config = learner_config(tmp_path, tiny_model_dir, nats_server.url, metrics_port=port)
+    board = TrackingConfig(backends=["tensorboard"], samples_every_n_steps=2, samples_per_step=1)
+    config = learner_config(
+        tmp_path, tiny_model_dir, nats_server.url, metrics_port=port, tracking=board
+    )
     stop, played = asyncio.Event(), []
     actor = asyncio.create_task(
         play_actor_and_rewarder(bus, tiny_model_dir, tmp_path / "dl", stop, played)
@@ -196,6 +201,7 @@ async def test_learner_steps_publish_weights_and_stop_at_max_steps(
     finally:
         stop.set()
         await actor
+        tracking.stop()
 
     lines = read_lines(tmp_path / "metrics.jsonl")
     steps = [r for r in lines if r["event"] == "step"]
@@ -244,6 +250,20 @@ async def test_learner_steps_publish_weights_and_stop_at_max_steps(
         line for line in scraped.splitlines() if line.startswith("aha_learner_weight_publish_")
     ]
     assert all(float(line.split()[-1]) > 0 for line in publish), publish
+
+    # [learner.tracking]: the same step numbers in TensorBoard, in the run folder (next to
+    # metrics.jsonl), and step 2's first trained group as the samples table
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("reward")] == [
+        (r["step"], pytest.approx(r["reward"])) for r in steps
+    ]
+    assert [e.value for e in events.Scalars("groups_trained")] == [2, 4, 6]
+    [table] = events.Tensors("samples/text_summary")
+    assert table.step == 2
+    assert f"| {steps[1]['task_ids'][0]} |" in table.tensor_proto.string_val[0].decode()
 
 
 async def test_stop_hands_back_the_partial_batch_and_checkpoints_trained_steps(

@@ -10,6 +10,8 @@ import pytest
 
 from learner import tracking
 from learner.config import LearnerConfig
+from protocol.messages import Score, ScoredRollout
+from tests.helpers import make_rollout, make_task
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("wandb")
@@ -30,6 +32,14 @@ def records():
             "groups_trained": 4 * step,
             "time": 1e9 + step,
         }
+
+
+def scored(task_id: str, text: str, reward: float) -> ScoredRollout:
+    task = make_task(1, group_size=2).model_copy(update={"task_id": task_id, "prompt": "Q:1+2="})
+    rollout = make_rollout(task)
+    first = rollout.samples[0].model_copy(update={"text": text})
+    rollout = rollout.model_copy(update={"samples": [first, *rollout.samples[1:]]})
+    return ScoredRollout(rollout=rollout, scores=[Score(reward=reward), Score(reward=0.0)])
 
 
 def wandb_history(run_dir: Path) -> list[dict]:
@@ -83,14 +93,13 @@ def test_metrics_and_samples_reach_tensorboard_and_an_offline_wandb_run(tmp_path
     tracker = tracking.start(config)
     try:
         for record in records():
+            step = record["step"]
+            # the learner remembers each group it receives; the step trains t{step}
+            for task_id in (f"t{step}", f"other{step}"):
+                tracking.remember(scored(task_id, f"<think>{step}</think> 3|x", reward=1.0))
+            record["task_ids"], record["task_ids_dropped"] = [f"t{step}"], [f"other{step}"]
             tracking.log_step(record)
-            tracking.log_samples(
-                record["step"],
-                [
-                    ("t1", "Q:1+2=", f"<think>{record['step']}</think> 3|x", 1.0),
-                    ("t2", "Q", "c", 0),
-                ],
-            )
+        assert tracking.SEEN == {}  # nothing kept past its step
     finally:
         tracking.stop()
     assert tracking.ACTIVE is None and tracker.wandb is None
@@ -109,7 +118,7 @@ def test_metrics_and_samples_reach_tensorboard_and_an_offline_wandb_run(tmp_path
     [text] = events.Tensors("samples/text_summary")
     table = text.tensor_proto.string_val[0].decode()
     assert text.step == 2  # every 2nd step, 1 row
-    assert table.splitlines()[-1] == "2 | t1 | Q:1+2= | <think>2</think> 3\\|x | 1.0"
+    assert table.splitlines()[-1] == "2 | t2 | Q:1+2= | <think>2</think> 3\\|x | 1.0"
 
     [run] = (tmp_path / "run" / "wandb").glob("offline-run-*")
     history = wandb_history(run)
@@ -119,7 +128,7 @@ def test_metrics_and_samples_reach_tensorboard_and_an_offline_wandb_run(tmp_path
     [sample_file] = (run / "files" / "media" / "table").glob("samples_2_*.table.json")
     assert json.loads(sample_file.read_text()) | {"column_types": None} == {
         "columns": ["step", "task_id", "prompt", "completion", "reward"],
-        "data": [[2, "t1", "Q:1+2=", "<think>2</think> 3|x", 1.0]],
+        "data": [[2, "t2", "Q:1+2=", "<think>2</think> 3|x", 1.0]],
         "column_types": None,
     }
 

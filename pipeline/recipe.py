@@ -372,7 +372,7 @@ def _check_stage_fields(stage, where: str, file: Path) -> None:
     if stage.kind == "grpo":
         from deploy.up import UpConfig
 
-        fixed = {"model", "dataset", "max_steps", "name", "runs_dir"} & set(stage.up)
+        fixed = {"model", "dataset", "name", "runs_dir", "resume"} & set(stage.up)
         if fixed:
             raise ConfigError(f"{where}.up.{sorted(fixed)[0]}: set by the stage itself ({file})")
         try:
@@ -519,17 +519,20 @@ def _sft(run: Run, stage: SftStage, folder: Path) -> dict[str, Any]:
 
 
 def _grpo(run: Run, stage: GrpoStage, folder: Path) -> dict[str, Any]:
+    from protocol.config import merge
+
     up = {
         **stage.up,
         "model": str(run.resolve(stage.model)),
-        "max_steps": stage.max_steps,
         "name": stage.name,
         "runs_dir": str(run.dir),
+        "resume": stage.name in run.resuming,  # the learner's checkpoint, the queues
     }
     if stage.dataset is not None:
         up["dataset"] = str(run.resolve(stage.dataset))
+    parts = merge(stage.parts, {"learner": {"max_steps": stage.max_steps}})
     config = run.dir / f"{stage.name}.up.toml"
-    config.write_text(tomli_w.dumps({**stage.parts, "up": up}))
+    config.write_text(tomli_w.dumps({**parts, "up": up}))
     run_command(["up", "--config", str(config), "--json"], run.dir / "logs" / f"{stage.name}.log")
     summary = json.loads((folder / "summary.json").read_text())
     if not (folder / "final" / "config.json").is_file():

@@ -82,7 +82,8 @@ async def fetch_over_http(
     manifest: WeightManifest, directory: Path, relay: WeightServer | None, http: WeightServerConfig
 ) -> list[Shard]:
     """Fetch the shards from the first source, `http.parallel` at once; the shards it did not
-    deliver intact (logged), for the object store to supply."""
+    deliver intact (logged), for the object store to supply. After the first failure no new
+    shard is asked of it (a source that is gone would cost a timeout per shard)."""
     source = manifest.sources[0]
     token = source.rsplit("/", 1)[-1]
     entries = relay.receiving(token, manifest.version, directory, manifest.shards) if relay else {}
@@ -92,6 +93,11 @@ async def fetch_over_http(
     async def one(shard: Shard) -> None:
         entry = entries.get(shard.name)
         async with gate:
+            if failed:  # the source failed once: the shards not started come from the store
+                if entry is not None:
+                    entry.fail()
+                failed.append(shard)
+                return
             try:
                 await asyncio.to_thread(
                     fetch_shard,

@@ -46,6 +46,9 @@ MAX_REDIRECTS = 8
 """Relay hops a fetch follows before it gives the HTTP path up (a tree of degree 2 and 8
 levels holds 500 actors)."""
 
+CONNECT_S = 5.0
+"""How long a fetch waits for a server to accept its connection."""
+
 READ_BYTES = 4 << 20
 """Bytes a fetch receives, hashes and writes at a time."""
 
@@ -314,7 +317,9 @@ def _open(url: str, relay: str | None, stall_s: float):
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ShardError(f"not an http URL: {url[:200]}")
-        conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=stall_s)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=CONNECT_S)
+        conn.connect()  # an address nobody answers at costs CONNECT_S, not the stall limit
+        conn.sock.settimeout(stall_s)
         conn.request("GET", parts.path, headers=headers)
         response = conn.getresponse()
         if response.status == 200:

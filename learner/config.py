@@ -56,7 +56,7 @@ class OptimConfig(BaseModel):
         return self
 
 
-class DeepSpeedSettings(BaseModel):
+class DeepSpeedConfig(BaseModel):
     """How DeepSpeed runs the policy: ZeRO stage, precision, micro-batches, clipping."""
 
     model_config = CONFIG
@@ -71,7 +71,7 @@ class DeepSpeedSettings(BaseModel):
     """Clip the global gradient norm to this; 0 disables clipping."""
 
 
-class GRPOSettings(BaseModel):
+class GRPOConfig(BaseModel):
     """The loss (DESIGN.md "GRPO" and "The off-policy bound")."""
 
     model_config = CONFIG
@@ -166,9 +166,9 @@ class LearnerConfig(BaseModel):
     """The policy (and the reference model's initial weights)."""
     optim: OptimConfig = Field(default_factory=OptimConfig)
     """Optimizer and learning-rate schedule."""
-    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     """DeepSpeed engine settings."""
-    grpo: GRPOSettings = Field(default_factory=GRPOSettings)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     """Loss settings."""
     batch: int = Field(32, ge=1)
     """Scored groups per optimizer update."""

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from learner.config import DeepSpeedSettings, LearnerConfig, ModelConfig, OptimConfig
+from learner.config import DeepSpeedConfig, LearnerConfig, ModelConfig, OptimConfig
 from learner.grpo import aggregate_share, grpo_loss
 from learner.logprobs import completion_logprobs
 
@@ -100,7 +100,7 @@ def _precision_section(precision: str) -> dict[str, Any]:
 
 def deepspeed_config(config: LearnerConfig) -> dict[str, Any]:
     """The DeepSpeed config dict for the policy engine."""
-    ds: DeepSpeedSettings = config.deepspeed
+    ds: DeepSpeedConfig = config.deepspeed
     optim = config.optim
     return {
         "train_micro_batch_size_per_gpu": ds.micro_batch,

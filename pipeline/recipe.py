@@ -320,11 +320,12 @@ class Run:
             out[f"models.{label}"] = value
         return out
 
-    def check(self) -> None:
+    def check(self, demo_written: bool = False) -> None:
         """Raise `ConfigError` for a reference to a stage not run before, or an input that is
-        not there (files made by the demo inputs or earlier stages are not looked for)."""
+        not there (files of earlier stages are not looked for, nor `$run/…` ones before the
+        demo inputs are written)."""
         done: list[str] = []
-        demo = self.recipe.pipeline.demo is not None
+        demo = self.recipe.pipeline.demo is not None and not demo_written
         for i, stage in enumerate(self.recipe.stages):
             where = f"stages.{i} ({stage.name})"
             _check_stage_fields(stage, where, self.file)
@@ -423,8 +424,11 @@ def fingerprint(run: Run, stage, output_hashes: dict[str, str]) -> tuple[str, di
     for field, ref in run.refs(stage).items():
         if ref.startswith("@") and "/" not in ref:
             inputs[field] = output_hashes[ref[1:]]
-        else:
-            inputs[field] = hash_path(run.resolve(ref))
+            continue
+        path = run.resolve(ref)
+        if not path.exists():  # `@stage/file` that the stage did not write
+            raise ConfigError(f"{stage.name}.{field}: {ref!r} is not there ({path})")
+        inputs[field] = hash_path(path)
     settings = stage.model_dump(mode="json")
     text = json.dumps({"settings": settings, "inputs": inputs}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest(), inputs
@@ -703,6 +707,7 @@ def run_recipe(run: Run, resume: bool) -> dict[str, Any]:
     started = time.monotonic()
     if run.recipe.pipeline.demo is not None:
         write_demo_inputs(run)
+        run.check(demo_written=True)
     output_hashes: dict[str, str] = {}
     stages = []
     for stage in run.recipe.stages:

@@ -37,7 +37,7 @@ CONFIG = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 """Every config model's settings: no unknown fields, immutable, no NaN or infinity."""
 
 
-class StageSettings(BaseModel):
+class StageConfig(BaseModel):
     """Stream limits and consumer behaviour of one work-queue stage."""
 
     model_config = CONFIG
@@ -87,12 +87,12 @@ class BusConfig(BaseModel):
     """Stream storage; `file` survives a server restart."""
     duplicate_window_s: float = Field(600.0, gt=0)
     """How long the server remembers Nats-Msg-Id values to drop duplicate publishes."""
-    tasks: StageSettings = Field(default_factory=StageSettings)
+    tasks: StageConfig = Field(default_factory=StageConfig)
     """The learner -> actors stage."""
-    rollouts: StageSettings = Field(default_factory=StageSettings)
+    rollouts: StageConfig = Field(default_factory=StageConfig)
     """The actors -> rewarders stage."""
-    scored: StageSettings = Field(
-        default_factory=lambda: StageSettings(ack_wait_s=300.0, max_ack_pending=4096)
+    scored: StageConfig = Field(
+        default_factory=lambda: StageConfig(ack_wait_s=300.0, max_ack_pending=4096)
     )
     """The rewarders -> learner stage (the learner holds messages until a checkpoint)."""
     dead_max_age_s: float = Field(30 * 24 * 3600.0, ge=0)
@@ -111,7 +111,7 @@ class BusConfig(BaseModel):
             raise ValueError("tls_cert_file and tls_key_file go together")
         return self
 
-    def stage(self, name: str) -> StageSettings:
+    def stage(self, name: str) -> StageConfig:
         return getattr(self, name)
 
     @property

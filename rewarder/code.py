@@ -10,18 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from rewarder.errors import Disqualified, VerifierError
-from rewarder.sandbox import Checker, RunResult, SandboxLimits, run_program, run_python
+from rewarder.sandbox import Checker, RunResult, SandboxConfig, run_program, run_python
 
 FENCE = "```"
 PYTHON_TAGS = ("", "python", "py", "python3")
 LANGUAGE = re.compile(r"[ \t]*([\w+-]*)")
 HARNESS = Path(__file__).parent / "harness"
-_sandbox_limits = SandboxLimits()
+_sandbox_limits = SandboxConfig()
 _budget_s: float | None = None
 """All of one completion's sandboxed runs together, in seconds (`fit_code_budget`)."""
 
 
-def configure_sandbox(limits: SandboxLimits) -> None:
+def configure_sandbox(limits: SandboxConfig) -> None:
     """Set the limits `code_tests` runs programs under in this process (one per pool worker)."""
     global _sandbox_limits
     _sandbox_limits = limits
@@ -35,7 +35,7 @@ def fit_code_budget(timeout_s: float) -> None:
     _budget_s = timeout_s / 2
 
 
-def _limits(deadline: float | None) -> SandboxLimits:
+def _limits(deadline: float | None) -> SandboxConfig:
     """The sandbox limits for the next run: the wall time cut to what the budget has left."""
     if deadline is None:
         return _sandbox_limits

@@ -8,7 +8,7 @@ import socket
 from pydantic import BaseModel, Field, field_validator
 
 from protocol.config import CONFIG, BusConfig
-from rewarder.sandbox import SandboxLimits
+from rewarder.sandbox import SandboxConfig
 
 
 class RewarderConfig(BaseModel):
@@ -22,7 +22,7 @@ class RewarderConfig(BaseModel):
     """Hard limit per completion: past it the worker is killed and the completion gets no reward."""
     concurrency: int = Field(2, ge=1)
     """Rollouts leased at once: one scores while the next is fetched and the last published."""
-    sandbox: SandboxLimits = Field(default_factory=SandboxLimits)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
     """Limits for programs run by `code_tests`."""
     rewarder_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     """Name in each `ScoredRollout` and in the logs."""

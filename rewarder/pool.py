@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from protocol.messages import Score
-from rewarder.sandbox import SandboxLimits
+from rewarder.sandbox import SandboxConfig
 
 PRELOAD = ["rewarder._preload", "protocol.messages"]
 """Modules the forkserver imports once, so that workers start warm (see `_preload`)."""
@@ -67,7 +67,7 @@ class PoolStats:
 
 
 def _serve(
-    conn: Connection, sandbox: SandboxLimits, timeout_s: float, plugins: tuple[str, ...] = ()
+    conn: Connection, sandbox: SandboxConfig, timeout_s: float, plugins: tuple[str, ...] = ()
 ) -> None:
     """A worker: score jobs from `conn` in this process's main thread until told to stop."""
     from rewarder.code import fit_code_budget
@@ -91,7 +91,7 @@ def _serve(
 
 
 class _Worker:
-    def __init__(self, ctx, sandbox: SandboxLimits, timeout_s: float, plugins: tuple[str, ...]):
+    def __init__(self, ctx, sandbox: SandboxConfig, timeout_s: float, plugins: tuple[str, ...]):
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(
             target=_serve, args=(child, sandbox, timeout_s, plugins), daemon=True
@@ -121,7 +121,7 @@ class VerifierPool:
         self,
         workers: int = 2,
         timeout_s: float = 30.0,
-        sandbox: SandboxLimits = SandboxLimits(),
+        sandbox: SandboxConfig = SandboxConfig(),
         start_method: str = "forkserver",
         plugins: Sequence[str] = (),
     ):

@@ -31,7 +31,7 @@ What holds:
   left in its PID namespace, double-forked daemons included; when the run is killed at its
   wall time, `unshare` dies, its `--kill-child` kills the `sh`, and the namespace with it; if
   the verifier process itself is killed, `--pdeathsig` starts the same chain.
-- **Limits** (`SandboxLimits`): CPU seconds, address space, processes (RLIMIT_NPROC, which
+- **Limits** (`SandboxConfig`): CPU seconds, address space, processes (RLIMIT_NPROC, which
   holds because the program is not root; it counts per uid, so the verifier pool gives each
   worker its own uids), file size, open files, no core dumps, the wall time; the disk and
   its inodes (the tmpfs); all processes' memory together (a memory cgroup, v2 or v1, where
@@ -88,7 +88,7 @@ class SandboxError(VerifierError):
     """The sandbox itself failed (could not start, could not isolate): the run says nothing."""
 
 
-class SandboxLimits(BaseModel):
+class SandboxConfig(BaseModel):
     """What one run of an untrusted program may use."""
 
     model_config = CONFIG
@@ -186,7 +186,7 @@ def isolation() -> str:
     return "process"
 
 
-def describe(limits: SandboxLimits) -> tuple[bool, str]:
+def describe(limits: SandboxConfig) -> tuple[bool, str]:
     """(whether `code_tests` can run here, one line saying how): what a rewarder logs at start."""
     if os.geteuid() != 0 and not limits.allow_own_user:
         return False, (
@@ -253,7 +253,7 @@ def memory_cgroup() -> tuple[str, Path] | None:
     return None
 
 
-def _make_cgroup(limits: SandboxLimits) -> Path | None:
+def _make_cgroup(limits: SandboxConfig) -> Path | None:
     found = memory_cgroup()
     if found is None:
         return None
@@ -298,7 +298,7 @@ def _empty_cgroup(path: Path, deadline: float) -> None:
 # --- the script PID 1 runs -----------------------------------------------------------------
 
 
-def _ulimits(limits: SandboxLimits) -> str:
+def _ulimits(limits: SandboxConfig) -> str:
     # dash's ulimit takes one option per call; -f counts 512-byte blocks, -v KiB
     return " && ".join(
         [
@@ -321,7 +321,7 @@ def _drop(uid: int) -> str:
     )
 
 
-def _root_setup(limits: SandboxLimits) -> str:
+def _root_setup(limits: SandboxConfig) -> str:
     """Namespaces: the tmpfs over /tmp and the minimal root at /tmp/root."""
     binds = " ".join(ROOT_DIRS)
     etc = " ".join(ROOT_ETC)
@@ -350,7 +350,7 @@ mount -t proc -o nosuid,nodev,noexec proc $R/proc
 
 
 def _script(
-    mode: str, limits: SandboxLimits, host: Path, cgroup: Path | None, checker: Checker | None
+    mode: str, limits: SandboxConfig, host: Path, cgroup: Path | None, checker: Checker | None
 ) -> str:
     """PID 1 (namespaces) or the session leader (process); cwd = the host dir, whose `work/`
     and `check/` hold the files; `"$@"` is the program's argv."""
@@ -459,7 +459,7 @@ def run_program(
     files: dict[str, str | bytes],
     argv: list[str],
     stdin: str | bytes = b"",
-    limits: SandboxLimits = SandboxLimits(),
+    limits: SandboxConfig = SandboxConfig(),
     checker: Checker | None = None,
 ) -> RunResult:
     """Run `argv` on `files` (name -> content, put in its work dir) under `limits`, and
@@ -524,7 +524,7 @@ def _run(host, files, argv, stdin, limits, checker, mode, cgroup) -> dict:
     }
 
 
-def _lay_out(host: Path, files, limits: SandboxLimits, checker: Checker | None, mode: str) -> None:
+def _lay_out(host: Path, files, limits: SandboxConfig, checker: Checker | None, mode: str) -> None:
     """`work/` (the program's files), `check/` (the checker's) and the seccomp launcher."""
     _place(host / "work", files)
     _place(host / "check", checker.files if checker else {})
@@ -591,7 +591,7 @@ def _kill(proc: subprocess.Popen, mode: str) -> None:
 
 
 def run_python(
-    source: str, stdin: str | bytes = b"", limits: SandboxLimits = SandboxLimits()
+    source: str, stdin: str | bytes = b"", limits: SandboxConfig = SandboxConfig()
 ) -> RunResult:
     """Run Python `source` as `main.py` in the sandbox (`-I`: no user site, no PYTHON* vars)."""
     return run_program({"main.py": source}, [limits.python, "-I", "main.py"], stdin, limits)

@@ -29,7 +29,7 @@ from protocol.config import ConfigError, read_jsonl
 from protocol.messages import Score, Task
 from rewarder.pool import Job, VerifierPool
 from rewarder.rewards import REWARDS, check_rewards, load_plugins
-from rewarder.sandbox import SandboxLimits
+from rewarder.sandbox import SandboxConfig
 
 SCORE_FIELDS = ("reward", "components", "error", "note")
 """What `aha score` adds to each input line."""
@@ -170,7 +170,7 @@ def score_file(
     timeout_s: float = 30.0,
     progress: bool | None = None,
     resume: bool = False,
-    sandbox: SandboxLimits | None = None,
+    sandbox: SandboxConfig | None = None,
     plugins: Sequence[str] = (),
 ) -> Summary:
     """Score every line of `in_path` into `out_path` (with `resume`, only those an earlier run
@@ -196,7 +196,7 @@ def score_file(
             writer.add(len(done) + i, score, pool.notes.get(i))
 
         show = sys.stderr.isatty() if progress is None else progress
-        limits = sandbox or SandboxLimits()
+        limits = sandbox or SandboxConfig()
         pool = VerifierPool(workers, timeout_s, sandbox=limits, plugins=plugins)
         with pool:
             if show and remaining:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from protocol.bus import Bus
-from protocol.config import BusConfig, StageSettings
+from protocol.config import BusConfig, StageConfig
 from protocol.server import NatsServer
 
 
@@ -17,7 +17,7 @@ def nats_server(tmp_path):
 
 def fast_config(**stage_overrides) -> BusConfig:
     """Short ack waits and back-offs so redelivery happens within a test."""
-    settings = StageSettings(
+    settings = StageConfig(
         **{"ack_wait_s": 1.0, "max_deliver": 3, "backoff_s": [0.1], **stage_overrides}
     )
     return BusConfig(tasks=settings, rollouts=settings, scored=settings, duplicate_window_s=60)

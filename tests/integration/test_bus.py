@@ -13,7 +13,7 @@ import pytest
 
 from protocol.bus import Bus
 from protocol.codec import encode
-from protocol.config import StageSettings
+from protocol.config import StageConfig
 from protocol.depth import queue_depth
 from protocol.messages import Rollout, ScoredRollout, Task
 from protocol.names import ROLLOUTS, SCORED, STAGES, TASKS
@@ -310,7 +310,7 @@ async def test_ensure_streams_is_idempotent_and_applies_changes(bus):
     await ensure_streams(bus.js, bus.config)
     await ensure_streams(bus.js, bus.config)
     changed = fast_config().model_copy(
-        update={"tasks": StageSettings(ack_wait_s=7, max_deliver=9, max_ack_pending=11)}
+        update={"tasks": StageConfig(ack_wait_s=7, max_deliver=9, max_ack_pending=11)}
     )
     await ensure_streams(bus.js, changed)
     info = await bus.js.consumer_info(TASKS.stream, TASKS.durable)

@@ -16,8 +16,8 @@ from nats.js.errors import KeyNotFoundError
 
 from learner.config import (
     DatasetConfig,
-    DeepSpeedSettings,
-    GRPOSettings,
+    DeepSpeedConfig,
+    GRPOConfig,
     LearnerConfig,
     ModelConfig,
     OptimConfig,
@@ -25,7 +25,7 @@ from learner.config import (
 )
 from learner.outcomes import ISSUED
 from protocol.codec import decode
-from protocol.config import BusConfig, StageSettings
+from protocol.config import BusConfig, StageConfig
 from protocol.messages import Rollout, Score, ScoredRollout, WeightManifest
 from protocol.names import KEY_LATEST, KV_POLICY, SCORED, TASKS
 from protocol.stage import StageConsumer
@@ -43,7 +43,7 @@ REWARDS = {"accuracy_gsm8k": 1.0, "format_think": 0.1}
 
 def learner_bus(url: str) -> BusConfig:
     """Leases long enough for a step on 2 busy cores, short enough to see a redelivery."""
-    settings = StageSettings(ack_wait_s=4.0, max_deliver=20, backoff_s=[0.1])
+    settings = StageConfig(ack_wait_s=4.0, max_deliver=20, backoff_s=[0.1])
     return BusConfig(
         url=url, tasks=settings, rollouts=settings, scored=settings, duplicate_window_s=600
     )
@@ -59,8 +59,8 @@ def learner_config(tmp_path: Path, model_dir: Path, url: str, **overrides) -> Le
     values = dict(
         model=ModelConfig(path=str(model_dir)),
         optim=OptimConfig(lr=1e-3),
-        deepspeed=DeepSpeedSettings(precision="fp32", micro_batch=8),
-        grpo=GRPOSettings(beta=0.0, mode="token-mean"),
+        deepspeed=DeepSpeedConfig(precision="fp32", micro_batch=8),
+        grpo=GRPOConfig(beta=0.0, mode="token-mean"),
         batch=2,
         max_staleness=1,
         max_steps=3,

@@ -49,13 +49,13 @@ TIMEOUT_S = 300
 
 
 def write_config(tmp_path, model_dir, url, zero_stage=2, **overrides):
-    from learner.config import DeepSpeedSettings, OptimConfig
+    from learner.config import DeepSpeedConfig, OptimConfig
 
     config = learner_config(
         tmp_path,
         model_dir,
         url,
-        deepspeed=DeepSpeedSettings(zero_stage=zero_stage, precision="fp32", micro_batch=2),
+        deepspeed=DeepSpeedConfig(zero_stage=zero_stage, precision="fp32", micro_batch=2),
         # Adam's ε well above fp32 rounding: the key biases' gradient is exactly 0 in exact
         # arithmetic (softmax ignores a shift), so theirs is rounding noise, which with
         # ε = 1e-8 becomes a step of ±lr whose sign depends on the order of the sums.

@@ -30,7 +30,7 @@ from nats.js.errors import APIError
 from actors.weights import download_shards
 from protocol.bus import Bus
 from protocol.codec import decode
-from protocol.config import BusConfig, StageSettings, load_config
+from protocol.config import BusConfig, StageConfig, load_config
 from protocol.depth import queue_depth
 from protocol.messages import Sampling, WeightManifest
 from protocol.names import (
@@ -61,7 +61,7 @@ ROLES = {
 
 KV_POLICY_STREAM = f"KV_{KV_POLICY}"
 """The stream behind the KV bucket (nats-py's naming)."""
-FAST = StageSettings(ack_wait_s=2.0, max_deliver=2, backoff_s=[0.05])
+FAST = StageConfig(ack_wait_s=2.0, max_deliver=2, backoff_s=[0.05])
 
 
 def _interpolate(value: str, env: dict[str, str]) -> str:

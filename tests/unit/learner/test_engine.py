@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from learner.config import (
-    DeepSpeedSettings,
-    GRPOSettings,
+    DeepSpeedConfig,
+    GRPOConfig,
     LearnerConfig,
     ModelConfig,
     OptimConfig,
@@ -41,10 +41,8 @@ def make_config(stage: int, **grpo) -> LearnerConfig:
         # Adam ε = 1 keeps the first update sensitive to the gradient's size (with ε ≈ 0 it would
         # be lr · sign(g), hiding a wrongly scaled loss).
         optim=OptimConfig(lr=0.5, eps=1.0, warmup_steps=2),
-        deepspeed=DeepSpeedSettings(
-            zero_stage=stage, precision="fp32", micro_batch=2, grad_clip=1.0
-        ),
-        grpo=GRPOSettings(ppo_epochs=2, **grpo),
+        deepspeed=DeepSpeedConfig(zero_stage=stage, precision="fp32", micro_batch=2, grad_clip=1.0),
+        grpo=GRPOConfig(ppo_epochs=2, **grpo),
     )
 
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from learner.config import DeepSpeedSettings, GRPOSettings, LearnerConfig, ModelConfig, OptimConfig
+from learner.config import DeepSpeedConfig, GRPOConfig, LearnerConfig, ModelConfig, OptimConfig
 from learner.engine import setup_engine
 from learner.logprobs import completion_logprobs, pad_batch
 from learner.sft import read_pairs, sft_loss, train_sft
@@ -58,8 +58,8 @@ def test_a_few_steps_reduce_the_response_loss():
     config = LearnerConfig(
         model=ModelConfig(qwen2=TINY_QWEN2),
         optim=OptimConfig(lr=1e-2),
-        deepspeed=DeepSpeedSettings(zero_stage=1, precision="fp32", micro_batch=2),
-        grpo=GRPOSettings(beta=0.0),
+        deepspeed=DeepSpeedConfig(zero_stage=1, precision="fp32", micro_batch=2),
+        grpo=GRPOConfig(beta=0.0),
     )
     pe = setup_engine(config)
     # "a b c" -> "c b a": 4 examples, reversed digits as responses

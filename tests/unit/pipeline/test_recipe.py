@@ -229,3 +229,15 @@ def test_r1_findings_compare_the_demo_models():
     assert all(out["r1"].values())
     del models["student_rl"]  # an eval without every model: no verdict
     assert "r1" not in findings([{"kind": "eval", "result": models}])
+
+
+def test_a_file_an_earlier_stage_did_not_write_is_named(tmp_path, capsys):
+    recipe = two_rs_stages(tmp_path)
+    text = recipe.read_text().replace('direct = "@rs-a"', 'direct = "@rs-a/nothing.jsonl"')
+    recipe.write_text(text)
+    code, err = run(capsys, recipe)
+    assert code == 2 and "rs-b.direct: '@rs-a/nothing.jsonl' is not there" in err
+    # rs-a's work is kept: resumed, only rs-b is tried again.
+    recipe.write_text(text.replace("@rs-a/nothing.jsonl", "@rs-a/rs.jsonl"))
+    code, summary = run(capsys, recipe, "--resume")
+    assert code == 0 and ran(summary) == ["rs-b"]

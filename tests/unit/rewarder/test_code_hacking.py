@@ -17,7 +17,7 @@ import pytest
 
 from rewarder.code import code_tests, configure_sandbox, run_tests
 from rewarder.rewards import grade
-from rewarder.sandbox import SandboxLimits, isolation
+from rewarder.sandbox import SandboxConfig, isolation
 from tests.unit.rewarder.leftovers import assert_nothing_left
 
 ADD = {
@@ -130,14 +130,14 @@ def score(program: str, reference: dict = ADD) -> float:
 needs_namespaces = pytest.mark.skipif(
     isolation() != "namespaces", reason="needs root and network/PID/mount namespaces (unshare)"
 )
-LIMITS = SandboxLimits(wall_seconds=3.0, cpu_seconds=3, memory_mb=1024, memory_total_mb=1024)
+LIMITS = SandboxConfig(wall_seconds=3.0, cpu_seconds=3, memory_mb=1024, memory_total_mb=1024)
 
 
 @pytest.fixture(autouse=True)
 def short_limits():
     configure_sandbox(LIMITS)
     yield
-    configure_sandbox(SandboxLimits())
+    configure_sandbox(SandboxConfig())
 
 
 @needs_namespaces

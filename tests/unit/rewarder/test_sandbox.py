@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from rewarder.rewards import code_tests, configure_sandbox
-from rewarder.sandbox import SandboxLimits, isolation, memory_cgroup, run_python
+from rewarder.sandbox import SandboxConfig, isolation, memory_cgroup, run_python
 from tests.unit.rewarder.leftovers import assert_nothing_left
 
 needs_namespaces = pytest.mark.skipif(
     isolation() != "namespaces", reason="needs root and network/PID/mount namespaces (unshare)"
 )
-LIMITS = SandboxLimits(wall_seconds=2.0, cpu_seconds=2, memory_mb=512, processes=16)
+LIMITS = SandboxConfig(wall_seconds=2.0, cpu_seconds=2, memory_mb=512, processes=16)
 # A program passes this only if it prints "ok" and exits cleanly.
 PRINT_OK = {"inputs": [""], "outputs": ["ok"]}
 
@@ -32,7 +32,7 @@ PRINT_OK = {"inputs": [""], "outputs": ["ok"]}
 def short_limits():
     configure_sandbox(LIMITS)
     yield
-    configure_sandbox(SandboxLimits())
+    configure_sandbox(SandboxConfig())
 
 
 def test_a_normal_program_runs_as_nobody_in_a_fresh_dir():
@@ -318,13 +318,13 @@ def test_not_root_refuses_to_run_as_the_rewarders_own_user():
     NATS password); refused unless allowed."""
     script = (
         "import os, sys\n"
-        "from rewarder.sandbox import run_python, SandboxLimits, SandboxError, describe\n"
+        "from rewarder.sandbox import run_python, SandboxConfig, SandboxError, describe\n"
         "os.setgid(65534); os.setuid(65534)  # after the imports: the venv may be under /root\n"
-        "try:\n    run_python('print(1)', limits=SandboxLimits(isolation='process'))\n"
+        "try:\n    run_python('print(1)', limits=SandboxConfig(isolation='process'))\n"
         "    print('ran')\nexcept SandboxError as e:\n    print('refused:', e)\n"
-        "r = run_python('print(1)', limits=SandboxLimits(isolation='process', allow_own_user=True))\n"
+        "r = run_python('print(1)', limits=SandboxConfig(isolation='process', allow_own_user=True))\n"
         "print('allowed', r.stdout.strip())\n"
-        "print('can run code:', describe(SandboxLimits())[0])\n"
+        "print('can run code:', describe(SandboxConfig())[0])\n"
     )
     if os.geteuid() != 0:
         pytest.skip("the test drops from root to show it")

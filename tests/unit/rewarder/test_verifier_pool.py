@@ -9,7 +9,7 @@ import pytest
 
 from protocol.messages import Score
 from rewarder.pool import Job, VerifierPool
-from rewarder.sandbox import SandboxLimits, isolation
+from rewarder.sandbox import SandboxConfig, isolation
 from tests.unit.rewarder.leftovers import assert_nothing_left
 
 MATH = {"accuracy_math": 1.0, "format_think": 0.1}
@@ -62,7 +62,7 @@ def test_a_stuck_worker_is_killed_and_replaced_and_its_sandbox_dies_with_it(monk
     from rewarder import code
 
     monkeypatch.setattr(code, "fit_code_budget", lambda timeout_s: None)
-    slow = SandboxLimits(wall_seconds=60, cpu_seconds=60)
+    slow = SandboxConfig(wall_seconds=60, cpu_seconds=60)
     stuck = Job(
         "import time\ntime.sleep(60)\n", {"inputs": [""], "outputs": [""]}, {"code_tests": 1.0}
     )
@@ -88,7 +88,7 @@ def test_a_program_that_hangs_is_a_zero_before_the_pools_timeout():
     """ "No reward" is left out of the advantage: a program must not reach it by hanging on every
     test case. code_tests spends at most half the per-call timeout on one completion's runs,
     so it is a 0 with the reason, whatever the sandbox's own wall time."""
-    slow = SandboxLimits(wall_seconds=60, cpu_seconds=60)
+    slow = SandboxConfig(wall_seconds=60, cpu_seconds=60)
     cases = {"inputs": ["1", "2", "3", "4"], "outputs": ["1", "2", "3", "4"]}
     humaneval = {"entry_point": "f", "test": "def check(candidate):\n    assert candidate()\n"}
     hang = "import time\ntime.sleep(60)\ndef f():\n    return 1\n"

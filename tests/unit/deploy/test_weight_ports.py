@@ -1,5 +1,5 @@
-"""The weight server's port (protocol/weight_server.py) in compose and the Helm chart: learner
-and actors serve on it, actors reach it on the learner and on each other, nobody else does."""
+"""The weight server (protocol/weight_server.py) in compose and the Helm chart: learner and
+actors serve on its port, actors reach it on the learner and on each other, nobody else does."""
 
 from __future__ import annotations
 
@@ -14,19 +14,17 @@ from tests.unit.deploy.test_compose import compose_config
 PORT = 8471
 
 
-def test_compose_learner_and_actors_serve_weights_on_one_port():
+def test_compose_learner_and_actors_reach_each_other_on_its_one_network():
+    """Compose has no network policy: learner and actors share its default network, so the
+    weight server needs no fixed port (a fixed one would clash where the services run as
+    local processes, as test_nats_permissions.py runs them); it takes a free port and is
+    advertised at the container's own address."""
     services = compose_config("compose.yaml")["services"]
     for name in ("learner", "actor"):
-        service = services[name]
-        assert [str(p) for p in service["expose"]] == [str(PORT)]
-        # What the part reads from its environment: its server on the exposed port, on (the
-        # default), advertised at the container's own address (compose's network resolves it).
-        port = service["environment"][f"AHA_{name.upper()}__WEIGHT_SERVER__PORT"]
-        server = WeightServerConfig.model_validate({"port": port})
-        assert server.enabled and server.port == PORT and server.advertise is None
-    # No other service is given the port.
-    others = [n for n, s in services.items() if n not in ("learner", "actor")]
-    assert all(str(PORT) not in str(services[n].get("expose", [])) for n in others)
+        assert set(services[name].get("networks") or {"default": None}) == {"default"}, name
+        assert not [k for k in services[name]["environment"] if "WEIGHT_SERVER" in k], name
+    default = WeightServerConfig()
+    assert default.enabled and default.port == 0 and default.advertise is None
 
 
 helm = pytest.importorskip("helm_python", reason="pip install helm-python-sdk (the dev extra)")

@@ -320,7 +320,7 @@ def summarize(learner, run_dir: Path, loop: LoopResult, before, after, started: 
 def prepare(up: UpConfig, learner, run_dir: Path) -> tuple[Path, list[dict], Path]:
     """The prompts, the held-out set (the demo's; none for a dataset) and the model to train:
     `--model`, else the demo's cold start (reused when a resumed run has it complete)."""
-    from pipeline.coldstart import cold_start_model, demo_data
+    from pipeline.coldstart import cold_start_model, complete, demo_data
 
     if up.dataset is None:
         n = max(4 * learner.max_steps * learner.batch, 2000)
@@ -331,7 +331,8 @@ def prepare(up: UpConfig, learner, run_dir: Path) -> tuple[Path, list[dict], Pat
         dataset, held_out = Path(up.dataset), []
     if up.model:
         return dataset, held_out, Path(up.model)
-    with progress_bar("cold start (SFT)", up.cold_start_steps) as advance:
+    steps = 0 if complete(run_dir) else up.cold_start_steps  # nothing to show when reused
+    with progress_bar("cold start (SFT)", steps) as advance:
         model = cold_start_model(
             run_dir,
             held_out,

@@ -76,7 +76,7 @@ def cold_start_model(
     from pipeline.tiny_model import TinySpec, save_tiny_model
 
     out = run_dir / "cold-start"
-    if steps and (out / "config.json").exists():
+    if steps and complete(run_dir):
         log.info("cold start reused", model=str(out))
         return out
     base = save_tiny_model(run_dir / "base", TinySpec(seed=seed))
@@ -96,6 +96,11 @@ def cold_start_model(
     run_logged(argv, run_dir / "logs" / "cold-start.log", {**os.environ, **(env or {})}, on_step)
     partial.rename(out)
     return out
+
+
+def complete(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a finished cold start (its folder appears only when done)."""
+    return (run_dir / "cold-start" / "config.json").exists()
 
 
 def write_sft_config(run_dir: Path, base: Path, steps: int, seed: int) -> Path:

@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -520,8 +521,14 @@ def local_bus(
                 supervisor.start(Part(f"rewarder-{i}", argv, env, restart=True, stop_order=1))
             log.info("embedded bus", url=server.url, engine=engine, logs=str(work / "logs"))
             yield config, supervisor
+        except BaseException:
+            log.error("generation stopped: the parts' logs are kept", logs=str(work / "logs"))
+            raise
+        else:
+            shutil.rmtree(work / "logs", ignore_errors=True)
         finally:
             supervisor.stop(grace_s=10.0)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 async def _setup(config: BusConfig) -> None:

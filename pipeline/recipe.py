@@ -50,6 +50,8 @@ Ref = Annotated[str, Field(min_length=1)]
 
 MODEL_FIELDS = ("model", "teacher", "student")
 """Inputs that must be HF model folders (a `config.json` inside)."""
+MODEL_KINDS = frozenset({"sft", "grpo", "distill"})
+"""Stages whose output is a model folder."""
 
 
 class _Stage(BaseModel):
@@ -306,11 +308,7 @@ class Run:
     def refs(self, stage) -> dict[str, str]:
         """Every input reference of `stage`, by field (`data.0`, `models.rl`, …)."""
         out: dict[str, str] = {}
-        for field in ("model", "teacher", "student", "samples", "prompts", "dataset"):
-            value = getattr(stage, field, None)
-            if value is not None:
-                out[field] = value
-        for field in ("held_out", "direct"):
+        for field in (*MODEL_FIELDS, "samples", "prompts", "dataset", "held_out", "direct"):
             value = getattr(stage, field, None)
             if value is not None:
                 out[field] = value
@@ -330,18 +328,13 @@ class Run:
             where = f"stages.{i} ({stage.name})"
             _check_stage_fields(stage, where, self.file)
             for field, ref in self.refs(stage).items():
+                wants_model = field.split(".")[0] in MODEL_FIELDS or field.startswith("models.")
                 if ref.startswith("@"):
-                    name = ref[1:].split("/", 1)[0]
-                    if name not in done:
-                        later = "a later stage" if name in self.stages else "no stage"
-                        raise ConfigError(
-                            f"{where}.{field}: {ref!r} refers to {later} ({self.file})"
-                        )
+                    self._check_reference(where, field, ref, done, wants_model)
                     continue
                 if ref.startswith("$run") and demo:
                     continue  # written by the demo inputs (checked when they are)
                 path = self.resolve(ref)
-                wants_model = field.split(".")[0] in MODEL_FIELDS or field.startswith("models.")
                 if wants_model and not (path / "config.json").is_file():
                     raise ConfigError(
                         f"{where}.{field}: no model at {path} (no config.json) ({self.file})"
@@ -349,6 +342,21 @@ class Run:
                 if not wants_model and not path.is_file():
                     raise ConfigError(f"{where}.{field}: no such file: {path} ({self.file})")
             done.append(stage.name)
+
+    def _check_reference(
+        self, where: str, field: str, ref: str, done: list[str], wants_model: bool
+    ) -> None:
+        """`@stage[/file]` names a stage run before this one, and a model where one is wanted."""
+        name, _, rest = ref[1:].partition("/")
+        if name not in done:
+            later = "a later stage" if name in self.stages else "no stage"
+            raise ConfigError(f"{where}.{field}: {ref!r} refers to {later} ({self.file})")
+        kind = self.stages[name].kind
+        if not rest and wants_model != (kind in MODEL_KINDS):
+            output = "a model, not a file" if kind in MODEL_KINDS else "a file, not a model"
+            raise ConfigError(
+                f"{where}.{field}: {ref!r} is the output of {kind} stage {name!r}: {output} ({self.file})"
+            )
 
 
 def _check_stage_fields(stage, where: str, file: Path) -> None:

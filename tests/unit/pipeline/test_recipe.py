@@ -174,6 +174,16 @@ RECIPE_ERRORS = [
         "stages.0 (a).prompts: required with model",
     ),
     ("[pipeline]\nname = 'x'\n", "stages: Field required"),
+    (
+        '[[stages]]\nname = "e"\nkind = "eval"\nsamples = "d.jsonl"\nbench = "gsm8k"\n'
+        '[[stages]]\nname = "a"\nkind = "grpo"\nmodel = "@e"\n',
+        "stages.1 (a).model: '@e' is the output of eval stage 'e': a file, not a model",
+    ),
+    (
+        '[[stages]]\nname = "s"\nkind = "sft"\nmodel = "model"\ndata = ["d.jsonl"]\n'
+        '[[stages]]\nname = "a"\nkind = "sft"\nmodel = "model"\ndata = ["@s"]\n',
+        "stages.1 (a).data.0: '@s' is the output of sft stage 's': a model, not a file",
+    ),
 ]
 
 

@@ -101,13 +101,46 @@ class GRPOConfig(BaseModel):
 TEMPLATES = ("r1-zero", "chat", "none")
 
 
+class DatasetSource(BaseModel):
+    """One more prompt file mixed into the dataset (`[[learner.dataset.sources]]`)."""
+
+    model_config = CONFIG
+
+    path: str
+    """JSONL, Parquet (`.parquet`) or Arrow (`.arrow`, or a `save_to_disk` folder) file."""
+    weight: float = Field(1.0, gt=0)
+    """Its share of the mixture, relative to the other sources' weights and the dataset's."""
+    prompt_field: str | None = None
+    """Field of the problem text; None: the dataset's `prompt_field`."""
+    answer_field: str | None = None
+    """Field of the reference; None: the dataset's `answer_field`."""
+    rewards: dict[str, float] | None = Field(None, min_length=1)
+    """Rewards of its tasks (where a row names none); None: the dataset's."""
+    meta: dict[str, Any] | None = None
+    """Task meta of its tasks (where a row has none); None: the dataset's."""
+
+
 class DatasetConfig(BaseModel):
     """The prompt dataset the dispatcher issues tasks from, and how each task is sampled and scored."""
 
     model_config = CONFIG
 
     path: str
-    """JSONL file, one problem per line (GSM8K `question`/`answer`, MATH-500 `problem`/`answer`, ...)."""
+    """Prompt file, one problem per row: JSONL (GSM8K `question`/`answer`, MATH-500
+    `problem`/`answer`, ...), Parquet (`.parquet`) or Arrow (`.arrow`, or a folder written by
+    `datasets`' `save_to_disk`). A row's own `rewards` and `meta` objects, where present, are
+    its task's instead of the dataset's (code tests, a target language)."""
+    weight: float = Field(1.0, gt=0)
+    """The share of `path` in a mixture with `sources`."""
+    sources: list[DatasetSource] = Field(default_factory=list)
+    """More prompt files, mixed with `path` by weight: each pass over the data holds
+    `round(mix_size × weight / total weight)` rows of each (its rows in a seeded order,
+    repeated where it has fewer)."""
+    mix_size: int | None = Field(None, ge=1)
+    """Rows in one pass over a mixture; None: all the files' rows together."""
+    max_prompt_length: int | None = Field(None, ge=1)
+    """Longest prompt, in tokens where the learner tokenizes prompts (an HF model folder), else
+    in characters; longer rows are left out, counted and logged, not issued."""
     prompt_field: str = "question"
     """JSON field holding the problem text."""
     answer_field: str = "answer"

@@ -50,6 +50,10 @@ class Problem:
     prompt: str
     prompt_token_ids: list[int] | None
     reference: Any
+    rewards: dict[str, float] | None = None
+    """The row's own rewards (`learner.datasets`); None: the dataset's."""
+    meta: dict[str, Any] | None = None
+    """The row's own task meta; None: the dataset's."""
 
 
 def read_rows(path: str | Path, prompt_field: str, answer_field: str) -> list[tuple[str, Any]]:
@@ -90,15 +94,16 @@ def tokenize_prompt(prompt: str, template: str, tokenizer) -> list[int]:
 
 
 def load_problems(dataset: DatasetConfig, tokenizer=None) -> list[Problem]:
-    """Read, render and (with a tokenizer) tokenize every row of the dataset once."""
+    """Read (`learner.datasets`: JSONL, Parquet or Arrow, sources mixed by weight), render and
+    (with a tokenizer) tokenize every row once; prompts over `max_prompt_length` left out."""
+    from learner.datasets import keep_short, load_rows
+
     problems = []
-    for i, (text, reference) in enumerate(
-        read_rows(dataset.path, dataset.prompt_field, dataset.answer_field)
-    ):
-        prompt = render_prompt(text, dataset.template, tokenizer)
+    for row in load_rows(dataset):
+        prompt = render_prompt(row.text, dataset.template, tokenizer)
         ids = tokenize_prompt(prompt, dataset.template, tokenizer) if tokenizer else None
-        problems.append(Problem(str(i), prompt, ids, reference))
-    return problems
+        problems.append(Problem(row.prompt_id, prompt, ids, row.reference, row.rewards, row.meta))
+    return keep_short(problems, dataset.max_prompt_length)
 
 
 def permutation(seed: int, epoch: int, n: int) -> list[int]:
@@ -336,11 +341,11 @@ class Dispatcher:
             prompt=problem.prompt,
             prompt_token_ids=None if ids is None else np.asarray(ids, dtype=np.int32),
             reference=problem.reference,
-            rewards=dict(self.dataset.rewards),
+            rewards=dict(problem.rewards or self.dataset.rewards),
             group_size=self.dataset.group_size,
             sampling=self.sampling,
             issued_version=version,
-            meta=dict(self.dataset.meta),
+            meta=dict(self.dataset.meta if problem.meta is None else problem.meta),
         )
 
     def position(self, tid: str) -> int | None:

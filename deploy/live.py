@@ -12,6 +12,7 @@ from pathlib import Path
 import structlog
 
 from deploy.supervisor import SERVER, Exit, Supervisor
+from learner.outcomes import ISSUED, Outcome
 
 log = structlog.get_logger("deploy.up")
 
@@ -253,13 +254,14 @@ def print_summary(summary: dict, *, stderr: bool = False) -> None:
         if before is not None or after is not None:
             shown = [fmt.format(v) if v is not None else "—" for v in (before, after)]
             console.print(f"  {label:<18} {shown[0]} → {shown[1]}")
-    if summary.get("groups_trained") is not None:
-        console.print(
-            f"  {'groups':<18} {summary['groups_trained']} trained, "
-            f"{summary['groups_dropped_stale']} stale, "
-            f"{summary['groups_dropped_zero_variance']} zero-variance, "
-            f"{summary['groups_dead']} dead, {summary['groups_in_flight_at_stop']} in flight"
-        )
+    if summary.get(Outcome.TRAINED.key) is not None:
+        counts = [
+            f"{summary.get(o.key) or 0} {o.label}"
+            for o in ISSUED
+            if o == Outcome.TRAINED or summary.get(o.key)
+        ]
+        counts.append(f"{summary['groups_in_flight_at_stop']} in flight")
+        console.print(f"  {'groups':<18} {', '.join(counts)}")
     run_dir = Path(summary["run_dir"])
     console.print(f"  {'run':<18} {_shown(run_dir)}/ (summary.json, logs/)")
     for label, key in (("plot", "plot"), ("model", "final_model")):

@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from deploy.live import MetricsTail, in_flight, print_summary, progress_bar, watch
 from deploy.supervisor import Part, Supervisor
+from learner.outcomes import Outcome
 from pipeline.coldstart import Recipe
 from pipeline.presets import DEMO_LEARNER, dataset_settings
 from protocol.config import (
@@ -207,17 +208,7 @@ EVALUATION_FIELDS = {
     "thinking_share": "thinking_share",
 }
 """Summary key (`<key>_before`, `<key>_after`) -> field of `pipeline.heldout.Evaluation`."""
-DONE_FIELDS = (
-    "tasks_issued",
-    "groups_trained",
-    "groups_dropped_stale",
-    "groups_dropped_zero_variance",
-    "groups_dropped_no_reward",
-    "groups_dropped_too_large",
-    "groups_dead",
-    "groups_foreign",
-    "steps_nonfinite",
-)
+DONE_FIELDS = ("tasks_issued", *(o.key for o in Outcome), "steps_nonfinite")
 """The learner's `done` line's counts, copied into the summary."""
 
 

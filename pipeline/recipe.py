@@ -697,7 +697,13 @@ def run_stage(run: Run, stage, output_hashes: dict[str, str], resume: bool) -> d
     write_record(record_file, {**base, "status": "running", "started": time.time()})
     log().info("stage", stage=stage.name, kind=stage.kind, attempt=attempts)
     started = time.monotonic()
-    result = RUNNERS[stage.kind](run, stage, folder)
+    try:
+        result = RUNNERS[stage.kind](run, stage, folder)
+    except Exception as e:  # recorded, then one line from the command; --resume reruns it
+        write_record(record_file, {**base, "status": "failed", "error": str(e)[-2000:]})
+        if isinstance(e, ConfigError):
+            raise ConfigError(f"{stage.name}: {e}") from e
+        raise StageFailed(f"stage {stage.name} ({stage.kind}) failed: {e}") from e
     record = {
         **base,
         "status": "done",
@@ -808,7 +814,11 @@ def main(args) -> int:
     run.dir.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(ValueError):  # SIGTERM as Ctrl-C: the child stage stops too
         signal.signal(signal.SIGTERM, signal.default_int_handler)
-    summary = run_recipe(run, args.resume)
+    try:
+        summary = run_recipe(run, args.resume)
+    except StageFailed as e:
+        print(f"aha pipeline: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     print_summary(summary)
     if args.json:
         print(json.dumps(summary), flush=True)

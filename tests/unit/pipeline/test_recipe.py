@@ -251,3 +251,31 @@ def test_a_file_an_earlier_stage_did_not_write_is_named(tmp_path, capsys):
     recipe.write_text(text.replace("@rs-a/nothing.jsonl", "@rs-a/rs.jsonl"))
     code, summary = run(capsys, recipe, "--resume")
     assert code == 0 and ran(summary) == ["rs-b"]
+
+
+def test_a_stage_that_fails_is_recorded_and_reported_in_one_line(tmp_path, capsys):
+    recipe = two_rs_stages(tmp_path)
+    line = json.loads((tmp_path / "samples.jsonl").read_text())
+    del line["prompt"]  # rs needs the prompt of every line
+    (tmp_path / "samples.jsonl").write_text(json.dumps(line) + "\n")
+    code, err = run(capsys, recipe)
+    err = err.splitlines()[-1]  # after the stage's log line
+    assert code == 2 and err.startswith("aha pipeline: error: rs-a: prompt: required by rs")
+    record = json.loads((tmp_path / "runs/t/stages/rs-a.json").read_text())
+    assert record["status"] == "failed" and "prompt" in record["error"]
+    assert not (tmp_path / "runs/t/stages/rs-b.json").exists()
+
+
+def test_a_stage_command_that_fails_names_its_log(tmp_path, capsys):
+    (tmp_path / "samples.jsonl").write_text('{"id": "1", "reference": "#### 5", "samples": []}\n')
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        f'[pipeline]\nname = "t"\nruns_dir = "{tmp_path / "runs"}"\n'
+        '[[stages]]\nname = "e"\nkind = "eval"\nsamples = "samples.jsonl"\nbench = "gsm8k"\n'
+    )
+    code, err = run(capsys, recipe)
+    err = err.splitlines()[-1]  # after the stage's log line
+    assert code == 1
+    assert err.startswith("aha pipeline: stage e (eval) failed: aha eval exited with 2:")
+    assert "eval.log" in err
+    assert json.loads((tmp_path / "runs/t/stages/e.json").read_text())["status"] == "failed"

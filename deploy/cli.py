@@ -352,7 +352,11 @@ def _rs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--m", type=int, help="samples kept per prompt at most (default 4)")
     p.add_argument("--pick", choices=["shortest", "random"], help="which m (default shortest)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random pick and the mix")
-    p.add_argument("--rewards", help='score again with these: JSON {"accuracy_math": 1.0, ...}')
+    p.add_argument(
+        "--rewards",
+        help='JSON {"accuracy_math": 1.0, ...}: score every sample again with these (with '
+        "--model: the rewards it is scored with; default accuracy_gsm8k)",
+    )
     p.add_argument("--accuracy", help="the component that must be 1 (default: accuracy_*)")
     p.add_argument("--min-reward", type=float, help="without an accuracy component (default 1)")
     p.add_argument("--answer-tag", action="store_true", help="well-formed needs <answer>…</answer>")

@@ -33,7 +33,8 @@ def check_up(up, config_file: str | None, sets=(), flags: dict | None = None):
     rows = list(read_jsonl(up.dataset)) if up.dataset is not None else []
     if up.dataset is not None and not rows:
         raise ConfigError(f"the dataset has no rows ({up.dataset})")
-    learner = check_run_config(up, parts, config_file)
+    where = ", ".join([config_file or "", "--set" if sets else ""]).strip(", ")
+    learner = check_run_config(up, parts, where or None)
     if up.dataset is not None:
         check_dataset_rows(rows, learner.dataset, up.dataset)
     return learner
@@ -79,7 +80,7 @@ def check_run_config(up, parts: dict[str, Any], config_file: str | None):
     from deploy.up import write_run_config
     from learner.config import LearnerConfig
     from rewarder.config import RewarderConfig
-    from rewarder.rewards import check_rewards
+    from rewarder.rewards import check_rewards, load_plugins
 
     with tempfile.TemporaryDirectory(prefix="aha-preflight-") as tmp:
         model = Path(up.model) if up.model else Path(tmp) / "cold-start"
@@ -88,11 +89,12 @@ def check_run_config(up, parts: dict[str, Any], config_file: str | None):
         try:
             learner = load_config(LearnerConfig, path, section="learner")
             load_config(ActorConfig, path, section="actor")
-            load_config(RewarderConfig, path, section="rewarder")
+            rewarder = load_config(RewarderConfig, path, section="rewarder")
         except ConfigError as e:
             where = f"({config_file})" if config_file else "(AHA_* environment)"
             raise ConfigError(str(e).replace(f"({path})", where)) from None
     try:
+        load_plugins(rewarder.plugins)  # the dataset may name them; they imported above
         check_rewards(learner.dataset.rewards)
     except ValueError as e:
         raise ConfigError(f"learner.dataset.rewards: {e} ({config_file or 'aha up'})") from None

@@ -269,7 +269,9 @@ def main_model(args) -> int:
     scores summarised as `--samples-from` does."""
     from pipeline.generate import generate
     from protocol.config import BusConfig, load_config
+    from protocol.log import setup_logging
 
+    setup_logging("eval")  # stderr: stdout is for the tables and --json
     benches, k, sampling = eval_settings(args)
     bus = load_config(BusConfig, None, section="bus")  # AHA_BUS__USER, … from the environment
     out, words = Path(args.output), reflection_words(args)

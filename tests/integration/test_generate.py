@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy.cli import main as aha
 from pipeline.benchmarks import get_benchmark
 from pipeline.evaluation import evaluate, extract_answer
 from pipeline.samples import read_samples
@@ -68,11 +67,14 @@ def test_an_eval_through_the_bus_summarises_exactly_as_the_in_process_reference(
     tmp_path, parts, tiny_model_dir
 ):
     out = tmp_path / "eval"
-    argv = ["eval", "--model", str(tiny_model_dir), "--bench", "gsm8k", "--limit", "3"]
-    argv += ["--k", "2", "--max-tokens", "8", "--nats-url", parts, "-o", str(out)]
-    assert aha([*argv, "--workers", "1"]) == 0
+    argv = [*AHA, "eval", "--model", str(tiny_model_dir), "--bench", "gsm8k", "--limit", "3"]
+    argv += ["--k", "2", "--max-tokens", "8", "--nats-url", parts, "-o", str(out), "--json"]
+    done = subprocess.run([*argv, "--workers", "1"], env=ENV, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    printed = json.loads(done.stdout.decode().splitlines()[-1])
 
     summary = json.loads((out / "summary.json").read_text())["gsm8k"]
+    assert printed == {"gsm8k": summary}
     samples_file = out / "gsm8k.samples.jsonl"
     written = lines(samples_file)
     # exactly n × k samples, each problem once

@@ -238,7 +238,7 @@ def print_summary(summary: dict, *, stderr: bool = False) -> None:
     what became of the groups, and where the run, its plot and its model are."""
     from rich.console import Console
 
-    console = Console(stderr=stderr, highlight=False)
+    console = Console(stderr=stderr, highlight=False, soft_wrap=True)  # paths stay whole
     ok = summary["ended"] == "finished"
     head = "finished" if ok else f"ended: {summary['ended']}"
     console.print(

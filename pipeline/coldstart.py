@@ -15,8 +15,8 @@ prompts and held-out set, which never meet each other or the cold-start pairs.
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -156,14 +156,15 @@ def _term_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+STEP = re.compile(rb'\bstep"?\s*[=:]\s*(\d+)')
+"""The step number in an `sft step` log line, as structlog's console (`step=3`) or JSON
+(`"step": 3`) renderer writes it."""
+
+
 def _report_steps(chunk: bytes, on_step: Callable[[int], None] | None) -> bytes:
     """Report the complete lines of `chunk` that are SFT steps; return the incomplete rest."""
     *lines, rest = chunk.split(b"\n")
     for line in lines:
-        if on_step is None or b'"sft step"' not in line:
-            continue
-        try:
-            on_step(int(json.loads(line)["step"]))
-        except (ValueError, KeyError, TypeError):
-            pass  # a line of another format: the log stays whole, the bar only skips it
+        if on_step is not None and b"sft step" in line and (found := STEP.search(line)):
+            on_step(int(found[1]))
     return rest

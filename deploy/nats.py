@@ -10,7 +10,7 @@ import argparse
 import asyncio
 
 from protocol.bus import Bus
-from protocol.config import BusConfig
+from protocol.config import BusConfig, ConfigError
 from protocol.log import setup_logging
 from protocol.server import NatsServer
 from protocol.stage import stop_on_signals
@@ -25,6 +25,8 @@ async def run(server: NatsServer, config: BusConfig) -> None:
 
 
 def main(args: argparse.Namespace, config: BusConfig) -> int:
+    if config.replicas > 1:  # JetStream refuses it on one server, after the server started
+        raise ConfigError(f"bus.replicas: {config.replicas}, but the embedded server is one node")
     setup_logging("nats")
     server = NatsServer(
         args.store,

@@ -59,6 +59,7 @@ def test_a_typo_in_set_names_the_field_and_the_fields_there_are(command, config,
         (["rewarder"], "rewarder.sandbox.memory_mb=1", "rewarder.sandbox.memory_mb"),
         (["top", "--once"], "bus.tasks.max_deliver=0", "bus.tasks.max_deliver"),
         (["nats"], "bus.replicas=9", "bus.replicas"),
+        (["nats"], "bus.replicas=3", "bus.replicas"),  # valid, but not on the embedded server
         (["up"], "up.actors=many", "up.actors"),
     ],
 )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +18,22 @@ from learner.outcomes import ISSUED, Outcome
 log = structlog.get_logger("deploy.up")
 
 COLUMNS = ("step", "version", "reward", "accuracy", "length", "staleness", "kl", "tok/s")
+
+
+class CurrentStderr:
+    """A structlog logger writing to whatever `sys.stderr` is when it writes: under the live
+    table rich swaps in a proxy that prints above the table, so `aha up`'s own log lines do
+    not tear through it (structlog's PrintLogger keeps the stream it was made with)."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    debug = info = warning = warn = error = critical = exception = fatal = failure = msg
+
+
+def log_above_the_table() -> None:
+    """Send this process's structlog lines through `CurrentStderr` (after `setup_logging`)."""
+    structlog.configure(logger_factory=lambda *args: CurrentStderr())
 
 
 class MetricsTail:

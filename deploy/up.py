@@ -32,7 +32,14 @@ import structlog
 import tomli_w
 from pydantic import BaseModel, Field, model_validator
 
-from deploy.live import MetricsTail, in_flight, print_summary, progress_bar, watch
+from deploy.live import (
+    MetricsTail,
+    in_flight,
+    log_above_the_table,
+    print_summary,
+    progress_bar,
+    watch,
+)
 from deploy.supervisor import Part, Supervisor
 from learner.outcomes import Outcome
 from pipeline.coldstart import Recipe
@@ -370,6 +377,7 @@ def run(up: UpConfig, learner, parts: dict[str, Any], *, json_out: bool) -> dict
     from protocol.log import setup_logging
 
     setup_logging("up")
+    log_above_the_table()
     # SIGTERM (`timeout`, a service manager) as Ctrl-C: the parts stopped in order, a summary.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     started = time.monotonic()

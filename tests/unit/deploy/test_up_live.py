@@ -72,3 +72,29 @@ def test_the_summary_reads_before_to_after_and_says_where_the_run_is(tmp_path, c
         f"  run                {run_dir}/ (summary.json, logs/)",
         f"  plot               {run_dir / 'curves.png'}",
     ]
+
+
+def test_log_lines_go_to_the_stderr_of_the_moment(monkeypatch):
+    """Under the live table rich swaps `sys.stderr` for a proxy that prints above it; a log line
+    written to the stream of set-up time would tear through the table instead."""
+    import io
+    import sys
+
+    import structlog
+
+    from deploy.live import log_above_the_table
+    from protocol.log import setup_logging
+
+    at_setup, under_the_table = io.StringIO(), io.StringIO()
+    try:
+        monkeypatch.setattr(sys, "stderr", at_setup)
+        setup_logging("up", json=True)
+        log_above_the_table()
+        log = structlog.get_logger("test")
+        log.info("before")
+        monkeypatch.setattr(sys, "stderr", under_the_table)  # as rich's Live does
+        log.warning("part exited", part="actor-0")
+    finally:
+        structlog.reset_defaults()
+    assert [json.loads(line)["event"] for line in at_setup.getvalue().splitlines()] == ["before"]
+    assert json.loads(under_the_table.getvalue())["event"] == "part exited"

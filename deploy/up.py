@@ -11,6 +11,11 @@ and held-out accuracy before and after. Everything lands in `runs/<name>/`:
     summary.json       accuracy before/after, steps, wall time, task accounting
     curves.png         reward, accuracy, response length and KL over the steps
     final/             the trained model as an HF folder
+    base/, cold-start/, data/, heldout-*.json   the demo's models, prompts and evaluations
+    checkpoints/, nats/                          what `aha up --resume` continues from
+
+This module is the command: what it starts and in which order. What it shows is
+`deploy/live.py`; the demo's cold start, presets and plots are in `pipeline/`.
 """
 
 from __future__ import annotations

@@ -75,7 +75,8 @@ def copy_rate(directory: Path, shards, scratch: Path) -> float:
 
 
 async def timed_download(config, manifest, directory: Path, **kwargs) -> float:
-    """Seconds from reading `latest` (as an actor sees a new version) to every shard verified."""
+    """Seconds from reading `latest` (as an actor sees a new version) to every shard verified
+    in `directory` (the caller removes it)."""
     from actors.weights import download_shards
     from protocol.codec import decode
     from protocol.messages import WeightManifest
@@ -92,7 +93,6 @@ async def timed_download(config, manifest, directory: Path, **kwargs) -> float:
         return time.perf_counter() - start
     finally:
         await nc.close()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def engine_load(paths: list[Path]) -> float:
@@ -155,9 +155,11 @@ async def run(args) -> list[dict]:
                 m["http"].append(
                     gb / await timed_download(config, manifest, scratch / "a", http=local)
                 )
+                shutil.rmtree(scratch / "a")
                 m["store"].append(
                     gb / await timed_download(config, manifest, scratch / "a", http=off)
                 )
+                shutil.rmtree(scratch / "a")
                 paths = await download_shards(js, manifest, scratch / "load", http=local)
                 m["load"].append(engine_load(paths) / gb)
                 shutil.rmtree(scratch / "load")
@@ -174,8 +176,9 @@ async def run(args) -> list[dict]:
                 m["fan"].append(args.actors * gb / (time.perf_counter() - start))
                 out = server.sent_bytes - sent[0] + learner.stats["out_bytes"] - sent[1]
                 learner_out.append(out / total)
-                for r in relays:
+                for i, r in enumerate(relays):  # after all: a relay serves from its folder
                     r.close()
+                    shutil.rmtree(scratch / f"fan{i}", ignore_errors=True)
             await learner.close()
     finally:
         server.close()

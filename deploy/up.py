@@ -54,6 +54,7 @@ from protocol.config import (
     BusConfig,
     load_config,
     merge,
+    nest,
     parse_sets,
     read_config,
     sets_in,
@@ -412,9 +413,8 @@ def main(args: argparse.Namespace) -> int:
     checked, then the run."""
     from deploy.preflight import check_up, resumed_name
 
-    overrides = {
-        k: v
-        for k, v in {
+    overrides = nest(  # the flags given (None: not given)
+        {
             "model": args.model,
             "dataset": args.dataset,
             "actors": args.actors,
@@ -424,9 +424,8 @@ def main(args: argparse.Namespace) -> int:
             "engine": args.engine,
             "cold_start_steps": args.cold_start_steps,
             "resume": args.resume or None,
-        }.items()
-        if v is not None
-    }
+        }
+    )
     sets = getattr(args, "set", None) or []
     up = load_config(
         UpConfig, args.config, section="up", overrides=overrides, sets=sets_in(sets, "up")
@@ -447,11 +446,10 @@ def read_parts(config_file: str | None, sets=(), flags: dict | None = None) -> d
 
 def learner_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The `[learner]` fields `aha up` has flags for, over the config file's."""
-    learner: dict[str, Any] = {}
-    if args.max_steps is not None:
-        learner["max_steps"] = args.max_steps
-    if args.max_staleness is not None:
-        learner["max_staleness"] = args.max_staleness
-    if args.shuffle_rewards:
-        learner["grpo"] = {"shuffle_rewards": True}
-    return {"learner": learner} if learner else {}
+    return nest(
+        {
+            "learner.max_steps": args.max_steps,
+            "learner.max_staleness": args.max_staleness,
+            "learner.grpo.shuffle_rewards": args.shuffle_rewards or None,
+        }
+    )

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rewarder.completion import split_think
 from rewarder.errors import Disqualified, VerifierError
 from rewarder.sandbox import Checker, RunResult, SandboxConfig, run_program, run_python
 
@@ -68,8 +69,6 @@ def code_blocks(text: str) -> list[tuple[str, str]]:
 
 def extract_program(completion: str) -> str:
     """The last ```python (or untagged) block of the answer part, else the whole answer part."""
-    from rewarder.rewards import split_think  # rewards.py imports this module
-
     _, answer = split_think(completion)
     blocks = [code for lang, code in code_blocks(answer) if lang.lower() in PYTHON_TAGS]
     return blocks[-1] if blocks else answer

@@ -34,11 +34,11 @@ from fractions import Fraction
 from typing import Any, NamedTuple
 
 from rewarder.code import code_tests, configure_sandbox, extract_program  # noqa: F401
+from rewarder.completion import THINK_CLOSE, THINK_OPEN, split_think
 from rewarder.errors import Disqualified, VerifierError
 
 RewardFn = Callable[[str, Any, Any], float]
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 BRACE = re.compile(r"[{}]")
@@ -73,21 +73,6 @@ def _meta(task: Any) -> dict[str, Any]:
 
 
 # --- where the answer is -------------------------------------------------------------------
-
-
-def split_think(completion: str) -> tuple[str | None, str]:
-    """(chain of thought or None, answer part) of a completion.
-
-    `<think>a</think>b` -> ("a", "b"); `<think>a` (unclosed) -> ("a", ""); `b` -> (None, "b");
-    a `<think>` reopened after the last `</think>` ends the answer there.
-    """
-    if THINK_CLOSE in completion:
-        thought, _, answer = completion.rpartition(THINK_CLOSE)
-        thought = thought.split(THINK_OPEN, 1)[-1]
-        return thought, answer.split(THINK_OPEN, 1)[0]
-    if THINK_OPEN in completion:
-        return completion.split(THINK_OPEN, 1)[1], ""
-    return None, completion
 
 
 def last_boxed(text: str) -> str | None:

@@ -745,8 +745,39 @@ def run_recipe(run: Run, resume: bool) -> dict[str, Any]:
         "stages": stages,
         "findings": findings(stages),
     }
+    plot = plot_findings(summary["findings"], run.dir / "findings.png")
+    summary["plot"] = str(plot) if plot else None
     (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def plot_findings(findings: dict[str, Any], path: Path) -> Path | None:
+    """Greedy accuracy, pass@1 and thinking share of every evaluated model, as bars in a PNG;
+    None without held-out evaluations."""
+    models = {label: f for label, f in findings.items() if label != "r1"}
+    if not models:
+        return None
+    import matplotlib  # only a run with evaluations draws
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [("accuracy", "greedy accuracy"), ("pass_at_1", "pass@1 (T=1)")]
+    bars.append(("thinking_share", "thinking share (greedy)"))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(models)), 4))
+    width = 0.8 / len(bars)
+    for i, (key, title) in enumerate(bars):
+        values = [models[label].get(key) or 0.0 for label in models]
+        ax.bar([x + i * width for x in range(len(models))], values, width, label=title)
+    ax.set_xticks([x + width for x in range(len(models))], list(models), rotation=20)
+    ax.set_ylim(0, 1.2)  # room for the legend above the bars
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper center", ncol=len(bars), fontsize=8)
+    ax.set_title("held-out evaluation of every model of the recipe")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def findings(stages: list[dict]) -> dict[str, Any]:

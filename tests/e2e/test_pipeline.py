@@ -144,3 +144,4 @@ def test_a_run_killed_in_a_middle_stage_resumes_there(tmp_path):
     assert (run_dir / "sft" / "model" / "config.json").is_file()
     assert set(summary["findings"]) == {"sft"}
     assert 0 <= summary["findings"]["sft"]["accuracy"] <= 1
+    assert Path(summary["plot"]).is_file()

@@ -156,3 +156,11 @@ def test_good_inputs_pass_the_checks(tmp_path):
         overrides = {"model": str(model), "dataset": str(DATA / dataset)}
         up = load_config(UpConfig, config, section="up", overrides=overrides, environ={})
         check_up(up, str(config))
+
+
+def test_resume_without_a_run_to_resume_fails_at_start(tmp_path):
+    runs = tmp_path / "runs"
+    result = aha_up(tmp_path, "--resume")
+    assert_failed_at_start(result, tmp_path, f"--resume: no run to resume in {runs}")
+    result = aha_up(tmp_path, "--resume", "--name", "nope")
+    assert_failed_at_start(result, tmp_path, f"--resume: no run 'nope' in {runs}")

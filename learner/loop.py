@@ -243,7 +243,7 @@ async def run(
         Path(config.dataset.path).resolve(),
         config.dataset.seed,
     )
-    lr = Learner(
+    learner = Learner(
         config,
         pe,
         bus,
@@ -256,18 +256,18 @@ async def run(
     )
     code = 0
     try:
-        fit_payload(lr)
-        await publish(lr)  # the current version, for actors that start (or restart) late
-        lr.last_step_end = time.perf_counter()
-        while not finished(lr) and not stop.is_set():
-            if not await step(lr, stop):
+        fit_payload(learner)
+        await publish(learner)  # the current version, for actors that start (or restart) late
+        learner.last_step_end = time.perf_counter()
+        while not finished(learner) and not stop.is_set():
+            if not await step(learner, stop):
                 break
-        await checkpoint(lr)  # whatever was trained since the last checkpoint
-        if finished(lr):
-            await finish(lr)
+        await checkpoint(learner)  # whatever was trained since the last checkpoint
+        if finished(learner):
+            await finish(learner)
         log.info("learner stopped", step=progress.step, in_flight=ledger.in_flight)
     except NonFiniteSteps as e:
-        await hand_back(lr)  # held groups come back; the last good checkpoint stays as it is
+        await hand_back(learner)  # held groups come back; the last good checkpoint stays as it is
         log.error("learner stopped", error=str(e), step=progress.step)
         code = 1
     finally:
@@ -277,25 +277,25 @@ async def run(
     return code
 
 
-def fit_payload(lr: Learner) -> None:
+def fit_payload(learner: Learner) -> None:
     """The server's max_payload must carry the configured groups; rows that cannot fit are
     noted (and skipped when their turn comes)."""
-    lr.dispatcher.fit(lr.bus.nc.max_payload)
-    if lr.dispatcher.too_large:
+    learner.dispatcher.fit(learner.bus.nc.max_payload)
+    if learner.dispatcher.too_large:
         log.warning(
             "dataset rows whose group cannot fit the bus are skipped",
-            rows=len(lr.dispatcher.too_large),
-            max_payload=lr.bus.nc.max_payload,
+            rows=len(learner.dispatcher.too_large),
+            max_payload=learner.bus.nc.max_payload,
         )
 
 
-async def hand_back(lr: Learner) -> None:
+async def hand_back(learner: Learner) -> None:
     """Release every held group not yet in a checkpoint (nak): they come back at once."""
-    positions = sorted(lr.ledger.held)
+    positions = sorted(learner.ledger.held)
     for p in positions:
-        lr.ledger.release(p)
-    await lr.leases.release(positions)
-    lr.carried = []
+        learner.ledger.release(p)
+    await learner.leases.release(positions)
+    learner.carried = []
 
 
 def serve_metrics(config: LearnerConfig) -> None:
@@ -336,69 +336,71 @@ def restore(pe: PolicyEngine, config: LearnerConfig, reserved: int) -> tuple[Pro
     return progress, Ledger.from_state(state["ledger"], reserved)
 
 
-def finished(lr: Learner) -> bool:
-    return lr.config.max_steps is not None and lr.progress.step >= lr.config.max_steps
+def finished(learner: Learner) -> bool:
+    return (
+        learner.config.max_steps is not None and learner.progress.step >= learner.config.max_steps
+    )
 
 
-async def step(lr: Learner, stop: asyncio.Event) -> bool:
+async def step(learner: Learner, stop: asyncio.Event) -> bool:
     """Collect a batch, train on it, report, checkpoint and publish when due.
 
     Returns False when `stop` came while collecting (the partial batch is handed back).
     """
     started = time.perf_counter()
-    collected = await collect(lr, stop)
+    collected = await collect(learner, stop)
     if collected is None:
         return False
     waited = time.perf_counter() - started
     trained = [g for g, outcome in collected if outcome == Outcome.TRAINED]
-    if lr.config.grpo.shuffle_rewards:
+    if learner.config.grpo.shuffle_rewards:
         trained = shuffle_rewards(
-            trained, random.Random(lr.config.seed * 1_000_003 + lr.progress.step)
+            trained, random.Random(learner.config.seed * 1_000_003 + learner.progress.step)
         )
-    batch = build_batch(trained, lr.config.grpo.scale)
+    batch = build_batch(trained, learner.config.grpo.scale)
     train_started = time.perf_counter()
-    metrics = await asyncio.to_thread(collective, lr.pe, "train", batch)
+    metrics = await asyncio.to_thread(collective, learner.pe, "train", batch)
     train_seconds = time.perf_counter() - train_started
     if "nonfinite" in metrics:
-        await refuse_update(lr, collected, trained, metrics)
+        await refuse_update(learner, collected, trained, metrics)
         return True
-    lr.nonfinite_streak = 0
-    version = lr.progress.version
-    count(lr.progress, collected)
-    lr.progress.step += 1
-    lr.progress.version += 1
+    learner.nonfinite_streak = 0
+    version = learner.progress.version
+    count(learner.progress, collected)
+    learner.progress.step += 1
+    learner.progress.version += 1
     # Wall time since the previous step ended: its checkpoint and publish count here.
     now = time.perf_counter()
-    seconds, lr.last_step_end = now - lr.last_step_end, now
-    record = step_record(lr, collected, version, metrics, train_seconds)
+    seconds, learner.last_step_end = now - learner.last_step_end, now
+    record = step_record(learner, collected, version, metrics, train_seconds)
     record.update(step_seconds=seconds, wait_share=waited / seconds)
-    report(lr, record)
-    lr.uncommitted.append(record)
-    if lr.progress.step % lr.config.checkpoint_every == 0:
-        await checkpoint(lr)
-    if lr.progress.step % lr.config.publish_every == 0:
-        await publish(lr)
+    report(learner, record)
+    learner.uncommitted.append(record)
+    if learner.progress.step % learner.config.checkpoint_every == 0:
+        await checkpoint(learner)
+    if learner.progress.step % learner.config.publish_every == 0:
+        await publish(learner)
     return True
 
 
-async def collect(lr: Learner, stop: asyncio.Event) -> list[tuple[Group, Outcome]] | None:
+async def collect(learner: Learner, stop: asyncio.Event) -> list[tuple[Group, Outcome]] | None:
     """Pull scored groups until `batch` of them are trainable, issuing tasks as room frees.
 
     Dropped groups (stale, no reward, zero variance) are kept in the list with their outcome:
     they are acknowledged with the step's checkpoint, like trained ones.
     """
-    config, ledger = lr.config, lr.ledger
-    collected, lr.carried = lr.carried, []
+    config, ledger = learner.config, learner.ledger
+    collected, learner.carried = learner.carried, []
     beat = time.monotonic()
     while sum(outcome == Outcome.TRAINED for _, outcome in collected) < config.batch:
         if time.monotonic() - beat > HEARTBEAT_S:  # other ranks wait in a collective meanwhile
-            await asyncio.to_thread(collective, lr.pe, "noop")
+            await asyncio.to_thread(collective, learner.pe, "noop")
             beat = time.monotonic()
         if stop.is_set():
             positions = [g.position for g, _ in collected]
             for p in positions:
                 ledger.release(p)
-            await lr.leases.release(positions)
+            await learner.leases.release(positions)
             return None
         trainable = sum(outcome == Outcome.TRAINED for _, outcome in collected)
         # The groups this step already trains use up the bound too: a task issued now can be
@@ -406,42 +408,47 @@ async def collect(lr: Learner, stop: asyncio.Event) -> list[tuple[Group, Outcome
         # taken `trainable` of their (max_staleness + 1) × batch places. (With η = 0 nothing
         # is issued until the step is done and its weights published: synchronous RL.)
         limit = config.in_flight_limit - trainable
-        await forget_dead(lr)
+        await forget_dead(learner)
         issued = await top_up(
-            lr.bus, lr.dispatcher, ledger, limit, lr.progress.version, lr.reservation
+            learner.bus,
+            learner.dispatcher,
+            ledger,
+            limit,
+            learner.progress.version,
+            learner.reservation,
         )
-        lr.progress.groups[Outcome.DROPPED_TOO_LARGE] += len(issued.too_large)
+        learner.progress.groups[Outcome.DROPPED_TOO_LARGE] += len(issued.too_large)
         wanted = config.batch - trainable
-        for delivery in await lr.consumer.fetch(wanted, timeout=1.0):
-            admitted = await admit(lr, delivery)
+        for delivery in await learner.consumer.fetch(wanted, timeout=1.0):
+            admitted = await admit(learner, delivery)
             if admitted is not None:
                 collected.append(admitted)
     return collected
 
 
-async def forget_dead(lr: Learner) -> None:
+async def forget_dead(learner: Learner) -> None:
     """Free the in-flight places of this run's tasks that were dead-lettered on the way (a
     prompt that crashes every actor must not stall the dispatcher), and count them. The
     position in the dead-letter stream is checkpointed with the ledger."""
-    if time.monotonic() - lr.dead_checked_at < 1.0:
+    if time.monotonic() - learner.dead_checked_at < 1.0:
         return
-    lr.dead_checked_at = time.monotonic()
+    learner.dead_checked_at = time.monotonic()
     try:
-        letters = await lr.bus.dead_letters(after=lr.progress.dead_seq)
+        letters = await learner.bus.dead_letters(after=learner.progress.dead_seq)
     except LEASE_ERRORS as e:  # the server restarting: read them on a later call
         log.warning("dead letters unavailable", error=repr(e))
         return
     for letter in letters:
-        lr.progress.dead_seq = letter.dead_seq
+        learner.progress.dead_seq = letter.dead_seq
         if letter.stage == SCORED.name and letter.error.startswith(FOREIGN):
             continue  # never issued (its id may be issued later, to a real task)
         try:
             tid = decode_named(letter.data, STAGES[letter.stage].message).task_id
         except (DecodeError, KeyError):  # refused for a bad field (a NaN reward): it still
             tid = peek_task_id(letter.data)  # names its task, whose place must be freed
-        p = lr.dispatcher.position(tid) if tid is not None else None
-        if p is not None and lr.ledger.lose(p):
-            lr.progress.groups[Outcome.DEAD] += 1
+        p = learner.dispatcher.position(tid) if tid is not None else None
+        if p is not None and learner.ledger.lose(p):
+            learner.progress.groups[Outcome.DEAD] += 1
             log.warning(
                 "task dead-lettered: its place is freed",
                 task_id=tid,
@@ -450,7 +457,7 @@ async def forget_dead(lr: Learner) -> None:
             )
 
 
-async def admit(lr: Learner, delivery: Delivery) -> tuple[Group, Outcome] | None:
+async def admit(learner: Learner, delivery: Delivery) -> tuple[Group, Outcome] | None:
     """Hold a new scored group with its outcome; ack one already consumed at once.
 
     A group this run never issued is dead-lettered as foreign (and forgotten); one of an
@@ -458,38 +465,38 @@ async def admit(lr: Learner, delivery: Delivery) -> tuple[Group, Outcome] | None
     acknowledged with the step's checkpoint).
     """
     scored: ScoredRollout = delivery.message
-    p = lr.dispatcher.position(scored.task_id)
+    p = learner.dispatcher.position(scored.task_id)
     if p is None:
         why = f"no task of this run has the id {scored.task_id}"
-    elif p >= lr.ledger.reserved:
+    elif p >= learner.ledger.reserved:
         why = f"{scored.task_id} was never issued"
     else:
-        why = lr.dispatcher.mismatch(scored.rollout.task, p)
+        why = learner.dispatcher.mismatch(scored.rollout.task, p)
     if why is not None:
-        await refuse_foreign(lr, delivery, why)
+        await refuse_foreign(learner, delivery, why)
         return None
-    outcome = lr.ledger.receive(p)
+    outcome = learner.ledger.receive(p)
     if outcome == "new":
-        lr.leases.held[p] = delivery
+        learner.leases.held[p] = delivery
         group = Group.of(scored, p)
         tracking.remember(scored)  # for the samples table
-        why = refusal(scored, lr.progress.version, vocab_size(lr.pe))
+        why = refusal(scored, learner.progress.version, vocab_size(learner.pe))
         if why is not None:
-            if not await bury(lr, delivery, f"refused by the learner: {why}"):
-                await release(lr, p)
+            if not await bury(learner, delivery, f"refused by the learner: {why}"):
+                await release(learner, p)
                 return None
             return group, Outcome.DEAD
-        config = lr.config
+        config = learner.config
         return group, judge(
-            group, lr.progress.version, config.max_staleness, config.drop_zero_variance
+            group, learner.progress.version, config.max_staleness, config.drop_zero_variance
         )
     if outcome == "held":  # redelivered while we hold it (lease lost): keep the newest handle
-        lr.leases.held[p] = delivery
+        learner.leases.held[p] = delivery
         return None
     log.warning(
         "duplicate scored group acked untrained", task_id=delivery.message.task_id, why=outcome
     )
-    lr.progress.groups[Outcome.DUPLICATES] += 1
+    learner.progress.groups[Outcome.DUPLICATES] += 1
     try:
         await delivery.ack_sync()
     except LEASE_ERRORS as e:  # it comes back and is recognised again
@@ -497,12 +504,12 @@ async def admit(lr: Learner, delivery: Delivery) -> tuple[Group, Outcome] | None
     return None
 
 
-async def bury(lr: Learner, delivery: Delivery, reason: str) -> bool:
+async def bury(learner: Learner, delivery: Delivery, reason: str) -> bool:
     """Put a scored group on the dead-letter subject with `reason` (it stays leased);
     False when the server could not take it (the caller hands the group back)."""
     meta = delivery.msg.metadata
     try:
-        await lr.bus.dead_letter(
+        await learner.bus.dead_letter(
             SCORED,
             delivery.msg.data,
             reason,
@@ -516,17 +523,17 @@ async def bury(lr: Learner, delivery: Delivery, reason: str) -> bool:
     return True
 
 
-async def release(lr: Learner, p: int) -> None:
+async def release(learner: Learner, p: int) -> None:
     """Hand one held group back untrained (it comes back and is judged again)."""
-    lr.ledger.release(p)
-    await lr.leases.release([p])
+    learner.ledger.release(p)
+    await learner.leases.release([p])
 
 
-async def refuse_foreign(lr: Learner, delivery: Delivery, why: str) -> None:
+async def refuse_foreign(learner: Learner, delivery: Delivery, why: str) -> None:
     """Dead-letter a group this run never issued and forget it (`term`): it takes no place."""
-    if not await bury(lr, delivery, f"{FOREIGN}{why}"):
+    if not await bury(learner, delivery, f"{FOREIGN}{why}"):
         return
-    lr.progress.groups[Outcome.FOREIGN] += 1
+    learner.progress.groups[Outcome.FOREIGN] += 1
     try:
         await delivery.term()
     except LEASE_ERRORS as e:  # it comes back and is refused again
@@ -538,7 +545,7 @@ def vocab_size(pe: PolicyEngine) -> int:
 
 
 async def refuse_update(
-    lr: Learner, collected: list[tuple[Group, Outcome]], trained: list[Group], result: dict
+    learner: Learner, collected: list[tuple[Group, Outcome]], trained: list[Group], result: dict
 ) -> None:
     """An update applied nothing (non-finite loss or gradient): dead-letter the groups to
     blame, keep the others for the next attempt, stop after too many in a row."""
@@ -546,30 +553,30 @@ async def refuse_update(
     blamed = {trained[owners[r]].position for r in result["rows"]}
     reason = (
         f"refused by the learner: non-finite {result['nonfinite']} in the update at "
-        f"policy version {lr.progress.version}; nothing was applied"
+        f"policy version {learner.progress.version}; nothing was applied"
     )
     for p in sorted(blamed):
-        if not await bury(lr, lr.leases.held[p], reason):
-            await release(lr, p)
-    lr.carried = [
+        if not await bury(learner, learner.leases.held[p], reason):
+            await release(learner, p)
+    learner.carried = [
         (g, Outcome.DEAD if g.position in blamed else outcome)
         for g, outcome in collected
-        if g.position in lr.leases.held
+        if g.position in learner.leases.held
     ]
-    lr.progress.steps_nonfinite += 1
-    lr.nonfinite_streak += 1
+    learner.progress.steps_nonfinite += 1
+    learner.nonfinite_streak += 1
     log.error(
         "update skipped: non-finite " + result["nonfinite"],
-        step=lr.progress.step + 1,
+        step=learner.progress.step + 1,
         groups=len(blamed),
-        in_a_row=lr.nonfinite_streak,
+        in_a_row=learner.nonfinite_streak,
     )
-    limit = lr.config.max_nonfinite_steps
-    if lr.nonfinite_streak >= limit:
+    limit = learner.config.max_nonfinite_steps
+    if learner.nonfinite_streak >= limit:
         raise NonFiniteSteps(
-            f"{lr.nonfinite_streak} updates in a row had a non-finite {result['nonfinite']} "
+            f"{learner.nonfinite_streak} updates in a row had a non-finite {result['nonfinite']} "
             f"(learner.max_nonfinite_steps = {limit}); the last good checkpoint is in "
-            f"{lr.config.checkpoint_dir}, the groups to blame in the dead letters"
+            f"{learner.config.checkpoint_dir}, the groups to blame in the dead letters"
         )
 
 
@@ -578,29 +585,31 @@ def count(progress: Progress, collected: list[tuple[Group, Outcome]]) -> None:
         progress.groups[outcome] += 1
 
 
-async def checkpoint(lr: Learner) -> None:
+async def checkpoint(learner: Learner) -> None:
     """Save a checkpoint containing every held group's effect, then acknowledge them.
 
     The steps' metrics lines are written once their checkpoint is saved (and kept in it, so
     a restart writes any a crash cut off): the metrics file holds exactly the committed steps.
     """
-    if not lr.uncommitted:
+    if not learner.uncommitted:
         return
-    lr.ledger.commit()
+    learner.ledger.commit()
     state = {
-        "progress": lr.progress.state(),
-        "ledger": lr.ledger.state(),
+        "progress": learner.progress.state(),
+        "ledger": learner.ledger.state(),
         "rng": rng_state(),
-        "records": lr.uncommitted,
+        "records": learner.uncommitted,
     }
-    fault_point("crash_before_checkpoint", lr.progress.step)
-    tag = f"step{lr.progress.step}"
-    await asyncio.to_thread(collective, lr.pe, "checkpoint", lr.config.checkpoint_dir, tag, state)
-    fault_point("crash_before_ack", lr.progress.step)
-    write_records(lr.config.metrics_file, lr.uncommitted)
-    lr.uncommitted = []
-    await lr.leases.ack_all()
-    prune_checkpoints(lr.config.checkpoint_dir, KEEP_CHECKPOINTS)
+    fault_point("crash_before_checkpoint", learner.progress.step)
+    tag = f"step{learner.progress.step}"
+    await asyncio.to_thread(
+        collective, learner.pe, "checkpoint", learner.config.checkpoint_dir, tag, state
+    )
+    fault_point("crash_before_ack", learner.progress.step)
+    write_records(learner.config.metrics_file, learner.uncommitted)
+    learner.uncommitted = []
+    await learner.leases.ack_all()
+    prune_checkpoints(learner.config.checkpoint_dir, KEEP_CHECKPOINTS)
 
 
 def write_records(path: str | None, records: list[dict]) -> None:
@@ -632,20 +641,26 @@ def prune_checkpoints(directory: str | Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-async def publish(lr: Learner) -> None:
+async def publish(learner: Learner) -> None:
     """Write the weights as shards (on the shared volume when set) and point `latest` at them."""
-    config, progress = lr.config, lr.progress
+    config, progress = learner.config, learner.progress
     started = time.perf_counter()
     directory, shared = version_dir(config.weights_dir, progress.version)
     shards = await asyncio.to_thread(
-        collective, lr.pe, "write_shards", directory, config.serving_dtype, config.shard_mb, shared
+        collective,
+        learner.pe,
+        "write_shards",
+        directory,
+        config.serving_dtype,
+        config.shard_mb,
+        shared,
     )
     try:
         delay = 0.5
         while True:
             try:
                 await publish_weights(
-                    lr.bus.js,
+                    learner.bus.js,
                     directory,
                     shards,
                     version=progress.version,
@@ -672,14 +687,14 @@ async def publish(lr: Learner) -> None:
 
 
 def step_record(
-    lr: Learner,
+    learner: Learner,
     collected: list[tuple[Group, Outcome]],
     version: int,
     metrics: dict,
     train_seconds: float,
 ) -> dict[str, Any]:
     """The step's canonical record: the metrics-file line (STEP_KEYS and more)."""
-    progress = lr.progress
+    progress = learner.progress
     fresh = [g for g, o in collected if o not in (Outcome.DROPPED_STALE, Outcome.DEAD)]
     trained = [g for g, o in collected if o == Outcome.TRAINED]
     samples = sample_stats(fresh)
@@ -696,9 +711,9 @@ def step_record(
         **{k: metrics[k] for k in ("loss", "kl", "clip_fraction", "ratio", "is_weight", "lr")},
         **staleness_stats(trained, version),
         **progress.counts(),
-        IN_FLIGHT: lr.ledger.in_flight,
+        IN_FLIGHT: learner.ledger.in_flight,
         "steps_nonfinite": progress.steps_nonfinite,
-        "tasks_issued": lr.ledger.issued,
+        "tasks_issued": learner.ledger.issued,
         "task_ids": [g.task_id for g in trained],
         "task_ids_dropped": [g.task_id for g, o in collected if o != Outcome.TRAINED],
         "tokens": metrics["tokens"],
@@ -708,7 +723,7 @@ def step_record(
     }
 
 
-def report(lr: Learner, record: dict[str, Any]) -> None:
+def report(learner: Learner, record: dict[str, Any]) -> None:
     """The canonical log line and the gauges (the metrics-file line waits for the checkpoint)."""
     export_gauges(record)
     brief = {k: record[k] for k in STEP_KEYS if k not in ("event", "time")}
@@ -719,16 +734,16 @@ def report(lr: Learner, record: dict[str, Any]) -> None:
     )
 
 
-async def finish(lr: Learner) -> None:
+async def finish(learner: Learner) -> None:
     """At `max_steps`: final weights published, HF folder exported, the `done` line."""
-    config, progress = lr.config, lr.progress
+    config, progress = learner.config, learner.progress
     if progress.published_version != progress.version:
-        await publish(lr)
+        await publish(learner)
     final = None
     if config.final_model_dir:
         final = await asyncio.to_thread(
             collective,
-            lr.pe,
+            learner.pe,
             "export",
             config.final_model_dir,
             config.serving_dtype,
@@ -740,10 +755,10 @@ async def finish(lr: Learner) -> None:
         {
             "event": "done",
             "steps": progress.step,
-            "tasks_issued": lr.ledger.issued,
+            "tasks_issued": learner.ledger.issued,
             **progress.counts(),
             "steps_nonfinite": progress.steps_nonfinite,
-            "groups_in_flight_at_stop": lr.ledger.in_flight,
+            "groups_in_flight_at_stop": learner.ledger.in_flight,
             "final_model": str(final) if final else None,
             "time": time.time(),
         },

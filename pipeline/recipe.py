@@ -214,7 +214,10 @@ class PipelineSettings(BaseModel):
     """Write the demo task's inputs into `<run>/demo/` first (`$run/demo/base`, …)."""
     nats_url: str | None = None
     """The bus whose actors and rewarders sample for `rs` and `distill` stages (they must be
-    allowed to serve those models: `actor.model_dirs`); None: each such stage starts its own."""
+    allowed to serve those models: `actor.model_dirs`); None: the pipeline starts one server,
+    actor and rewarder for all of them (at the first such stage, in `<run>/bus/`)."""
+    engine: Literal["vllm", "hf"] | None = None
+    """The engine of that actor; None: vLLM when installed, else the HF reference."""
 
 
 class Recipe(BaseModel):
@@ -277,6 +280,8 @@ class Run:
         self.stages = {s.name: s for s in recipe.stages}
         self.resuming: set[str] = set()
         """Stages continued in their folder (killed midway with the same fingerprint)."""
+        self.bus = SamplingBus(self)
+        """The server, actor and rewarder the bus-sampled stages share."""
 
     def stage_dir(self, name: str) -> Path:
         return self.dir / name
@@ -453,6 +458,79 @@ def is_done(record: dict | None, fp: str, output: Path) -> bool:
     )
 
 
+class SamplingBus:
+    """One NATS server, actor and rewarder for every bus-sampled stage of a run, started at
+    the first one and stopped when the run ends. The actor may serve the models those stages
+    name (`actor.model_dirs`: the run folder and the models outside it) and switches between
+    them without a restart."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self._url: str | None = run.recipe.pipeline.nats_url
+        self._stack = contextlib.ExitStack()
+        self._supervisor = None
+
+    def url(self, model: Path, max_tokens: int) -> str:
+        """The bus's URL, starting it (serving `model` first) if it is not running."""
+        if self._url is None:
+            self._start(model, max_tokens)
+        elif self._supervisor is not None:
+            self._check()
+        return self._url
+
+    def _start(self, model: Path, max_tokens: int) -> None:
+        import asyncio
+        import importlib.util
+
+        from deploy.supervisor import Part, Supervisor
+        from protocol.bus import Bus
+        from protocol.config import BusConfig
+        from protocol.messages import payload_limit
+        from protocol.server import NatsServer
+
+        folder = self.run.dir / "bus"
+        limit = max(payload_limit(16, max(max_tokens, 4096)), 8 << 20)
+        server = self._stack.enter_context(NatsServer(folder / "nats", max_payload=limit))
+        engine = self.run.recipe.pipeline.engine
+        engine = engine or ("vllm" if importlib.util.find_spec("vllm") else "hf")
+        config = folder / "aha.toml"
+        actor = {"model": str(model), "backend": engine, "model_dirs": self.model_dirs()}
+        sections = {"bus": {"url": server.url}, "actor": actor, "rewarder": {}}
+        config.write_text(tomli_w.dumps(sections))
+
+        async def setup() -> None:  # the streams, before any part or job uses them
+            await (await Bus.connect(BusConfig(url=server.url), name="aha-pipeline")).close()
+
+        asyncio.run(setup())
+        supervisor = Supervisor(folder / "logs")
+        supervisor.watch_server(server)
+        self._stack.callback(supervisor.stop, grace_s=10.0)
+        aha = [sys.executable, "-m", "deploy.cli"]
+        env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        for name in ("actor", "rewarder"):
+            argv = [*aha, name, "--config", str(config)]
+            supervisor.start(Part(f"{name}-0", argv, env, restart=True, stop_order=0))
+        self._supervisor, self._url = supervisor, server.url
+        log().info("sampling bus", url=server.url, engine=engine, logs=str(folder / "logs"))
+
+    def model_dirs(self) -> list[str]:
+        """What the actor may serve: the run folder (every stage's output) and each model a
+        bus-sampled stage names outside it."""
+        dirs = {str(self.run.dir)}
+        for stage in self.run.recipe.stages:
+            ref = getattr(stage, "teacher", None) or getattr(stage, "model", None)
+            if stage.kind in ("rs", "distill") and stage.sampler == "bus" and ref:
+                dirs.add(str(self.run.resolve(ref)))
+        return sorted(dirs)
+
+    def _check(self) -> None:
+        """Restart a part that died since the last stage (the supervisor's restart budget)."""
+        self._supervisor.poll()
+
+    def close(self) -> None:
+        self._stack.close()
+
+
 # -- running the stages ----------------------------------------------------------------------
 
 
@@ -595,7 +673,7 @@ def sample_teacher(run: Run | None, model: Path, prompts: Path, out: Path, stage
         sampling=sampling,
         rewards=settings.rewards,
         out=out,
-        nats_url=run.recipe.pipeline.nats_url if run else None,
+        nats_url=run.bus.url(model, stage.max_tokens) if run else None,
         resume=out.exists() and run is not None and stage.name in run.resuming,
         meta={"answer_tag": settings.answer_tag},
     )
@@ -716,12 +794,8 @@ def run_stage(run: Run, stage, output_hashes: dict[str, str], resume: bool) -> d
     return {**record, "skipped": False}
 
 
-def run_recipe(run: Run, resume: bool) -> dict[str, Any]:
-    """Every stage in order; the summary (also in `<run>/summary.json`)."""
-    started = time.monotonic()
-    if run.recipe.pipeline.demo is not None:
-        write_demo_inputs(run)
-        run.check(demo_written=True)
+def run_stages(run: Run, resume: bool) -> list[dict[str, Any]]:
+    """Every stage in order (each skipped when `resume` finds it done and unchanged)."""
     output_hashes: dict[str, str] = {}
     stages = []
     for stage in run.recipe.stages:
@@ -738,6 +812,17 @@ def run_recipe(run: Run, resume: bool) -> dict[str, Any]:
                 "result": record["result"],
             }
         )
+    return stages
+
+
+def run_recipe(run: Run, resume: bool) -> dict[str, Any]:
+    """Every stage in order; the summary (also in `<run>/summary.json`)."""
+    started = time.monotonic()
+    if run.recipe.pipeline.demo is not None:
+        write_demo_inputs(run)
+        run.check(demo_written=True)
+    with contextlib.closing(run.bus):
+        stages = run_stages(run, resume)
     summary = {
         "name": run.recipe.pipeline.name,
         "run_dir": str(run.dir),

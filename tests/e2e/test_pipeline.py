@@ -145,3 +145,35 @@ def test_a_run_killed_in_a_middle_stage_resumes_there(tmp_path):
     assert set(summary["findings"]) == {"sft"}
     assert 0 <= summary["findings"]["sft"]["accuracy"] <= 1
     assert Path(summary["plot"]).is_file()
+
+
+def test_bus_sampled_stages_share_one_server_actor_and_rewarder(tmp_path):
+    from pipeline.tiny_model import TinySpec, save_tiny_model
+
+    save_tiny_model(tmp_path / "a", TinySpec(seed=1))
+    save_tiny_model(tmp_path / "b", TinySpec(seed=2))
+    prompts = [{"prompt": f"Q:00{i}+001=", "answer": str(i + 1)} for i in range(3)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    everything = '["truncated", "undecided", "incorrect", "malformed", "duplicate"]'
+    stage = 'kind = "rs"\nprompts = "prompts.jsonl"\nmax_tokens = 8\n'
+    stage += f"filters = {{ skip = {everything}, max_per_prompt = 8 }}\n"
+    (tmp_path / "r.toml").write_text(
+        '[pipeline]\nname = "bus"\nengine = "hf"\n'
+        f'[[stages]]\nname = "from-a"\nmodel = "a"\nk = 2\n{stage}'
+        f'[[stages]]\nname = "from-b"\nmodel = "b"\nk = 3\n{stage}'
+    )
+    run = pipeline(tmp_path)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err.decode()[-2000:]
+    summary = json.loads(out.decode().strip().splitlines()[-1])
+    # Every sample of every problem came back once: 3 x 2, then 3 x 3.
+    assert [s["result"]["samples"] for s in summary["stages"]] == [6, 9]
+    logs = tmp_path / "runs" / "bus" / "bus" / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["actor-0.log", "rewarder-0.log"]
+    lines = (logs / "actor-0.log").read_text().splitlines()
+    actor = [json.loads(line) for line in lines if line.startswith("{")]  # not transformers'
+    assert sum(line.get("event") == "actor ready" for line in actor) == 1  # never restarted
+    switches = [line for line in actor if line.get("event") == "switching model"]
+    assert [(s["was"], s["serving"]) for s in switches] == [
+        (str(tmp_path / "a"), str(tmp_path / "b"))
+    ]

@@ -54,7 +54,8 @@ REASONS: tuple[Reason, ...] = (
 )
 """Why a sample is dropped, in the order the filters run (a sample counts for the first)."""
 
-CODE_FENCE = re.compile(r"^\s*```", re.MULTILINE)
+# [ \t], not \s: `^\s*` rescans the whole run of newlines from each line (quadratic).
+CODE_FENCE = re.compile(r"^[ \t]*```", re.MULTILINE)
 PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 CODE_REWARDS = frozenset({"code_tests"})
 """Rewards that make a problem a code task (code blocks allowed in its thought)."""

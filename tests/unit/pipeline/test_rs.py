@@ -242,3 +242,13 @@ def test_skipped_filters_keep_what_they_would_drop():
     # Skipping one filter lets its case through, and only its case.
     rows, report = reject([problem(*CASES.values())], FilterConfig(skip={"incorrect"}))
     assert [r["response"] for r in rows] == [CASES["incorrect"].text]
+
+
+def test_an_adversarial_thought_is_filtered_in_linear_time():
+    import time
+
+    # 200,000 newlines: `^\s*` from every line start took minutes; every filter is linear.
+    text = "<think>1+1=2" + "\n" * 200_000 + "</think><answer>579</answer>"
+    started = time.monotonic()
+    assert check_sample(sample(text=text), False, FilterConfig()) is None
+    assert time.monotonic() - started < 2

@@ -12,6 +12,7 @@ run sends it, through an embedded nats-server and the learner's HTTP weight serv
 - `weight_transfer`: one actor's `download_shards` over HTTP from "manifest seen" (KV get) to
   every shard verified, in GB/s next to a raw file copy of the same bytes (`shutil.copyfile`)
   in the same run; `weight_transfer_store`: the same from the object store (the fallback);
+  `weight_transfer_cpu`: the CPU seconds per GB each path cost this process;
 - `weight_fanout`: `--actors` actors, each with its relay server, fetching the same version at
   once (GB/s in all, against one actor alone), and `weight_fanout_bytes`: the learner's
   outbound bytes for it (HTTP + NATS) per version byte, which do not grow with the actor count;
@@ -118,7 +119,7 @@ async def run(args) -> list[dict]:
     local = WeightServerConfig(host="127.0.0.1", parallel=args.parallel, fanout=args.fanout)
     off = WeightServerConfig(enabled=False)
     m: dict[str, list[float]] = {
-        k: [] for k in "publish write upload copy http store load fan".split()
+        k: [] for k in "publish write upload copy http store http_cpu store_cpu load fan".split()
     }
     learner_out: list[float] = []
     total = 0
@@ -152,14 +153,12 @@ async def run(args) -> list[dict]:
                 m["upload"].append((done - written) / gb)
                 m["publish"].append((done - start) / gb)
 
-                m["http"].append(
-                    gb / await timed_download(config, manifest, scratch / "a", http=local)
-                )
-                shutil.rmtree(scratch / "a")
-                m["store"].append(
-                    gb / await timed_download(config, manifest, scratch / "a", http=off)
-                )
-                shutil.rmtree(scratch / "a")
+                for path, http in (("http", local), ("store", off)):
+                    cpu = time.process_time()
+                    seconds = await timed_download(config, manifest, scratch / "a", http=http)
+                    m[path].append(gb / seconds)
+                    m[f"{path}_cpu"].append((time.process_time() - cpu) / gb)
+                    shutil.rmtree(scratch / "a")
                 paths = await download_shards(js, manifest, scratch / "load", http=local)
                 m["load"].append(engine_load(paths) / gb)
                 shutil.rmtree(scratch / "load")
@@ -187,6 +186,9 @@ async def run(args) -> list[dict]:
     figures = [
         figure("weight_transfer", "GB/s", m["http"], m["copy"], paired=True, shards=len(shards)),
         figure("weight_transfer_store", "GB/s", m["store"], m["copy"], paired=True),
+        # CPU seconds this process spent per GB (the HTTP side includes the learner's server
+        # threads, here in the same process): steadier than wall time on a shared machine.
+        figure("weight_transfer_cpu", "CPU s/GB", m["http_cpu"], m["store_cpu"], higher=False),
         figure(
             "weight_publish",
             "s/GB",

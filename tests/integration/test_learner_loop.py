@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import KeyNotFoundError
 
 from learner.config import (
@@ -107,12 +108,15 @@ async def play_actor_and_rewarder(
 
     engine = HfEngine(model_dir)
     tasks = StageConsumer(bus, TASKS)
-    kv = await bus.js.key_value(KV_POLICY)
+    kv = None
     while not stop.is_set():
         try:
+            kv = kv or await bus.js.key_value(KV_POLICY)
             manifest = decode((await kv.get(KEY_LATEST)).value, WeightManifest)
         except KeyNotFoundError:  # the learner has not published yet
             manifest = None
+        except NatsTimeoutError:  # the learner in this event loop held it (its setup), ask again
+            continue
         if manifest is not None and manifest.version > engine.version:
             await load_manifest(engine, bus.js, manifest, scratch)
         deliveries = await tasks.fetch(4, timeout=0.5)

@@ -198,3 +198,41 @@ async def test_only_the_tokens_files_are_served(js, new_model, tmp_path):
         assert not (tmp_path / "x").exists()
     finally:
         learner.close()
+
+
+async def test_an_actor_joining_mid_run_loads_latest_over_http_and_relays_it(
+    bus, tiny_model_dir, new_model, tmp_path
+):
+    """An actor started after two versions were published loads `latest` (v2) over HTTP,
+    then passes it on: a second actor, redirected to it by a learner with fan-out 1, gets
+    every byte from the first actor and none from the learner."""
+    from actors.config import ActorConfig
+    from actors.service import Actor, latest_manifest
+    from protocol.names import KV_POLICY
+
+    learner = server(fanout=1)
+    actors = []
+    try:
+        for version in (1, 2):
+            await publish(bus.js, new_model, tmp_path / "learner" / f"v{version}", version, learner)
+        sent_before = learner.sent_bytes
+        kv = await bus.js.key_value(KV_POLICY)
+        for i in range(2):
+            config = ActorConfig(
+                model=str(tiny_model_dir),
+                backend="hf",
+                download_dir=str(tmp_path / f"actor{i}"),
+                weight_server=LOCAL,
+            )
+            actors.append(Actor(config, HfEngine(tiny_model_dir), None, bus))
+            assert await actors[i].serve(await latest_manifest(kv))
+            assert actors[i].engine.version == 2
+        manifest = await latest_manifest(kv)
+        assert learner.sent_bytes - sent_before == manifest.total_bytes  # the first actor's copy
+        assert actors[0].relay.sent_bytes == manifest.total_bytes  # the second actor's
+        for name, tensor in new_model.state_dict().items():
+            assert torch.equal(actors[1].engine.model.state_dict()[name], tensor), name
+    finally:
+        for actor in actors:
+            actor.close()
+        learner.close()

@@ -49,6 +49,11 @@ from protocol.messages import Sampling, ScoredRollout, Task
 log = structlog.get_logger("pipeline.generate")
 
 LINE_FIELDS = ("id", "bench", "prompt", "reference")
+
+JOB_ACK_WAIT_S = 30.0
+"""Ack wait of a job's consumer (at most; `bus.scored.ack_wait_s` if shorter): the groups a
+killed run held come back to its `--resume` within this; a running job keeps the groups it
+holds with `in_progress` every third of it."""
 """The fields of a problem a samples line carries (in this order) besides its samples."""
 
 
@@ -317,6 +322,8 @@ class Collector:
     """Published, group not yet received: the job's in-flight window."""
     held: dict[int, dict[int, Any]] = field(default_factory=dict)
     """problem -> chunk -> delivery of its scored group (acked once the line is written)."""
+    ack_wait_s: float = JOB_ACK_WAIT_S
+    touched_at: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.queue = [
@@ -330,6 +337,15 @@ class Collector:
     @property
     def finished(self) -> bool:
         return len(self.done) == len(self.plan.problems)
+
+    async def keep_held(self) -> None:
+        """Renew the lease of every group held for an incomplete problem."""
+        if time.monotonic() - self.touched_at < self.ack_wait_s / 3:
+            return
+        self.touched_at = time.monotonic()
+        for groups in self.held.values():
+            for delivery in groups.values():
+                await delivery.in_progress()
 
     async def top_up(self, bus, window: int, model: str | None) -> None:
         from protocol.names import TASKS
@@ -400,9 +416,10 @@ async def collect(
     bus = await Bus.connect(config, name=f"aha-generate-{plan.job}", setup=embedded)
     try:
         await wait_for_streams(bus.js)
-        await ensure_job_consumer(bus.js, config, plan.job)
+        ack_wait_s = min(JOB_ACK_WAIT_S, config.scored.ack_wait_s)
+        await ensure_job_consumer(bus.js, config, plan.job, ack_wait_s=ack_wait_s)
         consumer = StageConsumer(bus, scored_stage(plan.job))
-        collector = Collector(plan, done)
+        collector = Collector(plan, done, ack_wait_s=ack_wait_s)
         dead = DeadWatch(plan, (await bus.js.stream_info(STREAM_DEAD)).state.last_seq)
         model = None if embedded else plan.model
         log.info(
@@ -419,6 +436,7 @@ async def collect(
                 for delivery in await consumer.fetch(window, timeout=1.0):
                     if await collector.receive(bus, delivery, f):
                         advance()
+                await collector.keep_held()
                 await dead.check(bus, collector)
                 _check_parts(supervisor)
         await consumer.close()

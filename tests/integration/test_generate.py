@@ -29,34 +29,61 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 AHA = [sys.executable, "-m", "deploy.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+JOB = {**ENV, "AHA_BUS__SCORED__ACK_WAIT_S": "3"}
+"""`aha generate`'s environment: what a killed run held comes back within 3 s."""
+
+
+class Parts:
+    """`aha actor` (HF, allowed to serve the tiny model's folder) and `aha rewarder`
+    processes on the test's server; a task an actor dies holding comes back after 3 s."""
+
+    def __init__(self, tmp_path: Path, url: str, model: Path):
+        self.tmp_path, self.url = tmp_path, url
+        self.config = tmp_path / "parts.yaml"
+        bus = BusConfig(url=url).model_dump(exclude_none=True)
+        bus["tasks"]["ack_wait_s"] = 3.0
+        sections = {
+            "bus": bus,
+            "actor": {"model": str(model), "backend": "hf", "concurrency": 2},
+            "rewarder": {"workers": 1},
+        }
+        self.config.write_text(yaml.safe_dump(sections))
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, role: str, name: str) -> None:
+        with open(self.tmp_path / f"{name}.log", "w") as log:
+            self.procs[name] = subprocess.Popen(
+                [*AHA, role, "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=ENV,
+            )
 
 
 @pytest.fixture
 def parts(tmp_path, nats_server, tiny_model_dir):
-    """An HF actor (allowed to serve the tiny model's folder) and a rewarder, as processes."""
-    config = tmp_path / "parts.yaml"
-    bus = BusConfig(url=nats_server.url).model_dump(exclude_none=True)
-    sections = {
-        "bus": bus,
-        "actor": {"model": str(tiny_model_dir), "backend": "hf", "concurrency": 2},
-        "rewarder": {"workers": 1},
-    }
-    config.write_text(yaml.safe_dump(sections))
-    procs = []
-    for role in ("actor", "rewarder"):
-        with open(tmp_path / f"{role}.log", "w") as log:
-            procs.append(
-                subprocess.Popen(
-                    [*AHA, role, "--config", str(config)],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=ENV,
-                )
-            )
-    yield nats_server.url
-    for proc in procs:
+    parts = Parts(tmp_path, nats_server.url, tiny_model_dir)
+    parts.start("actor", "actor")
+    parts.start("rewarder", "rewarder")
+    yield parts
+    for proc in parts.procs.values():
         proc.kill()
         proc.wait()
+
+
+def first_line_then(generate: subprocess.Popen, out: Path) -> None:
+    """Wait until `generate` has written its first line."""
+    deadline = time.monotonic() + 120
+    while not (out.exists() and out.read_text().count("\n") >= 1):
+        assert generate.poll() is None, generate.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no line written in 120 s"
+        time.sleep(0.05)
+
+
+def write_prompts(path: Path, pairs) -> list[tuple[str, str]]:
+    problems = [(f"Q:{a}+{b}=", str(a + b)) for a, b in pairs]
+    path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in problems))
+    return problems
 
 
 def lines(path: Path) -> list[dict]:
@@ -68,7 +95,7 @@ def test_an_eval_through_the_bus_summarises_exactly_as_the_in_process_reference(
 ):
     out = tmp_path / "eval"
     argv = [*AHA, "eval", "--model", str(tiny_model_dir), "--bench", "gsm8k", "--limit", "3"]
-    argv += ["--k", "2", "--max-tokens", "8", "--nats-url", parts, "-o", str(out), "--json"]
+    argv += ["--k", "2", "--max-tokens", "8", "--nats-url", parts.url, "-o", str(out), "--json"]
     done = subprocess.run([*argv, "--workers", "1"], env=ENV, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     printed = json.loads(done.stdout.decode().splitlines()[-1])
@@ -98,25 +125,20 @@ def test_a_killed_generate_resumes_without_losing_or_repeating_a_sample(
     tmp_path, parts, tiny_model_dir
 ):
     prompts = tmp_path / "prompts.jsonl"
-    problems = [(f"Q:{a}+{b}=", str(a + b)) for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 1)]]
-    prompts.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in problems))
+    problems = write_prompts(prompts, [(1, 2), (3, 4), (5, 6), (7, 8), (9, 1)])
     out = tmp_path / "samples.jsonl"
     argv = [*AHA, "generate", "--model", str(tiny_model_dir), "--prompts", str(prompts)]
     argv += ["--k", "3", "--max-tokens", "8", "--rewards", "accuracy_gsm8k"]
-    argv += ["--nats-url", parts, "--window", "2", "-o", str(out)]
+    argv += ["--nats-url", parts.url, "--window", "2", "-o", str(out)]
 
-    first = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not (out.exists() and out.read_text().count("\n") >= 1):
-        assert first.poll() is None, first.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no line written in 120 s"
-        time.sleep(0.05)
+    first = subprocess.Popen(argv, env=JOB, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first_line_then(first, out)
     first.send_signal(signal.SIGKILL)
     first.wait()
     kept = out.read_text().count("\n")
     assert 1 <= kept < len(problems)
 
-    again = subprocess.run([*argv, "--resume"], env=ENV, capture_output=True, timeout=180)
+    again = subprocess.run([*argv, "--resume"], env=JOB, capture_output=True, timeout=180)
     assert again.returncode == 0, again.stderr.decode()[-3000:]
     written = lines(out)
     ids = [row["id"] for row in written]
@@ -131,3 +153,22 @@ def test_a_killed_generate_resumes_without_losing_or_repeating_a_sample(
     refused = subprocess.run(argv, env=ENV, capture_output=True, timeout=60)
     assert refused.returncode == 2
     assert b"exists; --resume continues it" in refused.stderr
+
+
+def test_an_actor_killed_midway_loses_no_sample(tmp_path, parts, tiny_model_dir):
+    """The actor is SIGKILLed while the job runs (one task at a time, so it holds one); its
+    task comes back to a new actor after the ack wait, and every problem ends once, whole."""
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompts(prompts, [(1, 2), (3, 4), (5, 6), (7, 8)])
+    out = tmp_path / "samples.jsonl"
+    argv = [*AHA, "generate", "--model", str(tiny_model_dir), "--prompts", str(prompts)]
+    argv += ["--k", "2", "--max-tokens", "8", "--rewards", "accuracy_gsm8k"]
+    argv += ["--nats-url", parts.url, "--window", "1", "-o", str(out)]
+    job = subprocess.Popen(argv, env=JOB, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first_line_then(job, out)
+    parts.procs["actor"].send_signal(signal.SIGKILL)
+    parts.start("actor", "actor-2")
+    assert job.wait(timeout=180) == 0, job.stderr.read().decode()[-3000:]
+    written = lines(out)
+    assert sorted(row["id"] for row in written) == ["1", "2", "3", "4"]
+    assert all(len(row["samples"]) == 2 for row in written)

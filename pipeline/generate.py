@@ -163,6 +163,8 @@ class Plan:
             if not (folder / "config.json").is_file():
                 raise ConfigError(f"--model: no config.json in {folder} (an HF model folder)")
             model = str(folder.resolve())
+        elif (folder / "config.json").is_file():  # here too: the actors share this machine's path
+            model = str(folder.resolve())
         elif not folder.is_absolute():
             raise ConfigError(f"--model: {model} must be an absolute path on the actors' machines")
         model = str(model)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from protocol.config import CONFIG, BusConfig
 from protocol.weight_server import WeightServerConfig
@@ -190,6 +190,41 @@ class TrackingConfig(BaseModel):
     """Rows of that table: the first completion of each of this many trained groups."""
 
 
+class EvalConfig(BaseModel):
+    """`[learner.eval]`: an evaluation job on the same actors every N steps (`learner.evaluation`)."""
+
+    model_config = CONFIG
+
+    every_steps: int = Field(0, ge=0)
+    """After every this many steps (once that version is published), issue an eval job; 0: never."""
+    benchmarks: list[str] = Field(default_factory=list)
+    """Shipped benchmarks (`aha eval --bench` names) to evaluate."""
+    k: int = Field(4, ge=1)
+    """Samples per problem."""
+    limit: int | None = Field(None, ge=1)
+    """The first N problems of each benchmark; None: all."""
+    temperature: float = Field(0.6, ge=0)
+    """Sampling temperature (R1's 0.6)."""
+    top_p: float = Field(0.95, gt=0, le=1)
+    """Nucleus mass (R1's 0.95)."""
+    max_tokens: int = Field(1024, ge=1)
+    """Longest sample, in tokens."""
+    window: int = Field(16, ge=1)
+    """The eval job's tasks in flight at most (training's window is its own)."""
+    wait_s: float = Field(600.0, ge=0)
+    """At the end of training, how long unfinished eval jobs may still run."""
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        from pipeline.benchmarks import BENCHMARKS
+
+        unknown = [n for n in names if n not in BENCHMARKS]
+        if unknown:
+            raise ValueError(f"unknown {unknown}; known: {', '.join(BENCHMARKS)}")
+        return names
+
+
 class LearnerConfig(BaseModel):
     """Everything the learner process needs; `load_config(LearnerConfig, path, section="learner")`."""
 
@@ -243,6 +278,8 @@ class LearnerConfig(BaseModel):
     """Serve the `aha_learner_*` Prometheus gauges on this port."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """TensorBoard / W&B logging of the step metrics and sample completions."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Evaluation during training: an eval job through the actors every N steps."""
     bus: BusConfig = Field(default_factory=BusConfig)
     """NATS connection and stream settings (the file's `[bus]` section)."""
     ranks: int | None = Field(None, ge=1)

@@ -42,6 +42,7 @@ from learner import tracking
 from learner.config import LearnerConfig
 from learner.dispatcher import Dispatcher, Ledger, Reservation, load_problems, run_key, top_up
 from learner.engine import PolicyEngine, load_checkpoint, setup_engine
+from learner.evaluation import EvalJobs
 from learner.metrics import (
     STEP_KEYS,
     WEIGHT_PUBLISH_BYTES,
@@ -255,6 +256,7 @@ async def run(
         reservation=reservation,
     )
     code = 0
+    evals = EvalJobs(config)  # [learner.eval]: jobs of their own, outside this accounting
     try:
         fit_payload(learner)
         await publish(learner)  # the current version, for actors that start (or restart) late
@@ -262,7 +264,9 @@ async def run(
         while not finished(learner) and not stop.is_set():
             if not await step(learner, stop):
                 break
+            evals.after_step(progress.step, progress.version)
         await checkpoint(learner)  # whatever was trained since the last checkpoint
+        await evals.finish(0.0 if stop.is_set() else None)  # a signal does not wait
         if finished(learner):
             await finish(learner)
         log.info("learner stopped", step=progress.step, in_flight=ledger.in_flight)

@@ -408,8 +408,10 @@ async def collect(
     *,
     embedded: bool = True,
     supervisor=None,
+    fixed: bool = True,
 ) -> None:
-    """Run the job on the bus `config` points at until every problem is written."""
+    """Run the job on the bus `config` points at until every problem is written. `fixed`:
+    on an external bus the tasks name the plan's model (else the actors' current weights)."""
     from protocol.bus import Bus
     from protocol.names import STREAM_DEAD, scored_stage
     from protocol.stage import StageConsumer
@@ -423,7 +425,7 @@ async def collect(
         consumer = StageConsumer(bus, scored_stage(plan.job))
         collector = Collector(plan, done, ack_wait_s=ack_wait_s)
         dead = DeadWatch(plan, (await bus.js.stream_info(STREAM_DEAD)).state.last_seq)
-        model = None if embedded else plan.model
+        model = plan.model if fixed and not embedded else None
         log.info(
             "generation job",
             job=plan.job,

@@ -198,20 +198,9 @@ async def upload_file(js, store, name: str, path: str | Path, sha256: str | None
     except NotFoundError:
         previous = None
     digest = hashlib.sha256() if sha256 is None else None
-    total = chunks = 0
     in_flight: list = []
     try:
-        with open(path, "rb") as f:
-            while data := await asyncio.to_thread(f.read, size):
-                if digest is not None:
-                    digest.update(data)
-                in_flight.append(await js.publish_async(subject, data, stream=stream))
-                chunks += 1
-                total += len(data)
-                if len(in_flight) >= UPLOAD_WINDOW:
-                    await asyncio.wait_for(in_flight.pop(0), ACK_TIMEOUT_S)
-        for future in in_flight:
-            await asyncio.wait_for(future, ACK_TIMEOUT_S)
+        total, chunks = await _send_chunks(js, subject, stream, path, size, digest, in_flight)
         hexdigest = sha256 if digest is None else digest.hexdigest()
         info = api.ObjectInfo(
             name=name,
@@ -234,6 +223,26 @@ async def upload_file(js, store, name: str, path: str | Path, sha256: str | None
         raise
     if previous is not None and not previous.deleted and previous.nuid != nuid:
         await js.purge_stream(stream, subject=f"$O.{bucket}.C.{previous.nuid}")
+
+
+async def _send_chunks(js, subject, stream, path, size, digest, in_flight: list) -> tuple[int, int]:
+    """Publish file `path` in chunks of `size` bytes to `subject`, up to `UPLOAD_WINDOW`
+    unacknowledged (held in `in_flight`, so a caller that fails can cancel them), hashing into
+    `digest` when given; (bytes, chunks) once every chunk is acknowledged."""
+    total = chunks = 0
+    with open(path, "rb") as f:
+        while data := await asyncio.to_thread(f.read, size):
+            if digest is not None:
+                digest.update(data)
+            in_flight.append(await js.publish_async(subject, data, stream=stream))
+            chunks += 1
+            total += len(data)
+            if len(in_flight) >= UPLOAD_WINDOW:
+                await asyncio.wait_for(in_flight.pop(0), ACK_TIMEOUT_S)
+    while in_flight:
+        await asyncio.wait_for(in_flight[0], ACK_TIMEOUT_S)
+        in_flight.pop(0)
+    return total, chunks
 
 
 async def check_object(store, name: str, shard: Shard):

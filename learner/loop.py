@@ -255,8 +255,7 @@ async def run(
         progress,
         reservation=reservation,
     )
-    code = 0
-    evals = EvalJobs(config)  # [learner.eval]: jobs of their own, outside this accounting
+    code, evals = 0, EvalJobs(config)  # [learner.eval]: jobs of their own, not counted here
     try:
         fit_payload(learner)
         await publish(learner)  # the current version, for actors that start (or restart) late

@@ -99,32 +99,7 @@ async def ensure_streams(js: JetStreamContext, config: BusConfig) -> None:
     """Create or update the work-queue streams with their durable consumers, the dead-letter
     stream, the policy KV bucket and the weights object store."""
     for stage in STAGES.values():
-        settings = config.stage(stage.name)
-        await _put_stream(
-            js,
-            _stream_config(
-                stage.stream,
-                stage.stream_subjects,
-                config,
-                retention=api.RetentionPolicy.WORK_QUEUE,
-                max_age=settings.max_age_s,
-                max_bytes=settings.max_bytes,
-                discard=api.DiscardPolicy.NEW,  # a full queue refuses work instead of losing it
-            ),
-        )
-        consumer = api.ConsumerConfig(
-            name=stage.durable,
-            durable_name=stage.durable,
-            description=f"aha {stage.name}: shared by every {stage.durable} replica",
-            ack_policy=api.AckPolicy.EXPLICIT,
-            deliver_policy=api.DeliverPolicy.ALL,
-            ack_wait=settings.ack_wait_s,
-            max_deliver=settings.max_deliver,
-            max_ack_pending=settings.max_ack_pending,
-            filter_subject=stage.subject,
-        )
-        # CONSUMER.CREATE with an existing name updates the mutable fields in place.
-        await js.add_consumer(stage.stream, consumer)
+        await _put_stage(js, config, stage)
     await _put_stream(
         js,
         _stream_config(
@@ -135,11 +110,44 @@ async def ensure_streams(js: JetStreamContext, config: BusConfig) -> None:
             max_age=config.dead_max_age_s,
         ),
     )
+    await _put_weight_buckets(js, config)
+
+
+async def _put_stage(js: JetStreamContext, config: BusConfig, stage) -> None:
+    """A stage's work-queue stream and the durable consumer its replicas share."""
+    settings = config.stage(stage.name)
+    await _put_stream(
+        js,
+        _stream_config(
+            stage.stream,
+            stage.stream_subjects,
+            config,
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            max_age=settings.max_age_s,
+            max_bytes=settings.max_bytes,
+            discard=api.DiscardPolicy.NEW,  # a full queue refuses work instead of losing it
+        ),
+    )
+    consumer = api.ConsumerConfig(
+        name=stage.durable,
+        durable_name=stage.durable,
+        description=f"aha {stage.name}: shared by every {stage.durable} replica",
+        ack_policy=api.AckPolicy.EXPLICIT,
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_wait=settings.ack_wait_s,
+        max_deliver=settings.max_deliver,
+        max_ack_pending=settings.max_ack_pending,
+        filter_subject=stage.subject,
+    )
+    # CONSUMER.CREATE with an existing name updates the mutable fields in place.
+    await js.add_consumer(stage.stream, consumer)
+
+
+async def _put_weight_buckets(js: JetStreamContext, config: BusConfig) -> None:
+    """The policy KV bucket (manifests, `weights_history` kept) and the shards' object store."""
+    storage = api.StorageType.FILE if config.storage == "file" else api.StorageType.MEMORY
     kv = api.KeyValueConfig(
-        bucket=KV_POLICY,
-        history=config.weights_history,
-        replicas=config.replicas,
-        storage=api.StorageType.FILE if config.storage == "file" else api.StorageType.MEMORY,
+        bucket=KV_POLICY, history=config.weights_history, replicas=config.replicas, storage=storage
     )
     try:
         await js.create_key_value(kv)
@@ -152,9 +160,7 @@ async def ensure_streams(js: JetStreamContext, config: BusConfig) -> None:
     except Exception:
         # nats-py: the bucket name must be positional (config= fails, see issue 2 facts).
         await js.create_object_store(
-            OBJECT_STORE_WEIGHTS,
-            replicas=config.replicas,
-            storage=api.StorageType.FILE if config.storage == "file" else api.StorageType.MEMORY,
+            OBJECT_STORE_WEIGHTS, replicas=config.replicas, storage=storage
         )
 
 

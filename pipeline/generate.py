@@ -49,12 +49,12 @@ from protocol.messages import Sampling, ScoredRollout, Task
 log = structlog.get_logger("pipeline.generate")
 
 LINE_FIELDS = ("id", "bench", "prompt", "reference")
+"""The fields of a problem a samples line carries (in this order) besides its samples."""
 
 JOB_ACK_WAIT_S = 30.0
 """Ack wait of a job's consumer (at most; `bus.scored.ack_wait_s` if shorter): the groups a
 killed run held come back to its `--resume` within this; a running job keeps the groups it
 holds with `in_progress` every third of it."""
-"""The fields of a problem a samples line carries (in this order) besides its samples."""
 
 
 class GenerateError(RuntimeError):

@@ -153,6 +153,27 @@ def _score(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+def _add_eval_sampling_args(p: argparse.ArgumentParser) -> None:
+    """`aha eval --model`'s sampling and bus flags (R1's protocol as the defaults)."""
+    p.add_argument("--temperature", type=float, default=0.6, help="--model: default 0.6 (R1's)")
+    p.add_argument("--top-p", type=float, default=0.95, help="--model: default 0.95 (R1's)")
+    p.add_argument(
+        "--greedy", action="store_true", help="--model: one sample at temperature 0 instead"
+    )
+    p.add_argument(
+        "--max-tokens", type=_positive(int), default=32768, help="--model: default 32768 (R1's)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="--model: sampling seed")
+    p.add_argument(
+        "--limit", type=_positive(int), help="--model: the first N problems of each benchmark"
+    )
+    p.add_argument(
+        "--nats-url", help="--model: use this bus's actors and rewarders (default: embedded)"
+    )
+    p.add_argument("--window", type=_positive(int), default=64, help="--model: tasks in flight")
+    p.add_argument("--engine", choices=["vllm", "hf"], help="--model: embedded actors' engine")
+
+
 @command(
     "eval",
     "R1's evaluation (pass@1, pass@k, cons@k, lengths, reflection): a model or a samples file",
@@ -184,23 +205,7 @@ def _eval(p: argparse.ArgumentParser) -> None:
         type=_positive(int),
         help="samples per problem (--model: default 64, R1's; --samples-from: the first K of each line, default all)",
     )
-    p.add_argument("--temperature", type=float, default=0.6, help="--model: default 0.6 (R1's)")
-    p.add_argument("--top-p", type=float, default=0.95, help="--model: default 0.95 (R1's)")
-    p.add_argument(
-        "--greedy", action="store_true", help="--model: one sample at temperature 0 instead"
-    )
-    p.add_argument(
-        "--max-tokens", type=_positive(int), default=32768, help="--model: default 32768 (R1's)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="--model: sampling seed")
-    p.add_argument(
-        "--limit", type=_positive(int), help="--model: the first N problems of each benchmark"
-    )
-    p.add_argument(
-        "--nats-url", help="--model: use this bus's actors and rewarders (default: embedded)"
-    )
-    p.add_argument("--window", type=_positive(int), default=64, help="--model: tasks in flight")
-    p.add_argument("--engine", choices=["vllm", "hf"], help="--model: embedded actors' engine")
+    _add_eval_sampling_args(p)
     p.add_argument("--workers", type=_positive(int), default=2, help="verifier processes")
     p.add_argument(
         "--timeout",

@@ -100,9 +100,9 @@ def learner(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(run(config, resume=args.resume))
-    except Stopped as e:  # before its first fetch (loading, connecting): nothing to save
+    except Stopped as e:  # a signal before its first fetch, or a second one while stopping
         import structlog
 
         log = structlog.get_logger("learner")
-        log.info("learner stopped before its first step", signal=e.signal)
+        log.info("learner stopped at once", signal=e.signal, why=e.why)
         return 0

@@ -335,9 +335,10 @@ class Stopped(SystemExit):
     """A signal came while the process held no message: it stops at once, `finally` blocks
     run, and uncaught it exits with status 0 like a graceful stop."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, why: str = "before its first fetch"):
         super().__init__(0)
         self.signal = signal.Signals(signum).name
+        self.why = why
 
 
 _holding = False
@@ -367,7 +368,8 @@ def stop_on_signals(stop: asyncio.Event | None = None) -> asyncio.Event:
             signal.raise_signal(signum)
             return
         if not _holding or signalled:
-            raise Stopped(signum)
+            why = "a second signal while stopping" if signalled else "before its first fetch"
+            raise Stopped(signum, why)
         signalled = True
         loop.call_soon_threadsafe(stop.set)
 

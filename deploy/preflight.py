@@ -25,7 +25,7 @@ def check_up(up, config_file: str | None, sets=(), flags: dict | None = None):
     """Raise `ConfigError` for the first input of `aha up` that cannot work: the `--config`
     file's sections (with the flags and `--set`) as the parts will load them, `--model`,
     `--dataset` and its fields. Returns the `[learner]` section as the learner will load it."""
-    from deploy.up import read_parts
+    from deploy.runconfig import read_parts
 
     parts = read_parts(config_file, sets, flags)
     if up.model is not None:
@@ -77,7 +77,7 @@ def check_run_config(up, parts: dict[str, Any], config_file: str | None):
     """The config every part will load, with the user's sections merged in as `aha up` does;
     returns the learner's. A bad field is named with the user's file, not the run's copy."""
     from actors.config import ActorConfig
-    from deploy.up import write_run_config
+    from deploy.runconfig import write_run_config
     from learner.config import LearnerConfig
     from rewarder.config import RewarderConfig
     from rewarder.rewards import check_rewards, load_plugins

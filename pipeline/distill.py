@@ -16,46 +16,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
+from pipeline.steps import distill
 from protocol.config import ConfigError
-
-
-def distill(
-    teacher: Path, student: Path, prompts: Path, folder: Path, out: Path, stage, run=None
-) -> dict[str, Any]:
-    """Teacher samples -> filters -> student SFT; `stage` carries the settings (a recipe's
-    `DistillStage`), `run` the pipeline's bus and resumption (None: `aha distill` alone).
-    Returns the counts."""
-    from pipeline.recipe import run_sft, sample_teacher
-    from pipeline.rs import run_rs
-
-    folder.mkdir(parents=True, exist_ok=True)
-    samples = sample_teacher(run, teacher, prompts, folder / "samples.jsonl", stage)
-    filters = stage.filters.model_copy(update={"rewards": None})  # scored as sampled
-    report = run_rs(samples, folder / "rs.jsonl", filters, workers=1)
-    if report["kept"] == 0:
-        raise ConfigError(
-            f"the teacher's samples: none passed the filters ({folder / 'rs.report.json'})"
-        )
-    sft = run_sft(
-        folder,
-        student,
-        [folder / "rs.jsonl"],
-        out,
-        stage.steps,
-        stage.batch,
-        stage.lr,
-        stage.seed,
-    )
-    result = {
-        "teacher_samples": report["samples"],
-        "kept": report["kept"],
-        "dropped": report["dropped"],
-        **sft,
-    }
-    (folder / "distill.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
 
 
 def main(args) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from deploy.preflight import check_up
-from deploy.up import UpConfig
+from deploy.runconfig import UpConfig
 from learner.config import LearnerConfig
 from protocol.config import load_config
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from actors.config import ActorConfig
-from deploy.up import UpConfig, write_run_config
+from deploy.runconfig import UpConfig, write_run_config
 from learner.config import LearnerConfig
 from pipeline.presets import dataset_settings
 from protocol.config import ConfigError, load_config

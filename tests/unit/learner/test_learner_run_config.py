@@ -7,7 +7,7 @@ from protocol.config import ConfigError, load_config
 
 
 def test_aha_up_run_config_loads(tmp_path):
-    from deploy.up import UpConfig, write_run_config
+    from deploy.runconfig import UpConfig, write_run_config
 
     up = UpConfig(engine="hf")
     path = write_run_config(

@@ -68,7 +68,7 @@ class Benchmark:
     vote: Vote | None
     """How answers vote for cons@k; None: no answer to vote on (code)."""
     template: str = "r1-zero"
-    """The prompt template, as `learner.dispatcher.render_prompt` names it."""
+    """The prompt template, as `pipeline.prompts.render_prompt` names it."""
 
     @property
     def path(self) -> Path:
@@ -96,7 +96,7 @@ class Benchmark:
 
     def prompt(self, problem: Problem, tokenizer=None) -> str:
         """The prompt the policy sees, rendered as the learner's dispatcher renders it."""
-        from learner.dispatcher import render_prompt  # no torch: numpy, pydantic, structlog
+        from pipeline.prompts import render_prompt
 
         return render_prompt(problem.text, self.template, tokenizer)
 

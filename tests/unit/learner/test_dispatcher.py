@@ -9,17 +9,16 @@ import pytest
 
 from learner.config import DatasetConfig, LearnerConfig, ModelConfig
 from learner.dispatcher import (
-    R1_ZERO,
     Dispatcher,
     Ledger,
     Reservation,
     load_problems,
     permutation,
     read_rows,
-    render_prompt,
     task_position,
     top_up,
 )
+from pipeline.prompts import R1_ZERO, render_prompt
 from protocol.config import ConfigError
 
 DATA = Path(__file__).parents[2] / "data"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from learner.dispatcher import R1_ZERO
 from pipeline.benchmarks import BENCHMARKS, DATA, get_benchmark
+from pipeline.prompts import R1_ZERO
 from protocol.config import ConfigError
 from rewarder.rewards import grade
 

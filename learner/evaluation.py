@@ -17,6 +17,7 @@ from pathlib import Path
 
 import structlog
 
+from learner import tracking
 from learner.config import LearnerConfig
 from learner.metrics import append_line
 
@@ -63,6 +64,7 @@ class EvalJobs:
         for name in self.config.eval.benchmarks:
             line = await self.evaluate_one(name, step, version)
             append_line(self.config.metrics_file, line)
+            tracking.log_eval(line)  # and to TensorBoard / W&B, where configured
             log.info("eval", **{k: line[k] for k in ("bench", "version", "pass_at_1")})
 
     async def evaluate_one(self, name: str, step: int, version: int) -> dict:

@@ -1,4 +1,4 @@
-"""Experiment tracking: the learner's step metrics to TensorBoard and Weights & Biases.
+"""Experiment tracking: the learner's step and eval metrics to TensorBoard and Weights & Biases.
 
 Besides the Prometheus gauges and `metrics.jsonl` (`learner.metrics`), rank 0 writes every
 `every_n_steps`-th step's numbers as TensorBoard scalars (event files under `dir/tensorboard`)
@@ -84,6 +84,24 @@ class Tracker:
             self.tensorboard.flush()
         if self.wandb is not None:
             self.wandb.log(values, step=step)
+
+    def log_eval(self, record: dict[str, Any]) -> None:
+        """An eval line (`learner.evaluation`) as `eval/<bench>/<metric>` at its training step
+        (`pass_at_k`, `cons_at_k`: one scalar per k). W&B's steps only grow and the line comes
+        after later steps, so there it is logged at the run's current step with `eval/step`."""
+        step, prefix = record["step"], f"eval/{record['bench']}/"
+        values = {}
+        for key, value in record.items():
+            if isinstance(value, dict):
+                values.update({f"{prefix}{key}/{k}": v for k, v in value.items() if _number(v)})
+            elif key not in SKIPPED and _number(value):
+                values[prefix + key] = float(value)
+        if self.tensorboard is not None:
+            for name, value in values.items():
+                self.tensorboard.add_scalar(name, value, global_step=step)
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log({**values, "eval/step": step})
 
     def log_samples(self, step: int, rows: Iterable[tuple[str, str, str, float | None]]) -> None:
         """Sample completions, `(task_id, prompt, completion, reward)`, as a table (every
@@ -175,3 +193,9 @@ def log_step(record: dict[str, Any]) -> None:
     ACTIVE.log_samples(record["step"], rows)
     for task_id in (*record.get("task_ids", []), *record.get("task_ids_dropped", [])):
         SEEN.pop(task_id, None)
+
+
+def log_eval(record: dict[str, Any]) -> None:
+    """An eval line to the active tracker (if any)."""
+    if ACTIVE is not None:
+        ACTIVE.log_eval(record)

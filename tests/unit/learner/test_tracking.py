@@ -99,6 +99,11 @@ def test_metrics_and_samples_reach_tensorboard_and_an_offline_wandb_run(tmp_path
                 tracking.remember(scored(task_id, f"<think>{step}</think> 3|x", reward=1.0))
             record["task_ids"], record["task_ids_dropped"] = [f"t{step}"], [f"other{step}"]
             tracking.log_step(record)
+        # an eval job of version 2 ends after step 3 (`learner.evaluation`'s line)
+        tracking.log_eval(
+            {"event": "eval", "step": 2, "version": 2, "bench": "gsm8k", "versions": [2, 3]}
+            | {"problems": 4, "pass_at_1": 0.5, "pass_at_k": {"1": 0.5, "2": 0.75}}
+        )
         assert tracking.SEEN == {}  # nothing kept past its step
     finally:
         tracking.stop()
@@ -115,6 +120,10 @@ def test_metrics_and_samples_reach_tensorboard_and_an_offline_wandb_run(tmp_path
     assert [v for _, v in values["loss"]] == pytest.approx([-0.1, -0.2, -0.3])
     assert values["groups_trained"] == [(1, 4), (2, 8), (3, 12)]
     assert not {"kl", "task_ids", "time", "step", "reward/format_think"} & set(values)
+    assert values["eval/gsm8k/pass_at_1"] == [(2, 0.5)]  # at the step it evaluated
+    assert values["eval/gsm8k/pass_at_k/2"] == [(2, 0.75)]
+    assert values["eval/gsm8k/problems"] == [(2, 4)]
+    assert not {"eval/gsm8k/versions", "eval/gsm8k/version", "eval/gsm8k/bench"} & set(values)
     [text] = events.Tensors("samples/text_summary")
     table = text.tensor_proto.string_val[0].decode()
     assert text.step == 2  # every 2nd step, 1 row
@@ -125,6 +134,8 @@ def test_metrics_and_samples_reach_tensorboard_and_an_offline_wandb_run(tmp_path
     steps = [r for r in history if "reward" in r]
     assert [(r["_step"], r["reward"]) for r in steps] == [(1, 0.25), (2, 0.5), (3, 0.75)]
     assert [r["groups_trained"] for r in steps] == [4, 8, 12]
+    [evals] = [r for r in history if "eval/gsm8k/pass_at_1" in r]
+    assert (evals["eval/step"], evals["eval/gsm8k/pass_at_k/2"]) == (2, 0.75)
     [sample_file] = (run / "files" / "media" / "table").glob("samples_2_*.table.json")
     assert json.loads(sample_file.read_text()) | {"column_types": None} == {
         "columns": ["step", "task_id", "prompt", "completion", "reward"],

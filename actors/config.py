@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from protocol.config import CONFIG, BusConfig
+from protocol.tracking import TrackingConfig
 from protocol.weight_server import WeightServerConfig
 
 
@@ -42,6 +43,10 @@ class ActorConfig(BaseModel):
     """Where fetched shards are written before loading (default: a temporary folder)."""
     weight_server: WeightServerConfig = Field(default_factory=WeightServerConfig)
     """Fetching shards over HTTP and relaying them to other actors (`protocol.weight_server`)."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Per-rollout numbers (tokens, tokens/s, queue and generation seconds, policy version) and
+    weight loads to TensorBoard / W&B (`protocol.tracking`; `every_n_steps` counts rollouts,
+    the folder `tensorboard/<actor_id>`); none by default."""
     seed: int = 0
     """Engine sampling seed (tasks may carry their own)."""
     model_dirs: list[str] = Field(default_factory=list)

@@ -140,6 +140,10 @@ class Actor:
         self._switch = asyncio.Condition()
         self._active = 0
         """Generations running on the model served now (a switch waits for none)."""
+        self.tracker = open_tracker(config)
+        """TensorBoard / W&B, where `[actor.tracking]` names them; None otherwise."""
+        self.rollouts = 0
+        """Rollouts made: the step axis of what is tracked."""
 
     def allowed(self, model: str) -> str:
         """The resolved folder of a task's `model`; ValueError unless it is the actor's own
@@ -223,6 +227,14 @@ class Actor:
         )
         TOKENS.labels(self.config.actor_id).inc(gen.num_tokens)
         PROMPTS.labels(self.config.actor_id).inc()
+        self.rollouts += 1
+        self.track(
+            tokens=gen.num_tokens,
+            tokens_per_s=gen.num_tokens / max(gen.seconds, 1e-9),
+            generation_seconds=gen.seconds,
+            queued_seconds=rollout.timings.queued_seconds,
+            policy_version=gen.policy_version,
+        )
         log.info(
             "rollout",
             task_id=task.task_id,
@@ -265,6 +277,12 @@ class Actor:
             return False
         VERSION.labels(self.config.actor_id).set(self.engine.version)
         LOAD_SECONDS.labels(self.config.actor_id).set(cost["fetch_seconds"] + cost["load_seconds"])
+        self.track(
+            weights_fetch_seconds=cost["fetch_seconds"],
+            weights_load_seconds=cost["load_seconds"],
+            policy_version=self.engine.version,
+            every=False,
+        )
         log.info("weights loaded", **cost)
         return True
 
@@ -349,11 +367,32 @@ class Actor:
         )
         return stats
 
+    def track(self, *, every: bool = True, **values: float) -> None:
+        """Numbers at the current rollout count to the tracker: every `every_n_steps`-th
+        rollout's, or (not `every`: a weight load) whenever they come."""
+        if self.tracker is not None:
+            self.tracker.log_step({"step": self.rollouts, **values}, every=every)
+
     def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
         if self.relay is not None:
             self.relay.close()
         if self._own_download_dir:
             shutil.rmtree(self.download_dir, ignore_errors=True)
+
+
+def open_tracker(config: ActorConfig):
+    """The actor's `protocol.tracking.Tracker` (its own TensorBoard folder and W&B run, named
+    by its id), or None when `[actor.tracking]` names no backend."""
+    if not config.tracking.backends:
+        return None
+    from protocol.tracking import Tracker
+
+    root = Path(config.tracking.dir or "tracking")
+    run_config = config.model_dump(mode="json", exclude={"bus"})
+    return Tracker(config.tracking, root, run_config, name=config.actor_id)
 
 
 async def latest_manifest(kv) -> WeightManifest | None:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from protocol.config import CONFIG, BusConfig
+from protocol.tracking import TrackingConfig
 from protocol.weight_server import WeightServerConfig
 
 
@@ -163,31 +164,6 @@ class DatasetConfig(BaseModel):
     """Nucleus sampling mass; below 1 the behaviour policy differs from π (the IS weight corrects it)."""
     seed: int = 0
     """Seed of the shuffled prompt order (one fresh permutation per pass over the data)."""
-
-
-class TrackingConfig(BaseModel):
-    """Experiment tracking of the step metrics, besides Prometheus and `metrics_file`."""
-
-    model_config = CONFIG
-
-    backends: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
-    """Where to write: TensorBoard event files, a Weights & Biases run; none by default."""
-    dir: str | None = None
-    """Folder for `tensorboard/` and `wandb/`; None: next to `metrics_file` (the run folder
-    under `aha up`), else `./tracking`."""
-    project: str = "aha"
-    """W&B project."""
-    run_name: str | None = None
-    """W&B run name; None: W&B picks one."""
-    wandb_mode: Literal["offline", "online"] = "offline"
-    """`offline` writes the run to `dir/wandb` with no network (`wandb sync` uploads it);
-    `online` streams it (needs `WANDB_API_KEY`)."""
-    every_n_steps: int = Field(1, ge=1)
-    """Log the metrics of every this many steps."""
-    samples_every_n_steps: int = Field(10, ge=0)
-    """Log a table of sample completions every this many steps; 0 never."""
-    samples_per_step: int = Field(4, ge=1)
-    """Rows of that table: the first completion of each of this many trained groups."""
 
 
 class EvalConfig(BaseModel):

@@ -273,10 +273,11 @@ def tokenizer(tiny_model_dir):
 
 
 async def test_tasks_become_rollouts_and_a_new_version_is_served_mid_run(
-    bus_for, start_actor, models, tokenizer
+    bus_for, start_actor, models, tokenizer, tmp_path
 ):
     bus = await bus_for()
-    actor = start_actor("a1", bus.config)
+    tracking = {"backends": ["tensorboard"], "dir": str(tmp_path / "track")}
+    actor = start_actor("a1", bus.config, tracking=tracking)
     await actor.wait_for("actor ready", policy_version=0)
 
     first = await publish_tasks(bus, range(3))
@@ -306,6 +307,19 @@ async def test_tasks_become_rollouts_and_a_new_version_is_served_mid_run(
 
     assert await actor.stop() == 0
     assert actor.events("actor stopped")[0]["handled"] == 12
+
+    # [actor.tracking]: each rollout's numbers and the weight load, in its own TensorBoard run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "track" / "tensorboard" / "a1"))
+    events.Reload()
+    tokens = events.Scalars("tokens")
+    assert [e.step for e in tokens] == list(range(1, 13))  # the rollout count
+    made = [sum(len(s.token_ids) for s in r.samples) for r in rollouts]
+    assert sorted(e.value for e in tokens) == sorted(made)
+    assert {e.value for e in events.Scalars("policy_version")} == {0, 1}
+    [load] = events.Scalars("weights_load_seconds")
+    assert 3 <= load.step <= 9 and load.value > 0  # after the first 3, before the last 3
 
 
 async def test_a_late_actor_loads_latest_first_and_refuses_a_corrupt_version(

@@ -105,7 +105,8 @@ def write_run_config(
             "deepspeed": {"precision": "fp32"},  # CPUs have no fast bf16: a GPU run says so
             "dataset": {**dataset_settings(dataset, demo=demo), "seed": up.seed},
         },
-        "actor": {"model": str(model), "backend": up.engine},
+        # tracking, where turned on (`--set actor.tracking.backends=[...]`): the run folder
+        "actor": {"model": str(model), "backend": up.engine, "tracking": {"dir": str(run_dir)}},
         "rewarder": {"workers": up.rewarder_workers},
     }
     if demo:

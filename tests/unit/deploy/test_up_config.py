@@ -30,6 +30,8 @@ def test_the_run_config_drives_every_part(tmp_path):
     assert learner.dataset.rewards == {"accuracy_gsm8k": 1.0, "format_think": 0.1}
     assert learner.dataset.template == "none" and learner.dataset.group_size == 8
     assert actor.model == learner.model.path == str(tmp_path / "model")
+    # where the learner's and the actors' tracking writes, once a backend is named
+    assert actor.tracking.dir == str(tmp_path) and not actor.tracking.backends
 
 
 @pytest.mark.parametrize(

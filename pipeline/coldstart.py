@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Literal
 
 import structlog
-import tomli_w
+
+from pipeline.steps import sft_config
 
 log = structlog.get_logger("pipeline.coldstart")
 
@@ -87,7 +88,7 @@ def cold_start_model(
         demo.cold_start(steps * SFT_BATCH, seed=seed + 2, exclude=exclude, **RECIPES[recipe]),
         run_dir / "data" / "cold_start.jsonl",
     )
-    config = write_sft_config(run_dir, base, steps, seed)
+    config = sft_config(run_dir, base, steps, SFT_BATCH, SFT_LR, seed, "sft-checkpoints")
     partial = run_dir / "cold-start.partial"
     shutil.rmtree(partial, ignore_errors=True)
     log.info("cold start", steps=steps, recipe=recipe)
@@ -101,23 +102,6 @@ def cold_start_model(
 def complete(run_dir: Path) -> bool:
     """Whether `run_dir` holds a finished cold start (its folder appears only when done)."""
     return (run_dir / "cold-start" / "config.json").exists()
-
-
-def write_sft_config(run_dir: Path, base: Path, steps: int, seed: int) -> Path:
-    """The `[learner]` section `aha sft` reads: fp32 on one process, no KL (no reference)."""
-    learner = {
-        "model": {"path": str(base)},
-        "batch": SFT_BATCH,
-        "serving_dtype": "float32",
-        "checkpoint_dir": str(run_dir / "sft-checkpoints"),
-        "seed": seed,
-        "optim": {"lr": SFT_LR, "schedule": "cosine", "total_steps": steps},
-        "deepspeed": {"precision": "fp32", "micro_batch": SFT_BATCH},
-        "grpo": {"beta": 0.0},
-    }
-    path = run_dir / "sft.toml"
-    path.write_text(tomli_w.dumps({"learner": learner}))
-    return path
 
 
 def run_logged(

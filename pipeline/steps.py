@@ -55,13 +55,22 @@ class StageFailed(RuntimeError):
     """A stage's command failed; the message names its log."""
 
 
-def sft_config(folder: Path, model: Path, steps: int, batch: int, lr: float, seed: int) -> Path:
-    """The `[learner]` section `aha sft` reads: fp32, one process, no KL."""
+def sft_config(
+    folder: Path,
+    model: Path,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    checkpoints: str = "checkpoints",
+) -> Path:
+    """`folder/sft.toml`: the `[learner]` section `aha sft` reads (fp32, one process, no KL:
+    no reference model), its checkpoints in `folder/checkpoints`."""
     learner = {
         "model": {"path": str(model)},
         "batch": batch,
         "serving_dtype": "float32",
-        "checkpoint_dir": str(folder / "checkpoints"),
+        "checkpoint_dir": str(folder / checkpoints),
         "seed": seed,
         "optim": {"lr": lr, "schedule": "cosine", "total_steps": steps},
         "deepspeed": {"precision": "fp32", "micro_batch": batch},

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field
 
@@ -41,17 +41,7 @@ Reason = Literal[
     "duplicate",
     "over_limit",
 ]
-REASONS: tuple[Reason, ...] = (
-    "truncated",
-    "undecided",
-    "incorrect",
-    "malformed",
-    "mixed_language",
-    "code_in_thought",
-    "long_paragraph",
-    "duplicate",
-    "over_limit",
-)
+REASONS: tuple[Reason, ...] = get_args(Reason)
 """Why a sample is dropped, in the order the filters run (a sample counts for the first)."""
 
 # [ \t], not \s: `^\s*` rescans the whole run of newlines from each line (quadratic).

@@ -630,7 +630,8 @@ def check_rewards(rewards: dict[str, float]) -> None:
 
 
 class Grade(NamedTuple):
-    """A completion's rewards: `score_completion`'s triple and why a component is 0 by a rule."""
+    """A completion's rewards (what a `protocol.messages.Score` carries) and why a component
+    is 0 by a rule."""
 
     reward: float | None
     """Σ weight × component; None when a verifier could not decide."""
@@ -671,11 +672,3 @@ def grade(completion: str, reference: Any, rewards: dict[str, float], task: Any 
     if errors:
         return Grade(None, components, "; ".join(errors), note)
     return Grade(sum(rewards[n] * components[n] for n in rewards), components, None, note)
-
-
-def score_completion(
-    completion: str, reference: Any, rewards: dict[str, float], task: Any = None
-) -> tuple[float | None, dict[str, float | None], str | None]:
-    """(total, components, error) of `grade`: what a `protocol.messages.Score` carries."""
-    reward, components, error, _ = grade(completion, reference, rewards, task)
-    return reward, components, error

@@ -104,7 +104,7 @@ async def play_actor_and_rewarder(
     """
     from actors.hf_engine import HfEngine
     from actors.weights import load_manifest
-    from rewarder.rewards import score_completion
+    from rewarder.rewards import grade
 
     engine = HfEngine(model_dir)
     tasks = StageConsumer(bus, TASKS)
@@ -147,7 +147,7 @@ async def play_actor_and_rewarder(
             )
             scores = []
             for sample in generation.samples:
-                reward, components, error = score_completion(
+                reward, components, error, _ = grade(
                     sample.text, task.reference, task.rewards, task
                 )
                 scores.append(Score(reward=reward, components=components, error=error))

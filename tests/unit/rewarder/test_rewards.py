@@ -24,7 +24,6 @@ from rewarder.rewards import (
     grade,
     gsm8k_answer,
     language_consistency,
-    score_completion,
     split_think,
 )
 from tests.helpers import make_task
@@ -497,13 +496,14 @@ def test_registry_names_every_reward():
 def test_weighted_total_keeps_every_component():
     completion = r"<think>1+1</think> \boxed{2}"
     # accuracy 1, format 1: total = 1.0*1 + 0.1*1 = 1.1
-    assert score_completion(completion, "2", {"accuracy_math": 1.0, "format_think": 0.1}) == (
+    assert grade(completion, "2", {"accuracy_math": 1.0, "format_think": 0.1}) == (
         pytest.approx(1.1),
         {"accuracy_math": 1.0, "format_think": 1.0},
         None,
+        None,
     )
     # wrong answer, right format: 1.0*0 + 0.1*1 = 0.1
-    reward, components, error = score_completion(
+    reward, components, error, _ = grade(
         r"<think>x</think> \boxed{3}", "2", {"accuracy_math": 1.0, "format_think": 0.1}
     )
     assert reward == pytest.approx(0.1) and components == {
@@ -520,7 +520,7 @@ def test_a_disqualified_component_is_zero_with_its_reason_and_the_total_is_kept(
     assert result.components == {"accuracy_math": 0.0, "format_think": 1.0}
     assert result.note.startswith("accuracy_math: the final answer is 4,001 characters long")
     # what a `Score` carries: the 0, no error
-    assert score_completion(completion, "5", {"accuracy_math": 1.0}) == (
+    assert grade(completion, "5", {"accuracy_math": 1.0})[:3] == (
         0.0,
         {"accuracy_math": 0.0},
         None,
@@ -528,11 +528,11 @@ def test_a_disqualified_component_is_zero_with_its_reason_and_the_total_is_kept(
 
 
 def test_a_verifier_error_is_no_reward_with_the_reason_never_zero():
-    reward, components, error = score_completion(
+    reward, components, error, _ = grade(
         r"<think>x</think> \boxed{3}", "", {"accuracy_math": 1.0, "format_think": 0.1}
     )
     assert reward is None
     assert components == {"accuracy_math": None, "format_think": 1.0}  # the others are kept
     assert error.startswith("accuracy_math: could not parse the reference")
-    reward, _, error = score_completion("x", "1", {"nope": 1.0})
+    reward, _, error, _ = grade("x", "1", {"nope": 1.0})
     assert reward is None and error.startswith("nope: unknown reward")

@@ -267,7 +267,10 @@ def parse_sets(items: Iterable[str]) -> dict[str, Any]:
         path = key.strip().split(".")
         if not eq or not all(part.strip() for part in path):
             raise ConfigError(f"--set {item}: expected SECTION.FIELD=VALUE")
-        out = merge(out, nest({".".join(p.strip() for p in path): parse_value(text.strip())}))
+        value: Any = parse_value(text.strip())  # `null` stays: it sets a field to None
+        for part in reversed(path):
+            value = {part.strip(): value}
+        out = merge(out, value)
     return out
 
 

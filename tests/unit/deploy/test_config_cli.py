@@ -131,6 +131,14 @@ def test_values_are_toml_then_json_null_then_text():
     assert parse_value("nan") != parse_value("nan")  # TOML's nan: refused by validation
 
 
+def test_null_sets_a_field_to_none_over_the_file(tmp_path):
+    path = tmp_path / "aha.toml"
+    path.write_text(LEARNER + "[learner.dataset]\npath = 'x.jsonl'\nmax_prompt_length = 9\n")
+    sets = ["learner.dataset.max_prompt_length=null", "learner.max_steps=3"]
+    config = load_config(LearnerConfig, path, section="learner", environ={}, sets=sets)
+    assert config.dataset.max_prompt_length is None and config.max_steps == 3
+
+
 def test_a_nan_from_set_is_refused(config, capsys):
     assert main(["learner", "--config", str(config), "--set", "learner.optim.lr=nan"]) == 2
     assert "learner.optim.lr: nan is not a finite number" in error_line(capsys)

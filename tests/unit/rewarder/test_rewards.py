@@ -14,6 +14,7 @@ import pytest
 from rewarder import rewards
 from rewarder.errors import VerifierError
 from rewarder.rewards import (
+    PLUGIN_SEPARATOR,
     REWARDS,
     accuracy_gsm8k,
     accuracy_math,
@@ -484,7 +485,8 @@ def test_code_tests_stdin_stdout_cases():
 
 
 def test_registry_names_every_reward():
-    assert set(REWARDS) == {
+    # plug-ins (`package.module:function`) join it in a process that loads them (other tests)
+    assert {name for name in REWARDS if PLUGIN_SEPARATOR not in name} == {
         "accuracy_math",
         "accuracy_gsm8k",
         "format_think",

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.tiny_model import TinySpec, save_tiny_model
 from protocol.bus import Bus
 from protocol.config import BusConfig, StageConfig
 from protocol.server import NatsServer
+from protocol.streams import connect, ensure_streams
 
 
 @pytest.fixture
@@ -33,3 +35,23 @@ async def bus(bus_config):
     bus = await Bus.connect(bus_config, name="test")
     yield bus
     await bus.close()
+
+
+@pytest.fixture
+async def js(nats_server):
+    """A JetStream context on the test's server, aha's streams and weight buckets set up."""
+    config = BusConfig(url=nats_server.url)
+    nc = await connect(config)
+    js = nc.jetstream()
+    await ensure_streams(js, config)
+    yield js
+    await nc.close()
+
+
+@pytest.fixture(scope="module")
+def new_model(tmp_path_factory):
+    """The "trained" weights: a tiny model with the same shapes and another seed."""
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny_model(tmp_path_factory.mktemp("tiny-seed1"), TinySpec(seed=1))
+    return AutoModelForCausalLM.from_pretrained(folder).eval()

@@ -27,25 +27,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 PROMPT = "Q:123+456="
 
 
-@pytest.fixture
-async def js(nats_server):
-    config = BusConfig(url=nats_server.url)
-    nc = await connect(config)
-    js = nc.jetstream()
-    await ensure_streams(js, config)
-    yield js
-    await nc.close()
-
-
-@pytest.fixture(scope="module")
-def new_model(tmp_path_factory):
-    """The "trained" weights: a tiny model with the same shapes and another seed."""
-    from transformers import AutoModelForCausalLM
-
-    folder = save_tiny_model(tmp_path_factory.mktemp("tiny-seed1"), TinySpec(seed=1))
-    return AutoModelForCausalLM.from_pretrained(folder).eval()
-
-
 async def _publish(js, model, directory, version, *, shared=False):
     # ~40 KiB per shard: the tiny model's 650 KB become many shards, fetched in parallel.
     shards = write_shards(model, directory, "float32", shard_mb=0.04, shared=shared)

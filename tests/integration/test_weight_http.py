@@ -13,10 +13,7 @@ import torch
 from actors.hf_engine import HfEngine
 from actors.weights import WeightsRejected, download_shards, load_manifest
 from learner.weights import publish_weights, write_shards
-from pipeline.tiny_model import TinySpec, save_tiny_model
-from protocol.config import BusConfig
 from protocol.names import OBJECT_STORE_WEIGHTS
-from protocol.streams import connect, ensure_streams
 from protocol.weight_server import WeightServer, WeightServerConfig, fetch_shard
 from protocol.weights import ShardError, object_name, verify_shard
 
@@ -27,24 +24,6 @@ LOCAL = dict(host="127.0.0.1", advertise=None, stall_s=5.0)
 
 def server(fanout: int = 2) -> WeightServer:
     return WeightServer(WeightServerConfig(fanout=fanout, **LOCAL)).start()
-
-
-@pytest.fixture
-async def js(nats_server):
-    config = BusConfig(url=nats_server.url)
-    nc = await connect(config)
-    js = nc.jetstream()
-    await ensure_streams(js, config)
-    yield js
-    await nc.close()
-
-
-@pytest.fixture(scope="module")
-def new_model(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    folder = save_tiny_model(tmp_path_factory.mktemp("tiny-seed1"), TinySpec(seed=1))
-    return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
 async def publish(js, model, directory: Path, version: int, learner: WeightServer):

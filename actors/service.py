@@ -47,6 +47,7 @@ from protocol.log import setup_logging
 from protocol.messages import Rollout, Task, Timings, WeightManifest
 from protocol.names import KEY_LATEST, KV_POLICY, ROLLOUTS, TASKS
 from protocol.stage import (
+    Refused,
     StageStats,
     Stopped,
     run_stage,
@@ -146,15 +147,15 @@ class Actor:
         """Rollouts made: the step axis of what is tracked."""
 
     def allowed(self, model: str) -> str:
-        """The resolved folder of a task's `model`; ValueError unless it is the actor's own
-        `model` or under one of `model_dirs`."""
+        """The resolved folder of a task's `model`; `Refused` (dead-lettered at once) unless it
+        is the actor's own `model` or under one of `model_dirs`, ValueError without a model."""
         folder = Path(model).resolve()
         roots = [
             Path(self.config.model).resolve(),
             *(Path(d).resolve() for d in self.config.model_dirs),
         ]
         if not any(folder == root or folder.is_relative_to(root) for root in roots):
-            raise ValueError(f"model {model!r} is not under actor.model_dirs")
+            raise Refused(f"model {model!r} is not under actor.model_dirs")
         if not (folder / "config.json").is_file():
             raise ValueError(f"model {model!r} has no config.json")
         return str(folder)

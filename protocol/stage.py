@@ -6,7 +6,8 @@ For each message of a durable pull consumer:
 
 - bytes that do not decode → `aha.dead.<stage>` with the raw bytes and the reason, `term()`;
 - handler raises → `nak(delay)` with back-off; on the last allowed delivery the message is
-  dead-lettered with the error instead;
+  dead-lettered with the error instead; a `Refused` (what the message asks is not allowed,
+  so no retry can succeed) is dead-lettered at once;
 - handler returns a message → published to the next stage with `Nats-Msg-Id` (a retry is
   deduplicated by the server), *then* the input is acked;
 - handler runs long → `in_progress()` every third of the ack wait keeps the lease.
@@ -50,6 +51,11 @@ MESSAGES_TOTAL = Counter(
     "Messages handled by this process's stage loop, by outcome",
     ["stage", "outcome"],  # ok | failed | dead_letter | released
 )
+
+
+class Refused(ValueError):
+    """What a message asks is not allowed (a task naming a model outside `actor.model_dirs`):
+    no replica or retry can handle it, so it is dead-lettered at once with this reason."""
 
 
 @dataclass
@@ -145,7 +151,9 @@ class StageConsumer(Generic[M]):
     async def fail(self, delivery: Delivery, error: BaseException) -> None:
         """A handler failed: retry later with back-off, or dead-letter on the last delivery."""
         reason = f"{type(error).__name__}: {error}"
-        if delivery.deliveries >= self.settings.max_deliver:
+        if isinstance(error, Refused):
+            await self._bury(delivery.msg, f"refused: {error}")
+        elif delivery.deliveries >= self.settings.max_deliver:
             await self._bury(
                 delivery.msg, f"handler failed on all {delivery.deliveries} deliveries: {reason}"
             )

@@ -1,6 +1,6 @@
 """Jobs on the actors: a task naming a model folder is sampled with that model (the engine
-switched and switched back), one outside `actor.model_dirs` is refused, and an actor
-started before the streams exist waits for them."""
+switched and switched back), one outside `actor.model_dirs` is refused and dead-lettered on
+its first delivery, and an actor started before the streams exist waits for them."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from actors.config import ActorConfig
 from actors.hf_engine import HfEngine
 from actors.service import Actor, setup_actor_engine
 from protocol.bus import Bus
+from protocol.codec import decode
 from protocol.config import BusConfig
-from protocol.messages import Sampling
+from protocol.messages import Sampling, Task
+from protocol.names import ROLLOUTS, TASKS
 from protocol.streams import ensure_streams, wait_for_streams
 from tests.helpers import make_task
 
@@ -65,6 +67,35 @@ async def test_a_task_is_sampled_with_the_model_it_names_and_the_actor_switches_
             await actor.rollout(elsewhere)
         assert actor._active == 0
     finally:
+        await actor.engine.close()
+        await bus.close()
+
+
+async def test_a_task_naming_a_model_outside_model_dirs_is_dead_lettered_at_once(
+    models, nats_server
+):
+    a, b = models
+    config = ActorConfig(
+        model=str(a), backend="hf", model_dirs=[str(b)], bus=BusConfig(url=nats_server.url)
+    )
+    bus = await Bus.connect(config.bus, name="test")
+    engine = await setup_actor_engine(config)
+    actor = Actor(config, engine, engine.tokenizer, bus)
+    outside = str(b.parent / "c")  # next to b, not under it
+    try:
+        await bus.publish(TASKS, make_task(1, model=outside, job="eval", sampling=SAMPLING))
+        await bus.publish(TASKS, make_task(2, model=str(b), job="eval", sampling=SAMPLING))
+        # two fetches: without the refusal the first would be retried after a back-off of 1 s
+        # and dead-lettered only after max_deliver (5) deliveries
+        await asyncio.wait_for(actor.run(asyncio.Event(), max_messages=2), 60)
+        [letter] = await bus.dead_letters()
+        assert letter.deliveries == 1 and letter.stage == "tasks"
+        assert letter.error == f"refused: model {outside!r} is not under actor.model_dirs"
+        assert decode(letter.data, Task).task_id == "task-1"  # the task as it was sent
+        assert (await bus.js.stream_info(ROLLOUTS.stream)).state.messages == 1  # task-2's
+        assert (await bus.js.stream_info(TASKS.stream)).state.messages == 0  # nothing left
+    finally:
+        actor.close()
         await actor.engine.close()
         await bus.close()
 

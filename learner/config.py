@@ -92,7 +92,10 @@ class GRPOConfig(BaseModel):
     scale: Literal["std", "none"] = "std"
     """Advantage scale: divide by the group's std (GRPO) or not (Dr. GRPO)."""
     ppo_epochs: int = Field(1, ge=1)
-    """Optimizer steps taken on each batch (GRPO's μ), all against the same π_old."""
+    """Passes over each batch (GRPO's μ), all against the same π_old."""
+    minibatches: int = Field(1, ge=1)
+    """Parts each pass cuts the batch into, one optimizer step each (PPO's minibatches): a
+    batch makes `ppo_epochs × minibatches` optimizer steps."""
     shuffle_rewards: bool = False
     """Control experiment: permute the rewards across the batch before the advantages, so
     they no longer belong to their completions. Nothing should be learned (DEMO.md); a run

@@ -274,39 +274,62 @@ def _refuse(pe: PolicyEngine, n: int, what: str, bad: torch.Tensor | None) -> di
     return {"nonfinite": what, "rows": [i for i, v in enumerate(rows.tolist()) if v]}
 
 
+def minibatch_slices(n: int, minibatches: int) -> list[slice]:
+    """The row slices of a batch of `n` rows cut into `minibatches` contiguous, nearly equal
+    parts (fewer when there are fewer rows than parts: no empty update)."""
+    k = min(minibatches, n)
+    return [slice(n * i // k, n * (i + 1) // k) for i in range(k)]
+
+
 def train_step(pe: PolicyEngine, batch: PolicyBatch) -> dict[str, Any]:
-    """One GRPO update: π_old (and π_ref) recomputed once, then `ppo_epochs` optimizer steps.
+    """One GRPO update: π_old (and π_ref) recomputed once, then `ppo_epochs` passes over the
+    batch, each cut into `minibatches` parts that are one optimizer step each (PPO's
+    minibatches): `ppo_epochs × minibatches` optimizer steps in all.
 
     Returns metrics over the whole batch and all epochs: `loss`, `kl`, `clip_fraction`,
-    `ratio`, `is_weight`, `lr`, `tokens`, and `grad_norm` (before clipping, last step) where
-    DeepSpeed reports it (not ZeRO-0 in fp32).
+    `ratio`, `is_weight`, `lr`, `tokens`, `optimizer_steps`, and `grad_norm` (before
+    clipping, last step) where DeepSpeed reports it (not ZeRO-0 in fp32).
 
     A non-finite loss (checked on every rank before its backward) or gradient (checked
-    before the optimizer applies it) stops the update with nothing applied; it returns
-    `{"nonfinite": "loss" | "gradient", "rows": [...]}`, the batch rows to blame (every row
-    when the gradient cannot tell). Epochs already stepped (`ppo_epochs > 1`) stay applied.
+    before the optimizer applies it) stops the update with nothing more applied; it returns
+    `{"nonfinite": "loss" | "gradient", "rows": [...]}`, the batch rows to blame (those of
+    the minibatch, every one of them when the gradient cannot tell). Optimizer steps already
+    taken stay applied.
     """
     if len(batch) == 0:
         raise ValueError("empty batch")
     batch = batch.to(pe.device)
-    own = rank_micro_batches(len(batch), pe.config.deepspeed.micro_batch, pe.rank, pe.world_size)
-    # A rank with fewer micro-batches repeats its first one (or the batch's) with weight 0.
-    filler = next((s for s in own if s is not None), slice(0, pe.config.deepspeed.micro_batch))
-    micro = [(batch.rows(s or filler), s is not None) for s in own]
+    micro_batch = pe.config.deepspeed.micro_batch
+    plans = []  # per minibatch: its slice, this rank's absolute micro-batch slices, the rows
+    for mini in minibatch_slices(len(batch), pe.config.grpo.minibatches):
+        own = [
+            None if s is None else slice(mini.start + s.start, mini.start + s.stop)
+            for s in rank_micro_batches(mini.stop - mini.start, micro_batch, pe.rank, pe.world_size)
+        ]
+        # A rank with fewer micro-batches repeats its first one (or the minibatch's) with weight 0.
+        filler = next((s for s in own if s is not None), slice(mini.start, mini.start + 1))
+        plans.append((mini, own, [(batch.rows(s or filler), s is not None) for s in own]))
 
     pe.engine.train()
-    with torch.no_grad():
-        logp_old = [_logprobs(pe.engine, mb) for mb, _ in micro]  # proximal π_old, once per update
-        logp_ref = [_logprobs(pe.ref, mb) if pe.ref is not None else None for mb, _ in micro]
+    with torch.no_grad():  # proximal π_old (and π_ref), once per update
+        logp_old = [[_logprobs(pe.engine, mb) for mb, _ in micro] for _, _, micro in plans]
+        logp_ref = [
+            [_logprobs(pe.ref, mb) if pe.ref is not None else None for mb, _ in micro]
+            for _, _, micro in plans
+        ]
 
     # Sums over tokens (metrics) and over the loss shares; all-reduced at the end.
     totals = torch.zeros(len(_SUMS), dtype=torch.float64, device=pe.device)
     for _ in range(pe.config.grpo.ppo_epochs):
-        bad_rows = _backward_epoch(pe, batch, own, micro, logp_old, logp_ref, totals)
-        refused = _optimizer_step(pe, len(batch), bad_rows)
-        if refused is not None:
-            return refused
-    return _update_metrics(pe, totals)
+        for (mini, own, micro), old, ref in zip(plans, logp_old, logp_ref, strict=True):
+            bad_rows = _backward_epoch(pe, batch, mini, own, micro, old, ref, totals)
+            refused = _optimizer_step(pe, len(batch), bad_rows)
+            if refused is not None:
+                return refused
+    return {
+        **_update_metrics(pe, totals),
+        "optimizer_steps": len(plans) * pe.config.grpo.ppo_epochs,
+    }
 
 
 _SUMS = ("loss", "tokens", "kl", "clip_fraction", "ratio", "is_weight")
@@ -316,18 +339,22 @@ _SUMS = ("loss", "tokens", "kl", "clip_fraction", "ratio", "is_weight")
 def _backward_epoch(
     pe: PolicyEngine,
     batch: PolicyBatch,
+    mini: slice,
     own: list[slice | None],
     micro: list[tuple[PolicyBatch, bool]],
     logp_old: list[torch.Tensor],
     logp_ref: list[torch.Tensor | None],
     totals: torch.Tensor,
 ) -> torch.Tensor | None:
-    """Forward and backward over this rank's micro-batches, adding to `totals` (`_SUMS`).
+    """Forward and backward over this rank's micro-batches of minibatch `mini`, adding to
+    `totals` (`_SUMS`; the loss weighted by the minibatch's share of the batch).
 
     Returns None, or, when a loss was not finite on some rank, the [N] rows to blame (every
     rank stops at that micro-batch after a backward that makes the gradients non-finite).
     """
     grpo = pe.config.grpo
+    mini_mask = batch.completion_mask[mini]
+    mini_share = aggregate_share(mini_mask, batch.completion_mask, grpo.mode)
     for k, (mb, real) in enumerate(micro):
         logp = _logprobs(pe.engine, mb)  # [n, T]
         loss, metrics = grpo_loss(
@@ -352,12 +379,12 @@ def _backward_epoch(
             # non-finite and the optimizer step's check discards everything accumulated.
             pe.engine.backward(loss * float("nan"), scale_wrt_gas=False)
             return bad_rows
-        share = aggregate_share(mb.completion_mask, batch.completion_mask, grpo.mode)
-        share = share if real else 0.0
+        share = aggregate_share(mb.completion_mask, mini_mask, grpo.mode) if real else 0.0
         # DeepSpeed averages gradients over ranks; × world_size makes that the sum of shares.
         pe.engine.backward(loss * (share * pe.world_size), scale_wrt_gas=False)
         tokens = mb.completion_mask.sum().float() * float(real)  # fillers count nothing
-        sums = [share * loss.detach(), tokens] + [tokens * metrics[m] for m in _SUMS[2:]]
+        sums = [mini_share * share * loss.detach(), tokens]
+        sums += [tokens * metrics[m] for m in _SUMS[2:]]
         totals += torch.stack(sums).double()
     return None
 

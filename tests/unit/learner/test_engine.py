@@ -19,12 +19,13 @@ from learner.engine import (
     load_checkpoint,
     load_policy,
     lr_factor,
+    minibatch_slices,
     rank_micro_batches,
     save_checkpoint,
     setup_engine,
     train_step,
 )
-from learner.grpo import group_advantages, grpo_loss
+from learner.grpo import aggregate_share, group_advantages, grpo_loss
 from learner.logprobs import completion_logprobs
 
 from .conftest import TINY_QWEN2
@@ -80,28 +81,39 @@ def plain_torch_update(config: LearnerConfig, batch: PolicyBatch):
         logp_old = completion_logprobs(model, *args)
         logp_ref = completion_logprobs(ref, *args)
     g = config.grpo
+    n = len(b)
+    minis = [
+        slice(n * i // g.minibatches, n * (i + 1) // g.minibatches) for i in range(g.minibatches)
+    ]
     losses, norms = [], []
     for _ in range(g.ppo_epochs):
-        logp = completion_logprobs(model, *args)
-        loss, _ = grpo_loss(
-            logp,
-            logp_old,
-            b.logp_behaviour,
-            logp_ref,
-            b.adv,
-            b.completion_mask,
-            eps_low=g.eps_low,
-            eps_high=g.eps_high,
-            beta=g.beta,
-            is_cap=g.is_cap,
-            mode=g.mode,
-        )
-        loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), config.deepspeed.grad_clip))
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+        epoch_loss = 0.0
+        for m in minis:
+            part = (b.prompt_ids[m], b.completion_ids[m], b.temperature, b.prompt_mask[m])
+            logp = completion_logprobs(model, *part, b.completion_mask[m])
+            loss, _ = grpo_loss(
+                logp,
+                logp_old[m],
+                b.logp_behaviour[m],
+                logp_ref[m],
+                b.adv[m],
+                b.completion_mask[m],
+                eps_low=g.eps_low,
+                eps_high=g.eps_high,
+                beta=g.beta,
+                is_cap=g.is_cap,
+                mode=g.mode,
+            )
+            loss.backward()
+            norms.append(
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.deepspeed.grad_clip)
+            )
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            share = aggregate_share(b.completion_mask[m], b.completion_mask, g.mode)
+            epoch_loss += share * loss.item()
+        losses.append(epoch_loss)
     return model, sum(losses) / len(losses), norms[-1].item()
 
 
@@ -117,8 +129,9 @@ def full_params(pe) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("stage", [0, 3])
 @pytest.mark.parametrize("mode", ["seq-mean-token-mean", "token-mean"])
-def test_deepspeed_update_equals_plain_torch(stage, mode):
-    config = make_config(stage, mode=mode)
+@pytest.mark.parametrize("minibatches", [1, 2])
+def test_deepspeed_update_equals_plain_torch(stage, mode, minibatches):
+    config = make_config(stage, mode=mode, minibatches=minibatches)
     pe = setup_engine(config)
     batch = make_batch(load_policy(config.model, config.seed))
     metrics = train_step(pe, batch)
@@ -134,6 +147,8 @@ def test_deepspeed_update_equals_plain_torch(stage, mode):
     if stage > 0:  # DeepSpeed does not report the norm of ZeRO-0 fp32
         assert metrics["grad_norm"] == pytest.approx(expected_norm, rel=1e-4)
     assert metrics["lr"] == pytest.approx(0.5)  # after 2 warmup steps: factor (1+1)/2 = 1
+    # 2 passes over the batch, each in `minibatches` parts: 2 or 4 optimizer steps
+    assert metrics["optimizer_steps"] == pe.engine.global_steps == 2 * minibatches
     assert 0 < metrics["is_weight"] <= 2.0 and metrics["kl"] > 0
 
 
@@ -201,3 +216,11 @@ def test_a_non_finite_loss_applies_nothing_and_names_its_rows(stage):
     expected = full_params(fresh)
     for name, p in full_params(pe).items():
         assert torch.equal(p, expected[name]), name
+
+
+def test_minibatch_slices_by_hand():
+    # 128 rows in 2 parts: two optimizer steps of 64; 7 rows in 3: 2, 2, 3 (n·i//k cut points
+    # 0, 2, 4, 7); more parts than rows: one row each, no empty update
+    assert minibatch_slices(128, 2) == [slice(0, 64), slice(64, 128)]
+    assert minibatch_slices(7, 3) == [slice(0, 2), slice(2, 4), slice(4, 7)]
+    assert minibatch_slices(2, 4) == [slice(0, 1), slice(1, 2)]

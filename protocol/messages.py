@@ -146,6 +146,10 @@ class Task(_Message):
     model: str | None = Field(None, min_length=1, max_length=4096)
     """A model folder (on the actors' machines) to sample with instead of the learner's
     latest weights; an actor refuses one outside its `actor.model_dirs`."""
+    policy: str | None = Field(None, min_length=1, max_length=64)
+    """The learner policy to sample with (its `WeightManifest.policy`): an actor serving
+    another one (an earlier pipeline stage's learner) switches to it first, and refuses the
+    task once another policy is published (its learner is gone). None: whatever is served."""
 
     @field_validator("job")
     @classmethod
@@ -401,6 +405,12 @@ class WeightManifest(_Message):
     )
     """HTTP servers of this version's shards (`http://host:port/<token>`, the file is
     `<source>/v<version>/<name>`), tried before the object store (`protocol.weight_server`)."""
+    policy: str = Field("", max_length=64)
+    """Which learner's policy this is (its run key): versions count from 0 per policy, so an
+    actor compares versions only within one (`Task.policy`)."""
+    model: str | None = Field(None, max_length=4096)
+    """The folder the policy started from (its architecture and tokenizer), for an actor whose
+    engine runs another architecture; it must be under the actor's `actor.model_dirs`."""
 
     @property
     def prefix(self) -> str:

@@ -126,8 +126,11 @@ async def publish_weights(
     dtype: str,
     keep_versions: int,
     server: WeightServer | None = None,
+    policy: str = "",
+    model: str | None = None,
 ) -> WeightManifest:
     """Upload version `version`, serve it, and only then point `policy/latest` at it; prune.
+    The manifest names the learner's `policy` and the folder it started from (`model`).
 
     Every shard and the index go to the object store under `v{version}/`. With a `server`,
     the version is served over HTTP too and the manifest names it (`sources`): the server
@@ -156,7 +159,13 @@ async def publish_weights(
         server.forget(keep_versions)
         sources = [server.url]
     manifest = WeightManifest(
-        version=version, step=step, shards=shards, dtype=dtype, sources=sources
+        version=version,
+        step=step,
+        shards=shards,
+        dtype=dtype,
+        sources=sources,
+        policy=policy,
+        model=model,
     )
     kv = await js.key_value(KV_POLICY)
     await kv.put(KEY_LATEST, encode(manifest))

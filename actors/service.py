@@ -129,15 +129,22 @@ class Actor:
         )
         """Passes the shards this actor fetches on to other actors (`protocol.weight_server`)."""
         self.idle = IdleClock()
-        self.rejected: set[int] = set()
-        """Versions refused once: a later notification does not fetch them again."""
+        self.rejected: set[tuple[str, int]] = set()
+        """(policy, version)s refused once: a later notification does not fetch them again."""
+        self.policy: str | None = None
+        """The learner policy whose weights the engine holds (`WeightManifest.policy`); None:
+        the folder's own (version 0), or a learner that names none."""
+        self.published: str | None = None
+        """The policy of the `latest` manifest last read: a task of another one is refused."""
         self.kv = None
         """The policy KV bucket, once `run` has opened it."""
         self._loading = asyncio.Lock()
         self.serving: str | None = None
         """The model folder served for tasks that name one; None: the learner's policy."""
         self.engine_model = str(Path(config.model).resolve())
-        """The folder the engine was started on."""
+        """The folder the engine was started on (its architecture and tokenizer)."""
+        self.weights_of: str | None = self.engine_model
+        """The folder whose own weights the engine holds (version 0); None: a learner's."""
         self._switch = asyncio.Condition()
         self._active = 0
         """Generations running on the model served now (a switch waits for none)."""
@@ -160,13 +167,19 @@ class Actor:
             raise ValueError(f"model {model!r} has no config.json")
         return str(folder)
 
-    async def _use(self, model: str | None) -> None:
-        """Serve `model` (a folder; None: the learner's policy) for one more generation."""
-        want = None if model is None else self.allowed(model)
+    async def _use(self, task: Task) -> None:
+        """Serve what `task` asks for (a fixed folder, a learner's policy, or whatever learner
+        policy is served) for one more generation; a switch waits for none in flight."""
+        want = None if task.model is None or task.policy else self.allowed(task.model)
+        policy = task.policy
+
+        def served() -> bool:
+            return self.serving == want and (policy is None or policy == self.policy)
+
         async with self._switch:
-            await self._switch.wait_for(lambda: self.serving == want or self._active == 0)
-            if self.serving != want:
-                await self._serve_model(want)
+            await self._switch.wait_for(lambda: served() or self._active == 0)
+            if not served():
+                await self._serve_model(want, policy)
             self._active += 1
 
     async def _done(self) -> None:
@@ -174,27 +187,68 @@ class Actor:
             self._active -= 1
             self._switch.notify_all()
 
-    async def _serve_model(self, want: str | None) -> None:
-        """Switch the idle engine to `want`: the folder's own weights need no restart while
-        the engine holds them untouched (version 0 of that folder)."""
-        own = str(Path(self.config.model).resolve())
-        folder = want or own
+    async def _serve_model(self, want: str | None, policy: str | None) -> None:
+        """Switch the idle engine to the folder `want`, or (None) to the learner's `policy`
+        (None: the one served before, else the actor's own `model` and `latest`)."""
         async with self._loading:
-            if folder != self.engine_model or (want is not None and self.engine.version != 0):
-                from transformers import AutoTokenizer
-
-                log.info("switching model", serving=folder, was=self.engine_model)
-                await self.engine.close()
-                self.engine = await setup_actor_engine(self.config, folder)
-                self.tokenizer = AutoTokenizer.from_pretrained(folder)
-                self.engine_model = folder
+            if want is not None:
+                await self._hold_folder(want)
+            elif policy is not None:
+                await self._take_policy(policy)
+            elif self.policy is None:
+                await self._hold_folder(str(Path(self.config.model).resolve()))
             self.serving = want
         if want is None and self.kv is not None:
             await self.serve_latest(self.kv)
 
+    async def _hold_folder(self, folder: str) -> None:
+        """The engine with `folder`'s own weights as version 0: loaded in place when its
+        architecture and tokenizer are the engine's, else the engine started again on it."""
+        if self.weights_of == folder and self.engine.version == 0:
+            return
+        if same_architecture(folder, self.engine_model):
+            log.info("loading a model's weights in place", serving=folder, was=self.weights_of)
+            await self.engine.load_weights(folder, 0)
+        else:
+            from transformers import AutoTokenizer
+
+            log.info("switching model", serving=folder, was=self.engine_model)
+            await self.engine.close()
+            self.engine = await setup_actor_engine(self.config, folder)
+            self.tokenizer = AutoTokenizer.from_pretrained(folder)
+            self.engine_model = folder
+        self.weights_of, self.policy = folder, None
+
+    async def _take_policy(self, policy: str) -> None:
+        """Serve the learner `policy`'s published weights (a pipeline's next stage: its learner
+        counts versions from 0 again), on its own folder where that is another architecture.
+        `Refused` when `latest` is another policy's: the task's learner is gone."""
+        manifest = await latest_manifest(self.kv) if self.kv is not None else None
+        self.published = manifest.policy if manifest is not None else None
+        if manifest is None or manifest.policy != policy:
+            raise Refused(f"policy {policy!r} is not the one published ({self.published!r})")
+        base = self.other_architecture(manifest)
+        if base is not None:
+            await self._hold_folder(self.allowed(base))
+        log.info("taking a learner's policy", policy=policy, version=manifest.version)
+        if self.relay is not None:
+            self.relay.forget(0)  # another learner's versions: their numbers start again
+        self.policy, self.weights_of = policy, None
+        if not await self.serve(manifest, force=True):
+            self.policy = None  # nothing of it loaded: the next task tries again
+            raise RuntimeError(f"policy {policy!r}: version {manifest.version} not loaded")
+
+    def other_architecture(self, manifest: WeightManifest) -> str | None:
+        """The folder `manifest`'s policy started from, when it is on this machine and not the
+        engine's architecture (its weights would not load in place); None otherwise."""
+        if manifest.model is None or not (Path(manifest.model) / "config.json").is_file():
+            return None  # another machine's path: the weights load or are refused as they are
+        model = str(Path(manifest.model).resolve())
+        return None if same_architecture(model, self.engine_model) else model
+
     async def rollout(self, task: Task) -> Rollout:
         """G completions of one task with the weights served now (or its model's)."""
-        await self._use(task.model)
+        await self._use(task)
         try:
             return await self._rollout(task)
         finally:
@@ -202,10 +256,13 @@ class Actor:
 
     async def _rollout(self, task: Task) -> Rollout:
         picked = time.time()
-        if task.model is None and task.issued_version > self.engine.version and self.kv:
+        learner = task.model is None or task.policy is not None
+        if learner and task.issued_version > self.engine.version and self.kv:
             # Issued after weights we do not serve yet (their KV notice has not come): serve
             # them first, so no rollout is older than its task and η holds from the start.
             await self.serve_latest(self.kv)
+        if task.policy is not None and self.published not in (None, task.policy):
+            raise Refused(f"policy {task.policy!r} is not the one published ({self.published!r})")
         prompt_ids = (
             task.prompt_token_ids.tolist()
             if task.prompt_token_ids is not None
@@ -247,16 +304,22 @@ class Actor:
         )
         return rollout
 
-    async def serve(self, manifest: WeightManifest) -> bool:
-        """Fetch, verify and load `manifest` if it is newer than what is served.
+    async def serve(self, manifest: WeightManifest, force: bool = False) -> bool:
+        """Fetch, verify and load `manifest` if it is newer than what is served of its policy
+        (`force`: whatever is served). Another learner's policy waits for its first task.
 
         Returns whether it is now served. A refused version is logged, counted and remembered;
         the engine keeps serving what it had.
         """
         from actors.weights import WeightsRejected, load_manifest
 
-        if manifest.version <= self.engine.version or manifest.version in self.rejected:
+        key = (manifest.policy, manifest.version)
+        if self.policy is not None and manifest.policy != self.policy or key in self.rejected:
             return False
+        if not force and manifest.version <= self.engine.version:
+            return False
+        if not force and self.policy is None and self.other_architecture(manifest):
+            return False  # a policy on another architecture: taken on with its first task
         try:
             cost = await load_manifest(
                 self.engine,
@@ -267,7 +330,7 @@ class Actor:
                 http=self.config.weight_server,
             )
         except WeightsRejected as e:
-            self.rejected.add(manifest.version)
+            self.rejected.add(key)
             REJECTED.labels(self.config.actor_id).inc()
             log.error(
                 "weights rejected: still serving the old version",
@@ -276,6 +339,7 @@ class Actor:
                 reason=e.reason,
             )
             return False
+        self.policy, self.weights_of = manifest.policy or None, None
         VERSION.labels(self.config.actor_id).set(self.engine.version)
         LOAD_SECONDS.labels(self.config.actor_id).set(cost["fetch_seconds"] + cost["load_seconds"])
         self.track(
@@ -308,9 +372,10 @@ class Actor:
         while True:
             try:
                 async with self._loading:
+                    manifest = await latest_manifest(kv)
+                    self.published = manifest.policy if manifest is not None else None
                     if self.serving is not None:  # a fixed model now: latest when back
                         return
-                    manifest = await latest_manifest(kv)
                     if manifest is not None:
                         await self.serve(manifest)
                 return
@@ -394,6 +459,44 @@ def open_tracker(config: ActorConfig):
     root = Path(config.tracking.dir or "tracking")
     run_config = config.model_dump(mode="json", exclude={"bus"})
     return Tracker(config.tracking, root, run_config, name=config.actor_id)
+
+
+ARCHITECTURE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+"""Files that must be equal (with config.json) for one folder's weights to load in place of
+another's: the tokenizer the engine encodes and decodes with."""
+CONFIG_NOISE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype"}
+"""config.json keys that do not change what an engine runs."""
+
+
+def same_architecture(a: str, b: str) -> bool:
+    """Whether folder `a`'s weights can be loaded into an engine started on folder `b`: the
+    same config.json (names and versions aside) and the same tokenizer files."""
+    import json
+
+    if a == b:
+        return True
+    try:
+        configs = [json.loads((Path(f) / "config.json").read_text()) for f in (a, b)]
+    except (OSError, ValueError):
+        return False
+    first, second = ({k: v for k, v in c.items() if k not in CONFIG_NOISE} for c in configs)
+    if first != second:
+        return False
+    for name in ARCHITECTURE_FILES:
+        files = [Path(a) / name, Path(b) / name]
+        if files[0].is_file() != files[1].is_file():
+            return False
+        if files[0].is_file() and files[0].read_bytes() != files[1].read_bytes():
+            return False
+    return True
 
 
 async def latest_manifest(kv) -> WeightManifest | None:

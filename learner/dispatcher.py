@@ -318,6 +318,7 @@ class Dispatcher:
             sampling=self.sampling,
             issued_version=version,
             meta=dict(self.dataset.meta if problem.meta is None else problem.meta),
+            policy=self.key,  # sampled with this learner's weights, never another's
         )
 
     def position(self, tid: str) -> int | None:

@@ -671,6 +671,8 @@ async def publish(learner: Learner) -> None:
                     dtype=config.serving_dtype,
                     keep_versions=config.keep_versions,
                     server=weight_server(config.weight_server),
+                    policy=learner.dispatcher.key,  # versions count from 0 per learner
+                    model=str(Path(config.model.path).resolve()),
                 )
                 break
             except LEASE_ERRORS as e:  # server restarting: the same objects may be put again

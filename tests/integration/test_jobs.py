@@ -49,7 +49,8 @@ async def test_a_task_is_sampled_with_the_model_it_names_and_the_actor_switches_
     try:
         task = make_task(1, group_size=2, sampling=SAMPLING)
         on_b = await actor.rollout(task.model_copy(update={"model": str(b), "job": "eval"}))
-        assert actor.engine_model == str(b.resolve()) and on_b.policy_version == 0
+        assert actor.weights_of == str(b.resolve()) and on_b.policy_version == 0
+        assert actor.engine is engine  # one architecture: b's weights loaded in place
         # what model b itself samples with the task's seed, in a fresh engine
         ids = HfEngine(b).tokenizer(task.prompt)["input_ids"]
         alone = await HfEngine(b).generate(ids, SAMPLING, 2)
@@ -57,7 +58,7 @@ async def test_a_task_is_sampled_with_the_model_it_names_and_the_actor_switches_
         np.testing.assert_allclose(on_b.samples[0].logprobs, alone.samples[0].logprobs, rtol=1e-5)
 
         on_a = await actor.rollout(task)  # the learner's policy again: model a, version 0
-        assert actor.engine_model == str(a.resolve()) and actor.serving is None
+        assert actor.weights_of == str(a.resolve()) and actor.serving is None
         alone = await HfEngine(a).generate(ids, SAMPLING, 2)
         assert [s.text for s in on_a.samples] == [s.text for s in alone.samples]
         assert [s.text for s in on_a.samples] != [s.text for s in on_b.samples]  # two models

@@ -287,7 +287,7 @@ def train_step(pe: PolicyEngine, batch: PolicyBatch) -> dict[str, Any]:
     minibatches): `ppo_epochs × minibatches` optimizer steps in all.
 
     Returns metrics over the whole batch and all epochs: `loss`, `kl`, `clip_fraction`,
-    `ratio`, `is_weight`, `lr`, `tokens`, `optimizer_steps`, and `grad_norm` (before
+    `ratio`, `is_weight`, `behaviour_gap`, `lr`, `tokens`, `optimizer_steps`, and `grad_norm` (before
     clipping, last step) where DeepSpeed reports it (not ZeRO-0 in fp32).
 
     A non-finite loss (checked on every rank before its backward) or gradient (checked
@@ -332,7 +332,7 @@ def train_step(pe: PolicyEngine, batch: PolicyBatch) -> dict[str, Any]:
     }
 
 
-_SUMS = ("loss", "tokens", "kl", "clip_fraction", "ratio", "is_weight")
+_SUMS = ("loss", "tokens", "kl", "clip_fraction", "ratio", "is_weight", "behaviour_gap")
 """What `_backward_epoch` sums over an update: the loss shares, then token-weighted metrics."""
 
 

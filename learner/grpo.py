@@ -156,7 +156,10 @@ def grpo_loss(
 
     `logp_ref` may be None when `beta == 0`. Returns the scalar loss and detached metrics,
     each a token mean over `mask`: `clip_fraction` (tokens whose clipped term is active),
-    `ratio` (π_θ/π_old), `is_weight` (w), `kl` (k3; 0 when there is no reference).
+    `ratio` (π_θ/π_old), `is_weight` (w), `kl` (k3; 0 when there is no reference), and
+    `behaviour_gap`, `|log π_old − log μ|`: how far the behaviour policy is from the
+    learner's (`is_weight`, a mean of π_old/μ over tokens sampled from μ, stays near 1 however
+    far apart they are); at staleness 0 it is the actor's and the learner's numeric mismatch.
     """
     per_token = policy_loss(
         logp, logp_old, logp_behaviour, adv, eps_low, eps_high, is_cap
@@ -182,5 +185,6 @@ def grpo_loss(
             "ratio": aggregate(ratio, mask, "token-mean"),
             "is_weight": aggregate(w, mask, "token-mean"),
             "kl": aggregate(kl.detach(), mask, "token-mean"),
+            "behaviour_gap": aggregate((logp_old - logp_behaviour).abs(), mask, "token-mean"),
         }
     return loss, metrics

@@ -714,6 +714,8 @@ def step_record(
         "accuracy": samples["accuracy"],
         "response_length": samples["response_length"],
         **{k: metrics[k] for k in ("loss", "kl", "clip_fraction", "ratio", "is_weight", "lr")},
+        "behaviour_gap": metrics["behaviour_gap"],
+        "optimizer_steps": metrics["optimizer_steps"],
         **staleness_stats(trained, version),
         **progress.counts(),
         IN_FLIGHT: learner.ledger.in_flight,

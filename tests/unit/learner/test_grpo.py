@@ -161,6 +161,18 @@ def test_grpo_loss_beta_zero_without_reference():
         grpo_loss(logp, logp_old, logp_old, None, torch.tensor([1.0]), torch.ones(1, 2), beta=0.1)
 
 
+def test_behaviour_gap_sees_what_the_mean_is_weight_hides():
+    # μ = [0.5, 0.25] on two tokens, π_old = [0.25, 0.5]: w = [0.5, 2], token mean 1.25 would
+    # look close to on-policy; |log π_old − log μ| = log 2 on each token, mean 0.693147
+    logp_old = torch.log(torch.tensor([[0.25, 0.5]]))
+    logp_mu = torch.log(torch.tensor([[0.5, 0.25]]))
+    _, metrics = grpo_loss(
+        logp_old, logp_old, logp_mu, None, torch.tensor([1.0]), torch.ones(1, 2), beta=0.0
+    )
+    assert metrics["is_weight"].item() == pytest.approx(1.25)
+    assert metrics["behaviour_gap"].item() == pytest.approx(math.log(2))
+
+
 def test_grpo_loss_dr_grpo():
     # Dr. GRPO: unscaled advantages and sum / (N·T).
     # rewards [1, 0] -> A = [0.5, -0.5]; on-policy so per token -A: row 0 -0.5, row 1 +0.5

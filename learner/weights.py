@@ -130,12 +130,10 @@ async def publish_weights(
     model: str | None = None,
 ) -> WeightManifest:
     """Upload version `version`, serve it, and only then point `policy/latest` at it; prune.
-    The manifest names the learner's `policy` and the folder it started from (`model`).
 
     Every shard and the index go to the object store under `v{version}/`. With a `server`,
-    the version is served over HTTP too and the manifest names it (`sources`): the server
-    takes the files over (a folder of its own is moved aside, so the caller's is gone; a
-    shared volume's stays where it is) and keeps the newest `keep_versions`. The manifest is
+    the version is served over HTTP too (`serve`) and the manifest names it (`sources`), as
+    well as the learner's `policy` and the folder it started from (`model`). The manifest is
     written to the KV bucket after the last object is stored, so an actor that sees it can
     fetch every shard from either. Afterwards all but the newest `keep_versions` versions
     are deleted from the store.
@@ -151,13 +149,7 @@ async def publish_weights(
             for s in shards
         ),
     )
-    sources = []
-    if server is not None:
-        shared = all(s.path for s in shards)
-        folder = directory if shared else directory.rename(f"{directory}-served")
-        server.offer(version, folder, shards, owned=not shared)
-        server.forget(keep_versions)
-        sources = [server.url]
+    sources = [] if server is None else [serve(server, directory, shards, version, keep_versions)]
     manifest = WeightManifest(
         version=version,
         step=step,
@@ -183,6 +175,18 @@ async def publish_weights(
         http=sources[0] if sources else None,
     )
     return manifest
+
+
+def serve(
+    server: WeightServer, directory: Path, shards: list[Shard], version: int, keep_versions: int
+) -> str:
+    """Hand `directory`'s shards to `server` as `version` (a folder of its own is moved aside;
+    a shared volume's stays where it is), keep its newest `keep_versions`; the source URL."""
+    shared = all(s.path for s in shards)
+    folder = directory if shared else directory.rename(f"{directory}-served")
+    server.offer(version, folder, shards, owned=not shared)
+    server.forget(keep_versions)
+    return server.url
 
 
 async def prune_versions(store, keep_versions: int) -> list[int]:

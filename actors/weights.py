@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -89,6 +91,10 @@ async def fetch_over_http(
     entries = relay.receiving(token, manifest.version, directory, manifest.shards) if relay else {}
     gate = asyncio.Semaphore(http.parallel)
     failed: list[Shard] = []
+    # Threads of this download's own: in the shared default pool, fetches waiting on a relay
+    # could hold every thread while the fetch that relay waits for sits in the queue.
+    threads = ThreadPoolExecutor(http.parallel, thread_name_prefix="fetch")
+    loop = asyncio.get_running_loop()
 
     async def one(shard: Shard) -> None:
         entry = entries.get(shard.name)
@@ -98,23 +104,27 @@ async def fetch_over_http(
                     entry.fail()
                 failed.append(shard)
                 return
+            fetch = partial(
+                fetch_shard,
+                f"{source}/v{manifest.version}/{shard.name}",
+                shard,
+                directory / shard.name,
+                relay=relay.base if relay else None,
+                entry=entry,
+                stall_s=http.stall_s,
+            )
             try:
-                await asyncio.to_thread(
-                    fetch_shard,
-                    f"{source}/v{manifest.version}/{shard.name}",
-                    shard,
-                    directory / shard.name,
-                    relay=relay.base if relay else None,
-                    entry=entry,
-                    stall_s=http.stall_s,
-                )
+                await loop.run_in_executor(threads, fetch)
             except ShardError as e:
                 log.warning("shard over HTTP failed: from the object store", error=str(e))
                 if entry is not None:
                     entry.fail()
                 failed.append(shard)
 
-    await asyncio.gather(*(one(s) for s in manifest.shards))
+    try:
+        await asyncio.gather(*(one(s) for s in manifest.shards))
+    finally:
+        threads.shutdown(wait=False)
     return failed
 
 

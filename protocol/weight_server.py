@@ -26,6 +26,7 @@ import secrets
 import shutil
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -333,28 +334,45 @@ def _open(url: str, relay: str | None, stall_s: float):
 
 
 def _receive(response, shard: Shard, path: Path, entry: Entry | None) -> str:
-    """Hash and write the body to `path`; the hex sha256."""
+    """Write the body to `path` and hash it; the hex sha256.
+
+    sha256 costs more CPU than receiving and writing together (~1 s/GB against ~0.7 s/GB on
+    this machine's cores), so it runs in a thread of its own, one chunk behind: while chunk i
+    is hashed, chunk i+1 is received and written into the other of two buffers. A shard then
+    keeps two cores busy, and its rate is sha256's on one core rather than the sum of the two.
+    """
     length = response.getheader("Content-Length")
     if length != str(shard.bytes):
         raise ShardError(
             f"shard {shard.name}: {length} bytes offered, the manifest says {shard.bytes}"
         )
     digest = hashlib.sha256()
-    buffer = memoryview(bytearray(min(READ_BYTES, max(shard.bytes, 1))))
-    received = 0
+    size = min(READ_BYTES, max(shard.bytes, 1))
+    buffers = [memoryview(bytearray(size)) for _ in range(2)]
+    received = turn = 0
+    hashing = None  # the previous chunk's hash, in flight while this chunk arrives
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        while received < shard.bytes:
-            n = response.readinto(buffer[: min(len(buffer), shard.bytes - received)])
-            if not n:
-                raise ShardError(f"shard {shard.name}: cut off after {received} bytes")
-            chunk = buffer[:n]
-            digest.update(chunk)
-            while chunk:
-                chunk = chunk[os.write(fd, chunk) :]
-            received += n
-            if entry is not None:
-                entry.advance(received)
+        with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
+            while received < shard.bytes:
+                # This buffer's previous chunk (two back) was hashed: its hash was awaited
+                # before the last one was submitted.
+                buffer = buffers[turn % 2]
+                turn += 1
+                n = response.readinto(buffer[: min(size, shard.bytes - received)])
+                if not n:
+                    raise ShardError(f"shard {shard.name}: cut off after {received} bytes")
+                chunk = rest = buffer[:n]
+                while rest:
+                    rest = rest[os.write(fd, rest) :]
+                received += n
+                if entry is not None:
+                    entry.advance(received)
+                if hashing is not None:
+                    hashing.result()
+                hashing = hasher.submit(digest.update, chunk)
+            if hashing is not None:
+                hashing.result()
     finally:
         os.close(fd)
     return digest.hexdigest()

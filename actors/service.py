@@ -207,7 +207,7 @@ class Actor:
         if self.weights_of == folder and self.engine.version == 0:
             return
         if same_architecture(folder, self.engine_model):
-            log.info("loading a model's weights in place", serving=folder, was=self.weights_of)
+            log.info("switching model", serving=folder, was=self.weights_of, in_place=True)
             await self.engine.load_weights(folder, 0)
         else:
             from transformers import AutoTokenizer

@@ -37,10 +37,11 @@ class UpConfig(BaseModel):
     """An HF causal-LM folder to train; None = the demo's tiny model with its cold start."""
     dataset: str | None = None
     """Prompt JSONL (GSM8K and MATH-500 formats work as they are); None = the demo task."""
-    actors: int = Field(1, ge=1)
-    """Actor processes."""
-    rewarders: int = Field(1, ge=1)
-    """Rewarder processes."""
+    actors: int = Field(1, ge=0)
+    """Actor processes; 0: none started, the actors already on an external bus (`[bus] url`
+    or `NATS_URL`) serve the run (`aha pipeline`'s grpo stages)."""
+    rewarders: int = Field(1, ge=0)
+    """Rewarder processes; 0: those already on the external bus score the run."""
     rewarder_workers: int = Field(1, ge=1)
     """Verifier processes per rewarder."""
     engine: Literal["vllm", "hf"] = Field(default_factory=_default_engine)
@@ -113,6 +114,9 @@ def write_run_config(
         config = merge(config, {"learner": DEMO_LEARNER})
     config = merge(config, {k: v for k, v in (parts or {}).items() if k != "up"})
     config["bus"]["url"] = nats_url  # the run's server, whatever the file says
+    # `[learner.eval]` pins each eval to its version as a model folder there: actors serve it
+    evals = str(Path(config["learner"]["checkpoint_dir"]) / "eval")
+    config["actor"]["model_dirs"] = [*config["actor"].get("model_dirs", []), evals]
     path = run_dir / "aha.toml"
     path.write_text(tomli_w.dumps(config))
     return path

@@ -48,6 +48,7 @@ from deploy.supervisor import Part, Supervisor
 from learner.outcomes import Outcome
 from protocol.config import (
     BusConfig,
+    ConfigError,
     load_config,
     nest,
     sets_in,
@@ -328,5 +329,11 @@ def main(args: argparse.Namespace) -> int:
     up = up.model_copy(update={"name": name})
     learner = check_up(up, args.config, sets, learner_flags(args))  # before anything starts
     parts = read_parts(args.config, sets, learner_flags(args))
+    external = os.environ.get("NATS_URL") or (parts.get("bus") or {}).get("url")
+    if not external and (up.actors == 0 or up.rewarders == 0):
+        raise ConfigError(
+            "up.actors, up.rewarders: 0 uses those of an external bus ([bus] url or NATS_URL); "
+            "the embedded server has none"
+        )
     summary = run(up, learner, parts, json_out=args.json)
     return 0 if summary["ended"] == "finished" else 1

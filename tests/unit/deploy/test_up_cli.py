@@ -79,6 +79,11 @@ def assert_failed_at_start(result: subprocess.CompletedProcess, cwd: Path, messa
             "rewarder.workers: Input should be greater than or equal to 1 (CONFIG)",
         ),
         ("[up]\nstall_after_s = nan\n", "up.stall_after_s: nan is not a finite number (CONFIG)"),
+        (
+            "[up]\nactors = 0\n",
+            "up.actors, up.rewarders: 0 uses those of an external bus ([bus] url or NATS_URL); "
+            "the embedded server has none",
+        ),
         (b'[up]\nname = "\xe9t\xe9"\n', "not UTF-8: byte 0xe9 (CONFIG:2)"),
         (b"x = " + b"[" * 50_000 + b"]" * 50_000, "nested too deeply to be a config (CONFIG)"),
     ],

@@ -1,9 +1,16 @@
 """The one codec: pydantic message <-> msgpack bytes.
 
-Arrays (token ids, log-probs) travel as msgpack extension type 1 holding `{dtype, shape,
+Token ids and log-probs (1-D little-endian `int32`/`float32` arrays) travel as msgpack `bin`
+holding their bytes, straight from the array's own buffer; the message field's type
+(`TokenIds`, `LogProbs`) says the dtype and turns them back into an array with one zero-copy
+`np.frombuffer`. 32k tokens cost 128 KiB, never a list of Python numbers. Any other array
+(another dtype, more dimensions) travels as msgpack extension type 1 holding `{dtype, shape,
 bytes}` packed as a tiny header — dtype code (u8), ndim (u8), ndim x dim (u32) — followed by
-the little-endian data. 32k tokens cost 128 KiB and decode with one zero-copy
-`np.frombuffer`, never as a list of Python numbers.
+the little-endian data; decoders read both forms.
+
+Encoding lets msgpack's C packer walk the message: models, arrays and numpy scalars are the
+only objects handed back to Python (`_default`), so strings, numbers, lists and dicts cost no
+Python call.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ _NAMES = {code: name for name, code in _CODES.items()}
 _CODE_OF = {np.dtype(le): _CODES[name] for name, le in _DTYPES.items()}
 _LE_OF = {code: np.dtype(_DTYPES[name]) for code, name in _NAMES.items()}
 _HEADER_1D = struct.Struct("<BBI")  # the common case: dtype code, ndim = 1, length
+_BIN_DTYPES = frozenset({np.dtype("<i4"), np.dtype("<f4")})
+"""Arrays of these dtypes travel as plain `bin` (the field's type knows the dtype)."""
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -41,30 +50,43 @@ class EncodeError(ValueError):
     """A message holding something msgpack cannot carry (an int beyond 64 bits, an object)."""
 
 
-def _pack_array(obj: np.ndarray) -> msgpack.ExtType:
-    code = _CODE_OF.get(obj.dtype)  # little-endian int32/float32/...: no conversion
-    if code is None or obj.ndim != 1 or not obj.flags.c_contiguous:
-        return _pack_default(obj)
-    # One copy: the header and the array's own buffer straight into the ext payload.
-    return msgpack.ExtType(ARRAY_EXT, _HEADER_1D.pack(code, 1, obj.shape[0]) + obj.data)
+def _pack_array(obj: np.ndarray):
+    if obj.ndim == 1 and obj.dtype in _BIN_DTYPES:
+        # The array's own buffer: msgpack copies it once, into the message.
+        return (obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)).data
+    code = _CODE_OF.get(obj.dtype)  # little-endian int64/float64/...: no conversion
+    if code is None:
+        name = obj.dtype.name
+        if name not in _DTYPES:
+            raise TypeError(f"cannot send arrays of dtype {name}")
+        code, obj = _CODES[name], obj.astype(_DTYPES[name])
+    header = struct.pack(f"<BB{obj.ndim}I", code, obj.ndim, *obj.shape)
+    return msgpack.ExtType(ARRAY_EXT, header + obj.tobytes())
 
 
-def _pack_default(obj):
+def _default(obj):
+    """What msgpack cannot pack itself: a model becomes its field map (by alias), an array its
+    bytes, a numpy scalar its Python number."""
+    if isinstance(obj, BaseModel):
+        aliases = _ALIASES.get(type(obj), ())
+        if aliases == ():
+            aliases = _ALIASES[type(obj)] = _aliases(type(obj))
+        if aliases is None:
+            return obj.__dict__  # no field renamed: the instance's own dict
+        return {aliases.get(k, k): v for k, v in obj.__dict__.items()}
     if isinstance(obj, np.ndarray):
-        code = _CODE_OF.get(obj.dtype)  # little-endian int32/float32/...: no conversion
-        if code is None:
-            name = obj.dtype.name
-            if name not in _DTYPES:
-                raise TypeError(f"cannot send arrays of dtype {name}")
-            code, obj = _CODES[name], obj.astype(_DTYPES[name])
-        if obj.ndim == 1:
-            header = _HEADER_1D.pack(code, 1, obj.shape[0])
-        else:
-            header = struct.pack(f"<BB{obj.ndim}I", code, obj.ndim, *obj.shape)
-        return msgpack.ExtType(ARRAY_EXT, header + obj.tobytes())
+        return _pack_array(obj)
     if isinstance(obj, np.generic):
         return obj.item()
     raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+def _aliases(cls: type[BaseModel]) -> dict[str, str] | None:
+    renamed = {n: f.alias for n, f in cls.model_fields.items() if f.alias and f.alias != n}
+    return renamed or None
+
+
+_ALIASES: dict[type[BaseModel], dict[str, str] | None] = {}
 
 
 def _unpack_ext(code: int, data: bytes):
@@ -87,43 +109,11 @@ def _unpack_ext(code: int, data: bytes):
     return array if ndim == 1 else array.reshape(shape)
 
 
-def _keys(cls: type[BaseModel]) -> dict[str, str]:
-    keys = _KEYS.get(cls)
-    if keys is None:
-        keys = _KEYS[cls] = {name: f.alias or name for name, f in cls.model_fields.items()}
-    return keys
-
-
-_KEYS: dict[type[BaseModel], dict[str, str]] = {}
-
-
-_LEAVES = frozenset({str, int, float, bool, type(None), bytes})
-"""Types msgpack packs as they are: `_plain` returns them without a call."""
-
-
-def _plain(value):
-    """`model_dump(by_alias=True)` for our messages, without pydantic's per-field serializer
-    calls (3x faster on a Rollout); arrays become their ext type here, in one copy."""
-    kind = type(value)
-    if kind in _LEAVES:
-        return value
-    if isinstance(value, BaseModel):
-        keys = _keys(kind)
-        return {keys[k]: v if type(v) in _LEAVES else _plain(v) for k, v in value.__dict__.items()}
-    if kind is np.ndarray:
-        return _pack_array(value)
-    if isinstance(value, (list, tuple)):
-        return [v if type(v) in _LEAVES else _plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: v if type(v) in _LEAVES else _plain(v) for k, v in value.items()}
-    return value
-
-
 def encode(message: BaseModel) -> bytes:
     """Serialize a message (or any pydantic model of plain fields and arrays) to msgpack."""
     try:
-        return msgpack.packb(_plain(message), default=_pack_default, use_bin_type=True)
-    except (TypeError, OverflowError) as e:
+        return msgpack.packb(message, default=_default, use_bin_type=True, datetime=False)
+    except (TypeError, OverflowError, ValueError) as e:
         raise EncodeError(f"cannot encode {type(message).__name__}: {e}") from e
 
 

@@ -129,6 +129,69 @@ def test_empty_completion_and_32k_tokens():
     np.testing.assert_array_equal(back.samples[1].logprobs, long_logps)
 
 
+def test_token_ids_and_log_probs_travel_as_little_endian_bytes():
+    sample = Sample(
+        token_ids=[1, 256, -1], logprobs=[-0.5, 0.0, -2.0], text="", finish_reason="stop"
+    )
+    rollout = Rollout(
+        task=make_task(group_size=1),
+        policy_version=0,
+        actor_id="a",
+        prompt_token_ids=[7],
+        samples=[sample],
+    )
+    wire = msgpack.unpackb(encode(rollout), raw=False)
+    # int32 1, 256, -1 and float32 -0.5 (0xBF000000), 0.0, -2.0 (0xC0000000), low byte first
+    assert wire["samples"][0]["token_ids"] == b"\x01\0\0\0\0\x01\0\0\xff\xff\xff\xff"
+    assert wire["samples"][0]["logprobs"] == b"\0\0\0\xbf\0\0\0\0\0\0\0\xc0"
+    assert wire["prompt_token_ids"] == b"\x07\0\0\0"
+    back = decode(encode(rollout), Rollout).samples[0]
+    assert back.token_ids.tolist() == [1, 256, -1] and back.logprobs.tolist() == [-0.5, 0.0, -2.0]
+
+
+def test_a_strided_array_is_sent_as_its_elements():
+    ids = np.arange(8, dtype=np.int32)[::2]  # a view with a stride of 8 bytes
+    sample = Sample(
+        token_ids=ids, logprobs=np.zeros(8, np.float32)[::2], text="", finish_reason="stop"
+    )
+    rollout = Rollout(
+        task=make_task(group_size=1),
+        policy_version=0,
+        actor_id="a",
+        prompt_token_ids=[],
+        samples=[sample],
+    )
+    assert decode(encode(rollout), Rollout).samples[0].token_ids.tolist() == [0, 2, 4, 6]
+
+
+def test_arrays_in_the_extension_form_still_decode():
+    """Arrays as extension type 1 (`{dtype, shape, bytes}`, what writers before the bin form
+    sent, and what any other array becomes) decode to the same message."""
+    rollout = make_rollout(make_task(group_size=2))
+    wire = msgpack.unpackb(encode(rollout), raw=False)
+
+    def ext(data: bytes, code: int) -> msgpack.ExtType:
+        return msgpack.ExtType(1, bytes([code, 1]) + (len(data) // 4).to_bytes(4, "little") + data)
+
+    wire["prompt_token_ids"] = ext(wire["prompt_token_ids"], 1)  # dtype code 1: int32
+    for s in wire["samples"]:
+        s["token_ids"], s["logprobs"] = ext(s["token_ids"], 1), ext(s["logprobs"], 2)  # 2: f32
+    assert_same_rollout(rollout, decode(msgpack.packb(wire, use_bin_type=True), Rollout))
+    grid = np.arange(6, dtype=np.int64).reshape(2, 3)
+    back = decode(encode(make_task(meta={"grid": grid})), Task).meta["grid"]
+    assert back.dtype == np.int64 and back.tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_token_bytes_that_are_not_whole_int32s_name_the_field():
+    wire = msgpack.unpackb(encode(make_rollout(make_task(group_size=2))), raw=False)
+    wire["samples"][1]["token_ids"] = bytes(6)
+    with pytest.raises(DecodeError) as e:
+        decode(msgpack.packb(wire, use_bin_type=True), Rollout)
+    assert "samples.1.token_ids: Value error, 6 bytes are not a whole number of int32" in str(
+        e.value
+    )
+
+
 def test_weight_manifest_round_trip():
     manifest = WeightManifest(
         version=12,

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import structlog
@@ -90,15 +91,18 @@ def write_shards(
     directory = Path(directory)
     if rank == 0:
         directory.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for i, names in enumerate(plan):
-        full = dict(_gathered([(n, by_name[n]) for n in names], torch_dtype, keep=rank == 0))
-        if rank != 0:
-            continue
-        path = directory / shard_name(i, len(plan))
-        tensors = {n: t.contiguous() for n, t in full.items()}
-        save_file(tensors, str(path), metadata={"format": "pt"})
-        shards.append(describe_shard(path, names, shared=shared))
+    # Each shard is hashed in a thread while the next is gathered, cast and written.
+    with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
+        described = []
+        for i, names in enumerate(plan):
+            full = dict(_gathered([(n, by_name[n]) for n in names], torch_dtype, keep=rank == 0))
+            if rank != 0:
+                continue
+            path = directory / shard_name(i, len(plan))
+            tensors = {n: t.contiguous() for n, t in full.items()}
+            save_file(tensors, str(path), metadata={"format": "pt"})
+            described.append(hasher.submit(describe_shard, path, names, shared=shared))
+        shards = [future.result() for future in described]
     if rank == 0:
         write_index(directory, shards, sum(nbytes for _, nbytes in sizes))
     return shards

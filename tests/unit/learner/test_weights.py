@@ -1,5 +1,6 @@
 """Weight shards: exact reload, size limit, checksums."""
 
+import hashlib
 import json
 
 import pytest
@@ -13,6 +14,8 @@ from protocol.weights import (
     INDEX_NAME,
     ShardError,
     plan_shards,
+    sha256_file,
+    sha256_own_file,
     verify_shard,
 )
 
@@ -27,6 +30,18 @@ def test_plan_shards_by_hand():
     sizes = [("a", 4), ("b", 4), ("c", 10), ("d", 1)]
     assert plan_shards(sizes, 8) == [["a", "b"], ["c"], ["d"]]
     assert plan_shards(sizes, 100) == [["a", "b", "c", "d"]]
+
+
+def test_both_file_hashes_give_the_published_sha256(tmp_path):
+    # FIPS 180-2's examples: "" and "abc"; and 3 MiB of one byte, which crosses buffer sizes
+    empty, abc, big = tmp_path / "empty", tmp_path / "abc", tmp_path / "big"
+    empty.write_bytes(b"")
+    abc.write_bytes(b"abc")
+    big.write_bytes(b"\x61" * (3 << 20))
+    for digest in (sha256_file, sha256_own_file):
+        assert digest(empty) == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        assert digest(abc) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert sha256_own_file(big) == sha256_file(big) == hashlib.sha256(b"a" * (3 << 20)).hexdigest()
 
 
 def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:

@@ -16,6 +16,7 @@ Python call.
 from __future__ import annotations
 
 import struct
+import threading
 from typing import TypeVar
 
 import msgpack
@@ -67,26 +68,31 @@ def _pack_array(obj: np.ndarray):
 def _default(obj):
     """What msgpack cannot pack itself: a model becomes its field map (by alias), an array its
     bytes, a numpy scalar its Python number."""
-    if isinstance(obj, BaseModel):
-        aliases = _ALIASES.get(type(obj), ())
-        if aliases == ():
-            aliases = _ALIASES[type(obj)] = _aliases(type(obj))
-        if aliases is None:
-            return obj.__dict__  # no field renamed: the instance's own dict
-        return {aliases.get(k, k): v for k, v in obj.__dict__.items()}
-    if isinstance(obj, np.ndarray):
-        return _pack_array(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"cannot encode {type(obj).__name__}")
+    renamed = _RENAMED.get(type(obj), _UNKNOWN)  # before isinstance: BaseModel's is slow
+    if renamed is _UNKNOWN:
+        if type(obj) is np.ndarray:
+            return _pack_array(obj)
+        if not isinstance(obj, BaseModel):
+            if isinstance(obj, np.generic):
+                return obj.item()
+            raise TypeError(f"cannot encode {type(obj).__name__}")
+        renamed = _RENAMED[type(obj)] = _renamed(type(obj))
+    if not renamed:
+        return obj.__dict__  # the instance's own dict: no copy
+    fields = obj.__dict__.copy()
+    for name, alias in renamed:
+        fields[alias] = fields.pop(name)
+    return fields
 
 
-def _aliases(cls: type[BaseModel]) -> dict[str, str] | None:
-    renamed = {n: f.alias for n, f in cls.model_fields.items() if f.alias and f.alias != n}
-    return renamed or None
+def _renamed(cls: type[BaseModel]) -> tuple[tuple[str, str], ...]:
+    return tuple((n, f.alias) for n, f in cls.model_fields.items() if f.alias and f.alias != n)
 
 
-_ALIASES: dict[type[BaseModel], dict[str, str] | None] = {}
+_RENAMED: dict[type, tuple[tuple[str, str], ...]] = {}
+"""Each model class met so far -> its (field, alias) pairs, usually none."""
+_UNKNOWN = object()
+_PACKERS = threading.local()
 
 
 def _unpack_ext(code: int, data: bytes):
@@ -111,8 +117,13 @@ def _unpack_ext(code: int, data: bytes):
 
 def encode(message: BaseModel) -> bytes:
     """Serialize a message (or any pydantic model of plain fields and arrays) to msgpack."""
+    packer = getattr(_PACKERS, "packer", None)
+    if packer is None:  # one per thread, its buffer reused from message to message
+        packer = _PACKERS.packer = msgpack.Packer(
+            default=_default, use_bin_type=True, datetime=False
+        )
     try:
-        return msgpack.packb(message, default=_default, use_bin_type=True, datetime=False)
+        return packer.pack(message)  # a failed pack leaves the buffer empty
     except (TypeError, OverflowError, ValueError) as e:
         raise EncodeError(f"cannot encode {type(message).__name__}: {e}") from e
 

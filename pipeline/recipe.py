@@ -52,6 +52,8 @@ MODEL_FIELDS = ("model", "teacher", "student")
 """Inputs that must be HF model folders (a `config.json` inside)."""
 MODEL_KINDS = frozenset({"sft", "grpo", "distill"})
 """Stages whose output is a model folder."""
+POOL_FIELDS = frozenset({"actors", "rewarders", "rewarder_workers", "engine", "restart"})
+"""`[up]` fields of the actors and rewarders, which the pipeline's pool has instead."""
 
 
 class _Stage(BaseModel):
@@ -80,7 +82,8 @@ class SftStage(_Stage):
 
 
 class GrpoStage(_Stage):
-    """GRPO through the asynchronous loop: `aha up --model MODEL` with the stage's `[up]`."""
+    """GRPO through the asynchronous loop: `aha up --model MODEL` with the stage's `[up]`,
+    only its learner started, on the pipeline's bus, actors and rewarders."""
 
     kind: Literal["grpo"]
     model: Ref
@@ -90,10 +93,11 @@ class GrpoStage(_Stage):
     max_steps: int = Field(60, ge=1)
     """GRPO steps."""
     up: dict[str, Any] = Field(default_factory=dict)
-    """More `[up]` fields (`aha up`'s options: actors, group_size, lr, eval_problems...)."""
+    """More `[up]` fields (`aha up`'s options: eval_problems, eval_samples, seed...); not the
+    pool's (actors, rewarders, engine: the pipeline's serve every stage)."""
     parts: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    """`[learner]`, `[actor]`, `[rewarder]`, `[bus]` sections for the parts, as in `aha up
-    --config`."""
+    """The `[learner]` section (as in `aha up --config`); the actor, rewarder and bus are the
+    pipeline's."""
 
 
 class RsStage(_Stage):
@@ -389,6 +393,15 @@ def _check_stage_fields(stage, where: str, file: Path) -> None:
         fixed = {"model", "dataset", "name", "runs_dir", "resume"} & set(stage.up)
         if fixed:
             raise ConfigError(f"{where}.up.{sorted(fixed)[0]}: set by the stage itself ({file})")
+        pool = sorted(POOL_FIELDS & set(stage.up)) + [
+            f"parts.{p}" for p in sorted(set(stage.parts) - {"learner"})
+        ]
+        if pool:
+            field = pool[0] if pool[0].startswith("parts.") else f"up.{pool[0]}"
+            raise ConfigError(
+                f"{where}.{field}: the pipeline's one bus, actor and rewarder serve every stage "
+                f"([pipeline] engine, nats_url) ({file})"
+            )
         try:
             UpConfig.model_validate({**stage.up, "model": "m"})
         except ValidationError as e:
@@ -514,14 +527,51 @@ class SamplingBus:
         log().info("sampling bus", url=server.url, engine=engine, logs=str(folder / "logs"))
 
     def model_dirs(self) -> list[str]:
-        """What the actor may serve: the run folder (every stage's output) and each model a
-        bus-sampled stage names outside it."""
+        """What the actor may serve: the run folder (every stage's output, the grpo stages'
+        evaluation folders) and each model a bus-sampled or grpo stage names outside it."""
         dirs = {str(self.run.dir)}
         for stage in self.run.recipe.stages:
             ref = getattr(stage, "teacher", None) or getattr(stage, "model", None)
-            if stage.kind in ("rs", "distill") and stage.sampler == "bus" and ref:
+            bus = stage.kind == "grpo" or getattr(stage, "sampler", None) == "bus"
+            if stage.kind in ("rs", "distill", "grpo") and bus and ref:
                 dirs.add(str(self.run.resolve(ref)))
         return sorted(dirs)
+
+    def clear_training(self) -> None:
+        """Nothing of an earlier grpo stage's learner left on the bus: its scored groups (they
+        would reach the next learner as foreign groups) and weight versions (the next learner
+        counts from 0 again, and the store keeps the highest numbers); on the pipeline's own
+        server also its tasks and rollouts (an external one may carry other jobs')."""
+        import asyncio
+
+        from nats.js.errors import NotFoundError
+
+        from protocol.bus import Bus
+        from protocol.config import BusConfig
+        from protocol.names import (
+            JOB_TRAIN,
+            OBJECT_STORE_WEIGHTS,
+            ROLLOUTS,
+            STREAM_SCORED,
+            TASKS,
+            scored_subject,
+        )
+
+        async def clear() -> None:
+            bus = await Bus.connect(BusConfig(url=self._url), name="aha-pipeline")
+            try:
+                if self._supervisor is not None:
+                    for stream in (TASKS.stream, ROLLOUTS.stream):
+                        await bus.js.purge_stream(stream)
+                await bus.js.purge_stream(STREAM_SCORED, subject=scored_subject(JOB_TRAIN))
+                store = await bus.js.object_store(OBJECT_STORE_WEIGHTS)
+                with contextlib.suppress(NotFoundError):  # an empty store
+                    for info in await store.list(ignore_deletes=True):
+                        await store.delete(info.name)
+            finally:
+                await bus.close()
+
+        asyncio.run(clear())
 
     def _check(self) -> None:
         """Restart a part that died since the last stage (the supervisor's restart budget)."""
@@ -541,21 +591,32 @@ def _sft(run: Run, stage: SftStage, folder: Path) -> dict[str, Any]:
 
 
 def _grpo(run: Run, stage: GrpoStage, folder: Path) -> dict[str, Any]:
+    """`aha up` with only its learner, on the pipeline's bus: the pool's actor takes the
+    learner's policy with its first task (`Task.policy`) and the next stage's model after it."""
     from protocol.config import merge
 
+    model = run.resolve(stage.model)
+    dataset = (stage.parts.get("learner") or {}).get("dataset") or {}
+    url = run.bus.url(model, dataset.get("max_tokens", 1024))
+    resume = stage.name in run.resuming  # the learner's checkpoint, the queues as they are
+    if not resume:
+        run.bus.clear_training()  # what an earlier grpo stage left
     up = {
         **stage.up,
-        "model": str(run.resolve(stage.model)),
+        "model": str(model),
         "name": stage.name,
         "runs_dir": str(run.dir),
-        "resume": stage.name in run.resuming,  # the learner's checkpoint, the queues
+        "resume": resume,
+        "actors": 0,  # the pipeline's serve it
+        "rewarders": 0,
     }
     if stage.dataset is not None:
         up["dataset"] = str(run.resolve(stage.dataset))
-    parts = merge(stage.parts, {"learner": {"max_steps": stage.max_steps}})
+    parts = merge(stage.parts, {"learner": {"max_steps": stage.max_steps}, "bus": {"url": url}})
     config = run.dir / f"{stage.name}.up.toml"
     config.write_text(tomli_w.dumps({**parts, "up": up}))
     run_command(["up", "--config", str(config), "--json"], run.dir / "logs" / f"{stage.name}.log")
+    run.bus.clear_training()  # its tasks still queued would keep the actor busy for nothing
     summary = json.loads((folder / "summary.json").read_text())
     if not (folder / "final" / "config.json").is_file():
         raise StageFailed(f"aha up ended {summary.get('ended')!r} without a final model")

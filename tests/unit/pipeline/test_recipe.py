@@ -162,8 +162,16 @@ RECIPE_ERRORS = [
         "stages.0 (a).model: '@b' refers to a later stage",
     ),
     (
-        '[[stages]]\nname = "a"\nkind = "grpo"\nmodel = "model"\nup = { actors = 0 }\n',
-        "stages.0 (a).up.actors: Input should be greater than or equal to 1",
+        '[[stages]]\nname = "a"\nkind = "grpo"\nmodel = "model"\nup = { actors = 2 }\n',
+        "stages.0 (a).up.actors: the pipeline's one bus, actor and rewarder serve every stage",
+    ),
+    (
+        '[[stages]]\nname = "a"\nkind = "grpo"\nmodel = "model"\nparts = { actor = {} }\n',
+        "stages.0 (a).parts.actor: the pipeline's one bus, actor and rewarder serve every stage",
+    ),
+    (
+        '[[stages]]\nname = "a"\nkind = "grpo"\nmodel = "model"\nup = { eval_samples = -1 }\n',
+        "stages.0 (a).up.eval_samples: Input should be greater than or equal to 0",
     ),
     (
         '[[stages]]\nname = "a"\nkind = "eval"\nsamples = "d.jsonl"\nbench = "nope"\n',

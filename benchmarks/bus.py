@@ -7,8 +7,12 @@ settings, awaited publishes and `fetch(batch)` + ack. The raw side sends bytes e
 beforehand; the aha side pays for everything a process pays for: `Bus.publish` (msgpack
 encode, Nats-Msg-Id) and `StageConsumer.fetch` (decode + pydantic validation of every
 sample). Two figures: `bus_rollout` (G=8 x 1,024 tokens, ~100 KiB) and `bus_small` (G=2 x 16
-tokens, ~1 KiB), each aha's messages/s over raw's in the same round, min/median/max over the
-rounds. Goal: aha >= 0.9 x raw.
+tokens, ~1 KiB), each aha's messages/s over raw's in the same round (the two sides take turns
+going first), min/median/max over the rounds. Goal: aha >= 0.9 x raw.
+
+Where aha's extra time goes is printed beside each figure: this process's CPU per message on
+each side, and the codec's own parts measured on the same messages away from the bus (encode,
+msgpack unpack, pydantic validation; the best of a few passes).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.figures import add_output_args, figure, report, spread
 from protocol.bus import Bus
-from protocol.codec import encode
+from protocol.codec import decode, encode, unpack
 from protocol.config import BusConfig
 from protocol.messages import Rollout, Sample, Task
 from protocol.names import ROLLOUTS
@@ -123,7 +127,7 @@ async def measure(args, group: int, tokens: int) -> dict[str, list[float]]:
     with NatsServer() as server:
         bus = await Bus.connect(BusConfig(url=server.url), name="bench")
         for round_ in range(args.rounds):
-            for name in ("raw", "aha"):
+            for name in ("raw", "aha") if round_ % 2 == 0 else ("aha", "raw"):
                 await bus.js.purge_stream(ROLLOUTS.stream)
                 start, cpu = time.perf_counter(), time.process_time()
                 if name == "raw":
@@ -144,6 +148,27 @@ async def measure(args, group: int, tokens: int) -> dict[str, list[float]]:
     return results
 
 
+def codec_costs(rollouts: list[Rollout], passes: int = 5) -> dict[str, float]:
+    """The codec's CPU µs per message, by part: the best of `passes` over `rollouts`."""
+    data = [encode(r) for r in rollouts]
+    unpacked = [unpack(d, Rollout) for d in data]
+    parts = {
+        "encode": lambda: [encode(r) for r in rollouts],
+        "unpack": lambda: [unpack(d, Rollout) for d in data],
+        "validate": lambda: [Rollout.model_validate(o) for o in unpacked],
+        "decode": lambda: [decode(d, Rollout) for d in data],
+    }
+    best = {}
+    for name, part in parts.items():
+        times = []
+        for _ in range(passes):
+            start = time.process_time()
+            part()
+            times.append(time.process_time() - start)
+        best[name] = min(times) / len(rollouts) * 1e6
+    return best
+
+
 async def run(args) -> None:
     sizes = {
         "bus_rollout": (args.group, args.tokens),
@@ -152,6 +177,7 @@ async def run(args) -> None:
     figures = []
     for name, (group, tokens) in sizes.items():
         results = await measure(args, group, tokens)
+        codec = codec_costs(make_rollouts(min(args.messages, 200), group, tokens, tag=".codec"))
         raw = [args.messages / t for t in results["raw"]]
         aha = [args.messages / t for t in results["aha"]]
         cpu = {k: statistics.median(results[f"{k}_cpu"]) * 1e6 for k in ("raw", "aha")}
@@ -164,6 +190,7 @@ async def run(args) -> None:
             paired=True,
             best_of_ratio=max(aha) / max(raw),
             client_cpu_us_per_message=cpu,
+            codec_cpu_us_per_message=codec,
             message_bytes=results["bytes"][0],
             group=group,
             tokens=tokens,
@@ -180,6 +207,10 @@ async def run(args) -> None:
             print(
                 f"  this process's CPU per message (median): raw {cpu['raw']:.0f} us, "
                 f"aha {cpu['aha']:.0f} us (the server's is the same for both)"
+            )
+            print(
+                "  aha's codec per message, away from the bus (best of 5): "
+                + ", ".join(f"{k} {v:.0f} us" for k, v in codec.items())
             )
     report(figures, args, "bus")
 

@@ -130,6 +130,16 @@ def encode(message: BaseModel) -> bytes:
 
 def decode(data: bytes, cls: type[M]) -> M:
     """Parse bytes as a `cls`; raise `DecodeError` naming the problem if they are not one."""
+    obj = unpack(data, cls)
+    try:
+        return cls.model_validate(obj)
+    except ValidationError as e:
+        raise DecodeError(cls.__name__, _describe(e)) from e
+
+
+def unpack(data: bytes, cls: type[BaseModel]) -> dict:
+    """The msgpack map in bytes meant as a `cls`, not yet validated (`decode`'s first half),
+    with arrays in the extension form as arrays; `DecodeError` if it is not one."""
     name = cls.__name__
     try:
         obj = msgpack.unpackb(data, ext_hook=_unpack_ext, raw=False, strict_map_key=True)
@@ -140,10 +150,7 @@ def decode(data: bytes, cls: type[M]) -> M:
     schema = obj.get("schema", SCHEMA)
     if schema != SCHEMA and name in MESSAGES:
         raise DecodeError(name, f"schema {schema!r} is not supported (this build reads {SCHEMA})")
-    try:
-        return cls.model_validate(obj)
-    except ValidationError as e:
-        raise DecodeError(name, _describe(e)) from e
+    return obj
 
 
 def decode_named(data: bytes, message: str) -> BaseModel:

@@ -12,7 +12,9 @@ run sends it, through an embedded nats-server and the learner's HTTP weight serv
 - `weight_transfer`: one actor's `download_shards` over HTTP from "manifest seen" (KV get) to
   every shard verified, in GB/s next to a raw file copy of the same bytes (`shutil.copyfile`)
   in the same run; `weight_transfer_store`: the same from the object store (the fallback);
-  `weight_transfer_cpu`: the CPU seconds per GB each path cost this process;
+  `weight_transfer_cpu` and `weight_transfer_store_cpu`: the CPU seconds per GB each path cost
+  this process, the first next to the raw copy's; `weight_hash_cpu`: sha256 alone over the
+  same bytes, the least any verified transfer costs;
 - `weight_fanout`: `--actors` actors, each with its relay server, fetching the same version at
   once (GB/s in all, against one actor alone), and `weight_fanout_bytes`: the learner's
   outbound bytes for it (HTTP + NATS) per version byte, which do not grow with the actor count;
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import sys
 import tempfile
@@ -63,16 +66,31 @@ def make_module(gb: float, tensor_mb: float):
     return module
 
 
-def copy_rate(directory: Path, shards, scratch: Path) -> float:
-    """GB/s of a raw copy of the version's files: the disk's speed at this moment."""
+def copy_rate(directory: Path, shards, scratch: Path) -> tuple[float, float]:
+    """GB/s of a raw copy of the version's files (the disk's speed at this moment), and the
+    CPU seconds per GB it cost this process."""
     copy_dir = scratch / "copy"
     copy_dir.mkdir()
+    cpu = time.process_time()
     start = time.perf_counter()
     for shard in shards:
         shutil.copyfile(directory / shard.name, copy_dir / shard.name)
     seconds = time.perf_counter() - start
+    gb = sum(s.bytes for s in shards) / 1e9
+    cpu = time.process_time() - cpu
     shutil.rmtree(copy_dir)
-    return sum(s.bytes for s in shards) / 1e9 / seconds
+    return gb / seconds, cpu / gb
+
+
+def hash_cpu(directory: Path, shards) -> float:
+    """CPU seconds per GB of sha256 alone over the version's files (from the page cache): what
+    any verified transfer costs at least, however it moves the bytes."""
+    from protocol.weights import sha256_own_file
+
+    cpu = time.process_time()
+    for shard in shards:
+        sha256_own_file(directory / shard.name)
+    return (time.process_time() - cpu) / (sum(s.bytes for s in shards) / 1e9)
 
 
 async def timed_download(config, manifest, directory: Path, **kwargs) -> float:
@@ -119,7 +137,9 @@ async def run(args) -> list[dict]:
     local = WeightServerConfig(host="127.0.0.1", parallel=args.parallel, fanout=args.fanout)
     off = WeightServerConfig(enabled=False)
     m: dict[str, list[float]] = {
-        k: [] for k in "publish write upload copy http store http_cpu store_cpu load fan".split()
+        k: []
+        for k in "publish write upload copy copy_cpu hash_cpu http store http_cpu store_cpu "
+        "load fan loadavg".split()
     }
     learner_out: list[float] = []
     total = 0
@@ -135,7 +155,11 @@ async def run(args) -> list[dict]:
                 start = time.perf_counter()
                 shards = write_shards(module, directory, "bfloat16", args.shard_mb)
                 written = time.perf_counter()
-                m["copy"].append(copy_rate(directory, shards, scratch))
+                rate, cpu = copy_rate(directory, shards, scratch)
+                m["copy"].append(rate)
+                m["copy_cpu"].append(cpu)
+                m["hash_cpu"].append(hash_cpu(directory, shards))
+                m["loadavg"].append(os.getloadavg()[0])
                 manifest = await publish_weights(
                     js,
                     directory,
@@ -183,12 +207,32 @@ async def run(args) -> list[dict]:
         server.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
+    load = {"load_runs": m["loadavg"]}  # the 1-minute load average as each run started
     figures = [
-        figure("weight_transfer", "GB/s", m["http"], m["copy"], paired=True, shards=len(shards)),
-        figure("weight_transfer_store", "GB/s", m["store"], m["copy"], paired=True),
+        figure(
+            "weight_transfer",
+            "GB/s",
+            m["http"],
+            m["copy"],
+            paired=True,
+            shards=len(shards),
+            parallel=args.parallel,
+            **load,
+        ),
+        figure("weight_transfer_store", "GB/s", m["store"], m["copy"], paired=True, **load),
         # CPU seconds this process spent per GB (the HTTP side includes the learner's server
-        # threads, here in the same process): steadier than wall time on a shared machine.
-        figure("weight_transfer_cpu", "CPU s/GB", m["http_cpu"], m["store_cpu"], higher=False),
+        # threads, here in the same process), next to the raw copy's: when the machine's CPU
+        # is shared out (other work running), this ratio is what bounds the transfer's.
+        figure(
+            "weight_transfer_cpu",
+            "CPU s/GB",
+            m["http_cpu"],
+            m["copy_cpu"],
+            higher=False,
+            paired=True,
+        ),
+        figure("weight_transfer_store_cpu", "CPU s/GB", m["store_cpu"], higher=False),
+        figure("weight_hash_cpu", "CPU s/GB", m["hash_cpu"], m["copy_cpu"], higher=False),
         figure(
             "weight_publish",
             "s/GB",

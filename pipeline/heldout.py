@@ -1,4 +1,4 @@
-"""Held-out evaluation of a model folder: greedy accuracy, pass@1 at temperature 1, length.
+"""Held-out evaluation of a model folder: greedy accuracy, pass@1 of sampled completions, length.
 
 Scored with the same rule-based reward the run trains on (`accuracy_gsm8k` for the demo), so
 "accuracy" means the same thing before, during and after training.
@@ -19,7 +19,8 @@ class Evaluation:
     accuracy: float
     """Greedy accuracy over the held-out set."""
     pass_at_1: float | None
-    """Mean accuracy of `samples` completions per problem at temperature 1 (None if not run)."""
+    """Mean accuracy of `samples` completions per problem at `temperature` and `top_p` (None if
+    not run)."""
     mean_length: float
     """Mean greedy completion length, in tokens."""
     thinking_share: float
@@ -36,6 +37,8 @@ def evaluate(
     *,
     max_tokens: int = 64,
     samples: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
     batch: int = 250,
     reward: str = "accuracy_gsm8k",
     on_done: Callable[[int], None] | None = None,
@@ -74,7 +77,10 @@ def evaluate(
     pass_at_1 = None
     if samples:
         sampled = asyncio.run(
-            run(Sampling(temperature=1.0, max_tokens=max_tokens, seed=0), samples)
+            run(
+                Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=0),
+                samples,
+            )
         )
         hits = sum(
             score(s.text, row["answer"]) == 1.0

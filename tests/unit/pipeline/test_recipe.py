@@ -221,30 +221,36 @@ def test_the_demo_recipe_is_valid():
     assert {"sft", "grpo", "rs", "eval", "distill"} == set(kinds)
 
 
-def test_r1_findings_compare_the_demo_models():
+def test_r1_findings_are_judged_on_pass_at_1():
     from pipeline.recipe import findings
 
-    def model(accuracy, length=10.0):
-        return {"accuracy": accuracy, "pass_at_1": None, "mean_length": length}
+    def model(pass_at_1, accuracy=0.9, length=30.0, thinking=1.0):
+        keys = ("pass_at_1", "accuracy", "mean_length", "thinking_share")
+        return dict(zip(keys, (pass_at_1, accuracy, length, thinking), strict=True))
 
     models = {
-        "cold_start": model(0.10, 8.0),
-        "rl": model(0.90, 30.0),
-        "sft_rs": model(0.30),  # cold start + 0.2 exactly: kept
-        "sft_unfiltered": model(0.21),  # 0.09 below sft_rs: the filters did not matter enough
-        "distilled": model(0.5),
-        "student_rl": model(0.5),  # a tie is not a win
+        "cold_start": model(0.20, 0.01, 8.0, 0.0),
+        "rl": model(0.45, 0.94, 33.0, 1.0),
+        "sft_rs": model(0.40),  # cold start + 0.2 exactly: kept
+        "sft_unfiltered": model(0.31, accuracy=0.99),  # greedy above sft_rs: does not count
+        "distilled": model(0.5, accuracy=0.1),
+        "student_rl": model(0.5, accuracy=0.9),  # a tie in pass@1 is not a win
     }
     out = findings([{"kind": "eval", "result": models}])
     assert out["r1"] == {
         "rl_improves_reasoning": True,
-        "sft_on_filtered_rs_keeps_the_gain": False,
+        "sft_on_filtered_rs_keeps_the_gain": False,  # 0.09 above unfiltered, not 0.1
         "distillation_beats_rl_on_the_student": False,
     }
-    models["sft_unfiltered"] = model(0.20)
-    models["distilled"] = model(0.51)
+    models["sft_unfiltered"] = model(0.30, accuracy=0.99)
+    models["distilled"] = model(0.51, accuracy=0.1)
     out = findings([{"kind": "eval", "result": models}])
     assert all(out["r1"].values())
+    assert out["sft_unfiltered"]["pass_at_1"] == 0.30 and out["sft_unfiltered"]["accuracy"] == 0.99
+    models["rl"] = model(0.45, 0.94, 33.0, 0.0)  # pass@1 up but no more thinking: not R1's story
+    assert not findings([{"kind": "eval", "result": models}])["r1"]["rl_improves_reasoning"]
+    models["student_rl"] = model(None)  # greedy only (k = 0): no verdict
+    assert "r1" not in findings([{"kind": "eval", "result": models}])
     del models["student_rl"]  # an eval without every model: no verdict
     assert "r1" not in findings([{"kind": "eval", "result": models}])
 

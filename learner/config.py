@@ -223,8 +223,10 @@ class LearnerConfig(BaseModel):
     """η: drop groups sampled more than this many policy versions ago."""
     publish_every: int = Field(1, ge=1)
     """Publish the weights every this many updates."""
-    shard_mb: float = Field(1024.0, gt=0)
-    """Largest weight shard, in MiB of tensor data (one tensor larger than this gets a shard of its own)."""
+    shard_mb: float = Field(256.0, gt=0)
+    """Largest weight shard, in MiB of tensor data (one tensor larger than this gets a shard of its own).
+    One shard's sha256 runs on one core (~1 GB/s) and an actor verifies `parallel` shards at
+    once: a 1 GB version in 4 shards can use 4 cores, in one shard only one."""
     keep_versions: int = Field(2, ge=1)
     """Published weight versions kept in the object store (and the shared volume); older ones are deleted."""
     serving_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"

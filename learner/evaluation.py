@@ -3,16 +3,20 @@ an eval job goes through the same actors and rewarders as training (`pipeline.ge
 own consumer and window, so the learner's accounting never sees it), and its summary lands in
 `metrics.jsonl` as an `eval` line tagged with v.
 
-The eval's tasks name no model: actors sample them with the weights they serve, v or newer
-by the time a task is picked up (the line says which versions sampled: `versions`). Its
-samples are kept in `checkpoint_dir/eval/v<v>/<bench>.samples.jsonl`; a learner restarted
-with `--resume` does not reissue a finished version's eval, and a crash loses the eval lines
-not yet written (the samples files stay).
+The eval is pinned to v: v is saved as a model folder (`checkpoint_dir/eval/v<v>/model`, which
+the actors must be able to read and may serve: `actor.model_dirs`), every eval task names it,
+and the actors sample it with those weights whatever version training has reached (loaded in
+place, the architecture being the policy's), then switch back to the learner's policy. The
+folder is removed when the eval ends. Its samples are kept in
+`checkpoint_dir/eval/v<v>/<bench>.samples.jsonl`; a learner restarted with `--resume` does not
+reissue a finished version's eval, and a crash loses the eval lines not yet written (the
+samples files stay).
 """
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 
 import structlog
@@ -41,16 +45,20 @@ SUMMARY_KEYS = (
 class EvalJobs:
     """The eval jobs this learner started, each an asyncio task."""
 
-    def __init__(self, config: LearnerConfig):
+    def __init__(self, config: LearnerConfig, pe=None):
         self.config = config
+        self.pe = pe
+        """The policy engine, whose version v each eval's model folder is written from."""
         self.running: set[asyncio.Task] = set()
 
-    def after_step(self, step: int, version: int) -> None:
-        """Start version `version`'s eval when `step` is one of `every_steps`'."""
+    async def after_step(self, step: int, version: int) -> None:
+        """Save version `version` as a model folder and start its eval, when `step` is one of
+        `every_steps`' (before the next step changes the weights)."""
         settings = self.config.eval
         if not settings.every_steps or not settings.benchmarks or step % settings.every_steps:
             return
-        task = asyncio.create_task(self.evaluate(step, version))
+        folder = await self.pin(version)
+        task = asyncio.create_task(self.evaluate(step, version, folder))
         self.running.add(task)
         task.add_done_callback(self._finished)
 
@@ -59,15 +67,30 @@ class EvalJobs:
         if not task.cancelled() and task.exception() is not None:
             log.error("eval job failed", error=repr(task.exception()))
 
-    async def evaluate(self, step: int, version: int) -> None:
-        """Every benchmark of `[learner.eval]` at `version`, one eval line each."""
-        for name in self.config.eval.benchmarks:
-            line = await self.evaluate_one(name, step, version)
-            append_line(self.config.metrics_file, line)
-            tracking.log_eval(line)  # and to TensorBoard / W&B, where configured
-            log.info("eval", **{k: line[k] for k in ("bench", "version", "pass_at_1")})
+    async def pin(self, version: int) -> Path:
+        """The policy as it is now (version `version`) as an HF model folder for the actors."""
+        from learner.ranks import collective
 
-    async def evaluate_one(self, name: str, step: int, version: int) -> dict:
+        config = self.config
+        folder = Path(config.checkpoint_dir) / "eval" / f"v{version}" / "model"
+        shutil.rmtree(folder, ignore_errors=True)  # a restarted learner's half-written one
+        args = (folder, config.serving_dtype, config.shard_mb, config.model.path)
+        await asyncio.to_thread(collective, self.pe, "export", *args)
+        return folder.resolve()
+
+    async def evaluate(self, step: int, version: int, folder: Path) -> None:
+        """Every benchmark of `[learner.eval]` on `folder` (version `version`), one eval line
+        each; the folder is removed at the end."""
+        try:
+            for name in self.config.eval.benchmarks:
+                line = await self.evaluate_one(name, step, version, folder)
+                append_line(self.config.metrics_file, line)
+                tracking.log_eval(line)  # and to TensorBoard / W&B, where configured
+                log.info("eval", **{k: line[k] for k in ("bench", "version", "pass_at_1")})
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    async def evaluate_one(self, name: str, step: int, version: int, folder: Path) -> dict:
         from pipeline.benchmarks import get_benchmark
         from pipeline.evaluation import evaluate
         from pipeline.generate import Plan, collect
@@ -87,7 +110,7 @@ class EvalJobs:
             seed=version,
         )
         plan = Plan.of(
-            self.config.model.path,
+            folder,
             problems,
             settings.k,
             sampling,
@@ -99,20 +122,16 @@ class EvalJobs:
         )
         done = plan.check_output(resume=True)  # a restarted learner continues the file
         if len(done) < len(plan.problems):
-            await collect(
-                plan, done, self.config.bus, settings.window, False, embedded=False, fixed=False
-            )
+            await collect(plan, done, self.config.bus, settings.window, False, embedded=False)
         samples = read_samples(out, settings.k)
         metrics, _ = await asyncio.to_thread(
             evaluate, samples, bench, 1, 30.0, scored_by_rewarders=True
         )
-        versions = [s.policy_version for p in samples for s in p.samples]
         return {
             "event": "eval",
             "step": step,
-            "version": version,
+            "version": version,  # exactly: every sample came from its folder
             "bench": name,
-            "versions": [min(versions), max(versions)],
             **{key: metrics[key] for key in SUMMARY_KEYS},
         }
 

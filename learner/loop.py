@@ -255,7 +255,7 @@ async def run(
         progress,
         reservation=reservation,
     )
-    code, evals = 0, EvalJobs(config)  # [learner.eval]: jobs of their own, not counted here
+    code, evals = 0, EvalJobs(config, pe)  # [learner.eval]: jobs of their own, not counted
     try:
         fit_payload(learner)
         await publish(learner)  # the current version, for actors that start (or restart) late
@@ -263,7 +263,7 @@ async def run(
         while not finished(learner) and not stop.is_set():
             if not await step(learner, stop):
                 break
-            evals.after_step(progress.step, progress.version)
+            await evals.after_step(progress.step, progress.version)
         await checkpoint(learner)  # whatever was trained since the last checkpoint
         await evals.finish(0.0 if stop.is_set() else None)  # a signal does not wait
         if finished(learner):

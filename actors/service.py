@@ -129,8 +129,9 @@ class Actor:
         )
         """Passes the shards this actor fetches on to other actors (`protocol.weight_server`)."""
         self.idle = IdleClock()
-        self.rejected: set[tuple[str, int]] = set()
-        """(policy, version)s refused once: a later notification does not fetch them again."""
+        self.rejected: set[tuple[str, int, float]] = set()
+        """Manifests (policy, version, time written) refused once: a later notification does not
+        fetch them again (a restarted learner's new manifest of that version is tried)."""
         self.policy: str | None = None
         """The learner policy whose weights the engine holds (`WeightManifest.policy`); None:
         the folder's own (version 0), or a learner that names none."""
@@ -313,7 +314,7 @@ class Actor:
         """
         from actors.weights import WeightsRejected, load_manifest
 
-        key = (manifest.policy, manifest.version)
+        key = (manifest.policy, manifest.version, manifest.created_at)
         if self.policy is not None and manifest.policy != self.policy or key in self.rejected:
             return False
         if not force and manifest.version <= self.engine.version:

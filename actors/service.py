@@ -16,13 +16,20 @@ Many actors share the `actors` durable consumer; a task an actor dies holding co
 another after the ack wait.
 
 Switching models: the engine serves one model at a time. A task for another one waits for
-the generations in flight, then the engine is started again on that folder (its tokenizer
-too) — a new architecture or tokenizer is fine; the HF engine reloads in seconds, vLLM
-restarts its engine (and workers) in this process, about as long as an actor's start. Back
-to the learner's policy, the actor's own `model` is started again and `latest` loaded. The
-actor's own folder needs no restart while no learner weights were loaded over it. Tasks of
-different models interleaved on one actor each pay a switch: give each job's actors their
-own pool, or let a job's window keep its tasks together.
+the generations in flight; a folder of the engine's architecture and tokenizer is then loaded
+in place (like a weight version), any other gets the engine started again on it (its
+tokenizer too): the HF engine reloads in seconds, vLLM restarts its engine (and workers) in
+this process, about as long as an actor's start. Back to the learner's policy, the actor's
+own `model` is loaded again and `latest`. The actor's own folder needs no switch while no
+learner weights were loaded over it. Tasks of different models interleaved on one actor each
+pay a switch: give each job's actors their own pool, or let a job's window keep its tasks
+together. A task naming a folder outside `model_dirs` is dead-lettered at once (`Refused`).
+
+Learners one after another (a pipeline's grpo stages): a learner's tasks and manifests name
+its policy (`Task.policy`, `WeightManifest.policy`), whose versions count from 0. Versions are
+compared within a policy only; a new learner's policy is taken with its first task (its
+`latest`, on the folder it started from where that is another architecture), and a task of a
+policy no longer published is refused.
 """
 
 from __future__ import annotations

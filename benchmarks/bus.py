@@ -1,6 +1,6 @@
 """Bus throughput: aha's publish/consume of real Rollouts next to raw nats-py on the same bytes.
 
-    python benchmarks/bus.py [--messages 400] [--group 8] [--tokens 1024] [--rounds 5] [--json]
+    python benchmarks/bus.py [--messages 200] [--group 8] [--tokens 1024] [--rounds 11] [--json]
 
 Both sides use the same embedded nats-server, the same work-queue stream and durable consumer
 settings, awaited publishes and `fetch(batch)` + ack. The raw side sends bytes encoded
@@ -104,46 +104,43 @@ async def consume_aha(bus: Bus, n: int, batch: int) -> int:
 
 
 async def measure(args, group: int, tokens: int) -> dict[str, list[float]]:
-    """End-to-end seconds per round of each side, rounds interleaved (raw, aha, raw, aha...)."""
-    # Distinct task ids per round and side, so the duplicate window drops nothing.
-    rounds = {
-        (name, i): make_rollouts(args.messages, group, tokens, tag=f".{name}{i}.{tokens}")
-        for name in ("raw", "aha")
-        for i in range(args.rounds)
-    }
-    payloads = {key: [encode(r) for r in rs] for key, rs in rounds.items() if key[0] == "raw"}
-    size = sum(len(p) for p in payloads["raw", 0])
-    # The prepared messages are the benchmark's, not what a stage holds: keep the collector
-    # from walking them again and again while the aha side allocates its decoded messages.
-    gc.collect()
-    gc.freeze()
-    results: dict[str, list[float]] = {
-        "raw": [],
-        "aha": [],
-        "raw_cpu": [],
-        "aha_cpu": [],
-        "bytes": [size / args.messages],
-    }
+    """End-to-end seconds and this process's CPU per message of each side in each round; the
+    two sides of a round run back to back, taking turns going first."""
+    results: dict[str, list[float]] = {"raw": [], "aha": [], "raw_cpu": [], "aha_cpu": []}
     with NatsServer() as server:
         bus = await Bus.connect(BusConfig(url=server.url), name="bench")
         for round_ in range(args.rounds):
+            # Fresh messages each round (distinct task ids, so the duplicate window drops
+            # nothing), made before the clock starts and frozen out of the collector's way:
+            # they are the benchmark's, not what a stage holds.
+            tag = f".{round_}.{group}x{tokens}"
+            prepared = {
+                name: make_rollouts(args.messages, group, tokens, tag=f".{name}{tag}")
+                for name in ("raw", "aha")
+            }
+            payloads = [encode(r) for r in prepared["raw"]]
+            results.setdefault("bytes", [sum(map(len, payloads)) / args.messages])
+            gc.collect()
+            gc.freeze()
             for name in ("raw", "aha") if round_ % 2 == 0 else ("aha", "raw"):
                 await bus.js.purge_stream(ROLLOUTS.stream)
                 start, cpu = time.perf_counter(), time.process_time()
                 if name == "raw":
-                    for r, data in zip(rounds[name, round_], payloads[name, round_], strict=True):
+                    for r, data in zip(prepared[name], payloads, strict=True):
                         await bus.js.publish(
                             ROLLOUTS.subject, data, headers={"Nats-Msg-Id": r.msg_id}
                         )
                     got = await consume_raw(bus, args.messages, args.batch)
                 else:
-                    for r in rounds[name, round_]:
+                    for r in prepared[name]:
                         await bus.publish(ROLLOUTS, r)
                     got = await consume_aha(bus, args.messages, args.batch)
                 end = time.perf_counter()
                 assert got == args.messages, f"{name}: consumed {got} of {args.messages}"
                 results[name].append(end - start)
                 results[f"{name}_cpu"].append((time.process_time() - cpu) / args.messages)
+            del prepared, payloads
+            gc.unfreeze()
         await bus.close()
     return results
 
@@ -217,11 +214,11 @@ async def run(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--messages", type=int, default=400)
+    p.add_argument("--messages", type=int, default=200)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--batch", type=int, default=50)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--small-group", type=int, default=2, help="G of the small messages")
     p.add_argument("--small-tokens", type=int, default=16, help="tokens of the small messages")
     add_output_args(p)

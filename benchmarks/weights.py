@@ -2,6 +2,8 @@
 
     python benchmarks/weights.py [--gb 1.0] [--shard-mb 256] [--runs 3] [--actors 3] [--json]
 
+(`--shard-mb`, `--parallel` and `--fanout` default to the learner's and the actors' defaults.)
+
 A model of `--gb` GB in bf16 (fp32 master weights, a few large tensors) goes the way a real
 run sends it, through an embedded nats-server and the learner's HTTP weight server:
 
@@ -42,13 +44,18 @@ from benchmarks.figures import add_output_args, figure, report
 
 
 def parse_args() -> argparse.Namespace:
+    from learner.config import LearnerConfig
+    from protocol.weight_server import WeightServerConfig
+
+    shard_mb = LearnerConfig.model_fields["shard_mb"].default
+    http = WeightServerConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gb", type=float, default=1.0, help="model size in GB of bf16 weights")
-    p.add_argument("--shard-mb", type=float, default=256.0, help="shard size in MiB")
+    p.add_argument("--shard-mb", type=float, default=shard_mb, help="shard size in MiB")
     p.add_argument("--runs", type=int, default=3, help="timed runs of each figure")
     p.add_argument("--actors", type=int, default=3, help="concurrent downloads in the fan-out")
-    p.add_argument("--parallel", type=int, default=4, help="shards an actor fetches at once")
-    p.add_argument("--fanout", type=int, default=2, help="actors a server sends to itself")
+    p.add_argument("--parallel", type=int, default=http.parallel, help="shards fetched at once")
+    p.add_argument("--fanout", type=int, default=http.fanout, help="actors a server sends to")
     add_output_args(p)
     return p.parse_args()
 

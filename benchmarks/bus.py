@@ -1,6 +1,6 @@
 """Bus throughput: aha's publish/consume of real Rollouts next to raw nats-py on the same bytes.
 
-    python benchmarks/bus.py [--messages 200] [--group 8] [--tokens 1024] [--rounds 11] [--json]
+    python benchmarks/bus.py [--messages 200] [--small-messages 1000] [--rounds 11] [--json]
 
 Both sides use the same embedded nats-server, the same work-queue stream and durable consumer
 settings, awaited publishes and `fetch(batch)` + ack. The raw side sends bytes encoded
@@ -103,7 +103,7 @@ async def consume_aha(bus: Bus, n: int, batch: int) -> int:
     return got
 
 
-async def measure(args, group: int, tokens: int) -> dict[str, list[float]]:
+async def measure(args, n: int, group: int, tokens: int) -> dict[str, list[float]]:
     """End-to-end seconds and this process's CPU per message of each side in each round; the
     two sides of a round run back to back, taking turns going first."""
     results: dict[str, list[float]] = {"raw": [], "aha": [], "raw_cpu": [], "aha_cpu": []}
@@ -115,11 +115,11 @@ async def measure(args, group: int, tokens: int) -> dict[str, list[float]]:
             # they are the benchmark's, not what a stage holds.
             tag = f".{round_}.{group}x{tokens}"
             prepared = {
-                name: make_rollouts(args.messages, group, tokens, tag=f".{name}{tag}")
+                name: make_rollouts(n, group, tokens, tag=f".{name}{tag}")
                 for name in ("raw", "aha")
             }
             payloads = [encode(r) for r in prepared["raw"]]
-            results.setdefault("bytes", [sum(map(len, payloads)) / args.messages])
+            results.setdefault("bytes", [sum(map(len, payloads)) / n])
             gc.collect()
             gc.freeze()
             for name in ("raw", "aha") if round_ % 2 == 0 else ("aha", "raw"):
@@ -130,15 +130,15 @@ async def measure(args, group: int, tokens: int) -> dict[str, list[float]]:
                         await bus.js.publish(
                             ROLLOUTS.subject, data, headers={"Nats-Msg-Id": r.msg_id}
                         )
-                    got = await consume_raw(bus, args.messages, args.batch)
+                    got = await consume_raw(bus, n, args.batch)
                 else:
                     for r in prepared[name]:
                         await bus.publish(ROLLOUTS, r)
-                    got = await consume_aha(bus, args.messages, args.batch)
+                    got = await consume_aha(bus, n, args.batch)
                 end = time.perf_counter()
-                assert got == args.messages, f"{name}: consumed {got} of {args.messages}"
+                assert got == n, f"{name}: consumed {got} of {n}"
                 results[name].append(end - start)
-                results[f"{name}_cpu"].append((time.process_time() - cpu) / args.messages)
+                results[f"{name}_cpu"].append((time.process_time() - cpu) / n)
             del prepared, payloads
             gc.unfreeze()
         await bus.close()
@@ -168,15 +168,15 @@ def codec_costs(rollouts: list[Rollout], passes: int = 5) -> dict[str, float]:
 
 async def run(args) -> None:
     sizes = {
-        "bus_rollout": (args.group, args.tokens),
-        "bus_small": (args.small_group, args.small_tokens),
+        "bus_rollout": (args.messages, args.group, args.tokens),
+        "bus_small": (args.small_messages, args.small_group, args.small_tokens),
     }
     figures = []
-    for name, (group, tokens) in sizes.items():
-        results = await measure(args, group, tokens)
-        codec = codec_costs(make_rollouts(min(args.messages, 200), group, tokens, tag=".codec"))
-        raw = [args.messages / t for t in results["raw"]]
-        aha = [args.messages / t for t in results["aha"]]
+    for name, (n, group, tokens) in sizes.items():
+        results = await measure(args, n, group, tokens)
+        codec = codec_costs(make_rollouts(min(n, 200), group, tokens, tag=".codec"))
+        raw = [n / t for t in results["raw"]]
+        aha = [n / t for t in results["aha"]]
         cpu = {k: statistics.median(results[f"{k}_cpu"]) * 1e6 for k in ("raw", "aha")}
         # Each round's ratio is against the raw round beside it.
         f = figure(
@@ -195,7 +195,7 @@ async def run(args) -> None:
         figures.append(f)
         if not args.json:
             print(
-                f"{name}: {args.messages} Rollouts of G={group} x {tokens} tokens, "
+                f"{name}: {n} Rollouts of G={group} x {tokens} tokens, "
                 f"{results['bytes'][0] / 1024:.1f} KiB each; min/median/max of {args.rounds} rounds"
             )
             print(f"  raw nats-py  {spread(raw)} msg/s")
@@ -214,11 +214,16 @@ async def run(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--messages", type=int, default=200)
+    p.add_argument(
+        "--messages", type=int, default=200, help="messages per round and side, Rollouts"
+    )
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--rounds", type=int, default=11)
+    p.add_argument(
+        "--small-messages", type=int, default=1000, help="messages per round and side, small ones"
+    )
     p.add_argument("--small-group", type=int, default=2, help="G of the small messages")
     p.add_argument("--small-tokens", type=int, default=16, help="tokens of the small messages")
     add_output_args(p)

@@ -15,8 +15,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bus_benchmark_prints_both_figures_against_raw_nats(tmp_path):
     out = tmp_path / "bus.jsonl"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bus.py"), "--messages", "12", "--rounds"]
-        + ["3", "--json", "--out", str(out)],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bus.py"),
+            "--messages",
+            "12",
+            "--small-messages",
+        ]
+        + ["12", "--rounds", "3", "--json", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,

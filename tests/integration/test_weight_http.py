@@ -215,3 +215,50 @@ async def test_an_actor_joining_mid_run_loads_latest_over_http_and_relays_it(
         for actor in actors:
             actor.close()
         learner.close()
+
+
+def test_a_shard_of_many_chunks_arrives_whole_and_a_flipped_byte_is_refused(tmp_path, monkeypatch):
+    """A shard of 17 chunks and a bit (64 KiB reads): the chunks alternate between two buffers
+    while the one before is hashed, so every byte must land in order, through a relay too; a
+    byte flipped in a middle chunk fails the sha256 and leaves nothing behind."""
+    import hashlib
+
+    from protocol import weight_server
+    from protocol.messages import Shard
+
+    monkeypatch.setattr(weight_server, "READ_BYTES", 64 << 10)
+    data = bytes(range(256)) * (17 * 256) + b"tail!"  # 17 x 64 KiB + 5 bytes
+    folder = tmp_path / "learner"
+    folder.mkdir()
+    (folder / "s.safetensors").write_bytes(data)
+    shard = Shard(
+        name="s.safetensors",
+        sha256=hashlib.sha256(data).hexdigest(),
+        bytes=len(data),
+        tensors=["w"],
+    )
+    learner, relay = server(fanout=1), server(fanout=1)
+    try:
+        learner.offer(1, folder, [shard], owned=False)
+        entries = relay.receiving(learner.token, 1, tmp_path / "a", [shard])
+        (tmp_path / "a").mkdir()
+        url = f"{learner.url}/v1/s.safetensors"
+        fetch_shard(
+            url, shard, tmp_path / "a" / shard.name, relay=relay.base, entry=entries[shard.name]
+        )
+        assert (tmp_path / "a" / shard.name).read_bytes() == data
+        # A second requester is redirected by the learner to the relay, which sends it all.
+        (tmp_path / "b").mkdir()
+        fetch_shard(url, shard, tmp_path / "b" / shard.name, relay="http://127.0.0.1:9")
+        assert (tmp_path / "b" / shard.name).read_bytes() == data
+        assert learner.sent_bytes == relay.sent_bytes == len(data)
+
+        flipped = bytearray(data)
+        flipped[8 * (64 << 10) + 3] ^= 0x01  # in the ninth chunk
+        (folder / "s.safetensors").write_bytes(bytes(flipped))
+        with pytest.raises(ShardError, match="sha256 mismatch"):
+            fetch_shard(url, shard, tmp_path / "c", relay=relay.base)
+        assert not (tmp_path / "c").exists()
+    finally:
+        learner.close()
+        relay.close()

@@ -53,18 +53,28 @@ def _numel(t: torch.Tensor) -> int:
 
 
 def _gathered(
-    tensors: list[tuple[str, torch.Tensor]], dtype: torch.dtype, keep: bool
+    tensors: list[tuple[str, torch.Tensor]], out: torch.Tensor | None
 ) -> Iterator[tuple[str, torch.Tensor | None]]:
-    """Each tensor in full on CPU in `dtype`, one parameter gathered at a time (ZeRO-3)."""
+    """Each tensor in full, one parameter gathered at a time (ZeRO-3), cast into consecutive
+    parts of the flat CPU tensor `out` (its dtype is the serving dtype); None where `out` is
+    None (a rank that writes nothing)."""
+    offset = 0
     for name, t in tensors:
         if hasattr(t, "ds_id"):
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
-                full = t.detach().to("cpu", dtype, copy=True) if keep else None
+                full = _cast_into(t, out, offset)
         else:
-            full = t.detach().to("cpu", dtype, copy=True) if keep else None
+            full = _cast_into(t, out, offset)
+        offset += _numel(t)
         yield name, full
+
+
+def _cast_into(t: torch.Tensor, out: torch.Tensor | None, offset: int) -> torch.Tensor | None:
+    if out is None:
+        return None
+    return out[offset : offset + t.numel()].view(t.shape).copy_(t.detach())
 
 
 def write_shards(
@@ -91,11 +101,15 @@ def write_shards(
     directory = Path(directory)
     if rank == 0:
         directory.mkdir(parents=True, exist_ok=True)
+    # One buffer for every shard: casting into memory already touched cost 0.35 CPU s/GB
+    # here, into fresh memory 0.85 (a page fault per 4 KiB).
+    largest = max(sum(_numel(by_name[n]) for n in names) for names in plan) if plan else 0
+    out = torch.empty(largest, dtype=torch_dtype) if rank == 0 else None
     # Each shard is hashed in a thread while the next is gathered, cast and written.
     with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
         described = []
         for i, names in enumerate(plan):
-            full = dict(_gathered([(n, by_name[n]) for n in names], torch_dtype, keep=rank == 0))
+            full = dict(_gathered([(n, by_name[n]) for n in names], out))
             if rank != 0:
                 continue
             path = directory / shard_name(i, len(plan))

@@ -48,7 +48,7 @@ def test_a_typo_in_set_names_the_field_and_the_fields_there_are(command, config,
     assert rc == 2
     line = error_line(capsys)
     assert line.startswith(f"aha {command[0]}: error: learner.grpo.betta: Extra inputs")
-    assert "known: beta, eps_high, eps_low, is_cap, mode, ppo_epochs" in line
+    assert "known: beta, eps_high, eps_low, is_cap, minibatches, mode, ppo_epochs" in line
     assert line.endswith("(--set)")  # not blamed on the file
 
 

@@ -29,7 +29,6 @@ ARRAY_EXT = 1
 _DTYPES = {"int32": "<i4", "float32": "<f4", "int64": "<i8", "float64": "<f8", "uint8": "u1"}
 _CODES = {name: code for code, name in enumerate(_DTYPES, start=1)}
 _NAMES = {code: name for name, code in _CODES.items()}
-_CODE_OF = {np.dtype(le): _CODES[name] for name, le in _DTYPES.items()}
 _LE_OF = {code: np.dtype(_DTYPES[name]) for code, name in _NAMES.items()}
 _HEADER_1D = struct.Struct("<BBI")  # the common case: dtype code, ndim = 1, length
 _BIN_DTYPES = frozenset({np.dtype("<i4"), np.dtype("<f4")})
@@ -52,16 +51,15 @@ class EncodeError(ValueError):
 
 
 def _pack_array(obj: np.ndarray):
+    if obj.ndim == 1 and obj.dtype in _BIN_DTYPES and obj.flags.c_contiguous:
+        return obj.data  # the array's own buffer: msgpack copies it once, into the message
+    name = obj.dtype.name
+    if name not in _DTYPES:
+        raise TypeError(f"cannot send arrays of dtype {name}")
+    obj = np.ascontiguousarray(obj, dtype=_DTYPES[name])  # little-endian, in order
     if obj.ndim == 1 and obj.dtype in _BIN_DTYPES:
-        # The array's own buffer: msgpack copies it once, into the message.
-        return (obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)).data
-    code = _CODE_OF.get(obj.dtype)  # little-endian int64/float64/...: no conversion
-    if code is None:
-        name = obj.dtype.name
-        if name not in _DTYPES:
-            raise TypeError(f"cannot send arrays of dtype {name}")
-        code, obj = _CODES[name], obj.astype(_DTYPES[name])
-    header = struct.pack(f"<BB{obj.ndim}I", code, obj.ndim, *obj.shape)
+        return obj.data
+    header = struct.pack(f"<BB{obj.ndim}I", _CODES[name], obj.ndim, *obj.shape)
     return msgpack.ExtType(ARRAY_EXT, header + obj.tobytes())
 
 
@@ -70,7 +68,7 @@ def _default(obj):
     bytes, a numpy scalar its Python number."""
     renamed = _RENAMED.get(type(obj), _UNKNOWN)  # before isinstance: BaseModel's is slow
     if renamed is _UNKNOWN:
-        if type(obj) is np.ndarray:
+        if isinstance(obj, np.ndarray):
             return _pack_array(obj)
         if not isinstance(obj, BaseModel):
             if isinstance(obj, np.generic):

@@ -180,6 +180,9 @@ def test_arrays_in_the_extension_form_still_decode():
     grid = np.arange(6, dtype=np.int64).reshape(2, 3)
     back = decode(encode(make_task(meta={"grid": grid})), Task).meta["grid"]
     assert back.dtype == np.int64 and back.tolist() == [[0, 1, 2], [3, 4, 5]]
+    # big-endian and strided arrays are sent little-endian, in order
+    swapped = decode(encode(make_task(meta={"g": grid.astype(">i8").T})), Task).meta["g"]
+    assert swapped.dtype == np.int64 and swapped.tolist() == [[0, 3], [1, 4], [2, 5]]
 
 
 def test_token_bytes_that_are_not_whole_int32s_name_the_field():
@@ -266,6 +269,11 @@ def test_misaligned_samples_and_scores_are_rejected():
 def test_what_msgpack_cannot_carry_fails_at_encode_with_a_clear_error():
     with pytest.raises(EncodeError, match="cannot encode Task: .*int"):
         encode(make_task(meta={"n": 2**64}))  # msgpack integers stop at 64 bits
+    with pytest.raises(EncodeError, match="cannot encode Task: .*complex64"):
+        encode(make_task(meta={"z": np.zeros(2, np.complex64)}))
+    # The failed message left nothing behind in the packer the next one reuses.
+    task = make_task(7)
+    assert decode(encode(task), Task) == task
 
 
 def forged_scored(reward: float) -> bytes:

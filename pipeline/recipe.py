@@ -600,8 +600,9 @@ def _grpo(run: Run, stage: GrpoStage, folder: Path) -> dict[str, Any]:
     from protocol.config import merge
 
     model = run.resolve(stage.model)
-    dataset = (stage.parts.get("learner") or {}).get("dataset") or {}
-    url = run.bus.url(model, dataset.get("max_tokens", 1024))
+    dataset = (stage.parts.get("learner") or {}).get("dataset")
+    max_tokens = dataset.get("max_tokens") if isinstance(dataset, dict) else None
+    url = run.bus.url(model, max_tokens if isinstance(max_tokens, int) else 1024)
     resume = stage.name in run.resuming  # the learner's checkpoint, the queues as they are
     if not resume:
         run.bus.clear_training()  # what an earlier grpo stage left

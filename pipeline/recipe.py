@@ -575,7 +575,10 @@ class SamplingBus:
             finally:
                 await bus.close()
 
-        asyncio.run(clear())
+        try:
+            asyncio.run(clear())
+        except Exception as e:  # a bus whose user may not purge: leftovers are dead-lettered
+            log().warning("could not clear the earlier learner's leftovers", error=repr(e))
 
     def _check(self) -> None:
         """Restart a part that died since the last stage (the supervisor's restart budget)."""

@@ -211,7 +211,7 @@ def summarize(learner, run_dir: Path, loop: LoopResult, before, after, started: 
         "max_staleness_trained": max((r.get("staleness_max", 0) for r in steps), default=None),
         "max_staleness_bound": learner.max_staleness,
         "final_model": str(final) if (final / "config.json").exists() else None,
-        "plot": str(plot_curves(steps, run_dir / "curves.png") or ""),
+        "plot": str(plot_curves(steps, run_dir / "curves.png", loop.metrics.rows) or ""),
         "run_dir": str(run_dir),
     }
 

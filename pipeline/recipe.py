@@ -937,7 +937,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         table.add_row(s["name"], s["kind"], seconds, s["outputs"])
     console.print(table)
     if summary["findings"]:
-        table = Table(title="held-out evaluation")
+        table = Table(title="held-out evaluation (R1's findings are judged on pass@1)")
         for column in ("model", "greedy accuracy", "pass@1", "length", "thinking share"):
             table.add_column(column)
         for label, f in summary["findings"].items():

@@ -77,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-problems", type=int, default=500, help="held-out problems")
     p.add_argument("--eval-samples", type=int, default=4, help="samples per problem for pass@1")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=["vllm", "hf"], help="the actors' engine (default: aha's)")
     p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where the variants' runs go")
     p.add_argument("--name", help="benchmark run name (default: bench-efficiency-<time>)")
     add_output_args(p)
@@ -120,7 +121,7 @@ def run_variant(args, bench_dir: Path, name: str, model: Path) -> dict:
     )
     cmd = [sys.executable, "-m", "deploy.cli", "up", "--json", "--name", name]
     cmd += ["--config", str(config), "--model", str(model), "--max-steps", str(args.steps)]
-    cmd += VARIANTS[name]
+    cmd += VARIANTS[name] + (["--engine", args.engine] if args.engine else [])
     env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}  # its own embedded server
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     say(f"{name}: {' '.join(VARIANTS[name]) or '(the defaults)'}")

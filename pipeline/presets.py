@@ -48,5 +48,7 @@ learner's own defaults. They differ because the learner's defaults are for real 
 with a 100x larger rate, little KL, short answers, token-level averaging and two passes over
 each batch. Measured against them from one cold start (`benchmarks/efficiency.py`, README
 "What limits pass@1"): 4 Adam steps per batch (`grpo.minibatches = 2`) gained nothing, 4 at
-lr 2e-4 oscillated, 32 prompts per step gained 0.06 pass@1 for 1.6x the time per step. A
-`--config` file's `[learner]` section refines them key by key."""
+lr 2e-4 oscillated, 32 prompts per step gained 0.03-0.06 pass@1 for 1.6x the time per step;
+the same values on the tiny model with 4 attention heads of 16 (HF engine) reach pass@1 0.87
+in 30 steps at η = 2, where the demo's 2-head model ends near 0.55. A `--config` file's
+`[learner]` section refines them key by key."""

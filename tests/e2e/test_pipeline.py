@@ -4,6 +4,9 @@ which never ran) run again; the stage before it is skipped, its output untouched
 Three cheap stages: rejection sampling of a hand-made samples file, `aha sft` of the tiny
 model on the kept pairs (a real DeepSpeed process: the stage that is killed), and a held-out
 evaluation of the fine-tuned model.
+
+And the demo recipe on a smaller budget, which must show the direction of R1's three findings
+on held-out pass@1 (slow: tens of minutes on a loaded 2-core machine).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = "<think>3+6+0=9,2+5+0=7,1+4+0=5</think><answer>579</answer>"
@@ -177,3 +182,65 @@ def test_bus_sampled_stages_share_one_server_actor_and_rewarder(tmp_path):
     assert [(s["was"], s["serving"]) for s in switches] == [
         (str(tmp_path / "a"), str(tmp_path / "b"))
     ]
+
+
+def fast_demo(folder: Path) -> Path:
+    """The demo recipe on a smaller budget: 15 GRPO steps, the distillation from that first RL
+    model (no second GRPO), a shorter student, its RL control 5 steps, 200 held-out problems.
+    The cold start and the SFTs on RS data keep their steps and the 1,000 prompts: with 500
+    prompts and 600 steps the filtered SFT (700 pairs) fit worse than the unfiltered one (1,250)
+    and scored below it (pass@1 0.13 vs 0.18, measured)."""
+    import tomllib
+
+    import tomli_w
+
+    from pipeline.recipe import demo_recipe
+
+    recipe = tomllib.loads(demo_recipe().read_text())
+    recipe["pipeline"] |= {"name": "fast"}
+    recipe["pipeline"]["demo"] |= {"held_out": 200}
+    steps = {"distill": 600, "student-cold-start": 300}
+    stages = []
+    for stage in recipe["stages"]:
+        if stage["name"] == "rl-2":
+            continue
+        if stage["name"] in steps:
+            stage |= {"steps": steps[stage["name"]], "lr": 3e-3}
+        if stage["kind"] == "grpo":
+            stage |= {"max_steps": 15 if stage["name"] == "rl" else 5}
+            stage["up"] = {"eval_problems": 20, "eval_samples": 0}
+        if stage["name"] == "distill":
+            stage["teacher"] = "@rl"
+        if stage["name"] == "eval-students":
+            del stage["models"]["rl_after_sft"]
+        stages.append(stage)
+    path = folder / "r.toml"
+    path.write_text(tomli_w.dumps({**recipe, "stages": stages}))
+    return path
+
+
+@pytest.mark.slow
+def test_the_fast_demo_shows_the_direction_of_r1s_three_findings(tmp_path):
+    fast_demo(tmp_path)
+    run = pipeline(tmp_path)
+    out, err = run.communicate(timeout=2400)
+    assert run.returncode == 0, err.decode()[-2000:]
+    summary = json.loads(out.decode().strip().splitlines()[-1])
+    assert summary["wall_seconds"] > 0 and Path(summary["plot"]).is_file()
+    assert [s["kind"] for s in summary["stages"]][:3] == ["sft", "grpo", "eval"]
+    found = summary["findings"]
+    p = {label: found[label]["pass_at_1"] for label in FINDING_LABELS}
+    greedy = {label: found[label]["accuracy"] for label in FINDING_LABELS}
+    print("pass@1", p, "greedy", greedy, "seconds", summary["wall_seconds"])
+    cold, rl = found["cold_start"], found["rl"]
+    # 1. RL improves reasoning: pass@1 up, and the model thinks more and longer.
+    assert p["rl"] > p["cold_start"]
+    assert rl["mean_length"] > cold["mean_length"]
+    assert rl["thinking_share"] > cold["thinking_share"]
+    # 2. SFT of the base on filtered RS data beats SFT on the same samples unfiltered.
+    assert p["sft_rs"] > p["sft_unfiltered"]
+    # 3. The distilled student beats the same student trained by RL alone.
+    assert p["distilled"] > p["student_rl"]
+
+
+FINDING_LABELS = ("cold_start", "rl", "sft_rs", "sft_unfiltered", "distilled", "student_rl")

@@ -7,7 +7,7 @@ VENV ?= .venv
 ENGINE ?= cpu
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev up test bench
+.PHONY: install install-dev up test test-demo bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
+
+# The demo recipe on a smaller budget, checking the direction of R1's three findings: ~13
+# minutes on 2 cores, and its second finding is near its edge, so not part of `make test`.
+test-demo: install-dev
+	$(BIN)/python -m pytest -q -s -m demo tests/e2e/test_pipeline.py
 
 bench: install-dev
 	$(BIN)/python benchmarks/bus.py

@@ -220,6 +220,7 @@ def fast_demo(folder: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.demo
 def test_the_fast_demo_shows_the_direction_of_r1s_three_findings(tmp_path):
     fast_demo(tmp_path)
     run = pipeline(tmp_path)

@@ -364,9 +364,19 @@ class Actor:
 
         A watcher entry only says that `latest` changed; the current value is read when the
         entry is handled, so versions published during a slow load are skipped for the newest
-        (the entries they left behind then find nothing newer to do).
+        (the entries they left behind then find nothing newer to do). Starting the watch
+        retries while NATS times out: a server killed just as the actor starts must not stop
+        it (its first entry, the current value, catches up on what was published meanwhile).
         """
-        watcher = await kv.watch(KEY_LATEST, ignore_deletes=True)
+        retry_s = 0.5
+        while True:
+            try:
+                watcher = await kv.watch(KEY_LATEST, ignore_deletes=True)
+                break
+            except _TRANSIENT as e:
+                log.warning("weights watch failed: retrying", error=repr(e), delay=retry_s)
+                await asyncio.sleep(retry_s)
+                retry_s = min(2 * retry_s, 30.0)
         try:
             async for entry in watcher:
                 if entry is not None:  # None marks the end of the initial values

@@ -23,12 +23,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
 import structlog
 
 from pipeline.steps import sft_config
+from pipeline.tiny_model import TinySpec, save_tiny_model
 
 log = structlog.get_logger("pipeline.coldstart")
 
@@ -67,20 +69,21 @@ def cold_start_model(
     python: str = sys.executable,
     env: dict[str, str] | None = None,
     on_step: Callable[[int], None] | None = None,
+    spec: TinySpec | None = None,
 ) -> Path:
-    """The tiny model from a config, then `steps` of `aha sft` (0: the model as built).
+    """The tiny model from a config (`spec`, default the demo's; its seed is `seed`), then
+    `steps` of `aha sft` (0: the model as built).
 
     A complete `run_dir/cold-start/` from an earlier attempt is returned as it is. `on_step`
     is called with each SFT step done (read from the log as the process writes it).
     """
     from pipeline import demo
-    from pipeline.tiny_model import TinySpec, save_tiny_model
 
     out = run_dir / "cold-start"
     if steps and complete(run_dir):
         log.info("cold start reused", model=str(out))
         return out
-    base = save_tiny_model(run_dir / "base", TinySpec(seed=seed))
+    base = save_tiny_model(run_dir / "base", replace(spec or TinySpec(), seed=seed))
     if steps == 0:
         return base
     exclude = {r["prompt"] for r in held_out}

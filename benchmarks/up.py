@@ -1,10 +1,12 @@
 """`aha up` side by side, in one run (issue 6, item 5): P6, P2 and P3 on one cold-start model.
 
-    python benchmarks/up.py [--steps N] [--skip-trl] [--cold-start PATH]
+    python benchmarks/up.py [--size demo|compute] [--steps N] [--skip-trl] [--cold-start PATH]
 
-1. Prepares ONE cold-start model (the demo's tiny Qwen2 + `aha sft`, `pipeline.coldstart`)
-   and the demo's RL prompts and held-out set, so every contender starts from the same weights
-   and sees the same prompts.
+1. Prepares ONE cold-start model (a tiny Qwen2 + `aha sft`, `pipeline.coldstart`) and the
+   demo's RL prompts and held-out set, so every contender starts from the same weights and
+   sees the same prompts. `--size` picks the model (`SIZES`): `demo`, `aha up`'s 160k
+   parameters, where per-message overhead dominates; `compute` (issue 12, item 3), 3.4M
+   parameters, where one step's generation and update each take seconds on a core.
 2. P6 + P2: `aha up --model COLD --max-steps N` with the default `--max-staleness 2` and with
    `--max-staleness 0` (synchronous), same seed: wall time for the steps, whole RL phase,
    held-out greedy accuracy and pass@1 after, the learner's share of time waiting for data.
@@ -12,11 +14,18 @@
    `format_think`, `answer_tag`), G = 8, 16 prompts per step, lr 1e-4 constant, β = 0.01,
    clip 0.2, token-mean ("dapo") loss, 2 optimizer steps per batch (aha's `ppo_epochs = 2`
    is TRL's `num_iterations = 2`), AdamW β = (0.9, 0.99), grad clip 1, temperature 1, 64
-   completion tokens, CPU, fp32, one thread. TRL lives in its own venv (`--trl-venv`, made on
+   completion tokens, CPU, fp32, `--trl-threads` torch threads (2: the same 2 cores aha's
+   actor and learner get, one each). TRL lives in its own venv (`--trl-venv`, made on
    first use: a fresh venv that sees the project's packages through a `.pth` file, with
    `trl` pip-installed into it), never in the project's.
 4. Prints a table (each figure also as a ratio against the baseline: TRL, or aha synchronous
    with `--skip-trl`) and writes `benchmarks/results/up-<date>.json`.
+
+Cores (`--pin`, on by default with ≥ 2 CPUs): every aha part runs one torch thread (as `aha
+up` starts them); the benchmark pins every thread of the actor's processes to CPU 0 (vLLM's
+CPU engine is told the same core through `VLLM_CPU_OMP_THREADS_BIND`) and the learner's to
+CPU 1; the rewarder, NATS and the supervisor are left to the OS. TRL's one process may use
+both. `--no-pin` leaves all of it to the OS.
 
 What is measured, for every contender alike:
 - `steps_s`: wall time from the end of step 1 to the end of step N (N − 1 steady-state steps;
@@ -31,19 +40,30 @@ What is measured, for every contender alike:
   same held-out problems (greedy, and `--eval-samples` samples at temperature 1);
 - `wait`: the learner's share of wall time waiting for data (P2). aha: the learner's
   `wait_share` per step, weighted by `step_seconds`, steps 2..N. TRL: the share of `train()`
-  spent generating and scoring (the trainer waits for its own data).
+  spent generating and scoring (the trainer waits for its own data);
+- where a step's time goes: `gen_s`, seconds of generation per step (aha: the union of the
+  actor's `rollout` log lines' generation intervals between the ends of steps 1 and N, over
+  N − 1; TRL: its `_generate` calls over N); `update_s`, seconds of training per step (aha: the
+  learner's `train_seconds`, its reference and behaviour log-prob passes included; TRL: the
+  rest of `train()`, which holds those passes and scoring);
+- `actor_idle`: the actor's share of that window with neither a task in its engine nor weights
+  loading (from the actor's `rollout` and `weights loaded` lines, `actor_load` the latter's
+  share; TRL: 1 − its generation share, the generator idles while the trainer trains).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +75,23 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+SIZES: dict[str, dict[str, int]] = {
+    "demo": {},
+    "compute": {
+        "hidden_size": 256,
+        "num_layers": 4,
+        "num_heads": 8,
+        "num_kv_heads": 8,
+        "intermediate_size": 768,
+    },
+}
+"""`pipeline.tiny_model.TinySpec` fields per `--size` (the rest: the demo's). `compute` keeps
+heads of 32, which vLLM's CPU attention runs; one GRPO step of it (128 completions, 2 PPO
+epochs) takes seconds of generation and of update on one core."""
+
+ACTOR_CPU, LEARNER_CPU = 0, 1
+"""The cores `--pin` gives aha's actor and learner."""
+
 TRL_VERSION = "1.16.0"
 """The TRL release this benchmark was written against (transformers 5, torch 2.13 CPU)."""
 
@@ -62,6 +99,7 @@ TRL_VERSION = "1.16.0"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=30, help="GRPO steps per contender (N)")
+    p.add_argument("--size", choices=list(SIZES), default="demo", help="the model (SIZES)")
     p.add_argument("--skip-trl", action="store_true", help="leave out P3 (TRL's GRPOTrainer)")
     p.add_argument("--cold-start", help="reuse this cold-start HF folder instead of making one")
     p.add_argument("--cold-start-steps", type=int, default=1400, help="SFT steps of the cold start")
@@ -71,6 +109,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=5, help="steps in the rolling mean for --target")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", choices=["vllm", "hf"], help="aha actors' engine (default: aha's)")
+    p.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=(os.cpu_count() or 1) >= 2,
+        help=f"pin aha's actor to CPU {ACTOR_CPU} and its learner to CPU {LEARNER_CPU}",
+    )
+    p.add_argument("--trl-threads", type=int, default=2, help="TRL's torch threads")
     p.add_argument(
         "--trl-venv", default="/tmp/aha-trl-venv", help="TRL's own venv (made if missing)"
     )
@@ -89,7 +134,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the figures (up_time_to_accuracy, up_async_vs_sync) as JSON lines on stdout",
     )
     p.add_argument("--trl-worker", help=argparse.SUPPRESS)  # internal: run TRL from a spec file
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.trl_threads < 1:
+        p.error(f"--trl-threads must be at least 1, got {args.trl_threads}")
+    if args.pin and (os.cpu_count() or 1) < 2:
+        p.error(
+            f"--pin needs 2 CPUs (one for the actor, one for the learner); {os.cpu_count()} here"
+        )
+    return args
 
 
 def load() -> list[float]:
@@ -140,6 +192,25 @@ def step_figures(steps: list[dict], target: float, window: int) -> dict:
 # -- the cold start ----------------------------------------------------------------------------
 
 
+def size_spec(size: str):
+    """The `TinySpec` of `--size` (imported late: after `snapshot`, from the code under test)."""
+    from pipeline.tiny_model import TinySpec
+
+    return TinySpec(**SIZES[size])
+
+
+def count_parameters(model: Path) -> int:
+    """Parameters in an HF folder's safetensors (tied embeddings are stored, and counted, once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(Path(model).glob("*.safetensors")):
+        with safe_open(str(path), "np") as f:
+            for key in f.keys():
+                total += math.prod(f.get_slice(key).get_shape())
+    return total
+
+
 def prepare(args, bench_dir: Path):
     """The demo's RL prompts, held-out set and (unless given) one cold-start model."""
     from pipeline.coldstart import cold_start_model, demo_data
@@ -153,13 +224,103 @@ def prepare(args, bench_dir: Path):
         return Path(args.cold_start).resolve(), dataset, held_out, None
     t = time.monotonic()
     say(
-        f"cold start: {args.cold_start_steps} SFT steps (log: {bench_dir / 'logs' / 'cold-start.log'})"
+        f"cold start: {args.size} model, {args.cold_start_steps} SFT steps "
+        f"(log: {bench_dir / 'logs' / 'cold-start.log'})"
     )
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     model = cold_start_model(
-        bench_dir, held_out, steps=args.cold_start_steps, seed=args.seed, env=env
+        bench_dir,
+        held_out,
+        steps=args.cold_start_steps,
+        seed=args.seed,
+        env=env,
+        spec=size_spec(args.size),
     )
     return model, dataset, held_out, round(time.monotonic() - t, 1)
+
+
+# -- cores and where the time goes ------------------------------------------------------------
+
+
+def part_processes(marker: str) -> list[int]:
+    """Pids of the processes whose `AHA_PART` is `marker`: `deploy.supervisor` sets it in every
+    process of a part, so a part's children (vLLM's engine core) are found too."""
+    needle = f"AHA_PART={marker}\0".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if needle in (proc / "environ").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:  # gone, or not ours
+                continue
+    return pids
+
+
+def pin(pids: list[int], cpu: int) -> None:
+    """Every thread of `pids` onto `cpu` (an affinity is per thread: `taskset -a`)."""
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                if os.sched_getaffinity(int(task.name)) != {cpu}:
+                    os.sched_setaffinity(int(task.name), {cpu})
+            except OSError:  # the thread ended
+                continue
+
+
+class Pinner(threading.Thread):
+    """Keeps aha's actor on ACTOR_CPU and its learner on LEARNER_CPU while `aha up` runs.
+    Parts start processes and threads at their own pace, so it looks again every half second."""
+
+    def __init__(self, log_dir: Path):
+        super().__init__(daemon=True)
+        where = log_dir.resolve()
+        self.cpus = {f"actor-0@{where}": ACTOR_CPU, f"learner@{where}": LEARNER_CPU}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            for marker, cpu in self.cpus.items():
+                pin(part_processes(marker), cpu)
+
+
+def busy_seconds(intervals: list[tuple[float, float]], start: float, end: float) -> float:
+    """Length of the union of `intervals` (start, end) inside [start, end]: overlapping
+    generations (an engine running several tasks) count once."""
+    clipped = sorted((max(a, start), min(b, end)) for a, b in intervals if b > start and a < end)
+    total, reach = 0.0, start
+    for a, b in clipped:
+        if b > reach:
+            total += b - max(a, reach)
+            reach = b
+    return total
+
+
+def actor_figures(log: Path, start: float, end: float, steps: int) -> dict:
+    """The actor's time between `start` and `end` (epoch s, the ends of learner steps 1 and N,
+    `steps` = N − 1 steps apart), from its log: each `rollout` line ends a generation of
+    `seconds`, each `weights loaded` line a fetch + load; the rest is idle."""
+    generating, loading, engine = [], [], None
+    for r in read_jsonl(log):
+        if not isinstance(r, dict) or "timestamp" not in r:
+            continue  # vLLM's own lines
+        t = datetime.fromisoformat(r["timestamp"]).timestamp()
+        if r.get("event") == "rollout":
+            generating.append((t - r["seconds"], t))
+        elif r.get("event") == "weights loaded":
+            loading.append((t - r["fetch_seconds"] - r["load_seconds"], t))
+        elif r.get("event") == "actor ready":
+            engine = r.get("backend")
+    window = end - start
+    if window <= 0 or steps < 1:
+        return {"engine": engine}
+    busy = busy_seconds(generating + loading, start, end)
+    return {
+        "engine": engine,
+        "gen_s": round(busy_seconds(generating, start, end) / steps, 3),
+        "actor_load": round(busy_seconds(loading, start, end) / window, 4),
+        "actor_idle": round(1 - busy / window, 4),
+    }
 
 
 # -- aha -------------------------------------------------------------------------------------
@@ -195,13 +356,23 @@ def run_aha(args, bench_dir: Path, name: str, staleness: int, model: Path) -> di
         cmd += ["--engine", args.engine]
     env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}  # its own embedded server
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    if args.pin:  # vLLM binds its engine's threads itself: to the actor's core, not its choice
+        env.update(VLLM_CPU_OMP_THREADS_BIND=str(ACTOR_CPU))
     load_before = load()
     say(f"aha {name}: --max-staleness {staleness}, {args.steps} steps")
     t = time.monotonic()
+    pinner = Pinner(bench_dir / name / "logs") if args.pin else None
     with open(bench_dir / f"{name}.stderr.log", "w") as err:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=SRC, env=env)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=SRC, env=env
+        )
+        if pinner:
+            pinner.start()
+        stdout, _ = proc.communicate()
+        if pinner:
+            pinner.done.set()
     wall = time.monotonic() - t
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    lines = [line for line in stdout.splitlines() if line.strip()]
     try:
         summary = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError) as e:
@@ -213,11 +384,26 @@ def run_aha(args, bench_dir: Path, name: str, staleness: int, model: Path) -> di
     later = steps[1:]
     weighted = sum(r["wait_share"] * r["step_seconds"] for r in later)
     total = sum(r["step_seconds"] for r in later)
+    actor = (
+        actor_figures(
+            bench_dir / name / "logs" / "actor-0.log",
+            steps[0]["time"],
+            steps[-1]["time"],
+            len(later),
+        )
+        if steps
+        else {}
+    )
     return {
         "contender": f"aha max-staleness {staleness}",
         "exit_code": proc.returncode,
         "ended": summary.get("ended"),
         **step_figures(steps, args.target, args.window),
+        "update_s": round(statistics.fmean(r["train_seconds"] for r in later), 3)
+        if later
+        else None,
+        **actor,
+        "pinned": {"actor": ACTOR_CPU, "learner": LEARNER_CPU} if args.pin else None,
         "rl_s": summary.get("rl_seconds"),
         "process_wall_s": round(wall, 1),
         "greedy_before": summary.get("accuracy_before"),
@@ -289,20 +475,21 @@ def run_trl(args, bench_dir: Path, model: Path, dataset: Path, held_out: list[di
                 "max_tokens": 64,
                 "ppo_epochs": 2,
                 "micro_batch": 32,
+                "threads": args.trl_threads,
             }
         )
     )
     env = {
         **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": str(args.trl_threads),
+        "MKL_NUM_THREADS": str(args.trl_threads),
         "HF_HUB_OFFLINE": "1",
         "CUDA_VISIBLE_DEVICES": "",
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONPATH": str(SRC),
     }
     load_before = load()
-    say(f"TRL GRPOTrainer: {args.steps} steps (log: {out / 'trl.log'})")
+    say(f"TRL GRPOTrainer: {args.steps} steps, {args.trl_threads} threads (log: {out / 'trl.log'})")
     t = time.monotonic()
     with open(out / "trl.log", "w") as log:
         proc = subprocess.run(
@@ -334,6 +521,7 @@ def run_trl(args, bench_dir: Path, model: Path, dataset: Path, held_out: list[di
         "pass_at_1": after.pass_at_1,
         "length_after": after.mean_length,
         "wait": round(res["generate_s"] / res["train_s"], 4),
+        **trl_time_split(res),
         "step1_s": res["step1_s"],
         "setup_s": res["setup_s"],
         "train_s": res["train_s"],
@@ -346,14 +534,29 @@ def run_trl(args, bench_dir: Path, model: Path, dataset: Path, held_out: list[di
     }
 
 
+def trl_time_split(res: dict) -> dict:
+    """Where TRL's `train()` went, in aha's terms: `gen_s` its generation per step, `update_s`
+    the rest per step (scoring and the log-prob passes included, as aha's learner does them),
+    `actor_idle` the share of `train()` its generator was not generating."""
+    n = len(res["steps"])
+    if not n or not res["train_s"]:
+        return {}
+    return {
+        "gen_s": round(res["sample_s"] / n, 3),
+        "update_s": round((res["train_s"] - res["sample_s"]) / n, 3),
+        "actor_idle": round(1 - res["sample_s"] / res["train_s"], 4),
+        "engine": f"transformers generate, {res['threads']} threads",
+    }
+
+
 def trl_worker(spec_path: str) -> None:
     """Runs inside TRL's venv: GRPOTrainer with aha's recipe, per-step records to result.json."""
     import types
 
     import torch
 
-    torch.set_num_threads(1)
     spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec.get("threads", 1))
     t_start = time.monotonic()
     import accelerate
     import datasets
@@ -429,7 +632,8 @@ def trl_worker(spec_path: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
 
-    generate_s = [0.0]
+    generate_s = [0.0]  # generation, scoring and the old/reference log-prob passes
+    sample_s = [0.0]  # generation alone
 
     class Timed(GRPOTrainer):
         def _generate_and_score_completions(self, inputs):
@@ -438,6 +642,13 @@ def trl_worker(spec_path: str) -> None:
                 return super()._generate_and_score_completions(inputs)
             finally:
                 generate_s[0] += time.monotonic() - t
+
+        def _generate(self, prompts):
+            t = time.monotonic()
+            try:
+                return super()._generate(prompts)
+            finally:
+                sample_s[0] += time.monotonic() - t
 
     step_end: dict[int, float] = {}
 
@@ -483,6 +694,8 @@ def trl_worker(spec_path: str) -> None:
         "train_s": round(train_s, 2),
         "rl_s": round(rl_s, 2),
         "generate_s": round(generate_s[0], 2),
+        "sample_s": round(sample_s[0], 2),
+        "threads": torch.get_num_threads(),
         "step1_s": round(steps[0]["time"] - t_epoch, 2) if steps else None,
         "log_history": trainer.state.log_history,
     }
@@ -500,6 +713,9 @@ COLUMNS = [
     ("greedy", "greedy", "{:.3f}"),
     ("pass_at_1", "pass@1", "{:.3f}"),
     ("wait", "wait share", "{:.3f}"),
+    ("gen_s", "gen s/step", "{:.2f}"),
+    ("update_s", "update s/step", "{:.2f}"),
+    ("actor_idle", "actor idle", "{:.3f}"),
 ]
 
 
@@ -558,7 +774,8 @@ def snapshot(args, bench_dir: Path) -> dict:
 def report_figures(args, rows: list[dict], p6: dict) -> None:
     """`up_time_to_accuracy` (aha async's seconds to the target, baseline TRL's) and
     `up_async_vs_sync` (sync's wall time over async's for steps 1..N), each from this one run
-    (a run takes an hour or more), into `benchmarks/results/up-<date>.jsonl`."""
+    (a run takes an hour or more), into `benchmarks/results/up-<date>.jsonl` (with `--out
+    FILE`, FILE's name with `.jsonl`)."""
     from benchmarks.figures import figure, report
 
     figures = []
@@ -567,12 +784,22 @@ def report_figures(args, rows: list[dict], p6: dict) -> None:
     if to_target:
         runs = [trl] if trl else None
         figures.append(
-            figure("up_time_to_accuracy", "s", [to_target], runs, higher=False, target=args.target)
+            figure(
+                "up_time_to_accuracy",
+                "s",
+                [to_target],
+                runs,
+                higher=False,
+                target=args.target,
+                size=args.size,
+            )
         )
     if p6.get("speedup_async_over_sync_steps"):
-        figures.append(figure("up_async_vs_sync", "ratio", [p6["speedup_async_over_sync_steps"]]))
+        speedup = p6["speedup_async_over_sync_steps"]
+        figures.append(figure("up_async_vs_sync", "ratio", [speedup], size=args.size))
     if figures:
-        report(figures, argparse.Namespace(json=args.json, out=None), "up")
+        out = str(Path(args.out).with_suffix(".jsonl")) if args.out else None  # beside --out
+        report(figures, argparse.Namespace(json=args.json, out=out), "up")
 
 
 def main(argv=None) -> int:
@@ -580,6 +807,10 @@ def main(argv=None) -> int:
     if args.trl_worker:
         trl_worker(args.trl_worker)
         return 0
+    import structlog
+
+    # Logs (the cold start's) to stderr: stdout carries the table and, with --json, the figures.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     for key in ("cold_start", "out", "trl_venv", "runs_dir"):  # relative to where it was started
         if getattr(args, key):
             setattr(args, key, str(Path(getattr(args, key)).resolve()))
@@ -589,7 +820,8 @@ def main(argv=None) -> int:
     bench_dir = Path(args.runs_dir).resolve() / (args.name or f"bench-up-{stamp}")
     source = snapshot(args, bench_dir)
     model, dataset, held_out, cold_s = prepare(args, bench_dir)
-    say(f"cold-start model: {model}")
+    parameters = count_parameters(model)
+    say(f"cold-start model: {model} ({parameters:,} parameters)")
 
     rows = [
         run_aha(args, bench_dir, "aha-async", 2, model),
@@ -619,6 +851,14 @@ def main(argv=None) -> int:
         else None,
     }
     notes = [
+        f"model: --size {args.size}, {parameters:,} parameters; aha's engine "
+        f"{async_.get('engine')}; "
+        + (
+            f"actor pinned to CPU {ACTOR_CPU}, learner to CPU {LEARNER_CPU}"
+            if args.pin
+            else "aha's parts scheduled by the OS"
+        )
+        + f"; TRL {args.trl_threads} torch threads",
         f"N = {args.steps} steps, 16 prompts × G 8; target: rolling mean of {args.window} steps' "
         f"training-sample accuracy ≥ {args.target} (time from the end of step 1)",
         f"held-out: {args.eval_problems} problems, greedy and pass@1 over {args.eval_samples} samples; "
@@ -655,6 +895,7 @@ def main(argv=None) -> int:
         "args": {k: v for k, v in vars(args).items() if k != "trl_worker"},
         "code": source,
         "cold_start": {"model": str(model), "seconds": cold_s},
+        "model": {"size": args.size, "spec": SIZES[args.size], "parameters": parameters},
         "baseline": baseline["contender"],
         "rows": rows,
         "p6": p6,

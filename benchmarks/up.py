@@ -5,7 +5,7 @@
 1. Prepares ONE cold-start model (a tiny Qwen2 + `aha sft`, `pipeline.coldstart`) and the
    demo's RL prompts and held-out set, so every contender starts from the same weights and
    sees the same prompts. `--size` picks the model (`SIZES`): `demo`, `aha up`'s 160k
-   parameters, where per-message overhead dominates; `compute` (issue 12, item 3), 3.4M
+   parameters, where per-message overhead dominates; `compute` (issue 12, item 3), 1.05M
    parameters, where one step's generation and update each take seconds on a core.
 2. P6 + P2: `aha up --model COLD --max-steps N` with the default `--max-staleness 2` and with
    `--max-staleness 0` (synchronous), same seed: wall time for the steps, whole RL phase,
@@ -78,16 +78,19 @@ if str(ROOT) not in sys.path:
 SIZES: dict[str, dict[str, int]] = {
     "demo": {},
     "compute": {
-        "hidden_size": 256,
+        "hidden_size": 128,
         "num_layers": 4,
-        "num_heads": 8,
-        "num_kv_heads": 8,
-        "intermediate_size": 768,
+        "num_heads": 4,
+        "num_kv_heads": 4,
+        "intermediate_size": 512,
     },
 }
-"""`pipeline.tiny_model.TinySpec` fields per `--size` (the rest: the demo's). `compute` keeps
-heads of 32, which vLLM's CPU attention runs; one GRPO step of it (128 completions, 2 PPO
-epochs) takes seconds of generation and of update on one core."""
+"""`pipeline.tiny_model.TinySpec` fields per `--size` (the rest: the demo's). `compute`
+(1,054,848 parameters, heads of 32, which vLLM's CPU attention runs) was sized by measuring
+one GRPO step (16 prompts × G 8, 2 PPO epochs) on one core of a busy 2-core machine: ~2.6 s
+of vLLM generation and ~6.6 s of learner update. At hidden 256 and FFN 768 (3.4M) generation
+stayed ~2.8 s while the update grew to ~12.6 s and a cold-start SFT step from ~0.5 s to
+~1.3 s: a slower benchmark, further from balance."""
 
 ACTOR_CPU, LEARNER_CPU = 0, 1
 """The cores `--pin` gives aha's actor and learner."""

@@ -25,16 +25,16 @@ def test_the_compute_size_is_cold_started_at_its_hand_counted_size(tmp_path):
     model = cold_start_model(tmp_path, [], steps=0, seed=3, spec=size_spec("compute"))
 
     config = json.loads((model / "config.json").read_text())
-    assert (config["hidden_size"], config["num_hidden_layers"]) == (256, 4)
-    assert (config["num_attention_heads"], config["intermediate_size"]) == (8, 768)
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (128, 4)
+    assert (config["num_attention_heads"], config["intermediate_size"]) == (4, 512)
     assert config["hidden_size"] // config["num_attention_heads"] == 32  # vLLM's CPU attention
     assert json.loads((model / "tiny_spec.json").read_text())["seed"] == 3
-    # vocab 28 (pad/bos/eos + 21 characters + 4 tags), h = 256, FFN 768, tied embeddings:
-    #   embeddings 28·256 = 7,168; final norm 256
-    #   per layer: q, k, v, o 4·256² = 262,144 + q/k/v biases 3·256 = 768
-    #              + gate, up, down 3·256·768 = 589,824 + two norms 2·256 = 512 → 853,248
-    #   7,168 + 4·853,248 + 256 = 3,420,416
-    assert count_parameters(model) == 3_420_416
+    # vocab 28 (pad/bos/eos + 21 characters + 4 tags), h = 128, FFN 512, tied embeddings:
+    #   embeddings 28·128 = 3,584; final norm 128
+    #   per layer: q, k, v, o 4·128² = 65,536 + q/k/v biases 3·128 = 384
+    #              + gate, up, down 3·128·512 = 196,608 + two norms 2·128 = 256 → 262,784
+    #   3,584 + 4·262,784 + 128 = 1,054,848
+    assert count_parameters(model) == 1_054_848
 
 
 def test_the_demo_size_is_the_demos_model(tiny_model_dir):

@@ -883,8 +883,9 @@ def main(argv=None) -> int:
             f"FAILED (fewer than {args.steps} steps or an abnormal end): {', '.join(failed)}"
         )
     notes.append(f"code: {source['commit']} ({source['source']})")
-    print(text)
-    print("\n".join("- " + n for n in notes))
+    human = sys.stderr if args.json else sys.stdout  # with --json, stdout is the figures only
+    print(text, file=human)
+    print("\n".join("- " + n for n in notes), file=human)
 
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),

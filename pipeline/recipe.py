@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -33,7 +34,14 @@ from pydantic import BaseModel, Field, ValidationError
 
 from pipeline.local_samples import PromptSettings
 from pipeline.rs import FilterConfig
-from pipeline.steps import StageFailed, distill, run_command, run_sft, sample_teacher
+from pipeline.steps import (
+    StageFailed,
+    distill,
+    run_command,
+    run_sft,
+    sample_teacher,
+    stop_children,
+)
 from protocol.config import CONFIG, ConfigError, read_file
 
 
@@ -203,8 +211,12 @@ class DemoInputs(BaseModel):
     """Direct-answer pairs (`<think></think><answer>N</answer>`): the non-reasoning share."""
     held_out: int = Field(500, ge=1)
     """Held-out problems for evaluation, never trained on."""
-    student_hidden: int = Field(32, ge=32)
-    """Width of the student model (the teacher's is 64); one head of 32."""
+    student_hidden: int = Field(32, ge=16)
+    """Width of the student model (the teacher's is 64)."""
+    head_size: Literal[16, 32] = 32
+    """Attention head size of both models: 32 (the teacher's 2 heads, the student's width / 32)
+    is what vLLM's CPU attention runs; 16 (DEMO.md's 4 heads of 16, the same parameters) learns
+    the task far faster but needs `[pipeline] engine = "hf"`."""
     seed: int = 0
     """Seed of the data and of both models."""
 
@@ -226,6 +238,17 @@ class PipelineSettings(BaseModel):
     actor and rewarder for all of them (at the first such stage, in `<run>/bus/`)."""
     engine: Literal["vllm", "hf"] | None = None
     """The engine of that actor; None: vLLM when installed, else the HF reference."""
+    parallel: int = Field(1, ge=1)
+    """Stages that may run at once. A stage starts when every stage it refers to (`@name`) is
+    done, earlier stages of the file first; the stages on the pipeline's bus (grpo, and rs or
+    distill sampled with `sampler = "bus"`) run one at a time. A stage's processes use one
+    thread each (`OMP_NUM_THREADS=1`): on a CPU machine, up to its cores; on GPUs, what their
+    memory holds at once."""
+
+
+def pool_engine(settings: PipelineSettings) -> str:
+    """The engine of the pipeline's own actor: `[pipeline] engine`, else vLLM when installed."""
+    return settings.engine or ("vllm" if importlib.util.find_spec("vllm") else "hf")
 
 
 class Recipe(BaseModel):
@@ -335,6 +358,7 @@ class Run:
         """Raise `ConfigError` for a reference to a stage not run before, or an input that is
         not there (files of earlier stages are not looked for, nor `$run/…` ones before the
         demo inputs are written)."""
+        self._check_demo()
         done: list[str] = []
         demo = self.recipe.pipeline.demo is not None and not demo_written
         for i, stage in enumerate(self.recipe.stages):
@@ -355,6 +379,24 @@ class Run:
                 if not wants_model and not path.is_file():
                     raise ConfigError(f"{where}.{field}: no such file: {path} ({self.file})")
             done.append(stage.name)
+
+    def _check_demo(self) -> None:
+        """The demo models' head size: one the student's width divides, and 16 only on the
+        HF engine (vLLM's CPU attention has no kernel for heads of 16)."""
+        settings = self.recipe.pipeline
+        if settings.demo is None:
+            return
+        size = settings.demo.head_size
+        if settings.demo.student_hidden % size:
+            raise ConfigError(
+                f"pipeline.demo.student_hidden: {settings.demo.student_hidden} is not a "
+                f"multiple of head_size {size} ({self.file})"
+            )
+        if size == 16 and settings.nats_url is None and pool_engine(settings) != "hf":
+            raise ConfigError(
+                f'pipeline.demo.head_size: heads of 16 need [pipeline] engine = "hf" '
+                f"(vLLM's CPU attention has no kernel for them) ({self.file})"
+            )
 
     def _check_reference(
         self, where: str, field: str, ref: str, done: list[str], wants_model: bool
@@ -497,7 +539,6 @@ class SamplingBus:
 
     def _start(self, model: Path, max_tokens: int) -> None:
         import asyncio
-        import importlib.util
 
         from deploy.supervisor import Part, Supervisor
         from protocol.bus import Bus
@@ -508,8 +549,7 @@ class SamplingBus:
         folder = self.run.dir / "bus"
         limit = max(payload_limit(16, max(max_tokens, 4096)), 8 << 20)
         server = self._stack.enter_context(NatsServer(folder / "nats", max_payload=limit))
-        engine = self.run.recipe.pipeline.engine
-        engine = engine or ("vllm" if importlib.util.find_spec("vllm") else "hf")
+        engine = pool_engine(self.run.recipe.pipeline)
         config = folder / "aha.toml"
         actor = {"model": str(model), "backend": engine, "model_dirs": self.model_dirs()}
         sections = {"bus": {"url": server.url}, "actor": actor, "rewarder": {}}
@@ -713,16 +753,47 @@ def write_demo_inputs(run: Run) -> None:
         for r in rl[spec.rl_prompts :]
     ]
     demo.write_jsonl(direct, folder / "direct.jsonl")
-    save_tiny_model(folder / "base", TinySpec(seed=spec.seed))
+    heads = 64 // spec.head_size
+    save_tiny_model(folder / "base", TinySpec(seed=spec.seed, num_heads=heads, num_kv_heads=heads))
+    heads = spec.student_hidden // spec.head_size
     student = TinySpec(
         seed=spec.seed,
         hidden_size=spec.student_hidden,
-        num_heads=spec.student_hidden // 32,
-        num_kv_heads=spec.student_hidden // 32,
+        num_heads=heads,
+        num_kv_heads=heads,
         intermediate_size=3 * spec.student_hidden,
     )
     save_tiny_model(folder / "student", student)
     (folder / "done").write_text("")
+
+
+def dependencies(run: Run, stage) -> set[str]:
+    """The stages `stage` refers to (`@name`, `@name/file`)."""
+    refs = run.refs(stage).values()
+    return {ref[1:].partition("/")[0] for ref in refs if ref.startswith("@")}
+
+
+def uses_bus(stage) -> bool:
+    """Whether `stage` runs on the pipeline's bus (its one actor serves one policy at a time)."""
+    if stage.kind == "grpo":
+        return True
+    sampled = stage.kind == "distill" or (stage.kind == "rs" and stage.model is not None)
+    return sampled and stage.sampler == "bus"
+
+
+def startable(run: Run, pending: list, done: set[str], running: list, parallel: int) -> list:
+    """The pending stages to start now, in the recipe's order: those whose references are all
+    `done`, as many as `parallel` leaves room for beside `running`, at most one on the bus."""
+    chosen: list = []
+    busy = any(uses_bus(s) for s in running)
+    for stage in pending:
+        if len(running) + len(chosen) >= parallel:
+            break
+        if not dependencies(run, stage) <= done or (busy and uses_bus(stage)):
+            continue
+        busy = busy or uses_bus(stage)
+        chosen.append(stage)
+    return chosen
 
 
 def run_stage(run: Run, stage, output_hashes: dict[str, str], resume: bool) -> dict[str, Any]:
@@ -745,19 +816,22 @@ def run_stage(run: Run, stage, output_hashes: dict[str, str], resume: bool) -> d
     base = {"name": stage.name, "kind": stage.kind, "fingerprint": fp, "inputs": inputs}
     base["settings"] = stage.model_dump(mode="json")
     base["attempts"] = attempts
-    write_record(record_file, {**base, "status": "running", "started": time.time()})
+    base["started"] = time.time()
+    write_record(record_file, {**base, "status": "running"})
     log().info("stage", stage=stage.name, kind=stage.kind, attempt=attempts)
     started = time.monotonic()
     try:
         result = RUNNERS[stage.kind](run, stage, folder)
     except Exception as e:  # recorded, then one line from the command; --resume reruns it
-        write_record(record_file, {**base, "status": "failed", "error": str(e)[-2000:]})
+        failed = {"status": "failed", "ended": time.time(), "error": str(e)[-2000:]}
+        write_record(record_file, {**base, **failed})
         if isinstance(e, ConfigError):
             raise ConfigError(f"{stage.name}: {e}") from e
         raise StageFailed(f"stage {stage.name} ({stage.kind}) failed: {e}") from e
     record = {
         **base,
         "status": "done",
+        "ended": time.time(),
         "seconds": round(time.monotonic() - started, 1),
         "output": str(output),
         "output_hash": hash_path(output),
@@ -768,24 +842,40 @@ def run_stage(run: Run, stage, output_hashes: dict[str, str], resume: bool) -> d
 
 
 def run_stages(run: Run, resume: bool) -> list[dict[str, Any]]:
-    """Every stage in order (each skipped when `resume` finds it done and unchanged)."""
-    output_hashes: dict[str, str] = {}
-    stages = []
-    for stage in run.recipe.stages:
-        record = run_stage(run, stage, output_hashes, resume)
-        output_hashes[stage.name] = record["output_hash"]
-        stages.append(
-            {
-                "name": stage.name,
-                "kind": stage.kind,
-                "skipped": record["skipped"],
-                "seconds": record["seconds"],
-                "attempts": record["attempts"],
-                "outputs": record["output"],
-                "result": record["result"],
-            }
-        )
-    return stages
+    """Every stage (each skipped when `resume` finds it done and unchanged), up to
+    `[pipeline] parallel` at once; after a failure no other starts, the running ones finish,
+    then the first failure is raised. Records in the recipe's order."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    parallel = run.recipe.pipeline.parallel
+    records: dict[str, dict[str, Any]] = {}
+    pending, running, failure = list(run.recipe.stages), {}, None
+    with ThreadPoolExecutor(parallel, thread_name_prefix="stage") as pool:
+        try:
+            while running or (pending and failure is None):
+                for stage in startable(run, pending, set(records), [*running.values()], parallel):
+                    pending.remove(stage)
+                    hashes = {name: r["output_hash"] for name, r in records.items()}
+                    running[pool.submit(run_stage, run, stage, hashes, resume)] = stage
+                if not running:
+                    raise RuntimeError(f"no stage can start: {[s.name for s in pending]}")
+                for future in wait(running, return_when=FIRST_COMPLETED)[0]:
+                    stage = running.pop(future)
+                    try:
+                        records[stage.name] = future.result()
+                    except Exception as e:
+                        failure = failure or e
+        except BaseException:  # Ctrl-C, SIGTERM: every running stage's command stops too
+            stop_children()
+            raise
+    if failure is not None:
+        raise failure
+    keys = ("skipped", "seconds", "attempts")
+    return [
+        {"name": s.name, "kind": s.kind, **{k: records[s.name][k] for k in keys}}
+        | {"outputs": records[s.name]["output"], "result": records[s.name]["result"]}
+        for s in run.recipe.stages
+    ]
 
 
 def run_recipe(run: Run, resume: bool) -> dict[str, Any]:

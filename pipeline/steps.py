@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,23 @@ from protocol.config import ConfigError
 
 def _die_with_parent() -> None:
     """In the child: SIGKILL when the pipeline process dies (a killed run leaves no stage
-    writing behind it)."""
+    writing behind it). The signal follows the thread that started the child: a stage's
+    thread waits for its command, so it outlives it."""
     import ctypes
 
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+_children: set[subprocess.Popen] = set()
+"""The stage commands running now (stages may run in several threads)."""
+_children_lock = threading.Lock()
+
+
+def stop_children() -> None:
+    """SIGTERM to every stage command running now (the pipeline is stopping)."""
+    with _children_lock:
+        for proc in _children:
+            proc.terminate()
 
 
 def run_command(argv: list[str], log_file: Path) -> None:
@@ -40,12 +54,17 @@ def run_command(argv: list[str], log_file: Path) -> None:
             env=env,
             preexec_fn=_die_with_parent,
         )
+        with _children_lock:
+            _children.add(proc)
         try:
             code = proc.wait()
         except BaseException:
             proc.terminate()
             proc.wait()
             raise
+        finally:
+            with _children_lock:
+                _children.discard(proc)
     if code:
         tail = " | ".join(log_file.read_text(errors="replace").splitlines()[-3:])
         raise StageFailed(f"aha {argv[0]} exited with {code}: {tail} ({log_file})")

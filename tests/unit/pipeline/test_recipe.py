@@ -293,3 +293,114 @@ def test_a_stage_command_that_fails_names_its_log(tmp_path, capsys):
     assert err.startswith("aha pipeline: stage e (eval) failed: aha eval exited with 2:")
     assert "eval.log" in err
     assert json.loads((tmp_path / "runs/t/stages/e.json").read_text())["status"] == "failed"
+
+
+PARALLEL_RECIPE = """
+[pipeline]
+name = "p"
+parallel = {parallel}
+
+[[stages]]
+name = "cold"
+kind = "sft"
+model = "base"
+data = ["pairs.jsonl"]
+
+[[stages]]
+name = "rl"
+kind = "grpo"
+model = "@cold"
+
+[[stages]]
+name = "student"
+kind = "sft"
+model = "base"
+data = ["pairs.jsonl"]
+
+[[stages]]
+name = "rs"
+kind = "rs"
+model = "@rl"
+prompts = "pairs.jsonl"
+
+[[stages]]
+name = "student-rl"
+kind = "grpo"
+model = "@student"
+
+[[stages]]
+name = "eval"
+kind = "eval"
+held_out = "pairs.jsonl"
+models = {{ rl = "@rl", student = "@student/model" }}
+"""
+
+
+@pytest.mark.parametrize(
+    ("parallel", "schedule"),
+    [
+        # One at a time: the file's order.
+        (1, [["cold"], ["rl"], ["student"], ["rs"], ["student-rl"], ["eval"]]),
+        # Two: the student's SFT beside the cold start; the two grpo stages and the
+        # bus-sampled rs never together, eval once both of its models exist.
+        (2, [["cold", "student"], ["rl"], ["rs", "eval"], ["student-rl"]]),
+        (3, [["cold", "student"], ["rl"], ["rs", "eval"], ["student-rl"]]),
+    ],
+)
+def test_stages_start_when_their_references_are_done_one_at_a_time_on_the_bus(
+    tmp_path, parallel, schedule
+):
+    from pipeline.recipe import Run, load_recipe, startable
+
+    recipe_file = tmp_path / "r.toml"
+    recipe_file.write_text(PARALLEL_RECIPE.format(parallel=parallel))
+    run = Run(load_recipe(recipe_file), recipe_file)
+    pending, done, waves = list(run.recipe.stages), set(), []
+    while pending:  # each wave: what starts, then all of it finishes
+        wave = startable(run, pending, done, [], parallel)
+        waves.append([s.name for s in wave])
+        pending = [s for s in pending if s not in wave]
+        done |= {s.name for s in wave}
+    assert waves == schedule
+    # With the bus busy (rl running), neither rs nor the other grpo stage starts.
+    rest = [s for s in run.recipe.stages if s.name in ("rs", "student-rl", "eval")]
+    busy = [run.stages["rl"]]
+    names = [s.name for s in startable(run, rest, {"cold", "student", "rl"}, busy, 3)]
+    assert names == ["eval"]
+
+
+def eval_stage(tmp_path: Path, name: str, reference: str) -> str:
+    samples = tmp_path / f"{name}.jsonl"
+    line = {"id": "1", "reference": reference, "samples": [{"text": GOOD}] if reference else []}
+    samples.write_text(json.dumps(line) + "\n")
+    return (
+        f'[[stages]]\nname = "{name}"\nkind = "eval"\nsamples = "{samples.name}"\nbench = "gsm8k"\n'
+    )
+
+
+def test_independent_stages_run_at_once_and_a_failure_lets_the_running_ones_finish(
+    tmp_path, capsys
+):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        f'[pipeline]\nname = "t"\nruns_dir = "{tmp_path / "runs"}"\nparallel = 2\n'
+        + eval_stage(tmp_path, "bad", "")  # no samples: `aha eval` exits with 2
+        + eval_stage(tmp_path, "good", "#### 579")
+        + eval_stage(tmp_path, "after", "#### 579")  # would start when a slot frees
+    )
+    code, err = run(capsys, recipe)
+    assert code == 1 and "stage bad (eval) failed" in err.splitlines()[-1]
+    records = {
+        name: json.loads((tmp_path / f"runs/t/stages/{name}.json").read_text())
+        for name in ("bad", "good")
+    }
+    assert records["bad"]["status"] == "failed" and records["good"]["status"] == "done"
+    # Both commands ran at once (each takes seconds to start: they overlap, not follow).
+    good_started, good_ended = records["good"]["started"], records["good"]["ended"]
+    assert records["bad"]["started"] < good_ended and good_started < records["bad"]["ended"]
+    # `after` started only if `good` freed its slot before `bad` failed; either way it is done.
+    after = tmp_path / "runs/t/stages/after.json"
+    assert not after.exists() or json.loads(after.read_text())["status"] == "done"
+    eval_stage(tmp_path, "bad", "#### 579")  # mended: --resume runs it, `good` stays done
+    code, summary = run(capsys, recipe, "--resume")
+    assert code == 0 and "good" not in ran(summary) and "bad" in ran(summary)

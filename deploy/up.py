@@ -97,13 +97,14 @@ async def _setup_streams(bus_config) -> None:
 def nats_server(
     run_dir: Path, url: str | None = None, max_payload: int = 8 << 20
 ) -> Iterator[tuple[str, Any]]:
-    """`NATS_URL`, else `url` (the config's `[bus] url`), else an embedded server for the
-    run (stopped at the end; its store in the run folder, so a resumed run finds its queues
-    as they were). Yields the URL and the embedded server (None for another)."""
+    """`url` (the config's `[bus] url`), else `NATS_URL` (the order `BusConfig` reads them
+    in), else an embedded server for the run (stopped at the end; its store in the run
+    folder, so a resumed run finds its queues as they were). Yields the URL and the embedded
+    server (None for another)."""
     from protocol.server import NatsServer
 
-    if os.environ.get("NATS_URL") or url:
-        yield os.environ.get("NATS_URL") or url, None
+    if url or os.environ.get("NATS_URL"):
+        yield url or os.environ.get("NATS_URL"), None
         return
     with NatsServer(run_dir / "nats", max_payload=max_payload) as server:
         yield server.url, server
@@ -329,7 +330,7 @@ def main(args: argparse.Namespace) -> int:
     up = up.model_copy(update={"name": name})
     learner = check_up(up, args.config, sets, learner_flags(args))  # before anything starts
     parts = read_parts(args.config, sets, learner_flags(args))
-    external = os.environ.get("NATS_URL") or (parts.get("bus") or {}).get("url")
+    external = (parts.get("bus") or {}).get("url") or os.environ.get("NATS_URL")
     if not external and (up.actors == 0 or up.rewarders == 0):
         raise ConfigError(
             "up.actors, up.rewarders: 0 uses those of an external bus ([bus] url or NATS_URL); "

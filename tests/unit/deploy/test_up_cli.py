@@ -169,3 +169,17 @@ def test_resume_without_a_run_to_resume_fails_at_start(tmp_path):
     assert_failed_at_start(result, tmp_path, f"--resume: no run to resume in {runs}")
     result = aha_up(tmp_path, "--resume", "--name", "nope")
     assert_failed_at_start(result, tmp_path, f"--resume: no run 'nope' in {runs}")
+
+
+def test_the_configs_bus_url_wins_over_nats_url_as_for_every_part(tmp_path, monkeypatch):
+    """`aha pipeline` writes its own bus into each grpo stage's config: a `NATS_URL` left in
+    the user's shell must not send that stage's learner to another server."""
+    from deploy.up import nats_server
+    from protocol.config import BusConfig
+
+    monkeypatch.setenv("NATS_URL", "nats://elsewhere:4222")
+    with nats_server(tmp_path, "nats://pipeline:4222") as (url, server):
+        assert (url, server) == ("nats://pipeline:4222", None)
+    assert BusConfig(url="nats://pipeline:4222").resolved_url == url
+    with nats_server(tmp_path) as (url, server):  # no [bus] url: NATS_URL, as the parts read it
+        assert (url, server) == ("nats://elsewhere:4222", None)

@@ -41,14 +41,14 @@ What is measured, for every contender alike:
 - `wait`: the learner's share of wall time waiting for data (P2). aha: the learner's
   `wait_share` per step, weighted by `step_seconds`, steps 2..N. TRL: the share of `train()`
   spent generating and scoring (the trainer waits for its own data);
-- where a step's time goes: `gen_s`, seconds of generation per step (aha: the union of the
-  actor's `rollout` log lines' generation intervals between the ends of steps 1 and N, over
-  N − 1; TRL: its `_generate` calls over N); `update_s`, seconds of training per step (aha: the
-  learner's `train_seconds`, its reference and behaviour log-prob passes included; TRL: the
-  rest of `train()`, which holds those passes and scoring);
+- where a step's time goes, between the ends of steps 1 and N, per step: `gen_s`, seconds of
+  generation (aha: the union of the actor's `rollout` log lines' generation intervals; TRL:
+  seconds in its `_generate`); `update_s`, seconds of training (aha: the learner's
+  `train_seconds`, its reference and behaviour log-prob passes included; TRL: the rest of the
+  window, which holds those passes and scoring);
 - `actor_idle`: the actor's share of that window with neither a task in its engine nor weights
   loading (from the actor's `rollout` and `weights loaded` lines, `actor_load` the latter's
-  share; TRL: 1 − its generation share, the generator idles while the trainer trains).
+  share; TRL: the share not generating, the generator idles while the trainer trains).
 """
 
 from __future__ import annotations
@@ -538,16 +538,20 @@ def run_trl(args, bench_dir: Path, model: Path, dataset: Path, held_out: list[di
 
 
 def trl_time_split(res: dict) -> dict:
-    """Where TRL's `train()` went, in aha's terms: `gen_s` its generation per step, `update_s`
-    the rest per step (scoring and the log-prob passes included, as aha's learner does them),
-    `actor_idle` the share of `train()` its generator was not generating."""
-    n = len(res["steps"])
-    if not n or not res["train_s"]:
+    """Where TRL's time went between the ends of steps 1 and N, as for aha: `gen_s` its
+    generation per step (each step's `sample_s`: seconds in `_generate` so far, read as its
+    batch is scored), `update_s` the rest per step (scoring and the log-prob passes included,
+    as aha's learner does them), `actor_idle` the share of the window not generating."""
+    steps = res["steps"]
+    window = steps[-1]["time"] - steps[0]["time"] if len(steps) > 1 else 0.0
+    if window <= 0:
         return {}
+    n = len(steps) - 1
+    generating = steps[-1]["sample_s"] - steps[0]["sample_s"]  # batches 2..N
     return {
-        "gen_s": round(res["sample_s"] / n, 3),
-        "update_s": round((res["train_s"] - res["sample_s"]) / n, 3),
-        "actor_idle": round(1 - res["sample_s"] / res["train_s"], 4),
+        "gen_s": round(generating / n, 3),
+        "update_s": round((window - generating) / n, 3),
+        "actor_idle": round(1 - generating / window, 4),
         "engine": f"transformers generate, {res['threads']} threads",
     }
 
@@ -572,6 +576,8 @@ def trl_worker(spec_path: str) -> None:
 
     task = types.SimpleNamespace(meta={"answer_tag": True})  # what aha's tasks carry
     batches: list[dict] = []  # one per generation batch = one aha step
+    generate_s = [0.0]  # generation, scoring and the old/reference log-prob passes
+    sample_s = [0.0]  # generation alone
 
     def accuracy(completions, answer, completion_ids=None, **_):
         scores = [accuracy_gsm8k(c, a, task) for c, a in zip(completions, answer, strict=True)]
@@ -581,6 +587,7 @@ def trl_worker(spec_path: str) -> None:
                 "accuracy": statistics.fmean(scores),
                 "n": len(scores),
                 "response_length": statistics.fmean(lengths) if lengths else float("nan"),
+                "sample_s": sample_s[0],  # this batch's generation included
             }
         )
         return scores
@@ -634,9 +641,6 @@ def trl_worker(spec_path: str) -> None:
     )
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-
-    generate_s = [0.0]  # generation, scoring and the old/reference log-prob passes
-    sample_s = [0.0]  # generation alone
 
     class Timed(GRPOTrainer):
         def _generate_and_score_completions(self, inputs):

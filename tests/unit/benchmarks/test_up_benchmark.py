@@ -78,13 +78,16 @@ def test_the_actors_time_is_split_into_generation_weight_loading_and_idle(tmp_pa
     assert figures == {"engine": "vllm", "gen_s": 2.5, "actor_load": 0.2, "actor_idle": 0.3}
 
 
-def test_trls_time_is_split_the_same_way():
-    # 4 steps, train() 40 s of which 10 s in _generate: 2.5 s of generation and 7.5 s of the
-    # rest per step; its generator idles 30 of 40 s.
-    res = {"steps": [{}] * 4, "train_s": 40.0, "sample_s": 10.0, "threads": 2}
+def test_trls_time_is_split_over_the_same_window():
+    # Steps end at 100, 110 and 125 s; seconds in _generate so far when each batch was scored:
+    # 3 (step 1's own, outside the window), 6, 10. Window 25 s, 2 steps, generating 10 − 3 = 7:
+    # 3.5 s of generation and (25 − 7) / 2 = 9 s of the rest per step; idle 18 of 25 s.
+    steps = [{"time": 100.0, "sample_s": 3.0}, {"time": 110.0, "sample_s": 6.0}]
+    res = {"steps": [*steps, {"time": 125.0, "sample_s": 10.0}], "threads": 2}
     split = trl_time_split(res)
-    assert (split["gen_s"], split["update_s"], split["actor_idle"]) == (2.5, 7.5, 0.75)
+    assert (split["gen_s"], split["update_s"], split["actor_idle"]) == (3.5, 9.0, 0.72)
     assert split["engine"] == "transformers generate, 2 threads"
+    assert trl_time_split({"steps": steps[:1], "threads": 2}) == {}  # one step: no window
 
 
 @pytest.mark.parametrize(

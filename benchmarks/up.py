@@ -329,6 +329,46 @@ def actor_figures(log: Path, start: float, end: float, steps: int) -> dict:
 # -- aha -------------------------------------------------------------------------------------
 
 
+def run_pinned(cmd: list[str], env: dict, log: Path, pin_logs: Path | None) -> tuple[int, str]:
+    """Run `aha up` (stderr to `log`), pinning its actor and learner while it runs when
+    `pin_logs` (its run's log folder, which names its parts) is given; (exit code, stdout)."""
+    pinner = Pinner(pin_logs) if pin_logs else None
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=SRC, env=env
+        )
+        if pinner:
+            pinner.start()
+        try:
+            stdout, _ = proc.communicate()
+        finally:
+            if pinner:
+                pinner.done.set()
+    return proc.returncode, stdout
+
+
+def aha_time_split(steps: list[dict], actor_log: Path) -> dict:
+    """The learner's wait and update and the actor's time (`actor_figures`) over steps 2..N
+    of the learner's step records."""
+    if not steps:
+        return {}
+    later = steps[1:]
+    weighted = sum(r["wait_share"] * r["step_seconds"] for r in later)
+    total = sum(r["step_seconds"] for r in later)
+    return {
+        "wait": round(weighted / total, 4) if total else None,
+        "wait_mean_unweighted": round(statistics.fmean(r["wait_share"] for r in later), 4)
+        if later
+        else None,
+        "wait_step1": round(steps[0]["wait_share"], 4),
+        "step1_s": round(steps[0]["step_seconds"], 2),
+        "update_s": round(statistics.fmean(r["train_seconds"] for r in later), 3)
+        if later
+        else None,
+        **actor_figures(actor_log, steps[0]["time"], steps[-1]["time"], len(later)),
+    }
+
+
 def run_aha(args, bench_dir: Path, name: str, staleness: int, model: Path) -> dict:
     config = bench_dir / "bench-up.toml"
     config.write_text(
@@ -364,48 +404,24 @@ def run_aha(args, bench_dir: Path, name: str, staleness: int, model: Path) -> di
     load_before = load()
     say(f"aha {name}: --max-staleness {staleness}, {args.steps} steps")
     t = time.monotonic()
-    pinner = Pinner(bench_dir / name / "logs") if args.pin else None
-    with open(bench_dir / f"{name}.stderr.log", "w") as err:
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=SRC, env=env
-        )
-        if pinner:
-            pinner.start()
-        stdout, _ = proc.communicate()
-        if pinner:
-            pinner.done.set()
+    pin_logs = bench_dir / name / "logs" if args.pin else None
+    returncode, stdout = run_pinned(cmd, env, bench_dir / f"{name}.stderr.log", pin_logs)
     wall = time.monotonic() - t
     lines = [line for line in stdout.splitlines() if line.strip()]
     try:
         summary = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError) as e:
         raise SystemExit(
-            f"aha up {name} exited {proc.returncode} without a summary; see "
+            f"aha up {name} exited {returncode} without a summary; see "
             f"{bench_dir / (name + '.stderr.log')}"
         ) from e
     steps = [r for r in read_jsonl(bench_dir / name / "metrics.jsonl") if r.get("event") == "step"]
-    later = steps[1:]
-    weighted = sum(r["wait_share"] * r["step_seconds"] for r in later)
-    total = sum(r["step_seconds"] for r in later)
-    actor = (
-        actor_figures(
-            bench_dir / name / "logs" / "actor-0.log",
-            steps[0]["time"],
-            steps[-1]["time"],
-            len(later),
-        )
-        if steps
-        else {}
-    )
     return {
         "contender": f"aha max-staleness {staleness}",
-        "exit_code": proc.returncode,
+        "exit_code": returncode,
         "ended": summary.get("ended"),
         **step_figures(steps, args.target, args.window),
-        "update_s": round(statistics.fmean(r["train_seconds"] for r in later), 3)
-        if later
-        else None,
-        **actor,
+        **aha_time_split(steps, bench_dir / name / "logs" / "actor-0.log"),
         "pinned": {"actor": ACTOR_CPU, "learner": LEARNER_CPU} if args.pin else None,
         "rl_s": summary.get("rl_seconds"),
         "process_wall_s": round(wall, 1),
@@ -414,12 +430,6 @@ def run_aha(args, bench_dir: Path, name: str, staleness: int, model: Path) -> di
         "greedy": summary.get("accuracy_after"),
         "pass_at_1": summary.get("pass_at_1_after"),
         "length_after": summary.get("length_after"),
-        "wait": round(weighted / total, 4) if total else None,
-        "wait_mean_unweighted": round(statistics.fmean(r["wait_share"] for r in later), 4)
-        if later
-        else None,
-        "wait_step1": round(steps[0]["wait_share"], 4) if steps else None,
-        "step1_s": round(steps[0]["step_seconds"], 2) if steps else None,
         "groups_trained": summary.get("groups_trained"),
         "groups_dropped_stale": summary.get("groups_dropped_stale"),
         "tasks_issued": summary.get("tasks_issued"),

@@ -241,7 +241,7 @@ class PipelineSettings(BaseModel):
     parallel: int = Field(1, ge=1)
     """Stages that may run at once. A stage starts when every stage it refers to (`@name`) is
     done, earlier stages of the file first; the stages on the pipeline's bus (grpo, and rs or
-    distill sampled with `sampler = "bus"`) run one at a time. A stage's processes use one
+    distill sampled with `sampler = "bus"`) run one at a time, in the file's order. A stage's processes use one
     thread each (`OMP_NUM_THREADS=1`): on a CPU machine, up to its cores; on GPUs, what their
     memory holds at once."""
 
@@ -783,16 +783,21 @@ def uses_bus(stage) -> bool:
 
 def startable(run: Run, pending: list, done: set[str], running: list, parallel: int) -> list:
     """The pending stages to start now, in the recipe's order: those whose references are all
-    `done`, as many as `parallel` leaves room for beside `running`, at most one on the bus."""
+    `done`, as many as `parallel` leaves room for beside `running`; on the bus one at a time
+    and in the file's order (a later stage never takes the actor from an earlier one, which
+    would wait for it)."""
     chosen: list = []
     busy = any(uses_bus(s) for s in running)
     for stage in pending:
         if len(running) + len(chosen) >= parallel:
             break
-        if not dependencies(run, stage) <= done or (busy and uses_bus(stage)):
-            continue
-        busy = busy or uses_bus(stage)
-        chosen.append(stage)
+        ready = dependencies(run, stage) <= done
+        if uses_bus(stage):
+            if ready and not busy:
+                chosen.append(stage)
+            busy = True  # started now, or waiting: the later bus stages wait behind it
+        elif ready:
+            chosen.append(stage)
     return chosen
 
 

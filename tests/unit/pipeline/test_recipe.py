@@ -342,7 +342,8 @@ models = {{ rl = "@rl", student = "@student/model" }}
         # One at a time: the file's order.
         (1, [["cold"], ["rl"], ["student"], ["rs"], ["student-rl"], ["eval"]]),
         # Two: the student's SFT beside the cold start; the two grpo stages and the
-        # bus-sampled rs never together, eval once both of its models exist.
+        # bus-sampled rs never together, and in the file's order; eval once both of its
+        # models exist.
         (2, [["cold", "student"], ["rl"], ["rs", "eval"], ["student-rl"]]),
         (3, [["cold", "student"], ["rl"], ["rs", "eval"], ["student-rl"]]),
     ],
@@ -367,6 +368,11 @@ def test_stages_start_when_their_references_are_done_one_at_a_time_on_the_bus(
     busy = [run.stages["rl"]]
     names = [s.name for s in startable(run, rest, {"cold", "student", "rl"}, busy, 3)]
     assert names == ["eval"]
+    # The student's grpo is ready before the cold start is done, and still waits: rl, earlier
+    # in the file, would otherwise wait for it.
+    rest = [s for s in run.recipe.stages if s.name not in ("cold", "student")]
+    names = [s.name for s in startable(run, rest, {"student"}, [run.stages["cold"]], 3)]
+    assert names == []
 
 
 def eval_stage(tmp_path: Path, name: str, reference: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,11 @@ import numpy as np
 
 from actors.engine import Generation, weights_folder
 from protocol.messages import Sample, Sampling
+
+_loading = threading.Lock()
+"""`from_pretrained` is not thread-safe (it builds the model under process-wide meta-device
+and default-dtype contexts): two engines loading in two threads of one process (the
+pipeline's stages side by side) failed with "Cannot copy out of meta tensor"."""
 
 
 class HfEngine:
@@ -33,9 +39,10 @@ class HfEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self._torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
-        self.model.to(device).eval()
+        with _loading:
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
+            self.model.to(device).eval()
         self._device = device
         self._version = version
         self._lock = asyncio.Lock()

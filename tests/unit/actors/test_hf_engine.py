@@ -118,3 +118,29 @@ async def test_weights_of_another_shape_are_refused(tiny_model_dir, tmp_path):
 
     assert engine.version == 0
     assert torch.equal(engine.model.get_input_embeddings().weight, embed_before)
+
+
+def test_engines_load_side_by_side_in_threads_of_one_process(tiny_model_dir):
+    """`aha pipeline` runs stages in threads; two in-process evaluations load their models at
+    once. Without the load lock, 16 of 20 such loads failed with "Cannot copy out of meta
+    tensor" (measured): `from_pretrained` builds under process-wide contexts."""
+    import threading
+
+    errors, engines = [], []
+
+    def load() -> None:
+        try:
+            engines.append(HfEngine(tiny_model_dir))
+        except Exception as e:  # what the test looks for
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(engines) == 4
+    reference = HfEngine(tiny_model_dir).model.state_dict()
+    for engine in engines:
+        for name, value in engine.model.state_dict().items():
+            assert torch.equal(value, reference[name]), name

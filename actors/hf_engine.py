@@ -24,9 +24,10 @@ from actors.engine import Generation, weights_folder
 from protocol.messages import Sample, Sampling
 
 _loading = threading.Lock()
-"""`from_pretrained` is not thread-safe (it builds the model under process-wide meta-device
-and default-dtype contexts): two engines loading in two threads of one process (the
-pipeline's stages side by side) failed with "Cannot copy out of meta tensor"."""
+"""Neither transformers' lazy import nor `from_pretrained` is thread-safe (the model is built
+under process-wide meta-device and default-dtype contexts): two engines loading in two
+threads of one process (the pipeline's stages side by side) failed with "Cannot copy out of
+meta tensor", or "cannot import name 'AutoModelForCausalLM'" on a first import."""
 
 
 class HfEngine:
@@ -36,10 +37,11 @@ class HfEngine:
         self, model: str | Path, *, version: int = 0, dtype: str = "float32", device: str = "cpu"
     ):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self._torch = torch
         with _loading:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
             self.tokenizer = AutoTokenizer.from_pretrained(model)
             self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
             self.model.to(device).eval()

@@ -120,27 +120,35 @@ async def test_weights_of_another_shape_are_refused(tiny_model_dir, tmp_path):
     assert torch.equal(engine.model.get_input_embeddings().weight, embed_before)
 
 
+LOAD_IN_THREADS = """
+import sys, threading
+from actors.hf_engine import HfEngine
+engines, errors = [], []
+def load():
+    try:
+        engines.append(HfEngine(sys.argv[1]))
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=load) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(len(engines), errors)
+"""
+
+
 def test_engines_load_side_by_side_in_threads_of_one_process(tiny_model_dir):
     """`aha pipeline` runs stages in threads; two in-process evaluations load their models at
     once. Without the load lock, 16 of 20 such loads failed with "Cannot copy out of meta
-    tensor" (measured): `from_pretrained` builds under process-wide contexts."""
-    import threading
+    tensor", and a first import of transformers in two threads with "cannot import name
+    'AutoModelForCausalLM'" (measured): a fresh interpreter, so the import races too."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    errors, engines = [], []
-
-    def load() -> None:
-        try:
-            engines.append(HfEngine(tiny_model_dir))
-        except Exception as e:  # what the test looks for
-            errors.append(repr(e))
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == [] and len(engines) == 4
-    reference = HfEngine(tiny_model_dir).model.state_dict()
-    for engine in engines:
-        for name, value in engine.model.state_dict().items():
-            assert torch.equal(value, reference[name]), name
+    root = Path(__file__).parents[3]
+    argv = [sys.executable, "-c", LOAD_IN_THREADS, str(tiny_model_dir)]
+    out = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "4 []"

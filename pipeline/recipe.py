@@ -855,7 +855,11 @@ def run_stages(run: Run, resume: bool) -> list[dict[str, Any]]:
     parallel = run.recipe.pipeline.parallel
     records: dict[str, dict[str, Any]] = {}
     pending, running, failure = list(run.recipe.stages), {}, None
-    with ThreadPoolExecutor(parallel, thread_name_prefix="stage") as pool:
+    # The bus is started by the first stage that needs it, in a pool thread, and its server
+    # and parts get a signal when that thread ends: the pool's threads live until the pool
+    # shuts down, and the bus closes before that.
+    pool = ThreadPoolExecutor(parallel, thread_name_prefix="stage")
+    with pool, contextlib.closing(run.bus):
         try:
             while running or (pending and failure is None):
                 for stage in startable(run, pending, set(records), [*running.values()], parallel):
@@ -889,8 +893,7 @@ def run_recipe(run: Run, resume: bool) -> dict[str, Any]:
     if run.recipe.pipeline.demo is not None:
         write_demo_inputs(run)
         run.check(demo_written=True)
-    with contextlib.closing(run.bus):
-        stages = run_stages(run, resume)
+    stages = run_stages(run, resume)
     summary = {
         "name": run.recipe.pipeline.name,
         "run_dir": str(run.dir),

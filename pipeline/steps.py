@@ -6,6 +6,7 @@ and the recipe share them without importing each other.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -20,13 +21,20 @@ import tomli_w
 from protocol.config import ConfigError
 
 
+@functools.cache
+def _prctl():
+    """libc's `prctl`, resolved in the parent: the child only calls it (a `dlopen` after
+    `fork` in a process with threads, the stages', could wait on a lock no thread will free)."""
+    import ctypes
+
+    return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+
+
 def _die_with_parent() -> None:
     """In the child: SIGKILL when the pipeline process dies (a killed run leaves no stage
     writing behind it). The signal follows the thread that started the child: a stage's
     thread waits for its command, so it outlives it."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    _prctl()(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 _children: set[subprocess.Popen] = set()
@@ -45,6 +53,7 @@ def run_command(argv: list[str], log_file: Path) -> None:
     """`python -m deploy.cli ARGV` with its output in `log_file`; `ConfigError` with the log's
     last lines if it fails."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    _prctl()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with open(log_file, "ab") as f:
         proc = subprocess.Popen(

@@ -187,7 +187,7 @@ def test_bus_sampled_stages_share_one_server_actor_and_rewarder(tmp_path):
 def fast_demo(folder: Path) -> Path:
     """The demo recipe on a smaller budget: 15 GRPO steps, the distillation from that first RL
     model (no second GRPO), a shorter student, its RL control 5 steps, 200 held-out problems.
-    The cold start and the SFTs on RS data keep their steps and the 1,000 prompts: with 500
+    The cold start and the SFTs on RS data keep their steps and the 2,000 prompts: with 500
     prompts and 600 steps the filtered SFT (700 pairs) fit worse than the unfiltered one (1,250)
     and scored below it (pass@1 0.13 vs 0.18, measured)."""
     import tomllib

@@ -241,9 +241,9 @@ class PipelineSettings(BaseModel):
     parallel: int = Field(1, ge=1)
     """Stages that may run at once. A stage starts when every stage it refers to (`@name`) is
     done, earlier stages of the file first; the stages on the pipeline's bus (grpo, and rs or
-    distill sampled with `sampler = "bus"`) run one at a time, in the file's order. A stage's processes use one
-    thread each (`OMP_NUM_THREADS=1`): on a CPU machine, up to its cores; on GPUs, what their
-    memory holds at once."""
+    distill sampled with `sampler = "bus"`) run one at a time, in the file's order. A stage's
+    processes use one thread each (`OMP_NUM_THREADS=1`): on a CPU machine, up to its cores;
+    on GPUs, what their memory holds at once."""
 
 
 def pool_engine(settings: PipelineSettings) -> str:

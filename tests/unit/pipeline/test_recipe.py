@@ -137,6 +137,16 @@ def test_a_stage_that_never_finished_runs_again(tmp_path, capsys):
 
 RECIPE_ERRORS = [
     (
+        '[pipeline]\nengine = "vllm"\n[pipeline.demo]\nhead_size = 16\n'
+        '[[stages]]\nname = "a"\nkind = "sft"\nmodel = "$run/demo/base"\ndata = ["d.jsonl"]\n',
+        'pipeline.demo.head_size: heads of 16 need [pipeline] engine = "hf"',
+    ),
+    (
+        "[pipeline.demo]\nstudent_hidden = 48\n"
+        '[[stages]]\nname = "a"\nkind = "sft"\nmodel = "$run/demo/base"\ndata = ["d.jsonl"]\n',
+        "pipeline.demo.student_hidden: 48 is not a multiple of head_size 32",
+    ),
+    (
         '[[stages]]\nname = "a"\nkind = "ppo"\nmodel = "m"\n',
         "stages.0 (a).kind: unknown stage kind 'ppo'; one of sft, grpo, rs, eval, distill",
     ),

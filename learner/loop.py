@@ -62,7 +62,7 @@ from learner.step import (
     shuffle_rewards,
     staleness_stats,
 )
-from learner.weights import prune_dirs, publish_weights, version_dir, weight_server
+from learner.weights import StoreUploads, prune_dirs, publish_weights, version_dir, weight_server
 from protocol.bus import Bus
 from protocol.codec import DecodeError, decode_named, peek_task_id
 from protocol.config import ConfigError
@@ -212,6 +212,8 @@ class Learner:
     """The held groups of an update that applied nothing, for the next attempt."""
     nonfinite_streak: int = 0
     """Updates in a row whose loss or gradient was not finite."""
+    uploads: StoreUploads | None = None
+    """The object-store copies of versions served over HTTP, uploaded in the background."""
 
 
 class NonFiniteSteps(RuntimeError):
@@ -239,21 +241,19 @@ async def run(
     bus = await Bus.connect(config.bus, name="aha-learner")
     leases = Leases(config.bus.scored.ack_wait_s)
     keep_alive = asyncio.create_task(leases.keep_alive())
-    key = run_key(
-        Path(config.checkpoint_dir).resolve(),
-        Path(config.dataset.path).resolve(),
-        config.dataset.seed,
-    )
     learner = Learner(
         config,
         pe,
         bus,
         StageConsumer(bus, SCORED),
-        Dispatcher(config.dataset, problems, key),
+        new_dispatcher(config, problems),
         ledger,
         leases,
         progress,
         reservation=reservation,
+        uploads=StoreUploads(bus.js, config.keep_versions)
+        if config.weight_server.enabled
+        else None,
     )
     code, evals = 0, EvalJobs(config, pe)  # [learner.eval]: jobs of their own, not counted
     try:
@@ -268,9 +268,11 @@ async def run(
         await evals.finish(0.0 if stop.is_set() else None)  # a signal does not wait
         if finished(learner):
             await finish(learner)
+        await settle_uploads(learner)
         log.info("learner stopped", step=progress.step, in_flight=ledger.in_flight)
     except NonFiniteSteps as e:
         await hand_back(learner)  # held groups come back; the last good checkpoint stays as it is
+        await settle_uploads(learner)
         log.error("learner stopped", error=str(e), step=progress.step)
         code = 1
     finally:
@@ -278,6 +280,17 @@ async def run(
         await bus.close()
     stop_followers()
     return code
+
+
+def new_dispatcher(config: LearnerConfig, problems) -> Dispatcher:
+    """The run's dispatcher; its task ids start with a key of the checkpoint folder, the
+    dataset and its seed (the same after a restart)."""
+    key = run_key(
+        Path(config.checkpoint_dir).resolve(),
+        Path(config.dataset.path).resolve(),
+        config.dataset.seed,
+    )
+    return Dispatcher(config.dataset, problems, key)
 
 
 def fit_payload(learner: Learner) -> None:
@@ -645,7 +658,9 @@ def prune_checkpoints(directory: str | Path, keep: int) -> None:
 
 
 async def publish(learner: Learner) -> None:
-    """Write the weights as shards (on the shared volume when set) and point `latest` at them."""
+    """Write the weights as shards (on the shared volume when set) and point `latest` at them
+    (`aha_learner_weight_publish_seconds`: from here to the manifest visible; the store copy
+    of a version served over HTTP follows in the background, `learner.uploads`)."""
     config, progress = learner.config, learner.progress
     started = time.perf_counter()
     directory, shared = version_dir(config.weights_dir, progress.version)
@@ -671,24 +686,35 @@ async def publish(learner: Learner) -> None:
                     dtype=config.serving_dtype,
                     keep_versions=config.keep_versions,
                     server=weight_server(config.weight_server),
+                    uploads=learner.uploads,
                     policy=learner.dispatcher.key,  # versions count from 0 per learner
                     model=str(Path(config.model.path).resolve()),
                 )
                 break
-            except LEASE_ERRORS as e:  # server restarting: the same objects may be put again
+            except LEASE_ERRORS as e:  # server restarting: the same version is offered again
                 if delay > PUBLISH_RETRY_S:
                     raise
                 log.warning("weight publish failed: retrying", error=repr(e), delay=delay)
                 await asyncio.sleep(delay)
                 delay *= 2
+        WEIGHT_PUBLISH_SECONDS.set(time.perf_counter() - started)  # the manifest is visible
     finally:
         if not shared:
             shutil.rmtree(directory, ignore_errors=True)
     if shared:
         prune_dirs(config.weights_dir, config.keep_versions)
     progress.published_version = progress.version
-    WEIGHT_PUBLISH_SECONDS.set(time.perf_counter() - started)
     WEIGHT_PUBLISH_BYTES.set(sum(s.bytes for s in shards))
+
+
+async def settle_uploads(learner: Learner) -> None:
+    """Before the learner exits, let the background store upload of the last version end (at
+    most `weight_server.upload_wait_s`), so an actor that joins later and cannot reach the
+    learner over HTTP finds it in the store. Past the bound, or cut by a second signal or a
+    kill, the upload stops: no object is left half written (an object exists only once its
+    info follows its chunks; chunks already sent may stay in the store's stream unnamed)."""
+    if learner.uploads is not None:
+        await learner.uploads.drain(learner.config.weight_server.upload_wait_s)
 
 
 def step_record(

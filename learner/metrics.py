@@ -45,7 +45,13 @@ STEP = Gauge(f"{_G}step", "Optimizer steps taken")
 VERSION = Gauge(f"{_G}policy_version", "Policy version being trained")
 WEIGHT_PUBLISH_SECONDS = Gauge(
     f"{_G}weight_publish_seconds",
-    "Last weight publish: gather + cast + write + hash shards, upload, manifest put",
+    "Last weight publish, step done to manifest visible: gather + cast + write + hash shards,"
+    " HTTP offer (the object-store upload too when the weight server is off), manifest put",
+)
+WEIGHT_STORE_UPLOAD_SECONDS = Gauge(
+    f"{_G}weight_store_upload_seconds",
+    "Last object-store upload of a weight version (with the weight server on: in the"
+    " background, after its manifest)",
 )
 WEIGHT_PUBLISH_BYTES = Gauge(
     f"{_G}weight_publish_bytes", "Bytes of the last published weight version"

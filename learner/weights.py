@@ -1,25 +1,32 @@
 """Weight broadcast: full weights -> safetensors shards -> object store (+ HTTP) -> `latest`.
 
 `write_shards` runs on every rank (ZeRO-3 gathers each parameter with a collective) and
-writes on rank 0; `publish_weights` runs on rank 0, stores every object, serves the version
-over HTTP (`protocol.weight_server`, started with the learner by `weight_server`) and only then
-makes it visible to actors. `export_model` writes an HF folder `from_pretrained` loads.
+writes on rank 0; `publish_weights` runs on rank 0 and makes the version visible to actors as
+soon as they can fetch all of it: served over HTTP (`protocol.weight_server`, started with the
+learner by `weight_server`), the manifest goes out at once and the object-store copy (the
+actors' fallback) follows in the background (`StoreUploads`); without the HTTP server every
+object is stored first. `export_model` writes an HF folder `from_pretrained` loads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 import torch
+from nats.errors import Error as NatsError
 from safetensors.torch import save_file
 
+from learner.metrics import WEIGHT_STORE_UPLOAD_SECONDS
 from protocol.codec import encode
 from protocol.messages import Shard, WeightManifest
 from protocol.names import KEY_LATEST, KV_POLICY, OBJECT_STORE_WEIGHTS
@@ -144,19 +151,70 @@ async def publish_weights(
     dtype: str,
     keep_versions: int,
     server: WeightServer | None = None,
+    uploads: StoreUploads | None = None,
     policy: str = "",
     model: str | None = None,
 ) -> WeightManifest:
-    """Upload version `version`, serve it, and only then point `policy/latest` at it; prune.
+    """Point `policy/latest` at version `version` as soon as actors can fetch all of it.
 
-    Every shard and the index go to the object store under `v{version}/`. With a `server`,
-    the version is served over HTTP too (`serve`) and the manifest names it (`sources`), as
-    well as the learner's `policy` and the folder it started from (`model`). The manifest is
-    written to the KV bucket after the last object is stored, so an actor that sees it can
-    fetch every shard from either. Afterwards all but the newest `keep_versions` versions
-    are deleted from the store.
+    Without a `server`, every shard and the index go to the object store under `v{version}/`
+    first and the manifest is written after the last object is stored; then all but the
+    newest `keep_versions` versions are deleted from the store. With one, the version is
+    served over HTTP (`serve`) and the manifest, naming the server (`sources`) and saying
+    that the store copy follows (`stored=False`), is written at once: the upload (and the
+    pruning) comes after it, in the background through `uploads` (`StoreUploads`), or, when
+    `uploads` is None, before this returns. The manifest also names the learner's `policy`
+    and the folder it started from (`model`).
     """
     directory = Path(directory)
+    started = time.perf_counter()
+    if server is None:
+        await upload_version(js, directory, shards, version)
+    else:
+        directory = serve(server, directory, shards, version, keep_versions)
+    manifest = WeightManifest(
+        version=version,
+        step=step,
+        shards=shards,
+        dtype=dtype,
+        sources=[] if server is None else [server.url],
+        stored=server is None,
+        policy=policy,
+        model=model,
+    )
+    kv = await js.key_value(KV_POLICY)
+    await kv.put(KEY_LATEST, encode(manifest))
+    seconds = time.perf_counter() - started
+    if server is None:
+        store = await js.object_store(OBJECT_STORE_WEIGHTS)
+        log_published(manifest, seconds, pruned_versions=await prune_versions(store, keep_versions))
+    elif uploads is not None:
+        log_published(manifest, seconds)
+        uploads.submit(version, directory, shards)
+    else:
+        log_published(manifest, seconds)
+        await StoreUploads(js, keep_versions).submit(version, directory, shards).drain(None)
+    return manifest
+
+
+def log_published(manifest: WeightManifest, seconds: float, **more) -> None:
+    """The line of a version made visible, `seconds` after its publish began."""
+    log.info(
+        "weights published",
+        version=manifest.version,
+        step=manifest.step,
+        shards=len(manifest.shards),
+        bytes=manifest.total_bytes,
+        seconds=round(seconds, 3),
+        mb_per_s=round(manifest.total_bytes / 2**20 / max(seconds, 1e-9), 1),
+        stored=manifest.stored,
+        http=manifest.sources[0] if manifest.sources else None,
+        **more,
+    )
+
+
+async def upload_version(js, directory: Path, shards: list[Shard], version: int) -> float:
+    """Put `directory`'s shards and index into the object store as `version`; the seconds."""
     started = time.perf_counter()
     store = await js.object_store(OBJECT_STORE_WEIGHTS)
     # All objects at once, each with its chunks pipelined, hashed once (in `describe_shard`).
@@ -167,44 +225,148 @@ async def publish_weights(
             for s in shards
         ),
     )
-    sources = [] if server is None else [serve(server, directory, shards, version, keep_versions)]
-    manifest = WeightManifest(
-        version=version,
-        step=step,
-        shards=shards,
-        dtype=dtype,
-        sources=sources,
-        policy=policy,
-        model=model,
-    )
-    kv = await js.key_value(KV_POLICY)
-    await kv.put(KEY_LATEST, encode(manifest))
-    deleted = await prune_versions(store, keep_versions)
     seconds = time.perf_counter() - started
-    log.info(
-        "weights published",
-        version=version,
-        step=step,
-        shards=len(shards),
-        bytes=manifest.total_bytes,
-        seconds=round(seconds, 3),
-        mb_per_s=round(manifest.total_bytes / 2**20 / max(seconds, 1e-9), 1),
-        pruned_versions=deleted,
-        http=sources[0] if sources else None,
-    )
-    return manifest
+    WEIGHT_STORE_UPLOAD_SECONDS.set(seconds)
+    return seconds
 
 
 def serve(
     server: WeightServer, directory: Path, shards: list[Shard], version: int, keep_versions: int
-) -> str:
+) -> Path:
     """Hand `directory`'s shards to `server` as `version` (a folder of its own is moved aside;
-    a shared volume's stays where it is), keep its newest `keep_versions`; the source URL."""
+    a shared volume's stays where it is), keep its newest `keep_versions`; the folder served.
+    Called again for the same folder (a publish retried), it serves the folder moved before."""
     shared = all(s.path for s in shards)
-    folder = directory if shared else directory.rename(f"{directory}-served")
+    folder = directory if shared else Path(f"{directory}-served")
+    if not shared and not folder.exists():
+        directory.rename(folder)
     server.offer(version, folder, shards, owned=not shared)
     server.forget(keep_versions)
-    return server.url
+    return folder
+
+
+STORE_RETRY_S = 30.0
+"""A background upload that keeps failing (server away) is retried with back-off up to this
+delay, unless a newer version is waiting (newest wins)."""
+
+
+@dataclass
+class _Upload:
+    version: int
+    folder: Path
+    """Hard links to the version's files: this upload's own, deleted when it ends."""
+    shards: list[Shard]
+
+
+class StoreUploads:
+    """The object-store copies of versions already served over HTTP, uploaded after their
+    manifests in the background while the learner trains.
+
+    One upload at a time, newest wins: a version submitted while another uploads waits, and
+    one that a newer version overtakes before its upload began is skipped (logged). Each
+    upload reads hard links to the version's files in a folder of its own, taken at `submit`,
+    so the server forgetting the version (or `prune_dirs` on a shared volume) cannot delete
+    them while they are read. After each upload the store keeps its newest `keep_versions`
+    versions. `uploaded` and `skipped` list the versions so far.
+    """
+
+    def __init__(self, js, keep_versions: int):
+        self.js = js
+        self.keep_versions = keep_versions
+        self.uploaded: list[int] = []
+        self.skipped: list[int] = []
+        self._pending: _Upload | None = None
+        self._task: asyncio.Task | None = None
+        self._go = asyncio.Event()
+        self._go.set()
+
+    def submit(self, version: int, directory: Path, shards: list[Shard]) -> StoreUploads:
+        """Upload `directory`'s files as `version` once the running upload (if any) ends."""
+        job = _Upload(version, link_files(Path(directory), shards), shards)
+        if self._pending is not None:
+            log.info("store upload skipped", version=self._pending.version, overtaken_by=version)
+            self.skipped.append(self._pending.version)
+            shutil.rmtree(self._pending.folder, ignore_errors=True)
+        self._pending = job
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="weights-store-upload")
+        return self
+
+    def pause(self) -> None:
+        """Hold the next upload before its first byte (until `resume`): tests use it."""
+        self._go.clear()
+
+    def resume(self) -> None:
+        self._go.set()
+
+    async def drain(self, timeout: float | None) -> bool:
+        """Wait up to `timeout` s (None: as long as it takes) for the running upload and the
+        one waiting; past it they are cancelled (an object cut short is purged: absent, never
+        partial). Whether every upload ended."""
+        if self._task is None or self._task.done():
+            return True
+        done, _ = await asyncio.wait({self._task}, timeout=timeout)
+        if not done:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            log.warning("store upload cut short at shutdown", waited_s=timeout)
+        return bool(done)
+
+    async def _run(self) -> None:
+        try:
+            while self._pending is not None:
+                job, self._pending = self._pending, None
+                try:
+                    await self._go.wait()
+                    await self._upload(job)
+                except Exception as e:  # noqa: BLE001 (a background task: nobody else sees it)
+                    log.error("store upload failed", version=job.version, error=repr(e))
+                finally:
+                    shutil.rmtree(job.folder, ignore_errors=True)
+        finally:
+            if self._pending is not None:  # cancelled: the waiting version is dropped too
+                shutil.rmtree(self._pending.folder, ignore_errors=True)
+                self._pending = None
+
+    async def _upload(self, job: _Upload) -> None:
+        """Store `job`'s version (retrying while the server is away and nothing newer waits),
+        prune the store, log one line."""
+        delay = 0.5
+        while True:
+            try:
+                seconds = await upload_version(self.js, job.folder, job.shards, job.version)
+                break
+            except (TimeoutError, NatsError) as e:
+                if self._pending is not None or delay > STORE_RETRY_S:
+                    raise
+                log.warning("store upload failed: retrying", error=repr(e), delay=delay)
+                await asyncio.sleep(delay)
+                delay *= 2
+        store = await self.js.object_store(OBJECT_STORE_WEIGHTS)
+        pruned = await prune_versions(store, self.keep_versions)
+        self.uploaded.append(job.version)
+        nbytes = sum(s.bytes for s in job.shards)
+        log.info(
+            "weights stored",
+            version=job.version,
+            bytes=nbytes,
+            seconds=round(seconds, 3),
+            mb_per_s=round(nbytes / 2**20 / max(seconds, 1e-9), 1),
+            pruned_versions=pruned,
+        )
+
+
+def link_files(directory: Path, shards: list[Shard]) -> Path:
+    """Hard links to `directory`'s shards and index in a new hidden folder beside it (the same
+    file system: no bytes copied; copies where the file system has no hard links)."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{directory.name}-upload-", dir=directory.parent))
+    for name in (INDEX_NAME, *(s.name for s in shards)):
+        try:
+            os.link(directory / name, folder / name)
+        except OSError:
+            shutil.copyfile(directory / name, folder / name)
+    return folder
 
 
 async def prune_versions(store, keep_versions: int) -> list[int]:

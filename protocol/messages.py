@@ -395,8 +395,10 @@ class Shard(BaseModel):
 class WeightManifest(_Message):
     """A complete, published weight version.
 
-    Producer: the learner, written to KV `aha-policy` key `latest` only after every shard is
-    in the object store. Consumer: actors, which load it between generation batches.
+    Producer: the learner, written to KV `aha-policy` key `latest` once actors can fetch
+    every shard: after every shard is in the object store, or, when a `sources` server
+    serves them, at once, with their store copy uploaded after it (`stored` false).
+    Consumer: actors, which load it between generation batches.
     """
 
     version: int = Field(ge=0)
@@ -416,6 +418,9 @@ class WeightManifest(_Message):
     )
     """HTTP servers of this version's shards (`http://host:port/<token>`, the file is
     `<source>/v<version>/<name>`), tried before the object store (`protocol.weight_server`)."""
+    stored: bool = True
+    """Whether every object was in the store when this manifest was written. False: the store
+    copy is being uploaded after it, and an actor that needs it (HTTP failed) waits for it."""
     policy: str = Field("", max_length=64)
     """Which learner's policy this is (its run key): versions count from 0 per policy, so an
     actor compares versions only within one (`Task.policy`)."""

@@ -78,6 +78,13 @@ class WeightServerConfig(BaseModel):
     """Shards an actor fetches at once (each hashed in its own thread)."""
     stall_s: float = Field(30.0, gt=0)
     """Seconds without a byte after which a fetch, or a relay waiting for bytes, gives up."""
+    store_wait_s: float = Field(120.0, ge=0)
+    """Actor: how long a shard HTTP did not deliver waits for its object-store copy when the
+    manifest says that copy is uploaded after it (`stored` false), while `latest` still names
+    the version; past it the version is refused whole."""
+    upload_wait_s: float = Field(120.0, ge=0)
+    """Learner: at shutdown, how long the background object-store upload of the last version
+    may still run (keep it within the orchestrator's kill timeout)."""
 
 
 def is_file_name(name: str) -> bool:

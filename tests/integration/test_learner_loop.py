@@ -227,6 +227,15 @@ async def test_learner_steps_publish_weights_and_stop_at_max_steps(
     kv = await bus.js.key_value(KV_POLICY)
     manifest = decode((await kv.get(KEY_LATEST)).value, WeightManifest)
     assert manifest.version == 3 and manifest.step == 3
+    # Served over HTTP, its store copy followed the manifest in the background; the learner
+    # waited for it before exiting, so an actor joining later finds it in the store.
+    assert not manifest.stored
+    from protocol.names import OBJECT_STORE_WEIGHTS
+    from protocol.weights import check_object, object_name
+
+    store = await bus.js.object_store(OBJECT_STORE_WEIGHTS)
+    for shard in manifest.shards:
+        await check_object(store, object_name(3, shard.name), shard)
     assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == [
         "v2",
         "v3",
@@ -248,10 +257,13 @@ async def test_learner_steps_publish_weights_and_stop_at_max_steps(
         'aha_learner_reward_mean{component="accuracy_gsm8k"}',
         'aha_learner_groups{outcome="trained"} 6.0',
         "aha_learner_weight_publish_seconds",  # the dashboard's weights panel
+        "aha_learner_weight_store_upload_seconds",
     ):
         assert name in scraped, name
     publish = [
-        line for line in scraped.splitlines() if line.startswith("aha_learner_weight_publish_")
+        line
+        for line in scraped.splitlines()
+        if line.startswith(("aha_learner_weight_publish_", "aha_learner_weight_store_upload_"))
     ]
     assert all(float(line.split()[-1]) > 0 for line in publish), publish
 

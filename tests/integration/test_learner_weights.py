@@ -1,4 +1,5 @@
-"""Weight broadcast through a real NATS server: objects first, then the manifest; pruning."""
+"""Weight broadcast through a real NATS server: without HTTP objects first, then the manifest;
+with HTTP the manifest first and the store copy after it, in the background; pruning."""
 
 import asyncio
 
@@ -8,15 +9,17 @@ from nats.js.errors import NotFoundError
 from safetensors.torch import load_file
 
 from actors.weights import download_shards
-from learner.weights import prune_dirs, publish_weights, write_shards
+from learner.weights import StoreUploads, prune_dirs, publish_weights, write_shards
 from protocol.codec import decode
 from protocol.config import BusConfig
 from protocol.messages import WeightManifest
 from protocol.names import KEY_LATEST, KV_POLICY, OBJECT_STORE_WEIGHTS
 from protocol.server import NatsServer
 from protocol.streams import connect, ensure_streams
+from protocol.weight_server import WeightServer, WeightServerConfig
 from protocol.weights import (
     INDEX_NAME,
+    check_object,
     local_shards,
     object_name,
 )
@@ -44,6 +47,7 @@ async def js(tmp_path):
 
 
 async def test_manifest_appears_only_after_its_objects(js, tmp_path):
+    """Without an HTTP server (weight_server off) the order is DESIGN.md's: store, then latest."""
     model = tiny_model()
     shards = write_shards(model, tmp_path / "v1", "float32", shard_mb=20 / 1024)
     assert len(shards) > 3
@@ -67,7 +71,7 @@ async def test_manifest_appears_only_after_its_objects(js, tmp_path):
     )
     manifest, infos = await sighting
     await watcher.stop()
-    assert manifest.version == 1 and manifest.step == 10
+    assert manifest.version == 1 and manifest.step == 10 and manifest.stored
     assert [i.size for i in infos] == [s.bytes for s in published.shards]
 
     # An actor's view: download, verify the sha256s, load: the weights equal the learner's.
@@ -133,3 +137,106 @@ async def test_uploaded_objects_read_back_through_nats_py_in_many_chunks(js, tmp
     assert (await store.get("v9/blob")).data == again
     stream = await js.stream_info(f"OBJ_{OBJECT_STORE_WEIGHTS}")
     assert stream.state.messages == 10 + 1  # the new chunks and the object's info
+
+
+@pytest.fixture
+def http_server():
+    server = WeightServer(WeightServerConfig(host="127.0.0.1")).start()
+    yield server
+    server.close()
+
+
+async def _stored_versions(store) -> set[str]:
+    try:
+        return {i.name.split("/")[0] for i in await store.list(ignore_deletes=True)}
+    except NotFoundError:  # an empty store
+        return set()
+
+
+async def test_with_http_latest_is_visible_before_the_store_has_the_objects(
+    js, tmp_path, http_server
+):
+    """Served over HTTP, the manifest goes out first (`stored` false) while the store copy is
+    held back; once the background upload runs, the store holds every shard and the index,
+    each with the manifest's size and sha256, and the served files stay served."""
+    model = tiny_model()
+    shards = write_shards(model, tmp_path / "v1", "float32", shard_mb=20 / 1024)
+    store = await js.object_store(OBJECT_STORE_WEIGHTS)
+    uploads = StoreUploads(js, keep_versions=2)
+    uploads.pause()
+    published = await publish_weights(
+        js,
+        tmp_path / "v1",
+        shards,
+        version=1,
+        step=1,
+        dtype="float32",
+        keep_versions=2,
+        server=http_server,
+        uploads=uploads,
+    )
+    latest = decode((await (await js.key_value(KV_POLICY)).get(KEY_LATEST)).value, WeightManifest)
+    assert latest == published and not latest.stored and latest.sources == [http_server.url]
+    assert await _stored_versions(store) == set()  # latest is out, the store has nothing yet
+
+    uploads.resume()
+    assert await uploads.drain(60)
+    assert uploads.uploaded == [1] and uploads.skipped == []
+    for shard in latest.shards:
+        await check_object(store, object_name(1, shard.name), shard)  # size and sha256
+    await store.get_info(object_name(1, INDEX_NAME))
+    assert not list(tmp_path.glob(".*upload*"))  # the upload's hard links are gone
+    assert (tmp_path / "v1-served" / shards[0].name).is_file()  # still served over HTTP
+
+
+async def test_uploads_coalesce_newest_wins(js, tmp_path, http_server):
+    """Three versions published back to back while the first one's upload is held: the first
+    is uploaded, the second is overtaken by the third before its upload began and skipped,
+    the third uploaded; the store keeps the newest two stored (v1, v3), never had v2."""
+    model = tiny_model()
+    uploads = StoreUploads(js, keep_versions=2)
+    uploads.pause()
+    for version in (1, 2, 3):
+        shards = write_shards(model, tmp_path / f"v{version}", "bfloat16", 1.0)
+        await publish_weights(
+            js,
+            tmp_path / f"v{version}",
+            shards,
+            version=version,
+            step=version,
+            dtype="bfloat16",
+            keep_versions=2,
+            server=http_server,
+            uploads=uploads,
+        )
+        await asyncio.sleep(0)  # the upload task takes v1 (and holds it) at its first turn
+    uploads.resume()
+    assert await uploads.drain(60)
+    assert uploads.uploaded == [1, 3] and uploads.skipped == [2]
+    store = await js.object_store(OBJECT_STORE_WEIGHTS)
+    assert await _stored_versions(store) == {"v1", "v3"}
+    assert not list(tmp_path.glob(".*upload*"))
+
+
+async def test_a_held_upload_is_cut_at_the_shutdown_bound(js, tmp_path, http_server):
+    """`drain` waits at most its bound: a held upload is then cancelled, nothing of the
+    version is in the store, and its hard links are removed."""
+    model = tiny_model()
+    uploads = StoreUploads(js, keep_versions=2)
+    uploads.pause()
+    shards = write_shards(model, tmp_path / "v1", "bfloat16", 1.0)
+    await publish_weights(
+        js,
+        tmp_path / "v1",
+        shards,
+        version=1,
+        step=1,
+        dtype="bfloat16",
+        keep_versions=2,
+        server=http_server,
+        uploads=uploads,
+    )
+    assert not await uploads.drain(0.2)
+    assert uploads.uploaded == []
+    assert await _stored_versions(await js.object_store(OBJECT_STORE_WEIGHTS)) == set()
+    assert not list(tmp_path.glob(".*upload*"))

@@ -4,9 +4,11 @@ A `WeightManifest` (KV `aha-policy` / `latest`) names a version's shards with th
 An actor gets the files from the shared volume when the manifest carries paths that are
 there and verify, else over HTTP from the manifest's `sources` (the learner, or a peer it
 redirects to; `protocol.weight_server`), with the object store for any shard HTTP did not
-deliver intact; every shard is hashed while it arrives and written once. Only when every
-sha256 matches does it ask the engine to load them. Any missing or corrupt shard, or weights that do not fit the model, raise
-`WeightsRejected` before the engine is touched: it keeps serving the version it had.
+deliver intact (a version served over HTTP is announced before its store copy is uploaded:
+the actor then waits for that copy, `wait_for_objects`); every shard is hashed while it
+arrives and written once. Only when every sha256 matches does it ask the engine to load them.
+Any missing or corrupt shard, or weights that do not fit the model, raise `WeightsRejected`
+before the engine is touched: it keeps serving the version it had.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from pathlib import Path
 import structlog
 
 from actors.engine import Engine
+from protocol.codec import DecodeError, decode
 from protocol.messages import Shard, WeightManifest
-from protocol.names import OBJECT_STORE_WEIGHTS
+from protocol.names import KEY_LATEST, KV_POLICY, OBJECT_STORE_WEIGHTS
 from protocol.weight_server import WeightServer, WeightServerConfig, fetch_shard, is_file_name
 from protocol.weights import (
     ShardError,
@@ -76,7 +79,7 @@ async def _download(
         missing = await fetch_over_http(manifest, directory, relay, http)
         source = "http+store" if missing else "http"
     if missing:
-        await fetch_from_store(js, manifest, directory, missing)
+        await fetch_from_store(js, manifest, directory, missing, wait_s=http.store_wait_s)
     return [directory / s.name for s in manifest.shards], source
 
 
@@ -128,14 +131,19 @@ async def fetch_over_http(
     return failed
 
 
-async def fetch_from_store(js, manifest: WeightManifest, directory: Path, shards: list[Shard]):
+async def fetch_from_store(
+    js, manifest: WeightManifest, directory: Path, shards: list[Shard], *, wait_s: float = 0.0
+):
     """Download `shards` from the object store, one at a time: the server pushes an object's
     chunks as fast as flow control lets it, and several objects pushed at once to one
     connection overflow the server's per-client buffer (`max_pending`), which then drops the
     connection as a slow consumer. One stream already keeps the socket full; the hashing and
-    writing run beside it in a thread."""
+    writing run beside it in a thread. A manifest whose store copy follows it (`stored`
+    false) first gets up to `wait_s` seconds for that copy (`wait_for_objects`)."""
     widen_reads()
     store = await js.object_store(OBJECT_STORE_WEIGHTS)
+    if not manifest.stored:
+        await wait_for_objects(js, store, manifest, shards, wait_s)
     # Every object's size and sha256 are checked against the manifest before any download,
     # so a replaced or missing shard is refused before a byte of the others is fetched.
     for shard in shards:
@@ -143,6 +151,54 @@ async def fetch_from_store(js, manifest: WeightManifest, directory: Path, shards
     for shard in shards:
         name = object_name(manifest.version, shard.name)
         await download_shard(js, store, name, shard, directory / shard.name)
+
+
+STORE_POLL_S = 0.5
+"""How often an actor waiting for a version's store copy looks for it (and at `latest`)."""
+
+
+async def wait_for_objects(js, store, manifest: WeightManifest, shards: list[Shard], wait_s):
+    """Wait until the store has an object for every one of `shards`, polling their info, for
+    at most `wait_s` seconds and while `latest` still names this version (the learner skips
+    the upload of a version a newer one overtook); `ShardError` otherwise. Only presence is
+    awaited: what is there is then checked as always (`check_object`)."""
+    deadline = time.monotonic() + wait_s
+    kv = await js.key_value(KV_POLICY)
+    for shard in shards:
+        name = object_name(manifest.version, shard.name)
+        while not await has_object(store, name):
+            if time.monotonic() >= deadline:
+                raise ShardError(
+                    f"shard {shard.name}: the store never had object {name}: its upload after "
+                    f"the manifest did not arrive within {wait_s:g} s"
+                )
+            if not await names_version(kv, manifest):
+                raise ShardError(
+                    f"shard {shard.name}: the store never had object {name}: a newer version "
+                    "replaced this one under latest before its upload"
+                )
+            await asyncio.sleep(min(STORE_POLL_S, max(deadline - time.monotonic(), 0.0)))
+
+
+async def has_object(store, name: str) -> bool:
+    from nats.js.errors import NotFoundError
+
+    try:
+        info = await store.get_info(name)
+    except NotFoundError:
+        return False
+    return not info.deleted
+
+
+async def names_version(kv, manifest: WeightManifest) -> bool:
+    """Whether `latest` is still `manifest`'s policy and version."""
+    from nats.js.errors import KeyNotFoundError
+
+    try:
+        latest = decode((await kv.get(KEY_LATEST)).value, WeightManifest)
+    except (KeyNotFoundError, DecodeError):
+        return False
+    return (latest.policy, latest.version) == (manifest.policy, manifest.version)
 
 
 async def fetch_shards(

@@ -12,7 +12,7 @@ import torch
 
 from actors.hf_engine import HfEngine
 from actors.weights import WeightsRejected, download_shards, load_manifest
-from learner.weights import publish_weights, write_shards
+from learner.weights import StoreUploads, publish_weights, write_shards
 from protocol.names import OBJECT_STORE_WEIGHTS
 from protocol.weight_server import WeightServer, WeightServerConfig, fetch_shard
 from protocol.weights import ShardError, object_name, verify_shard
@@ -26,7 +26,9 @@ def server(fanout: int = 2) -> WeightServer:
     return WeightServer(WeightServerConfig(fanout=fanout, **LOCAL)).start()
 
 
-async def publish(js, model, directory: Path, version: int, learner: WeightServer):
+async def publish(js, model, directory: Path, version: int, learner: WeightServer, uploads=None):
+    """Publish `model` as `version`, served by `learner`; the store copy in the background
+    through `uploads`, else before this returns."""
     shards = write_shards(model, directory, "float32", shard_mb=0.1)  # ~100 KiB: 7 shards
     assert len(shards) > 4
     return await publish_weights(
@@ -38,6 +40,7 @@ async def publish(js, model, directory: Path, version: int, learner: WeightServe
         dtype="float32",
         keep_versions=2,
         server=learner,
+        uploads=uploads,
     )
 
 
@@ -152,6 +155,61 @@ async def test_a_learner_that_is_gone_leaves_the_store(js, tiny_model_dir, new_m
     report = await load_manifest(engine, js, manifest, tmp_path / "actor")
 
     assert report["source"] == "http+store" and engine.version == 1
+
+
+async def test_an_actor_whose_http_fails_waits_for_the_store_upload(
+    js, tiny_model_dir, new_model, tmp_path
+):
+    """The manifest is out before the store copy (held here); the learner's server is gone:
+    the actor waits for the upload, and once it is stored takes the version from the store."""
+    learner = server()
+    uploads = StoreUploads(js, keep_versions=2)
+    uploads.pause()
+    manifest = await publish(js, new_model, tmp_path / "learner" / "v1", 1, learner, uploads)
+    learner.close()
+    engine = HfEngine(tiny_model_dir)
+    http = WeightServerConfig(store_wait_s=60.0, **LOCAL)
+
+    loading = asyncio.create_task(load_manifest(engine, js, manifest, tmp_path / "a", http=http))
+    await asyncio.sleep(1.5)
+    assert not loading.done() and engine.version == 0  # waiting for the store copy
+    uploads.resume()
+    report = await asyncio.wait_for(loading, 60)
+
+    assert report["source"] == "http+store" and engine.version == 1
+    for name, tensor in new_model.state_dict().items():
+        assert torch.equal(engine.model.state_dict()[name], tensor), name
+    assert await uploads.drain(60)
+
+
+@pytest.mark.parametrize("why", ["never uploaded", "overtaken"])
+async def test_a_version_the_store_never_gets_is_refused_after_the_wait(
+    js, tiny_model_dir, new_model, tmp_path, why
+):
+    """HTTP fails and the store copy never comes (held past the actor's bound), or a newer
+    version replaces it under `latest` first (its upload is then skipped): the version is
+    refused whole, saying the store never had it, and the old version is still served."""
+    learner = server()
+    uploads = StoreUploads(js, keep_versions=2)
+    uploads.pause()
+    manifest = await publish(js, new_model, tmp_path / "learner" / "v1", 1, learner, uploads)
+    if why == "overtaken":
+        await publish(js, new_model, tmp_path / "learner" / "v2", 2, learner, uploads)
+    learner.close()
+    engine = HfEngine(tiny_model_dir)
+    before = {n: p.detach().clone() for n, p in engine.model.state_dict().items()}
+    http = WeightServerConfig(store_wait_s=1.0 if why == "never uploaded" else 60.0, **LOCAL)
+
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(WeightsRejected, match="the store never had"):
+        await load_manifest(engine, js, manifest, tmp_path / "a", http=http)
+
+    assert asyncio.get_running_loop().time() - started < 30
+    assert engine.version == 0
+    after = engine.model.state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert not (tmp_path / "a" / "v1").exists()
+    assert not await uploads.drain(0.1)  # still held: cut here
 
 
 async def test_only_the_tokens_files_are_served(js, new_model, tmp_path):

@@ -7,10 +7,12 @@
 A model of `--gb` GB in bf16 (fp32 master weights, a few large tensors) goes the way a real
 run sends it, through an embedded nats-server and the learner's HTTP weight server:
 
-- `weight_publish`: the learner's side, `write_shards` (gather, cast, write safetensors,
-  sha256) then `publish_weights` (object-store upload, HTTP offer, manifest to KV), in s/GB,
-  next to a raw file copy of the same bytes; its two parts as `weight_publish_write` and
-  `weight_publish_upload`;
+- `weight_publish`: the learner's side from "step done" to "manifest visible": `write_shards`
+  (gather, cast, write safetensors, sha256) then `publish_weights` (HTTP offer, manifest to
+  KV), in s/GB, next to a raw file copy of the same bytes; its parts as `weight_publish_write`
+  and `weight_publish_offer`; `weight_publish_upload`: the object-store copy (the actors'
+  fallback), which the learner uploads after the manifest, in the background
+  (`StoreUploads`), timed here from the manifest to the upload's end with nothing else running;
 - `weight_transfer`: one actor's `download_shards` over HTTP from "manifest seen" (KV get) to
   every shard verified, in GB/s next to a raw file copy of the same bytes (`shutil.copyfile`)
   in the same run; `weight_transfer_store`: the same from the object store (the fallback);
@@ -133,7 +135,7 @@ def engine_load(paths: list[Path]) -> float:
 
 async def run(args) -> list[dict]:
     from actors.weights import download_shards
-    from learner.weights import publish_weights, write_shards
+    from learner.weights import StoreUploads, publish_weights, write_shards
     from protocol.config import BusConfig
     from protocol.server import NatsServer
     from protocol.streams import connect, ensure_streams
@@ -145,7 +147,7 @@ async def run(args) -> list[dict]:
     off = WeightServerConfig(enabled=False)
     m: dict[str, list[float]] = {
         k: []
-        for k in "publish write upload copy copy_cpu hash_cpu http store http_cpu store_cpu "
+        for k in "publish write offer upload copy copy_cpu hash_cpu http store http_cpu store_cpu "
         "load fan loadavg".split()
     }
     learner_out: list[float] = []
@@ -157,6 +159,7 @@ async def run(args) -> list[dict]:
             learner = await connect(config)
             js = learner.jetstream()
             await ensure_streams(js, config)
+            uploads = StoreUploads(js, keep_versions=2)
             for version in range(1, args.runs + 1):
                 directory = scratch / f"learner-v{version}"
                 start = time.perf_counter()
@@ -167,6 +170,7 @@ async def run(args) -> list[dict]:
                 m["copy_cpu"].append(cpu)
                 m["hash_cpu"].append(hash_cpu(directory, shards))
                 m["loadavg"].append(os.getloadavg()[0])
+                offered = time.perf_counter()
                 manifest = await publish_weights(
                     js,
                     directory,
@@ -176,13 +180,17 @@ async def run(args) -> list[dict]:
                     dtype="bfloat16",
                     keep_versions=2,
                     server=server,
+                    uploads=uploads,
                 )
-                done = time.perf_counter()
+                visible = time.perf_counter()
+                assert await uploads.drain(None) and uploads.uploaded[-1] == version
+                stored = time.perf_counter()
                 total = manifest.total_bytes
                 gb = total / 1e9
                 m["write"].append((written - start) / gb)
-                m["upload"].append((done - written) / gb)
-                m["publish"].append((done - start) / gb)
+                m["offer"].append((visible - offered) / gb)
+                m["publish"].append((written - start + visible - offered) / gb)
+                m["upload"].append((stored - visible) / gb)
 
                 for path, http in (("http", local), ("store", off)):
                     cpu = time.process_time()
@@ -249,6 +257,7 @@ async def run(args) -> list[dict]:
             paired=True,
         ),
         figure("weight_publish_write", "s/GB", m["write"], higher=False),
+        figure("weight_publish_offer", "s/GB", m["offer"], higher=False),
         figure("weight_publish_upload", "s/GB", m["upload"], higher=False),
         figure("weight_fanout", "GB/s", m["fan"], m["http"], paired=True, actors=args.actors),
         figure(

@@ -170,6 +170,7 @@ ROWS: list[tuple[str, list[dict]]] = [
                 "Weight publish and load time",
                 [
                     ("aha_learner_weight_publish_seconds", "publish (learner)"),
+                    ("aha_learner_weight_store_upload_seconds", "store upload (learner)"),
                     ("aha_actor_weight_load_seconds", "load {{actor}}"),
                 ],
                 unit="s",

@@ -282,7 +282,11 @@ class StoreUploads:
 
     def submit(self, version: int, directory: Path, shards: list[Shard]) -> StoreUploads:
         """Upload `directory`'s files as `version` once the running upload (if any) ends."""
-        job = _Upload(version, link_files(Path(directory), shards), shards)
+        try:
+            job = _Upload(version, link_files(Path(directory), shards), shards)
+        except OSError as e:  # the manifest is out: the learner goes on, actors use HTTP
+            log.error("store upload impossible", version=version, error=repr(e))
+            return self
         if self._pending is not None:
             log.info("store upload skipped", version=self._pending.version, overtaken_by=version)
             self.skipped.append(self._pending.version)

@@ -86,6 +86,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="attention heads of the tiny model the cold start trains (4: DEMO.md's heads of 16, "
         "which only the HF engine runs: give --engine hf)",
     )
+    p.add_argument(
+        "--head-dim",
+        type=int,
+        help="width of each head; set, the model is a qwen3 (vLLM's Qwen2 ignores head_dim): "
+        "--heads 4 --head-dim 32 is 4 heads vLLM's CPU attention runs",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=["think-or-guess", "buggy-carries"],
+        default="think-or-guess",
+        help="the cold start's data (pipeline.coldstart.RECIPES)",
+    )
     p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where the variants' runs go")
     p.add_argument("--name", help="benchmark run name (default: bench-efficiency-<time>)")
     add_output_args(p)
@@ -113,40 +125,29 @@ def cold_start(args, bench_dir: Path) -> Path:
     _, held_out = demo_data(
         bench_dir, eval_problems=args.eval_problems, rl_problems=2000, seed=args.seed
     )
-    say(f"cold start: {args.cold_start_steps} SFT steps, {args.heads} heads")
+    say(f"cold start: {args.cold_start_steps} SFT steps ({args.recipe}), {args.heads} heads")
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    if args.heads == 2:  # the demo's own model
-        return cold_start_model(
-            bench_dir, held_out, steps=args.cold_start_steps, seed=args.seed, env=env
-        )
-    return cold_start_heads(args, bench_dir, held_out, env)
-
-
-def cold_start_heads(args, bench_dir: Path, held_out: list[dict], env: dict) -> Path:
-    """`pipeline.coldstart.cold_start_model`'s recipe on the tiny model with `--heads` heads."""
-    from pipeline import demo
-    from pipeline.coldstart import RECIPES, SFT_BATCH, SFT_LR, run_logged
-    from pipeline.steps import sft_config
-    from pipeline.tiny_model import TinySpec, save_tiny_model
-
-    out = bench_dir / "cold-start"
-    if (out / "config.json").exists():
-        return out
-    spec = TinySpec(seed=args.seed, num_heads=args.heads, num_kv_heads=args.heads)
-    base = save_tiny_model(bench_dir / "base", spec)
-    steps = args.cold_start_steps
-    rows = demo.cold_start(
-        steps * SFT_BATCH,
-        seed=args.seed + 2,
-        exclude={r["prompt"] for r in held_out},
-        **RECIPES["think-or-guess"],
+    return cold_start_model(
+        bench_dir,
+        held_out,
+        steps=args.cold_start_steps,
+        recipe=args.recipe,
+        seed=args.seed,
+        env=env,
+        spec=model_spec(args),
     )
-    pairs = demo.write_jsonl(rows, bench_dir / "data" / "cold_start.jsonl")
-    config = sft_config(bench_dir, base, steps, SFT_BATCH, SFT_LR, args.seed, "sft-checkpoints")
-    argv = [sys.executable, "-m", "deploy.cli", "sft", "--config", str(config)]
-    argv += ["--data", str(pairs), "--out", str(out), "--steps", str(steps)]
-    run_logged(argv, bench_dir / "logs" / "cold-start.log", {**os.environ, **env}, None)
-    return out
+
+
+def model_spec(args):
+    """The tiny model `--heads`/`--head-dim` name (`--heads 2`: the demo's own)."""
+    from pipeline.tiny_model import TinySpec
+
+    return TinySpec(
+        num_heads=args.heads,
+        num_kv_heads=args.heads,
+        head_dim=args.head_dim,
+        model_type="qwen2" if args.head_dim is None else "qwen3",
+    )
 
 
 def run_variant(args, bench_dir: Path, name: str, model: Path) -> dict:

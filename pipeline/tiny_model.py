@@ -21,6 +21,7 @@ import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 """The R1-Zero template tags, each a single token."""
@@ -44,10 +45,16 @@ class TinySpec:
     num_layers: int = 3
     """Decoder layers."""
     num_heads: int = 2
-    """Attention heads. vLLM's Qwen2 uses heads of `hidden_size // num_heads` and its CPU
-    attention needs that to be 32, 64, 80, 96, …: 64 / 4 = 16 fails there."""
+    """Attention heads."""
     num_kv_heads: int = 2
     """Key/value heads (fewer than `num_heads` for grouped-query attention)."""
+    head_dim: int | None = None
+    """Width of each head; None: `hidden_size // num_heads`. vLLM's CPU attention needs 32,
+    64, 80, 96, …, so 4 heads at width 64 need `head_dim = 32` (queries wider than the model,
+    projected back), which only a `qwen3` model carries to vLLM: its Qwen2 ignores it."""
+    model_type: Literal["qwen2", "qwen3"] = "qwen2"
+    """`qwen2`, or `qwen3`: Qwen2 with an explicit `head_dim`, RMS-normed queries and keys
+    and no q/k/v biases."""
     intermediate_size: int = 192
     """FFN width."""
     max_position_embeddings: int = 256
@@ -56,6 +63,20 @@ class TinySpec:
     """Whether encoding text prepends `<bos>` (HF and vLLM then tokenize prompts alike)."""
     seed: int = 0
     """Seed of the random initialisation."""
+
+    def __post_init__(self):
+        if self.model_type not in ("qwen2", "qwen3"):
+            raise ValueError(f"model_type: qwen2 or qwen3, got {self.model_type!r}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads")
+        if self.model_type == "qwen2" and self.head_dim not in (
+            None,
+            self.hidden_size // self.num_heads,
+        ):
+            raise ValueError(
+                f"head_dim {self.head_dim} with model_type qwen2: vLLM's Qwen2 takes heads of "
+                f"hidden_size / num_heads; use model_type qwen3"
+            )
 
     @property
     def vocab(self) -> list[str]:
@@ -106,12 +127,15 @@ def build_tokenizer(spec: TinySpec = TinySpec()):
 
 
 def build_model(spec: TinySpec = TinySpec()):
-    """A randomly initialised float32 `Qwen2ForCausalLM` sized by `spec`, tied embeddings."""
+    """A randomly initialised float32 `Qwen2ForCausalLM` (or `Qwen3…`) sized by `spec`, tied
+    embeddings."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
+    family = "Qwen3" if spec.model_type == "qwen3" else "Qwen2"
     vocab = spec.vocab
-    config = Qwen2Config(
+    extra = {} if spec.head_dim is None else {"head_dim": spec.head_dim}
+    config = getattr(transformers, f"{family}Config")(
         vocab_size=len(vocab),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -125,9 +149,10 @@ def build_model(spec: TinySpec = TinySpec()):
         bos_token_id=vocab.index(BOS),
         eos_token_id=vocab.index(EOS),
         torch_dtype="float32",
+        **extra,
     )
     torch.manual_seed(spec.seed)
-    return Qwen2ForCausalLM(config).to(torch.float32).eval()
+    return getattr(transformers, f"{family}ForCausalLM")(config).to(torch.float32).eval()
 
 
 def save_tiny_model(path: str | Path, spec: TinySpec = TinySpec()) -> Path:

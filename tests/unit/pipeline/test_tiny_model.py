@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.tiny_model import TAGS, TinySpec, build_tokenizer
+from pipeline.tiny_model import TAGS, TinySpec, build_tokenizer, save_tiny_model
 
 RESPONSE = "<think>3+6+0=9,2+5+0=7,1+4+0=5</think><answer>579</answer>"
 
@@ -54,3 +54,27 @@ def test_space_and_custom_characters_round_trip():
 def test_non_ascii_characters_are_refused():
     with pytest.raises(ValueError, match="ASCII"):
         build_tokenizer(TinySpec(characters="aé"))
+
+
+def test_qwen3_with_four_heads_of_32_at_width_64(tmp_path):
+    """4 heads vLLM's CPU attention runs (width 32) on the demo's 64-wide model: queries,
+    keys and values 128 wide, projected back to 64."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = TinySpec(num_heads=4, num_kv_heads=4, head_dim=32, model_type="qwen3")
+    save_tiny_model(tmp_path, spec)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+
+    # Per layer: q, k, v 64x128 and o 128x64 (no biases) 32,768; q/k norms 2x32; FFN 3x64x192
+    # 36,864; two layer norms 128: 69,824. Three layers, the tied embedding 28x64 and the
+    # final norm: 3 x 69,824 + 1,792 + 64 = 211,328.
+    assert sum(p.numel() for p in model.parameters()) == 211_328
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert (config.model_type, config.head_dim, config.num_attention_heads) == ("qwen3", 32, 4)
+
+
+def test_a_head_width_qwen2_would_drop_is_refused():
+    with pytest.raises(ValueError, match="model_type qwen3"):
+        TinySpec(num_heads=4, num_kv_heads=4, head_dim=32)
+    with pytest.raises(ValueError, match="model_type"):
+        TinySpec(model_type="llama")

@@ -259,15 +259,25 @@ class _Handler(BaseHTTPRequestHandler):
 
     def send_body(self, entry: Entry) -> None:
         """The file's bytes as they become available; the connection is cut if its source fails
-        or stalls (the requester then sees a short body and falls back)."""
+        or stalls (the requester then sees a short body and falls back).
+
+        A relay is asked for shards it has not begun to receive (its own fetch of one waits for
+        a slot, or for its source's answer): the file is created only when that answer arrives,
+        so it is opened once the first bytes are in it, not before (opening a file not there yet
+        cut the body off at 0 bytes)."""
         sent = 0
+        stall_s = self.weights.config.stall_s
         try:
-            with open(entry.path, "rb") as f:
-                while sent < entry.size:
-                    ready = entry.wait_beyond(sent, self.weights.config.stall_s)
-                    if not ready:
-                        break
-                    sent += self.connection.sendfile(f, offset=sent, count=ready)
+            if entry.size and entry.wait_beyond(0, stall_s):
+                with open(entry.path, "rb") as f:
+                    while sent < entry.size:
+                        ready = entry.wait_beyond(sent, stall_s)
+                        if not ready:
+                            break
+                        n = self.connection.sendfile(f, offset=sent, count=ready)
+                        if not n:  # the file is shorter than its entry says
+                            break
+                        sent += n
         except OSError:  # the requester went away, or the file was deleted
             pass
         self.weights.sent_bytes += sent

@@ -320,3 +320,65 @@ def test_a_shard_of_many_chunks_arrives_whole_and_a_flipped_byte_is_refused(tmp_
     finally:
         learner.close()
         relay.close()
+
+
+@pytest.mark.parametrize("then", ["bytes arrive", "its fetch fails"])
+def test_a_relay_asked_before_its_own_fetch_began_waits_for_the_first_bytes(tmp_path, then):
+    """A relay is asked for a shard before its own fetch of it has an answer (no file yet, no
+    byte: in a chain learner -> a -> b the second shard's requests reach a at once). It waits
+    for the first bytes and passes them on, rather than answering the full length with no body
+    (which the requester took for a failed source: "cut off after 0 bytes"); if its own fetch
+    fails instead, the requester is cut off and falls back as before, nothing left behind."""
+    import hashlib
+    import os
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from protocol.messages import Shard
+
+    data = bytes(range(256)) * 1024 + b"tail!"
+    shard = Shard(
+        name="s.safetensors",
+        sha256=hashlib.sha256(data).hexdigest(),
+        bytes=len(data),
+        tensors=["w"],
+    )
+    token = "ab" * 16
+    relay = server(fanout=1)
+    folder = tmp_path / "a"
+    folder.mkdir()
+    try:
+        entry = relay.receiving(token, 1, folder, [shard])[shard.name]
+        waiting = threading.Event()  # the relay's handler waits for the entry's bytes
+        wait_beyond = entry.wait_beyond
+
+        def wait_and_tell(sent: int, timeout: float) -> int:
+            waiting.set()
+            return wait_beyond(sent, timeout)
+
+        entry.wait_beyond = wait_and_tell
+        with ThreadPoolExecutor(1) as pool:
+            url = f"{relay.base}/{token}/v1/{shard.name}"
+            fetch = pool.submit(fetch_shard, url, shard, tmp_path / "b")
+            fetch.add_done_callback(lambda _: waiting.set())
+            assert waiting.wait(10)
+            assert not fetch.done(), fetch.exception()  # before the fix: cut off after 0 bytes
+            if then == "its fetch fails":
+                entry.fail()
+                with pytest.raises(ShardError, match="cut off after 0 bytes"):
+                    fetch.result(10)
+                assert not (tmp_path / "b").exists() and relay.sent_bytes == 0
+                return
+            # What the relay's own fetch does (`_receive`): create, write, advance.
+            fd = os.open(folder / shard.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                for start in range(0, len(data), 100_000):
+                    os.write(fd, data[start : start + 100_000])
+                    entry.advance(min(start + 100_000, len(data)))
+            finally:
+                os.close(fd)
+            fetch.result(10)
+        assert (tmp_path / "b").read_bytes() == data
+        assert relay.sent_bytes == len(data)
+    finally:
+        relay.close()

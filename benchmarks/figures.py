@@ -94,6 +94,8 @@ def report(figures: Sequence[dict], args: argparse.Namespace, benchmark: str) ->
         print(f"{benchmark}: min/median/max over the runs; ratio > 1 is better than the baseline")
         print("\n".join("  " + describe(f) for f in figures), flush=True)
     out = Path(args.out) if args.out else RESULTS / f"{benchmark}-{time.strftime('%Y%m%d')}.jsonl"
+    if not args.out and out.exists():  # an earlier run of the day is kept: results are records
+        out = out.with_name(f"{benchmark}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     return out

@@ -316,7 +316,7 @@ def _up(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--engine", choices=["vllm", "hf"], help="actors' engine (default: vllm if installed)"
     )
-    p.add_argument("--cold-start-steps", type=int, help="demo cold-start SFT steps (default 1400)")
+    p.add_argument("--cold-start-steps", type=int, help="demo cold-start SFT steps (default 1000)")
     p.add_argument("--name", help="run name: runs/<name>/ (default: the start time)")
     p.add_argument(
         "--resume",

@@ -1,6 +1,6 @@
 """`aha up`: the whole loop on one machine, as separate processes talking through NATS.
 
-With no arguments it runs the built-in demo (`pipeline/demo.py`): a 160k-parameter Qwen2
+With no arguments it runs the built-in demo (`pipeline/demo.py`): a 211k-parameter Qwen3
 built from a config, a cold start on imperfect chains of thought, then GRPO through the
 asynchronous loop — embedded NATS, one learner, N actors, M rewarders — with a live table,
 and held-out accuracy before and after. Everything lands in `runs/<name>/`:

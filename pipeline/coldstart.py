@@ -1,8 +1,9 @@
 """The demo's cold start: R1's first stage in miniature (DEMO.md's measured recipes).
 
-A 160k-parameter Qwen2 built from a config (`pipeline/tiny_model.py`), then `aha sft` on
-imperfect chains of thought for the 3-digit addition task (`pipeline/demo.py`), so that
-GRPO starts from a model that sometimes thinks and sometimes guesses. Also the demo's RL
+A 211k-parameter Qwen3 built from a config (`pipeline.tiny_model.DEMO_SPEC`), then `aha sft`
+on imperfect chains of thought for the 3-digit addition task (`pipeline/demo.py`), so that
+GRPO starts from a model that reasons but often wrongly (recipe A: carries dropped) or that
+sometimes thinks and sometimes guesses (recipe B). Also the demo's RL
 prompts and held-out set, which never meet each other or the cold-start pairs.
 
     run_dir/base/         the model as built (random weights, the character tokenizer)
@@ -30,7 +31,7 @@ from typing import Literal
 import structlog
 
 from pipeline.steps import sft_config
-from pipeline.tiny_model import TinySpec, save_tiny_model
+from pipeline.tiny_model import DEMO_SPEC, TinySpec, save_tiny_model
 
 log = structlog.get_logger("pipeline.coldstart")
 
@@ -71,7 +72,7 @@ def cold_start_model(
     on_step: Callable[[int], None] | None = None,
     spec: TinySpec | None = None,
 ) -> Path:
-    """The tiny model from a config (`spec`, default the demo's; its seed is `seed`), then
+    """The tiny model from a config (`spec`, default `DEMO_SPEC`; its seed is `seed`), then
     `steps` of `aha sft` (0: the model as built).
 
     A complete `run_dir/cold-start/` from an earlier attempt is returned as it is. `on_step`
@@ -83,7 +84,7 @@ def cold_start_model(
     if steps and complete(run_dir):
         log.info("cold start reused", model=str(out))
         return out
-    base = save_tiny_model(run_dir / "base", replace(spec or TinySpec(), seed=seed))
+    base = save_tiny_model(run_dir / "base", replace(spec or DEMO_SPEC, seed=seed))
     if steps == 0:
         return base
     exclude = {r["prompt"] for r in held_out}

@@ -46,15 +46,10 @@ class OptimConfig(BaseModel):
     warmup_steps: int = Field(0, ge=0)
     """Optimizer steps of linear warmup from `lr / warmup_steps` to `lr`."""
     total_steps: int | None = Field(None, ge=1)
-    """Length of the cosine schedule in optimizer steps (warmup included); needed for `cosine`."""
+    """Length of the cosine schedule in optimizer steps (warmup included). None: the run's,
+    `max_steps × grpo.ppo_epochs × grpo.minibatches` (a cosine needs one or the other)."""
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     """Where the cosine ends, as a fraction of `lr`."""
-
-    @model_validator(mode="after")
-    def _cosine_needs_length(self):
-        if self.schedule == "cosine" and self.total_steps is None:
-            raise ValueError("schedule 'cosine' needs total_steps")
-        return self
 
 
 class DeepSpeedConfig(BaseModel):
@@ -291,6 +286,24 @@ class LearnerConfig(BaseModel):
                 f"more than bus.scored.max_ack_pending = {self.bus.scored.max_ack_pending}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _cosine_has_a_length(self):
+        if self.optim.schedule == "cosine" and self.schedule_steps is None:
+            raise ValueError(
+                "optim.total_steps: schedule 'cosine' needs optim.total_steps or max_steps"
+            )
+        return self
+
+    @property
+    def schedule_steps(self) -> int | None:
+        """The LR schedule's length in optimizer steps: `optim.total_steps`, else the run's
+        (`max_steps` updates of `ppo_epochs × minibatches` steps each); None if neither."""
+        if self.optim.total_steps is not None:
+            return self.optim.total_steps
+        if self.max_steps is None:
+            return None
+        return self.max_steps * self.grpo.ppo_epochs * self.grpo.minibatches
 
     @model_validator(mode="after")
     def _nodes_meet(self):

@@ -78,13 +78,14 @@ def load_policy(model: ModelConfig, seed: int) -> torch.nn.Module:
     return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**model.qwen2))
 
 
-def lr_factor(step: int, optim: OptimConfig) -> float:
-    """Multiplier of `optim.lr` for optimizer step `step` (0-based): linear warmup, then constant or cosine."""
+def lr_factor(step: int, optim: OptimConfig, total_steps: int | None = None) -> float:
+    """Multiplier of `optim.lr` for optimizer step `step` (0-based): linear warmup, then constant
+    or cosine over `optim.total_steps` (else `total_steps`: `LearnerConfig.schedule_steps`)."""
     if step < optim.warmup_steps:
         return (step + 1) / optim.warmup_steps
     if optim.schedule == "constant":
         return 1.0
-    span = max(1, optim.total_steps - optim.warmup_steps)
+    span = max(1, (optim.total_steps or total_steps) - optim.warmup_steps)
     progress = min(1.0, (step - optim.warmup_steps) / span)
     cosine = 0.5 * (1 + math.cos(math.pi * progress))
     return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cosine
@@ -177,7 +178,7 @@ def setup_engine(config: LearnerConfig) -> PolicyEngine:
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=deepspeed_config(config),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, partial(lr_factor, optim=config.optim)
+            opt, partial(lr_factor, optim=config.optim, total_steps=config.schedule_steps)
         ),
     )
     if ref is not None:

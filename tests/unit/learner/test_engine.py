@@ -168,9 +168,32 @@ def test_lr_schedule_by_hand():
     got = [lr_factor(s, o) for s in (0, 1, 2, 4, 6, 9)]
     assert got == pytest.approx([0.5, 1.0, 1.0, 0.55, 0.1, 0.1])
     assert lr_factor(100, OptimConfig()) == 1.0
-    with pytest.raises(ValueError):
-        OptimConfig(schedule="cosine")
     assert math.isclose(lr_factor(3, o), 0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2)
+
+
+def cosine_config(**fields) -> LearnerConfig:
+    return LearnerConfig(
+        model=ModelConfig(qwen2=TINY_QWEN2),
+        grpo=GRPOConfig(ppo_epochs=2, minibatches=2),
+        **fields,
+    )
+
+
+def test_a_cosine_without_total_steps_spans_the_run():
+    # 30 GRPO steps of 2 PPO epochs x 2 minibatches: 120 optimizer steps; halfway (step 60)
+    # the factor is (1 + cos(π/2)) / 2 = 0.5, at 120 and after it is 0.
+    config = cosine_config(max_steps=30, optim=OptimConfig(lr=1e-4, schedule="cosine"))
+    assert config.schedule_steps == 120
+    got = [lr_factor(s, config.optim, config.schedule_steps) for s in (0, 60, 120, 150)]
+    assert got == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    # Set, optim.total_steps wins over the run's length.
+    optim = OptimConfig(schedule="cosine", total_steps=10)
+    assert cosine_config(max_steps=30, optim=optim).schedule_steps == 10
+
+
+def test_a_cosine_with_no_length_at_all_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match="optim.total_steps"):
+        cosine_config(optim=OptimConfig(schedule="cosine"))
 
 
 def test_checkpoint_resume_is_bit_exact(tmp_path):

@@ -49,7 +49,7 @@ def test_defaults_follow_design():
         ({}, "learner.model"),  # no policy at all
         ({"model": {"path": "a", "qwen2": {}}}, "learner.model"),  # two sources
         ({"model": {"path": "a"}, "deepspeed": {"zero_stage": 4}}, "learner.deepspeed.zero_stage"),
-        ({"model": {"path": "a"}, "optim": {"schedule": "cosine"}}, "learner.optim"),
+        ({"model": {"path": "a"}, "optim": {"schedule": "cosine"}}, "optim.total_steps"),
         ({"model": {"path": "a"}, "grpo": {"typo": 1}}, "learner.grpo.typo"),
     ],
 )

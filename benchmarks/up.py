@@ -85,7 +85,9 @@ SIZES: dict[str, dict[str, int]] = {
         "intermediate_size": 512,
     },
 }
-"""`pipeline.tiny_model.TinySpec` fields per `--size` (the rest: the demo's). `compute`
+"""`pipeline.tiny_model.TinySpec` fields per `--size` (the rest: `TinySpec`'s defaults; `demo`
+is the 162,560-parameter 2-head model `aha up`'s demo trained when the README's figures for it
+were measured, before it moved to `DEMO_SPEC`'s 4 heads). `compute`
 (1,054,848 parameters, heads of 32, which vLLM's CPU attention runs) was sized by measuring
 one GRPO step (16 prompts × G 8, 2 PPO epochs) on one core of a busy 2-core machine: ~2.6 s
 of vLLM generation and ~6.6 s of learner update. At hidden 256 and FFN 768 (3.4M) generation

@@ -47,8 +47,8 @@ from prometheus_client import REGISTRY, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily
 
 from actors.config import ActorConfig
+from actors.weights import latest_manifest
 from protocol.bus import Bus
-from protocol.codec import DecodeError, decode
 from protocol.config import config_from_args
 from protocol.log import setup_logging
 from protocol.messages import Rollout, Task, Timings, WeightManifest
@@ -515,21 +515,6 @@ def same_architecture(a: str, b: str) -> bool:
         if files[0].is_file() and files[0].read_bytes() != files[1].read_bytes():
             return False
     return True
-
-
-async def latest_manifest(kv) -> WeightManifest | None:
-    """The manifest under `latest`, None if there is none or it does not decode (logged)."""
-    from nats.js.errors import KeyNotFoundError
-
-    try:
-        entry = await kv.get(KEY_LATEST)
-    except KeyNotFoundError:
-        return None
-    try:
-        return decode(entry.value, WeightManifest)
-    except DecodeError as e:
-        log.error("bad manifest under latest: ignored", revision=entry.revision, error=str(e))
-        return None
 
 
 async def setup_actor_engine(config: ActorConfig, model: str | None = None):

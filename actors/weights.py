@@ -192,13 +192,26 @@ async def has_object(store, name: str) -> bool:
 
 async def names_version(kv, manifest: WeightManifest) -> bool:
     """Whether `latest` is still `manifest`'s policy and version."""
+    latest = await latest_manifest(kv)
+    return latest is not None and (latest.policy, latest.version) == (
+        manifest.policy,
+        manifest.version,
+    )
+
+
+async def latest_manifest(kv) -> WeightManifest | None:
+    """The manifest under `latest`, None if there is none or it does not decode (logged)."""
     from nats.js.errors import KeyNotFoundError
 
     try:
-        latest = decode((await kv.get(KEY_LATEST)).value, WeightManifest)
-    except (KeyNotFoundError, DecodeError):
-        return False
-    return (latest.policy, latest.version) == (manifest.policy, manifest.version)
+        entry = await kv.get(KEY_LATEST)
+    except KeyNotFoundError:
+        return None
+    try:
+        return decode(entry.value, WeightManifest)
+    except DecodeError as e:
+        log.error("bad manifest under latest: ignored", revision=entry.revision, error=str(e))
+        return None
 
 
 async def fetch_shards(

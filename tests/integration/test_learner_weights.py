@@ -153,27 +153,35 @@ async def _stored_versions(store) -> set[str]:
         return set()
 
 
+async def publish_served(
+    js, directory, version: int, server, uploads, dtype: str = "bfloat16", shard_mb: float = 1.0
+):
+    """`tiny_model()` written to `directory` and published as `version`, served by `server`,
+    its store copy through `uploads`."""
+    return await publish_weights(
+        js,
+        directory,
+        write_shards(tiny_model(), directory, dtype, shard_mb),
+        version=version,
+        step=version,
+        dtype=dtype,
+        keep_versions=2,
+        server=server,
+        uploads=uploads,
+    )
+
+
 async def test_with_http_latest_is_visible_before_the_store_has_the_objects(
     js, tmp_path, http_server
 ):
     """Served over HTTP, the manifest goes out first (`stored` false) while the store copy is
     held back; once the background upload runs, the store holds every shard and the index,
     each with the manifest's size and sha256, and the served files stay served."""
-    model = tiny_model()
-    shards = write_shards(model, tmp_path / "v1", "float32", shard_mb=20 / 1024)
     store = await js.object_store(OBJECT_STORE_WEIGHTS)
     uploads = StoreUploads(js, keep_versions=2)
     uploads.pause()
-    published = await publish_weights(
-        js,
-        tmp_path / "v1",
-        shards,
-        version=1,
-        step=1,
-        dtype="float32",
-        keep_versions=2,
-        server=http_server,
-        uploads=uploads,
+    published = await publish_served(
+        js, tmp_path / "v1", 1, http_server, uploads, dtype="float32", shard_mb=20 / 1024
     )
     latest = decode((await (await js.key_value(KV_POLICY)).get(KEY_LATEST)).value, WeightManifest)
     assert latest == published and not latest.stored and latest.sources == [http_server.url]
@@ -186,29 +194,17 @@ async def test_with_http_latest_is_visible_before_the_store_has_the_objects(
         await check_object(store, object_name(1, shard.name), shard)  # size and sha256
     await store.get_info(object_name(1, INDEX_NAME))
     assert not list(tmp_path.glob(".*upload*"))  # the upload's hard links are gone
-    assert (tmp_path / "v1-served" / shards[0].name).is_file()  # still served over HTTP
+    assert (tmp_path / "v1-served" / latest.shards[0].name).is_file()  # still served over HTTP
 
 
 async def test_uploads_coalesce_newest_wins(js, tmp_path, http_server):
     """Three versions published back to back while the first one's upload is held: the first
     is uploaded, the second is overtaken by the third before its upload began and skipped,
     the third uploaded; the store keeps the newest two stored (v1, v3), never had v2."""
-    model = tiny_model()
     uploads = StoreUploads(js, keep_versions=2)
     uploads.pause()
     for version in (1, 2, 3):
-        shards = write_shards(model, tmp_path / f"v{version}", "bfloat16", 1.0)
-        await publish_weights(
-            js,
-            tmp_path / f"v{version}",
-            shards,
-            version=version,
-            step=version,
-            dtype="bfloat16",
-            keep_versions=2,
-            server=http_server,
-            uploads=uploads,
-        )
+        await publish_served(js, tmp_path / f"v{version}", version, http_server, uploads)
         await asyncio.sleep(0)  # the upload task takes v1 (and holds it) at its first turn
     uploads.resume()
     assert await uploads.drain(60)
@@ -221,21 +217,9 @@ async def test_uploads_coalesce_newest_wins(js, tmp_path, http_server):
 async def test_a_held_upload_is_cut_at_the_shutdown_bound(js, tmp_path, http_server):
     """`drain` waits at most its bound: a held upload is then cancelled, nothing of the
     version is in the store, and its hard links are removed."""
-    model = tiny_model()
     uploads = StoreUploads(js, keep_versions=2)
     uploads.pause()
-    shards = write_shards(model, tmp_path / "v1", "bfloat16", 1.0)
-    await publish_weights(
-        js,
-        tmp_path / "v1",
-        shards,
-        version=1,
-        step=1,
-        dtype="bfloat16",
-        keep_versions=2,
-        server=http_server,
-        uploads=uploads,
-    )
+    await publish_served(js, tmp_path / "v1", 1, http_server, uploads)
     assert not await uploads.drain(0.2)
     assert uploads.uploaded == []
     assert await _stored_versions(await js.object_store(OBJECT_STORE_WEIGHTS)) == set()

@@ -212,6 +212,50 @@ async def test_a_version_the_store_never_gets_is_refused_after_the_wait(
     assert not await uploads.drain(0.1)  # still held: cut here
 
 
+@pytest.mark.parametrize("upload", ["arrives", "never"])
+async def test_an_earlier_runs_object_of_the_same_name_is_not_the_upload(
+    js, tiny_model_dir, new_model, tmp_path, upload
+):
+    """The store still holds v1 from an earlier learner run (same names, other bytes); this
+    run's v1 is announced before its store copy and HTTP fails: the actor keeps waiting for
+    the upload instead of taking (and refusing) the old objects, loads the new v1 once it is
+    stored, and without it is refused after the wait, saying the store had only other bytes."""
+    from transformers import AutoModelForCausalLM
+
+    earlier = server()
+    old_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    old = await publish(js, old_model, tmp_path / "earlier" / "v1", 1, earlier)  # stored
+    earlier.close()
+    learner = server()
+    uploads = StoreUploads(js, keep_versions=2)
+    uploads.pause()
+    manifest = await publish(js, new_model, tmp_path / "learner" / "v1", 1, learner, uploads)
+    learner.close()
+    assert [s.name for s in old.shards] == [s.name for s in manifest.shards]
+    assert [s.sha256 for s in old.shards] != [s.sha256 for s in manifest.shards]
+    engine = HfEngine(tiny_model_dir)
+    http = WeightServerConfig(store_wait_s=60.0 if upload == "arrives" else 1.0, **LOCAL)
+
+    started = asyncio.get_running_loop().time()
+    loading = asyncio.create_task(load_manifest(engine, js, manifest, tmp_path / "a", http=http))
+    if upload == "never":
+        with pytest.raises(WeightsRejected, match="only other bytes.*did not arrive within 1 s"):
+            await asyncio.wait_for(loading, 30)
+        assert asyncio.get_running_loop().time() - started >= 1.0  # it waited
+        assert engine.version == 0 and not (tmp_path / "a" / "v1").exists()
+        assert not await uploads.drain(0.1)
+        return
+    await asyncio.sleep(1.0)
+    assert not loading.done() and engine.version == 0  # waiting, not refusing the old bytes
+    uploads.resume()
+    report = await asyncio.wait_for(loading, 60)
+
+    assert report["source"] == "http+store" and engine.version == 1
+    for name, tensor in new_model.state_dict().items():
+        assert torch.equal(engine.model.state_dict()[name], tensor), name
+    assert await uploads.drain(60)
+
+
 async def test_only_the_tokens_files_are_served(js, new_model, tmp_path):
     learner = server()
     try:

@@ -37,6 +37,25 @@ def _positive(kind: type):
     return parse
 
 
+def _float_where(holds: Callable[[float], bool], wanted: str):
+    """An argparse type: a float for which `holds` is true (argparse names the flag when not)."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not holds(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
+TEMPERATURE = _float_where(lambda t: 0 <= t < float("inf"), "a finite number at least 0")
+"""A `--temperature` (`protocol.messages.Sampling`: 0 is greedy; nan and inf are refused)."""
+TOP_P = _float_where(lambda p: 0 < p <= 1, "above 0 and at most 1")
+"""A `--top-p`: the nucleus mass (`protocol.messages.Sampling`)."""
+
+
 def _add_bus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="config file (TOML or YAML) with a [bus] section")
     p.add_argument("--nats-url", help="NATS server URL (default: $NATS_URL)")
@@ -155,10 +174,12 @@ def _score(p: argparse.ArgumentParser) -> None:
 
 def _add_eval_sampling_args(p: argparse.ArgumentParser) -> None:
     """`aha eval --model`'s sampling and bus flags (R1's protocol as the defaults)."""
-    p.add_argument("--temperature", type=float, default=0.6, help="--model: default 0.6 (R1's)")
-    p.add_argument("--top-p", type=float, default=0.95, help="--model: default 0.95 (R1's)")
+    p.add_argument("--temperature", type=TEMPERATURE, help="--model: default 0.6 (R1's)")
+    p.add_argument("--top-p", type=TOP_P, help="--model: default 0.95 (R1's)")
     p.add_argument(
-        "--greedy", action="store_true", help="--model: one sample at temperature 0 instead"
+        "--greedy",
+        action="store_true",
+        help="--model: one sample at temperature 0 instead (not with --k, --temperature, --top-p)",
     )
     p.add_argument(
         "--max-tokens", type=_positive(int), default=32768, help="--model: default 32768 (R1's)"
@@ -347,8 +368,8 @@ def _rs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF folder to sample from (instead of --samples-from)")
     p.add_argument("--prompts", help="with --model: JSONL of {prompt, answer}")
     p.add_argument("--k", type=_positive(int), help="with --model: samples per prompt")
-    p.add_argument("--temperature", type=float, default=1.0, help="with --model (default 1)")
-    p.add_argument("--top-p", type=float, default=1.0, help="with --model (default 1)")
+    p.add_argument("--temperature", type=TEMPERATURE, default=1.0, help="with --model (default 1)")
+    p.add_argument("--top-p", type=TOP_P, default=1.0, help="with --model (default 1)")
     p.add_argument("--max-tokens", type=_positive(int), default=64, help="with --model")
     p.add_argument("--nats-url", help="with --model: sample with the actors on this bus")
     p.add_argument("--resume", action="store_true", help="with --model: continue the samples")
@@ -389,7 +410,7 @@ def _distill(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="folder: samples, rs.jsonl, model/")
     p.add_argument("--k", type=_positive(int), help="teacher samples per prompt (default 4)")
     p.add_argument("--m", type=_positive(int), help="kept per prompt at most (default 4)")
-    p.add_argument("--temperature", type=float, help="teacher temperature (default 1)")
+    p.add_argument("--temperature", type=TEMPERATURE, help="teacher temperature (default 1)")
     p.add_argument("--max-tokens", type=_positive(int), help="longest sample (default 64)")
     p.add_argument("--steps", type=_positive(int), help="student SFT steps (default 100)")
     p.add_argument("--batch", type=_positive(int), help="examples per step (default 64)")
@@ -434,8 +455,8 @@ def _generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-field", default="prompt", help="JSON field of the prompt")
     p.add_argument("--answer-field", default="answer", help="JSON field of the reference")
     p.add_argument("--k", type=int, default=1, help="samples per problem (default 1)")
-    p.add_argument("--temperature", type=float, default=0.6, help="default 0.6 (R1's)")
-    p.add_argument("--top-p", type=float, default=0.95, help="default 0.95 (R1's)")
+    p.add_argument("--temperature", type=TEMPERATURE, default=0.6, help="default 0.6 (R1's)")
+    p.add_argument("--top-p", type=TOP_P, default=0.95, help="default 0.95 (R1's)")
     p.add_argument("--max-tokens", type=_positive(int), default=1024, help="default 1024")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (each task its own)")
     p.add_argument(

@@ -241,24 +241,34 @@ def write_results(out: Path, summary: dict, rows: list[dict]) -> None:
     (out / SUMMARY).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
 
 
+R1_K, R1_TEMPERATURE, R1_TOP_P = 64, 0.6, 0.95
+"""R1's evaluation protocol, `aha eval --model`'s defaults: k samples per problem at
+temperature 0.6 and top-p 0.95 (R1.md, "Evaluation")."""
+
+
 def eval_settings(args) -> tuple[list[Benchmark], int, Any]:
     """The benchmarks, k and sampling of `aha eval --model`, checked before anything starts:
-    `--greedy` is one sample at temperature 0."""
+    `--greedy` is one sample at temperature 0 (refused with a flag it would override)."""
     from protocol.messages import Sampling
 
     names = [n.strip() for n in (args.bench or "").split(",") if n.strip()]
     if not names:
         raise SamplesError("--bench: name at least one benchmark")
     benches = [get_benchmark(n) for n in names]
-    k = 1 if args.greedy else (args.k or 64)
+    if args.greedy:
+        flags = {"--k": args.k, "--temperature": args.temperature, "--top-p": args.top_p}
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise SamplesError(f"--greedy is one sample at temperature 0: drop {', '.join(given)}")
+        k, temperature, top_p = 1, 0.0, 1.0
+    else:
+        k = R1_K if args.k is None else args.k
+        temperature = R1_TEMPERATURE if args.temperature is None else args.temperature
+        top_p = R1_TOP_P if args.top_p is None else args.top_p
     if k < 1:
         raise SamplesError(f"--k: {k}, must be at least 1")
-    temperature = 0.0 if args.greedy else args.temperature
     sampling = Sampling(
-        temperature=temperature,
-        top_p=1.0 if args.greedy else args.top_p,
-        max_tokens=args.max_tokens,
-        seed=args.seed,
+        temperature=temperature, top_p=top_p, max_tokens=args.max_tokens, seed=args.seed
     )
     return benches, k, sampling
 

@@ -102,3 +102,20 @@ async def test_eval_model_greedy_is_one_sample_at_temperature_0(bus, tmp_path, t
         assert task.sampling == Sampling(
             temperature=0.0, top_p=1.0, max_tokens=9, seed=derived_seed(0, pid)
         )
+
+
+async def test_eval_model_defaults_to_r1s_protocol(bus, tmp_path, tiny_model_dir):
+    """No sampling flag: 64 samples per problem (4 tasks of 16) at temperature 0.6, top-p
+    0.95, 32768 tokens (R1.md, "Evaluation")."""
+    tasks = await published_tasks(bus, eval_argv(tiny_model_dir, tmp_path / "out"), 4 * PROBLEMS)
+
+    by_problem = {pid: [t for t in tasks if t.prompt_id == pid] for pid, _ in expected_prompts()}
+    for pid, chunks in by_problem.items():
+        assert sorted(t.group_size for t in chunks) == [16] * 4
+        assert sorted(t.sampling.seed for t in chunks) == sorted(
+            derived_seed(0, pid, chunk) for chunk in range(4)
+        )
+        for task in chunks:
+            assert task.sampling == Sampling(
+                temperature=0.6, top_p=0.95, max_tokens=32768, seed=task.sampling.seed
+            )

@@ -62,7 +62,14 @@ from learner.step import (
     shuffle_rewards,
     staleness_stats,
 )
-from learner.weights import StoreUploads, prune_dirs, publish_weights, version_dir, weight_server
+from learner.weights import (
+    StoreUploads,
+    prune_dirs,
+    publish_weights,
+    remove_upload_leftovers,
+    version_dir,
+    weight_server,
+)
 from protocol.bus import Bus
 from protocol.codec import DecodeError, decode_named, peek_task_id
 from protocol.config import ConfigError
@@ -251,9 +258,7 @@ async def run(
         leases,
         progress,
         reservation=reservation,
-        uploads=StoreUploads(bus.js, config.keep_versions)
-        if config.weight_server.enabled
-        else None,
+        uploads=setup_uploads(bus.js, config),
     )
     code, evals = 0, EvalJobs(config, pe)  # [learner.eval]: jobs of their own, not counted
     try:
@@ -705,6 +710,14 @@ async def publish(learner: Learner) -> None:
         prune_dirs(config.weights_dir, config.keep_versions)
     progress.published_version = progress.version
     WEIGHT_PUBLISH_BYTES.set(sum(s.bytes for s in shards))
+
+
+def setup_uploads(js, config: LearnerConfig) -> StoreUploads | None:
+    """The background store uploads of versions served over HTTP (None with the weight server
+    off), once the upload folders a learner killed mid-upload left on the shared volume are
+    removed (`remove_upload_leftovers`)."""
+    remove_upload_leftovers(config.weights_dir)
+    return StoreUploads(js, config.keep_versions) if config.weight_server.enabled else None
 
 
 async def settle_uploads(learner: Learner) -> None:

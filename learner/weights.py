@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -361,10 +362,15 @@ class StoreUploads:
         )
 
 
+UPLOAD_MARK = "-upload-"
+UPLOAD_FOLDER = re.compile(rf"\.v\d+{UPLOAD_MARK}\w+")
+"""The hidden folder `link_files` makes beside a shared volume's `v{n}/` (tempfile's suffix)."""
+
+
 def link_files(directory: Path, shards: list[Shard]) -> Path:
     """Hard links to `directory`'s shards and index in a new hidden folder beside it (the same
     file system: no bytes copied; copies where the file system has no hard links)."""
-    folder = Path(tempfile.mkdtemp(prefix=f".{directory.name}-upload-", dir=directory.parent))
+    folder = Path(tempfile.mkdtemp(prefix=f".{directory.name}{UPLOAD_MARK}", dir=directory.parent))
     for name in (INDEX_NAME, *(s.name for s in shards)):
         try:
             os.link(directory / name, folder / name)
@@ -403,6 +409,25 @@ def prune_dirs(weights_dir: str | Path, keep_versions: int) -> list[int]:
     for v in old:
         shutil.rmtree(root / f"v{v}", ignore_errors=True)
     return old
+
+
+def remove_upload_leftovers(weights_dir: str | Path | None) -> int:
+    """Remove the upload folders (`link_files`) a learner killed mid-upload left in the shared
+    volume's `weights_dir`, `.v{n}-upload-*` and nothing else; how many. Called at start, before
+    this learner uploads anything. (Without a shared volume they are in the system's temporary
+    folder, which other processes share: left alone.)"""
+    if not weights_dir or not Path(weights_dir).is_dir():
+        return 0
+    leftovers = [
+        p
+        for p in Path(weights_dir).iterdir()
+        if UPLOAD_FOLDER.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+    ]
+    for folder in leftovers:
+        shutil.rmtree(folder)
+    if leftovers:
+        log.info("upload leftovers removed", folders=len(leftovers), weights_dir=str(weights_dir))
+    return len(leftovers)
 
 
 def version_dir(weights_dir: str | None, version: int) -> tuple[Path, bool]:

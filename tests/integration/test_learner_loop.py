@@ -196,6 +196,10 @@ async def test_learner_steps_publish_weights_and_stop_at_max_steps(
     config = learner_config(
         tmp_path, tiny_model_dir, nats_server.url, metrics_port=port, tracking=board
     )
+    # Upload folders of a learner killed mid-upload, and a folder of someone else's.
+    for name in (".v7-upload-k1ll3d", ".v8-upload-x_2", "notes"):
+        (tmp_path / "weights" / name).mkdir(parents=True)
+        (tmp_path / "weights" / name / "model.safetensors").write_bytes(b"left")
     stop, played = asyncio.Event(), []
     actor = asyncio.create_task(
         play_actor_and_rewarder(bus, tiny_model_dir, tmp_path / "dl", stop, played)
@@ -236,10 +240,8 @@ async def test_learner_steps_publish_weights_and_stop_at_max_steps(
     store = await bus.js.object_store(OBJECT_STORE_WEIGHTS)
     for shard in manifest.shards:
         await check_object(store, object_name(3, shard.name), shard)
-    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == [
-        "v2",
-        "v3",
-    ]  # keep_versions=2
+    # keep_versions=2; the leftovers removed at start, the learner's own uploads cleaned up
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["notes", "v2", "v3"]
     assert (Path(done["final_model"]) / "config.json").exists()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

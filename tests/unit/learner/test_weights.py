@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from learner.weights import export_model, write_shards
+from learner.weights import export_model, link_files, remove_upload_leftovers, write_shards
 from protocol.weights import (
     INDEX_NAME,
     ShardError,
@@ -59,6 +59,37 @@ def test_export_reloads_with_from_pretrained_exactly(tiny_qwen2, tmp_path):
     assert len(files) > 3 and files[0].startswith("model-00001-of-")
     index = json.loads((tmp_path / INDEX_NAME).read_text())
     assert set(index["weight_map"].values()) == set(files)
+
+
+def test_start_removes_the_upload_folders_a_killed_learner_left_and_nothing_else(
+    tiny_qwen2, tmp_path
+):
+    """Two upload folders as a learner killed mid-upload leaves them (made by `link_files`
+    itself) beside the versions of the shared volume: removed; the versions, the file system's
+    other folders and files, even ones that look alike, stay."""
+    weights = tmp_path / "weights"
+    shards = {v: write_shards(tiny_qwen2, weights / f"v{v}", "float32", 1.0) for v in (3, 4)}
+    killed = [link_files(weights / f"v{v}", shards[v]) for v in (3, 4)]
+    assert all(
+        f.name.startswith(f".v{v}-upload-") and any(f.iterdir())
+        for v, f in zip((3, 4), killed, strict=True)
+    )
+    unrelated = ["notes", ".v3-served", "v3-upload-x", ".cache-upload-x"]
+    for name in unrelated:
+        (weights / name).mkdir()
+        (weights / name / "keep").write_text("mine")
+    (weights / ".v5-upload-file").write_text("a file, not an upload folder")
+
+    assert remove_upload_leftovers(weights) == 2
+
+    kept = [*unrelated, ".v5-upload-file", "v3", "v4"]
+    assert sorted(p.name for p in weights.iterdir()) == sorted(kept)
+    assert all((weights / name / "keep").read_text() == "mine" for name in unrelated)
+    assert {p.name for p in (weights / "v3").iterdir()} == {s.name for s in shards[3]} | {
+        INDEX_NAME
+    }
+    assert remove_upload_leftovers(weights) == 0
+    assert remove_upload_leftovers(None) == remove_upload_leftovers(tmp_path / "absent") == 0
 
 
 def test_shards_respect_size_limit_and_reload_in_serving_dtype(tiny_qwen2, tmp_path):

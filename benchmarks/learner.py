@@ -5,9 +5,13 @@
 
 Figures (`--json`: one JSON line each, `benchmarks/figures.py`): `learner_tokens`, the
 tokens/s of each timed GRPO step on a random batch (a Qwen2 built from a config, fp32 on CPU,
-bf16 on GPU); `learner_publish`, s/GB to write the weights as shards and publish them to an
-embedded NATS server (`publish_weights`, which also serves them over HTTP), next to a plain
-copy of the same bytes in the same run, over `--publish-runs` versions.
+bf16 on GPU); `learner_publish`, s/GB from "step done" to "manifest visible", what
+`aha_learner_weight_publish_seconds` measures: `write_shards`, then `publish_weights` with the
+learner's HTTP weight server and its background uploads (`StoreUploads`), as `learner.loop`
+calls it, to an embedded NATS server, next to a plain copy of the same bytes in the same run;
+`learner_publish_upload`, s/GB of the object-store copy that follows the manifest in the
+background, timed from the manifest to the upload's end with nothing else running; both
+over `--publish-runs` versions.
 """
 
 from __future__ import annotations
@@ -118,23 +122,27 @@ def main() -> None:
         device=str(pe.device),
         completion_tokens_per_s=N * T / statistics.median(times),
     )
-    publish = publish_figure(pe, args)
+    publish = publish_figures(pe, args)
     if pe.rank == 0:
-        report([tokens, publish], args, "learner")
+        report([tokens, *publish], args, "learner")
 
 
-def publish_figure(pe, args) -> dict | None:
-    """Write shards (all ranks gather), then on rank 0 publish them; a plain copy of the same
-    bytes beside each version is the baseline."""
-    from learner.weights import publish_weights, write_shards
+def publish_figures(pe, args) -> list[dict]:
+    """Write shards (all ranks gather), then on rank 0 publish them as the learner does with
+    its weight server on, and wait for the store upload that follows; a plain copy of the
+    same bytes beside each version is the baseline. No figures on the other ranks."""
+    from learner.weights import StoreUploads, publish_weights, write_shards
     from protocol.config import BusConfig
     from protocol.server import NatsServer
     from protocol.streams import connect, ensure_streams
+    from protocol.weight_server import WeightServer, WeightServerConfig
 
     work = Path(tempfile.mkdtemp(prefix="aha-bench-"))
-    runs, copies, writes = [], [], []
+    runs, copies, writes, stores = [], [], [], []
+    server = WeightServer(WeightServerConfig(host="127.0.0.1")).start() if pe.rank == 0 else None
 
-    async def publish(version: int, shards) -> float:
+    async def publish(version: int, shards, uploads: StoreUploads) -> tuple[float, float]:
+        """Seconds to the manifest visible, then to the store copy's end."""
         began = time.perf_counter()
         await publish_weights(
             js,
@@ -144,39 +152,65 @@ def publish_figure(pe, args) -> dict | None:
             step=version,
             dtype=args.dtype,
             keep_versions=1,
+            server=server,
+            uploads=uploads,
         )
-        return time.perf_counter() - began
+        visible = time.perf_counter()
+        assert await uploads.drain(None) and uploads.uploaded[-1] == version
+        return visible - began, time.perf_counter() - visible
 
-    with NatsServer(work / "nats") as server:
-        bus = BusConfig(url=server.url)
-        loop = asyncio.new_event_loop()
-        nc = loop.run_until_complete(connect(bus))
-        js = nc.jetstream()
-        loop.run_until_complete(ensure_streams(js, bus))
-        for version in range(1, args.publish_runs + 1):
-            started = time.perf_counter()
-            directory = work / f"v{version}"
-            shards = write_shards(pe.module, directory, args.dtype, args.shard_mb, rank=pe.rank)
-            write_s = time.perf_counter() - started
-            if pe.rank != 0:
-                continue
-            gb = sum(s.bytes for s in shards) / 1e9
-            started = time.perf_counter()
-            (work / "copy").mkdir()
-            for s in shards:
-                shutil.copyfile(directory / s.name, work / "copy" / s.name)
-            copies.append((time.perf_counter() - started) / gb)
-            shutil.rmtree(work / "copy")
-            runs.append((write_s + loop.run_until_complete(publish(version, shards))) / gb)
-            writes.append(write_s / gb)
-        loop.run_until_complete(nc.close())
-        loop.close()
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        with NatsServer(work / "nats") as nats:
+            bus = BusConfig(url=nats.url)
+            loop = asyncio.new_event_loop()
+            nc = loop.run_until_complete(connect(bus))
+            js = nc.jetstream()
+            loop.run_until_complete(ensure_streams(js, bus))
+            uploads = StoreUploads(js, keep_versions=1)
+            for version in range(1, args.publish_runs + 1):
+                started = time.perf_counter()
+                directory = work / f"v{version}"
+                shards = write_shards(pe.module, directory, args.dtype, args.shard_mb, rank=pe.rank)
+                write_s = time.perf_counter() - started
+                if pe.rank != 0:
+                    continue
+                gb = sum(s.bytes for s in shards) / 1e9
+                copies.append(copy_seconds(directory, shards, work / "copy") / gb)
+                publish_s, store_s = loop.run_until_complete(publish(version, shards, uploads))
+                runs.append((write_s + publish_s) / gb)
+                writes.append(write_s / gb)
+                stores.append(store_s / gb)
+            loop.run_until_complete(nc.close())
+            loop.close()
+    finally:
+        if server is not None:
+            server.close()
+        shutil.rmtree(work, ignore_errors=True)
     if pe.rank != 0:
-        return None
-    return figure(
-        "learner_publish", "s/GB", runs, copies, higher=False, paired=True, write_s_per_gb=writes
-    )
+        return []
+    return [
+        figure(
+            "learner_publish",
+            "s/GB",
+            runs,
+            copies,
+            higher=False,
+            paired=True,
+            write_s_per_gb=writes,
+        ),
+        figure("learner_publish_upload", "s/GB", stores, higher=False),
+    ]
+
+
+def copy_seconds(directory: Path, shards, to: Path) -> float:
+    """Seconds to copy the shards' files from `directory` into a new folder `to` (removed)."""
+    started = time.perf_counter()
+    to.mkdir()
+    for s in shards:
+        shutil.copyfile(directory / s.name, to / s.name)
+    seconds = time.perf_counter() - started
+    shutil.rmtree(to)
+    return seconds
 
 
 if __name__ == "__main__":

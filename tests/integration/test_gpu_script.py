@@ -33,6 +33,7 @@ def test_gpu_script_runs_on_cpu_and_writes_every_figure(tmp_path):
     measured = [
         learner["learner_tokens"],
         learner["learner_publish"],
+        learner["learner_publish_upload"],  # the store copy after the manifest, on its own
         actor["actor_tokens"],
         weights["weight_transfer"],
         weights["weight_publish"],

@@ -11,7 +11,8 @@
 # 2. Runs tests/gpu (vLLM's tests skip without vllm; DeepSpeed with NCCL runs).
 # 3. Measures, each figure min/median/max over >= 3 runs (benchmarks/figures.py):
 #    - learner_tokens: DeepSpeed bf16 GRPO steps on a Qwen2.5-0.5B-shaped model built from
-#      its config (random weights; benchmarks/learner.py), and learner_publish;
+#      its config (random weights; benchmarks/learner.py), learner_publish (step done to
+#      manifest visible) and learner_publish_upload (the store copy after it);
 #    - actor_tokens: an HF-engine actor's tokens/s through NATS next to the engine alone
 #      (benchmarks/actor.py), and its hot swap;
 #    - weight_transfer (GB/s next to a raw copy), weight_publish, fan-out
@@ -37,7 +38,7 @@ while [ $# -gt 0 ]; do
         --fetch-wheels) FETCH=1 ;;
         --out) OUT="$2"; shift ;;
         --python) PY="$2"; shift ;;
-        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu.sh: error: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift

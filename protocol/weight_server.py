@@ -171,10 +171,18 @@ class WeightServer:
 
     def receiving(self, token: str, version: int, folder: Path, shards: list[Shard]) -> dict:
         """Serve `version`'s shards as they arrive in `folder`; returns their entries by name,
-        for the fetch to `advance` (or `fail`)."""
+        for the fetch to `advance` (or `fail`). A registration of the same version it replaces
+        fails at once (its requesters are cut off and fall back, rather than wait `stall_s`
+        for bytes that will not come), and its folder is deleted unless it is `folder`."""
         files = {s.name: Entry(folder / s.name, s.bytes) for s in shards}
         with self._lock:
+            old = self._versions.get((token, version))
             self._versions[token, version] = _Version(files, folder=folder)
+        if old is not None:
+            for entry in old.entries.values():
+                entry.fail()
+            if old.folder is not None and old.folder != folder:
+                shutil.rmtree(old.folder, ignore_errors=True)
         return files
 
     def forget(self, keep: int) -> list[int]:

@@ -426,3 +426,51 @@ def test_a_relay_asked_before_its_own_fetch_began_waits_for_the_first_bytes(tmp_
         assert relay.sent_bytes == len(data)
     finally:
         relay.close()
+
+
+def test_a_version_registered_again_cuts_off_the_requesters_of_the_first(tmp_path):
+    """An actor that registers a version it already relays (a second fetch of it) replaces
+    the first registration: a requester waiting there for bytes is cut off at once and falls
+    back, rather than after the stall limit, and the first folder is gone."""
+    import hashlib
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from protocol.messages import Shard
+
+    data = b"w" * 4096
+    shard = Shard(
+        name="s.safetensors",
+        sha256=hashlib.sha256(data).hexdigest(),
+        bytes=len(data),
+        tensors=["w"],
+    )
+    token = "cd" * 16
+    relay = server(fanout=1)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    try:
+        entry = relay.receiving(token, 1, first, [shard])[shard.name]
+        waiting = threading.Event()
+        wait_beyond = entry.wait_beyond
+
+        def wait_and_tell(sent: int, timeout: float) -> int:
+            waiting.set()
+            return wait_beyond(sent, timeout)
+
+        entry.wait_beyond = wait_and_tell
+        with ThreadPoolExecutor(1) as pool:
+            url = f"{relay.base}/{token}/v1/{shard.name}"
+            fetch = pool.submit(fetch_shard, url, shard, tmp_path / "b")
+            assert waiting.wait(10)
+            began = time.monotonic()
+            relay.receiving(token, 1, second, [shard])
+            with pytest.raises(ShardError, match="cut off after 0 bytes"):
+                fetch.result(10)
+            assert time.monotonic() - began < LOCAL["stall_s"] / 2
+        assert not first.exists() and second.exists()
+        assert relay.entry(token, 1, shard.name) is not entry
+    finally:
+        relay.close()

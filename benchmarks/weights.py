@@ -19,6 +19,9 @@ run sends it, through an embedded nats-server and the learner's HTTP weight serv
   `weight_transfer_cpu` and `weight_transfer_store_cpu`: the CPU seconds per GB each path cost
   this process, the first next to the raw copy's; `weight_hash_cpu`: sha256 alone over the
   same bytes, the least any verified transfer costs;
+- `weight_transfer_stream`: one shard over one connection (`fetch_shard`: receive, write and
+  hash, nothing else), GB/s next to the raw copy, with this process's user and kernel CPU
+  seconds per GB of it (server and receiver): where one stream's time goes;
 - `weight_fanout`: `--actors` actors, each with its relay server, fetching the same version at
   once (GB/s in all, against one actor alone), and `weight_fanout_bytes`: the learner's
   outbound bytes for it (HTTP + NATS) per version byte, which do not grow with the actor count;
@@ -123,6 +126,27 @@ async def timed_download(config, manifest, directory: Path, **kwargs) -> float:
         await nc.close()
 
 
+def one_stream(source: str, shard, path: Path) -> tuple[float, float, float]:
+    """GB/s of one shard fetched from `source` over one connection into a new file at `path`
+    (removed), and this process's user and kernel CPU seconds per GB meanwhile."""
+    import resource
+
+    from protocol.weight_server import fetch_shard
+
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    fetch_shard(f"{source}/{shard.name}", shard, path)
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    path.unlink()
+    gb = shard.bytes / 1e9
+    return (
+        gb / seconds,
+        (after.ru_utime - before.ru_utime) / gb,
+        (after.ru_stime - before.ru_stime) / gb,
+    )
+
+
 def engine_load(paths: list[Path]) -> float:
     from safetensors.torch import load_file
 
@@ -148,7 +172,7 @@ async def run(args) -> list[dict]:
     m: dict[str, list[float]] = {
         k: []
         for k in "publish write offer upload copy copy_cpu hash_cpu http store http_cpu store_cpu "
-        "load fan loadavg".split()
+        "load fan loadavg stream stream_user stream_sys".split()
     }
     learner_out: list[float] = []
     total = 0
@@ -198,6 +222,12 @@ async def run(args) -> list[dict]:
                     m[path].append(gb / seconds)
                     m[f"{path}_cpu"].append((time.process_time() - cpu) / gb)
                     shutil.rmtree(scratch / "a")
+                rate, user, sys_ = await asyncio.to_thread(
+                    one_stream, f"{server.url}/v{version}", shards[0], scratch / "stream"
+                )
+                m["stream"].append(rate)
+                m["stream_user"].append(user)
+                m["stream_sys"].append(sys_)
                 paths = await download_shards(js, manifest, scratch / "load", http=local)
                 m["load"].append(engine_load(paths) / gb)
                 shutil.rmtree(scratch / "load")
@@ -235,6 +265,16 @@ async def run(args) -> list[dict]:
             **load,
         ),
         figure("weight_transfer_store", "GB/s", m["store"], m["copy"], paired=True, **load),
+        figure(
+            "weight_transfer_stream",
+            "GB/s",
+            m["stream"],
+            m["copy"],
+            paired=True,
+            shard_bytes=shards[0].bytes,
+            user_cpu_s_per_gb=m["stream_user"],
+            sys_cpu_s_per_gb=m["stream_sys"],
+        ),
         # CPU seconds this process spent per GB (the HTTP side includes the learner's server
         # threads, here in the same process), next to the raw copy's: when the machine's CPU
         # is shared out (other work running), this ratio is what bounds the transfer's.

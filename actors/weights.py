@@ -158,40 +158,28 @@ STORE_POLL_S = 0.5
 
 
 async def wait_for_objects(js, store, manifest: WeightManifest, shards: list[Shard], wait_s):
-    """Wait until the store has this version's object for every one of `shards` (its info
-    records the shard's size and sha256: an object of that name left by an earlier learner
-    run, with other bytes, is not the upload), polling their info, for at most `wait_s`
-    seconds and while `latest` still names this version (the learner skips the upload of a
-    version a newer one overtook); `ShardError` otherwise. The bytes then read are checked
-    as always (`check_object`, and their hash as they arrive)."""
+    """Wait until the store has an object for every one of `shards`, polling their info, for
+    at most `wait_s` seconds and while `latest` still names this version (the learner skips
+    the upload of a version a newer one overtook); `ShardError` otherwise. Only presence is
+    awaited: what is there is then checked as always (`check_object`), and refused at once if
+    it is not the manifest's. (A learner starting removes the versions it publishes anew,
+    `learner.weights.remove_stale_versions`: an object of this version's name is this run's.)"""
     deadline = time.monotonic() + wait_s
     kv = await js.key_value(KV_POLICY)
     for shard in shards:
         name = object_name(manifest.version, shard.name)
-        while (lacking := await not_uploaded(store, name, shard)) is not None:
+        while not await has_object(store, name):
             if time.monotonic() >= deadline:
                 raise ShardError(
-                    f"shard {shard.name}: {lacking}: its upload after the manifest did not "
-                    f"arrive within {wait_s:g} s"
+                    f"shard {shard.name}: the store never had object {name}: its upload after "
+                    f"the manifest did not arrive within {wait_s:g} s"
                 )
             if not await names_version(kv, manifest):
                 raise ShardError(
-                    f"shard {shard.name}: {lacking}: a newer version replaced this one under "
-                    "latest before its upload"
+                    f"shard {shard.name}: the store never had object {name}: a newer version "
+                    "replaced this one under latest before its upload"
                 )
             await asyncio.sleep(min(STORE_POLL_S, max(deadline - time.monotonic(), 0.0)))
-
-
-async def not_uploaded(store, name: str, shard: Shard) -> str | None:
-    """None once object `name` in `store` is `shard`'s by its info (size and sha256); else
-    what the store has instead: nothing, or other bytes under that name."""
-    if not await has_object(store, name):
-        return f"the store never had object {name}"
-    try:
-        await check_object(store, name, shard)
-    except ShardError as e:
-        return f"the store never had this version's object {name}, only other bytes ({e})"
-    return None
 
 
 async def has_object(store, name: str) -> bool:

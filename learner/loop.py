@@ -66,6 +66,7 @@ from learner.weights import (
     StoreUploads,
     prune_dirs,
     publish_weights,
+    remove_stale_versions,
     remove_upload_leftovers,
     version_dir,
     weight_server,
@@ -258,7 +259,7 @@ async def run(
         leases,
         progress,
         reservation=reservation,
-        uploads=setup_uploads(bus.js, config),
+        uploads=await setup_uploads(bus.js, config, progress.version),
     )
     code, evals = 0, EvalJobs(config, pe)  # [learner.eval]: jobs of their own, not counted
     try:
@@ -712,10 +713,12 @@ async def publish(learner: Learner) -> None:
     WEIGHT_PUBLISH_BYTES.set(sum(s.bytes for s in shards))
 
 
-def setup_uploads(js, config: LearnerConfig) -> StoreUploads | None:
+async def setup_uploads(js, config: LearnerConfig, version: int) -> StoreUploads | None:
     """The background store uploads of versions served over HTTP (None with the weight server
-    off), once the upload folders a learner killed mid-upload left on the shared volume are
-    removed (`remove_upload_leftovers`)."""
+    off), once what an earlier run left is gone: the versions from `version` on, which this
+    run publishes anew (`remove_stale_versions`), and the upload folders a learner killed
+    mid-upload left on the shared volume (`remove_upload_leftovers`)."""
+    await remove_stale_versions(js, config.weights_dir, version)
     remove_upload_leftovers(config.weights_dir)
     return StoreUploads(js, config.keep_versions) if config.weight_server.enabled else None
 

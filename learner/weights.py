@@ -379,24 +379,55 @@ def link_files(directory: Path, shards: list[Shard]) -> Path:
     return folder
 
 
-async def prune_versions(store, keep_versions: int) -> list[int]:
-    """Delete the objects of every version but the newest `keep_versions`; returns the versions deleted."""
+async def stored_versions(store) -> dict[int, list[str]]:
+    """The store's objects by the version they belong to."""
     from nats.js.errors import NotFoundError
 
     try:
         infos = await store.list(ignore_deletes=True)
     except NotFoundError:  # an empty store
-        return []
+        return {}
     by_version: dict[int, list[str]] = {}
     for info in infos:
         v = object_version(info.name)
         if v is not None:
             by_version.setdefault(v, []).append(info.name)
+    return by_version
+
+
+async def prune_versions(store, keep_versions: int) -> list[int]:
+    """Delete the objects of every version but the newest `keep_versions`; returns the versions deleted."""
+    by_version = await stored_versions(store)
     old = sorted(by_version)[:-keep_versions]
     for v in old:
         for name in by_version[v]:
             await store.delete(name)
     return old
+
+
+async def remove_stale_versions(js, weights_dir: str | Path | None, version: int) -> list[int]:
+    """Delete the versions from `version` on, in the object store and on the shared volume:
+    a learner starting at `version` publishes it at once and the later ones as it trains, so
+    what is there under those numbers was left by a run that got further than the checkpoint
+    this one resumes from (or by an earlier learner, before one starting at 0). Left there, an
+    actor waiting for this run's store copy of a version would take the old objects for it
+    and refuse them, and pruning the oldest versions would delete this run's instead. Returns
+    the versions deleted."""
+    store = await js.object_store(OBJECT_STORE_WEIGHTS)
+    by_version = await stored_versions(store)
+    stale = {v for v in by_version if v >= version}
+    for v in sorted(stale):
+        for name in by_version[v]:
+            await store.delete(name)
+    if weights_dir is not None and Path(weights_dir).is_dir():
+        for folder in Path(weights_dir).glob("v*"):
+            v = object_version(folder.name + "/")
+            if v is not None and v >= version and folder.is_dir():
+                shutil.rmtree(folder)
+                stale.add(v)
+    if stale:
+        log.info("stale weight versions removed", versions=sorted(stale), from_version=version)
+    return sorted(stale)
 
 
 def prune_dirs(weights_dir: str | Path, keep_versions: int) -> list[int]:

@@ -196,10 +196,16 @@ async def test_learner_steps_publish_weights_and_stop_at_max_steps(
     config = learner_config(
         tmp_path, tiny_model_dir, nats_server.url, metrics_port=port, tracking=board
     )
-    # Upload folders of a learner killed mid-upload, and a folder of someone else's.
-    for name in (".v7-upload-k1ll3d", ".v8-upload-x_2", "notes"):
+    # Upload folders of a learner killed mid-upload, a folder of someone else's, and a
+    # version an earlier run got to (v9, on the volume and in the store): this run publishes
+    # versions 0 to 3, and pruning to the newest 2 must keep its own.
+    for name in (".v7-upload-k1ll3d", ".v8-upload-x_2", "notes", "v9"):
         (tmp_path / "weights" / name).mkdir(parents=True)
         (tmp_path / "weights" / name / "model.safetensors").write_bytes(b"left")
+    from protocol.names import OBJECT_STORE_WEIGHTS
+
+    store = await bus.js.object_store(OBJECT_STORE_WEIGHTS)
+    await store.put("v9/model.safetensors", b"an earlier run's")
     stop, played = asyncio.Event(), []
     actor = asyncio.create_task(
         play_actor_and_rewarder(bus, tiny_model_dir, tmp_path / "dl", stop, played)
@@ -234,12 +240,13 @@ async def test_learner_steps_publish_weights_and_stop_at_max_steps(
     # Served over HTTP, its store copy followed the manifest in the background; the learner
     # waited for it before exiting, so an actor joining later finds it in the store.
     assert not manifest.stored
-    from protocol.names import OBJECT_STORE_WEIGHTS
+    from learner.weights import stored_versions
     from protocol.weights import check_object, object_name
 
-    store = await bus.js.object_store(OBJECT_STORE_WEIGHTS)
     for shard in manifest.shards:
         await check_object(store, object_name(3, shard.name), shard)
+    stored = await stored_versions(store)
+    assert 3 in stored and 9 not in stored  # v9 removed at start
     # keep_versions=2; the leftovers removed at start, the learner's own uploads cleaned up
     assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["notes", "v2", "v3"]
     assert (Path(done["final_model"]) / "config.json").exists()

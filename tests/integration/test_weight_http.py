@@ -216,16 +216,22 @@ async def test_a_version_the_store_never_gets_is_refused_after_the_wait(
 async def test_an_earlier_runs_object_of_the_same_name_is_not_the_upload(
     js, tiny_model_dir, new_model, tmp_path, upload
 ):
-    """The store still holds v1 from an earlier learner run (same names, other bytes); this
-    run's v1 is announced before its store copy and HTTP fails: the actor keeps waiting for
-    the upload instead of taking (and refusing) the old objects, loads the new v1 once it is
-    stored, and without it is refused after the wait, saying the store had only other bytes."""
+    """The store still holds v1 from an earlier learner run (same names, other bytes). A
+    learner starting at version 0 removes it (`remove_stale_versions`, as `learner.loop.run`
+    does); its own v1 is then announced before its store copy and HTTP fails: the actor waits
+    for the upload instead of taking (and refusing) the old objects, loads the new v1 once it
+    is stored, and without it is refused after the wait, saying the store never had it."""
     from transformers import AutoModelForCausalLM
+
+    from learner.weights import remove_stale_versions
 
     earlier = server()
     old_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     old = await publish(js, old_model, tmp_path / "earlier" / "v1", 1, earlier)  # stored
     earlier.close()
+    store = await js.object_store(OBJECT_STORE_WEIGHTS)
+    assert (await store.get_info(object_name(1, old.shards[0].name))).size == old.shards[0].bytes
+    assert await remove_stale_versions(js, None, 0) == [1]
     learner = server()
     uploads = StoreUploads(js, keep_versions=2)
     uploads.pause()
@@ -239,7 +245,7 @@ async def test_an_earlier_runs_object_of_the_same_name_is_not_the_upload(
     started = asyncio.get_running_loop().time()
     loading = asyncio.create_task(load_manifest(engine, js, manifest, tmp_path / "a", http=http))
     if upload == "never":
-        with pytest.raises(WeightsRejected, match="only other bytes.*did not arrive within 1 s"):
+        with pytest.raises(WeightsRejected, match="never had object.*did not arrive within 1 s"):
             await asyncio.wait_for(loading, 30)
         assert asyncio.get_running_loop().time() - started >= 1.0  # it waited
         assert engine.version == 0 and not (tmp_path / "a" / "v1").exists()

@@ -281,8 +281,8 @@ def main_model(args) -> int:
     from protocol.config import BusConfig, load_config
     from protocol.log import setup_logging
 
+    benches, k, sampling = eval_settings(args)  # a bad flag refused before anything starts
     setup_logging("eval")  # stderr: stdout is for the tables and --json
-    benches, k, sampling = eval_settings(args)
     bus = load_config(BusConfig, None, section="bus")  # AHA_BUS__USER, … from the environment
     out, words = Path(args.output), reflection_words(args)
     check_output(out)

@@ -42,6 +42,10 @@ def test_bad_input_stops_before_the_teacher_loads(inputs, capsys, change, expect
     assert not (inputs / "out" / "samples.jsonl").exists()
 
 
-def test_a_bad_setting_names_its_field(inputs, capsys):
-    assert aha(distill(inputs, "--temperature", "-1")) == 2
-    assert "temperature: Input should be greater than or equal to 0" in capsys.readouterr().err
+def test_a_bad_setting_is_refused_naming_its_flag(inputs, capsys):
+    with pytest.raises(SystemExit) as exit:
+        aha(distill(inputs, "--temperature", "-1"))
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --temperature: must be a finite number at least 0, got '-1'" in err
+    assert not (inputs / "out").exists()

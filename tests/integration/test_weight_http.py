@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -13,6 +15,7 @@ import torch
 from actors.hf_engine import HfEngine
 from actors.weights import WeightsRejected, download_shards, load_manifest
 from learner.weights import StoreUploads, publish_weights, write_shards
+from protocol.messages import Shard
 from protocol.names import OBJECT_STORE_WEIGHTS
 from protocol.weight_server import WeightServer, WeightServerConfig, fetch_shard
 from protocol.weights import ShardError, object_name, verify_shard
@@ -48,6 +51,29 @@ def flip_last_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def one_shard(data: bytes) -> Shard:
+    """The manifest entry of a shard file holding `data`."""
+    return Shard(
+        name="s.safetensors",
+        sha256=hashlib.sha256(data).hexdigest(),
+        bytes=len(data),
+        tensors=["w"],
+    )
+
+
+def tell_when_waited_on(entry) -> threading.Event:
+    """An event set once a relay's handler waits for `entry`'s bytes."""
+    waiting = threading.Event()
+    wait_beyond = entry.wait_beyond
+
+    def wait_and_tell(sent: int, timeout: float) -> int:
+        waiting.set()
+        return wait_beyond(sent, timeout)
+
+    entry.wait_beyond = wait_and_tell
+    return waiting
 
 
 async def test_three_actors_relay_so_the_learner_sends_one_copy(js, new_model, tmp_path):
@@ -329,22 +355,14 @@ def test_a_shard_of_many_chunks_arrives_whole_and_a_flipped_byte_is_refused(tmp_
     """A shard of 17 chunks and a bit (64 KiB reads): the chunks alternate between two buffers
     while the one before is hashed, so every byte must land in order, through a relay too; a
     byte flipped in a middle chunk fails the sha256 and leaves nothing behind."""
-    import hashlib
-
     from protocol import weight_server
-    from protocol.messages import Shard
 
     monkeypatch.setattr(weight_server, "READ_BYTES", 64 << 10)
     data = bytes(range(256)) * (17 * 256) + b"tail!"  # 17 x 64 KiB + 5 bytes
     folder = tmp_path / "learner"
     folder.mkdir()
     (folder / "s.safetensors").write_bytes(data)
-    shard = Shard(
-        name="s.safetensors",
-        sha256=hashlib.sha256(data).hexdigest(),
-        bytes=len(data),
-        tensors=["w"],
-    )
+    shard = one_shard(data)
     learner, relay = server(fanout=1), server(fanout=1)
     try:
         learner.offer(1, folder, [shard], owned=False)
@@ -379,34 +397,18 @@ def test_a_relay_asked_before_its_own_fetch_began_waits_for_the_first_bytes(tmp_
     for the first bytes and passes them on, rather than answering the full length with no body
     (which the requester took for a failed source: "cut off after 0 bytes"); if its own fetch
     fails instead, the requester is cut off and falls back as before, nothing left behind."""
-    import hashlib
     import os
-    import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from protocol.messages import Shard
-
     data = bytes(range(256)) * 1024 + b"tail!"
-    shard = Shard(
-        name="s.safetensors",
-        sha256=hashlib.sha256(data).hexdigest(),
-        bytes=len(data),
-        tensors=["w"],
-    )
+    shard = one_shard(data)
     token = "ab" * 16
     relay = server(fanout=1)
     folder = tmp_path / "a"
     folder.mkdir()
     try:
         entry = relay.receiving(token, 1, folder, [shard])[shard.name]
-        waiting = threading.Event()  # the relay's handler waits for the entry's bytes
-        wait_beyond = entry.wait_beyond
-
-        def wait_and_tell(sent: int, timeout: float) -> int:
-            waiting.set()
-            return wait_beyond(sent, timeout)
-
-        entry.wait_beyond = wait_and_tell
+        waiting = tell_when_waited_on(entry)
         with ThreadPoolExecutor(1) as pool:
             url = f"{relay.base}/{token}/v1/{shard.name}"
             fetch = pool.submit(fetch_shard, url, shard, tmp_path / "b")
@@ -438,20 +440,10 @@ def test_a_version_registered_again_cuts_off_the_requesters_of_the_first(tmp_pat
     """An actor that registers a version it already relays (a second fetch of it) replaces
     the first registration: a requester waiting there for bytes is cut off at once and falls
     back, rather than after the stall limit, and the first folder is gone."""
-    import hashlib
-    import threading
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from protocol.messages import Shard
-
-    data = b"w" * 4096
-    shard = Shard(
-        name="s.safetensors",
-        sha256=hashlib.sha256(data).hexdigest(),
-        bytes=len(data),
-        tensors=["w"],
-    )
+    shard = one_shard(b"w" * 4096)
     token = "cd" * 16
     relay = server(fanout=1)
     first, second = tmp_path / "first", tmp_path / "second"
@@ -459,14 +451,7 @@ def test_a_version_registered_again_cuts_off_the_requesters_of_the_first(tmp_pat
     second.mkdir()
     try:
         entry = relay.receiving(token, 1, first, [shard])[shard.name]
-        waiting = threading.Event()
-        wait_beyond = entry.wait_beyond
-
-        def wait_and_tell(sent: int, timeout: float) -> int:
-            waiting.set()
-            return wait_beyond(sent, timeout)
-
-        entry.wait_beyond = wait_and_tell
+        waiting = tell_when_waited_on(entry)
         with ThreadPoolExecutor(1) as pool:
             url = f"{relay.base}/{token}/v1/{shard.name}"
             fetch = pool.submit(fetch_shard, url, shard, tmp_path / "b")

@@ -53,6 +53,19 @@ def flip_last_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+async def loads_once_uploaded(loading, uploads, engine, new_model, *, after_s: float) -> None:
+    """`loading` (HTTP failed) still waits for the paused store copy after `after_s`, and
+    loads `new_model` from the store once `uploads` resumes."""
+    await asyncio.sleep(after_s)
+    assert not loading.done() and engine.version == 0  # waiting, not refusing
+    uploads.resume()
+    report = await asyncio.wait_for(loading, 60)
+    assert report["source"] == "http+store" and engine.version == 1
+    for name, tensor in new_model.state_dict().items():
+        assert torch.equal(engine.model.state_dict()[name], tensor), name
+    assert await uploads.drain(60)
+
+
 def one_shard(data: bytes) -> Shard:
     """The manifest entry of a shard file holding `data`."""
     return Shard(
@@ -197,15 +210,7 @@ async def test_an_actor_whose_http_fails_waits_for_the_store_upload(
     http = WeightServerConfig(store_wait_s=60.0, **LOCAL)
 
     loading = asyncio.create_task(load_manifest(engine, js, manifest, tmp_path / "a", http=http))
-    await asyncio.sleep(1.5)
-    assert not loading.done() and engine.version == 0  # waiting for the store copy
-    uploads.resume()
-    report = await asyncio.wait_for(loading, 60)
-
-    assert report["source"] == "http+store" and engine.version == 1
-    for name, tensor in new_model.state_dict().items():
-        assert torch.equal(engine.model.state_dict()[name], tensor), name
-    assert await uploads.drain(60)
+    await loads_once_uploaded(loading, uploads, engine, new_model, after_s=1.5)
 
 
 @pytest.mark.parametrize("why", ["never uploaded", "overtaken"])
@@ -277,15 +282,7 @@ async def test_an_earlier_runs_object_of_the_same_name_is_not_the_upload(
         assert engine.version == 0 and not (tmp_path / "a" / "v1").exists()
         assert not await uploads.drain(0.1)
         return
-    await asyncio.sleep(1.0)
-    assert not loading.done() and engine.version == 0  # waiting, not refusing the old bytes
-    uploads.resume()
-    report = await asyncio.wait_for(loading, 60)
-
-    assert report["source"] == "http+store" and engine.version == 1
-    for name, tensor in new_model.state_dict().items():
-        assert torch.equal(engine.model.state_dict()[name], tensor), name
-    assert await uploads.drain(60)
+    await loads_once_uploaded(loading, uploads, engine, new_model, after_s=1.0)
 
 
 async def test_only_the_tokens_files_are_served(js, new_model, tmp_path):

@@ -21,7 +21,9 @@ run sends it, through an embedded nats-server and the learner's HTTP weight serv
   same bytes, the least any verified transfer costs;
 - `weight_transfer_stream`: one shard over one connection (`fetch_shard`: receive, write and
   hash, nothing else), GB/s next to the raw copy, with this process's user and kernel CPU
-  seconds per GB of it (server and receiver): where one stream's time goes;
+  seconds per GB of it (server and receiver): where one stream's time goes. It runs after
+  the two full transfers of each run, in memory they freed (on a VM, memory not touched
+  lately costs the kernel more to write: the first transfer after a publish pays for it);
 - `weight_fanout`: `--actors` actors, each with its relay server, fetching the same version at
   once (GB/s in all, against one actor alone), and `weight_fanout_bytes`: the learner's
   outbound bytes for it (HTTP + NATS) per version byte, which do not grow with the actor count;

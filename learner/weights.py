@@ -420,9 +420,8 @@ async def remove_stale_versions(js, weights_dir: str | Path | None, version: int
         for name in by_version[v]:
             await store.delete(name)
     if weights_dir is not None and Path(weights_dir).is_dir():
-        for folder in Path(weights_dir).glob("v*"):
-            v = object_version(folder.name + "/")
-            if v is not None and v >= version and folder.is_dir():
+        for v, folder in version_folders(weights_dir).items():
+            if v >= version:
                 shutil.rmtree(folder)
                 stale.add(v)
     if stale:
@@ -432,14 +431,20 @@ async def remove_stale_versions(js, weights_dir: str | Path | None, version: int
 
 def prune_dirs(weights_dir: str | Path, keep_versions: int) -> list[int]:
     """On a shared volume, remove all `v{n}/` folders but the newest `keep_versions`."""
-    root = Path(weights_dir)
-    versions = sorted(
-        v for p in root.glob("v*") if p.is_dir() and (v := object_version(p.name + "/")) is not None
-    )
-    old = versions[:-keep_versions]
+    folders = version_folders(weights_dir)
+    old = sorted(folders)[:-keep_versions]
     for v in old:
-        shutil.rmtree(root / f"v{v}", ignore_errors=True)
+        shutil.rmtree(folders[v], ignore_errors=True)
     return old
+
+
+def version_folders(weights_dir: str | Path) -> dict[int, Path]:
+    """The shared volume's `v{n}/` folders by version."""
+    return {
+        v: p
+        for p in Path(weights_dir).glob("v*")
+        if p.is_dir() and (v := object_version(p.name + "/")) is not None
+    }
 
 
 def remove_upload_leftovers(weights_dir: str | Path | None) -> int:
